@@ -1,0 +1,361 @@
+"""gRPC API figures against OpenSSH to 127.0.0.1, measured in the same run.
+
+The anchor is what people would otherwise use: `ssh host cmd` with key authentication over a
+multiplexed ControlMaster connection (no new TCP or key exchange per command). A throw-away
+sshd runs on a free loopback port with keys generated for this run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jobworker.api  # noqa: F401  # isort: skip  (before grpc: TLS 1.3 only)
+import grpc
+
+from jobworker.api._proto import jobworker_pb2 as pb
+from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
+from jobworker.api._tls import TlsFiles
+from jobworker.api.client import connect, stream_output
+from jobworker.certs import make_dev_pki
+from table import Row, ms, pct, pipe_rate
+
+SSHD = "/usr/sbin/sshd"
+SERVER_LOG: list[str] = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def openssh(workdir: Path) -> Iterator[list[str]]:
+    """A private sshd on loopback; yields the ssh argv prefix of a multiplexed client."""
+    keys = workdir / "ssh"
+    keys.mkdir(mode=0o700)
+    for name, kind in (("host", "ed25519"), ("client", "ed25519")):
+        subprocess.run(
+            ["/usr/bin/ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(keys / name)], check=True
+        )
+    (keys / "authorized_keys").write_text((keys / "client.pub").read_text())
+    port = free_port()
+    config = keys / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host'}\n"
+        f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+        f"PidFile {keys / 'sshd.pid'}\nStrictModes no\nLogLevel ERROR\n"
+    )
+    os.makedirs("/run/sshd", exist_ok=True)
+    sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)])
+    client = [
+        "ssh",
+        "-q",
+        "-p",
+        str(port),
+        "-i",
+        str(keys / "client"),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        f"UserKnownHostsFile={keys / 'known'}",
+        "-o",
+        "ControlMaster=auto",
+        "-o",
+        f"ControlPath={keys / 'ctl'}",
+        "-o",
+        "ControlPersist=120",
+        "-o",
+        "BatchMode=yes",
+        "root@127.0.0.1",
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run([*client, "true"], check=False).returncode != 0:
+            if time.monotonic() > deadline or sshd.poll() is not None:
+                raise RuntimeError("the benchmark's sshd did not come up")
+            time.sleep(0.1)
+        yield client
+    finally:
+        subprocess.run([*client, "-O", "exit"], check=False, stderr=subprocess.DEVNULL)
+        sshd.terminate()
+        sshd.wait()
+
+
+def ssh_first_byte(client: list[str], n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([*client, "echo", "hi"], stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        proc.stdout.read(1)
+        samples.append(time.perf_counter() - t0)
+        proc.communicate()
+    return samples
+
+
+def command_times(argv: list[str], env: dict[str, str], n: int) -> list[float]:
+    """Wall time of ``n`` complete runs of a command (start-up included)."""
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def ssh_throughput(client: list[str], size: int) -> float:
+    return pipe_rate([*client, "head", "-c", str(size), "/dev/zero"], size)
+
+
+async def grpc_unary(stub: pb_grpc.JobServiceStub, job_id: str, n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await stub.GetJob(pb.JobRequest(id=job_id), timeout=10)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+async def ssh_unary(client: list[str], n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(*client, "true")
+        await proc.wait()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+async def grpc_first_byte(stub: pb_grpc.JobServiceStub, n: int) -> list[float]:
+    samples = []
+    spec = pb.JobSpec(argv=["/bin/echo", "hi"])
+    for _ in range(n):
+        t0 = time.perf_counter()
+        job = await stub.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
+        call = stub.StreamOutput(pb.OutputRequest(id=job.id, follow=True), timeout=10)
+        await call.read()
+        samples.append(time.perf_counter() - t0)
+        call.cancel()
+    return samples
+
+
+async def grpc_throughput(
+    stub: pb_grpc.JobServiceStub, channel: grpc.aio.Channel, size: int
+) -> float:
+    t0 = time.perf_counter()
+    spec = pb.JobSpec(argv=["head", "-c", str(size), "/dev/zero"])
+    job = await stub.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
+    got = 0
+    request = pb.OutputRequest(id=job.id, follow=True)
+    async for _stream, data, _ts in stream_output(channel, request, timeout=600):
+        got += len(data)
+    assert got == size, got
+    return size / (time.perf_counter() - t0) / 1e6
+
+
+FOLLOW_JOB = """
+import os, time
+for _ in range({n}):
+    os.write(1, b'%d\\n' % time.time_ns())
+    time.sleep(0.01)
+"""
+
+
+async def grpc_fanout(stub: pb_grpc.JobServiceStub, followers: int, lines: int) -> list[float]:
+    spec = pb.JobSpec(argv=[sys.executable, "-c", FOLLOW_JOB.format(n=lines)])
+    job = await stub.CreateJob(pb.CreateJobRequest(spec=spec), timeout=10)
+
+    async def follow() -> list[float]:
+        delays, pending = [], b""
+        async for reply in stub.StreamOutput(pb.OutputRequest(id=job.id, follow=True), timeout=120):
+            now = time.time_ns()
+            for chunk in reply.chunks:
+                pending += chunk.data
+            *done, pending = pending.split(b"\n")
+            delays += [(now - int(x)) / 1e9 for x in done]
+        return delays
+
+    tasks = [asyncio.ensure_future(follow()) for _ in range(followers)]
+    # Every follower must have subscribed before the first line, or it measures catch-up.
+    await asyncio.sleep(0.5)
+    await stub.StartJob(pb.JobRequest(id=job.id), timeout=10)
+    return [d for result in await asyncio.gather(*tasks) for d in result]
+
+
+async def measure(n: int, size: int) -> list[Row]:
+    if not os.path.exists(SSHD):  # noqa: ASYNC240 - one stat before anything starts
+        raise SystemExit("bench/api.py needs OpenSSH's sshd (./dev bench installs it)")
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="jobworker-bench-api-") as tmp:
+        work = Path(tmp)
+        pki = work / "pki"
+        make_dev_pki(pki)
+        server, port = await asyncio.to_thread(start_jobworkerd, work, pki)
+        try:
+            with openssh(work) as ssh:
+                tls = TlsFiles(pki / "ca.crt", pki / "alice.crt", pki / "alice.key")
+                async with connect(f"127.0.0.1:{port}", tls) as channel:
+                    stub = pb_grpc.JobServiceStub(channel)
+                    probe = await stub.CreateJob(
+                        pb.CreateJobRequest(spec=pb.JobSpec(argv=["true"])), timeout=10
+                    )
+                    ours = await grpc_unary(stub, probe.id, n)
+                    theirs = await ssh_unary(ssh, n)
+                    ratio = statistics.median(theirs) / statistics.median(ours)
+                    figures.append(
+                        Row(
+                            "(g) unary GetJob vs `ssh host true`, p50 / p99",
+                            ms(ours),
+                            ms(theirs),
+                            f"{ratio:.0f}x faster",
+                            "-",
+                            True,
+                        )
+                    )
+                    ours = await grpc_first_byte(stub, n)
+                    theirs = await asyncio.to_thread(ssh_first_byte, ssh, n)
+                    ratio = statistics.median(theirs) / statistics.median(ours)
+                    figures.append(
+                        Row(
+                            "(h) start -> first byte over mTLS vs `ssh host echo`",
+                            ms(ours),
+                            ms(theirs),
+                            f"{ratio:.1f}x faster",
+                            ">= 5x faster",
+                            ratio >= 5,
+                        )
+                    )
+                    # Best of three each: both sides are CPU-bound on two cores and vary.
+                    tput = max([await grpc_throughput(stub, channel, size) for _ in range(3)])
+                    anchor = max(
+                        [await asyncio.to_thread(ssh_throughput, ssh, size) for _ in range(3)]
+                    )
+                    figures.append(
+                        Row(
+                            f"(i) {size >> 20} MiB output over gRPC vs `ssh host head`",
+                            f"{tput:,.0f} MB/s",
+                            f"{anchor:,.0f} MB/s",
+                            f"{tput / anchor:.2f}x",
+                            ">= ssh",
+                            tput >= anchor,
+                        )
+                    )
+                    job_ids = (await stub.ListJobs(pb.ListJobsRequest(), timeout=10)).jobs
+                    last = next(j.id for j in reversed(job_ids) if j.argv[0] == "head")
+                    env = {
+                        **os.environ,
+                        "JOBWORKER_SERVER": f"127.0.0.1:{port}",
+                        "JOBWORKER_CA": str(pki / "ca.crt"),
+                        "JOBWORKER_CERT": str(pki / "alice.crt"),
+                        "JOBWORKER_KEY": str(pki / "alice.key"),
+                    }
+                    jobctl = [str(Path(sys.executable).parent / "jobctl"), "logs", last]
+                    logs = max(
+                        [await asyncio.to_thread(pipe_rate, jobctl, size, env) for _ in range(3)]
+                    )
+                    figures.append(
+                        Row(
+                            f"(k) `jobctl logs` of {size >> 20} MiB vs `ssh host head`",
+                            f"{logs:,.0f} MB/s",
+                            f"{anchor:,.0f} MB/s",
+                            f"{logs / anchor:.2f}x",
+                            ">= ssh",
+                            logs >= anchor,
+                        )
+                    )
+                    help_times = command_times([jobctl[0], "--help"], env, 20)
+                    bare = command_times([sys.executable, "-c", "pass"], env, 20)
+                    figures.append(
+                        Row(
+                            "(l) `jobctl --help`, p50 / p99",
+                            ms(help_times),
+                            f"{ms(bare)} (`python -c pass`)",
+                            f"+{(pct(help_times, 0.5) - pct(bare, 0.5)) * 1e3:.0f} ms",
+                            "-",
+                            True,
+                        )
+                    )
+                    status_times = command_times([jobctl[0], "status", last[:8]], env, 20)
+                    ssh_times = command_times([*ssh, "true"], env, 20)
+                    ratio = pct(ssh_times, 0.5) / pct(status_times, 0.5)
+                    figures.append(
+                        Row(
+                            "(m) `jobctl status ID` vs `ssh host true`, p50 / p99",
+                            ms(status_times),
+                            ms(ssh_times),
+                            f"{ratio:.1f}x faster",
+                            "-",
+                            True,
+                        )
+                    )
+                    delays = await grpc_fanout(stub, 100, 100)
+                    figures.append(
+                        Row(
+                            "(j) delivery to 100 concurrent followers, p50 / p99",
+                            ms(delays),
+                            "-",
+                            "-",
+                            "p99 <= 10 ms",
+                            pct(delays, 0.99) <= 0.010,
+                        )
+                    )
+        except BaseException:
+            sys.stderr.write("".join(SERVER_LOG[-60:]))
+            raise
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait()
+    return figures
+
+
+def start_jobworkerd(work: Path, pki: Path) -> tuple[subprocess.Popen[str], int]:
+    """The real server, in its own process, as a client would meet it."""
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "jobworkerd"),
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(work / "state"),
+            "--tls-ca",
+            str(pki / "ca.crt"),
+            "--tls-cert",
+            str(pki / "server.crt"),
+            "--tls-key",
+            str(pki / "server.key"),
+            "--max-jobs-per-user",
+            "100000",
+            "--max-streams-per-user",
+            "1000",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "serving on" in line:
+            port = int(line.split("serving on ")[1].split()[0].rsplit(":", 1)[1])
+            # Keep draining its log (so it never blocks on a full pipe) into SERVER_LOG, which
+            # is printed if the benchmark fails.
+            threading.Thread(target=SERVER_LOG.extend, args=(proc.stderr,), daemon=True).start()
+            return proc, port
+    raise RuntimeError(f"jobworkerd exited with {proc.wait()} before serving")
+
+
+def tools_present() -> bool:
+    return shutil.which("ssh") is not None and os.path.exists(SSHD)

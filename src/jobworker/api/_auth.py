@@ -1,0 +1,110 @@
+"""Authentication (who is calling) and authorization (may they touch this job).
+
+Identity comes only from the client certificate the TLS layer verified, never from request
+fields or metadata. Authorization is decided in :func:`may_access`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..identity import Identity, IdentityError, identity_from_pem
+
+__all__ = ["AuthError", "Authenticator", "CertPool", "may_access"]
+
+log = logging.getLogger("jobworker.auth")
+_CACHE_SIZE = 1024
+
+
+class AuthError(Exception):
+    """The caller is not authenticated; the message says why (for the client and the log)."""
+
+
+def may_access(who: Identity, owner: str) -> bool:
+    """The one authorization rule: admins reach every job, users only their own."""
+    return who.is_admin or who.name == owner
+
+
+def _read_fingerprints(path: Path) -> frozenset[str]:
+    """SHA-256 fingerprints, one per line (hex, colons allowed); '#' starts a comment."""
+    found = set()
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip().replace(":", "").lower()
+        if not line:
+            continue
+        if len(line) != 64 or any(c not in "0123456789abcdef" for c in line):
+            raise ValueError(f"{path}: {raw.strip()!r} is not a SHA-256 fingerprint")
+        found.add(line)
+    return frozenset(found)
+
+
+@dataclass(frozen=True, slots=True)
+class CertPool:
+    """Optional allow list and revocation list of client-certificate fingerprints."""
+
+    allowlist: Path | None = None
+    revoked: Path | None = None
+
+    def load(self) -> tuple[frozenset[str] | None, frozenset[str]]:
+        """(allowed or None for "any", revoked).
+
+        Raises:
+            OSError, ValueError: a list is unreadable or malformed.
+        """
+        allowed = _read_fingerprints(self.allowlist) if self.allowlist else None
+        revoked = _read_fingerprints(self.revoked) if self.revoked else frozenset()
+        return allowed, revoked
+
+
+class Authenticator:
+    """Turns a gRPC call's verified peer certificate into an :class:`Identity`."""
+
+    def __init__(self, pool: CertPool | None = None) -> None:
+        self._pool = pool or CertPool()
+        self._allowed, self._revoked = self._pool.load()
+        self._cache: OrderedDict[bytes, Identity | str] = OrderedDict()
+
+    def reload(self) -> None:
+        """Re-read the allow and revocation lists (on SIGHUP); a bad file keeps the old ones.
+
+        Raises:
+            OSError, ValueError: a list could not be read; the previous lists stay in force.
+        """
+        self._allowed, self._revoked = self._pool.load()
+        log.info(
+            "client certificate lists reloaded: %s allowed, %d revoked",
+            "any" if self._allowed is None else len(self._allowed),
+            len(self._revoked),
+        )
+
+    def identify(self, context: Any) -> Identity:
+        """The caller of a grpc.aio call.
+
+        Raises:
+            AuthError: no verified certificate, a malformed identity, or a certificate
+                revoked or not on the allow list.
+        """
+        certs = context.auth_context().get("x509_pem_cert")
+        if not certs:
+            raise AuthError("no verified client certificate")
+        pem: bytes = certs[0]
+        found = self._cache.get(pem)
+        if found is None:
+            try:
+                found = identity_from_pem(pem)
+            except IdentityError as e:
+                found = f"the client certificate is not acceptable: {e}"
+            self._cache[pem] = found
+            if len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        if isinstance(found, str):
+            raise AuthError(found)
+        if found.fingerprint in self._revoked:
+            raise AuthError("the client certificate has been revoked")
+        if self._allowed is not None and found.fingerprint not in self._allowed:
+            raise AuthError("the client certificate is not on the server's allow list")
+        return found

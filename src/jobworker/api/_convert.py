@@ -1,0 +1,151 @@
+"""Between runtime values and protobuf messages, validating what comes off the network."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import uuid
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ..runtime import InvalidSpecError, IOLimit, JobSpec, JobStatus, Limits, State, Stream, Usage
+from ._proto import jobworker_pb2 as pb
+
+__all__ = ["job_id", "job_to_pb", "limits_to_pb", "spec_from_pb"]
+
+_STATES = {
+    State.CREATED: pb.JOB_STATE_CREATED,
+    State.RUNNING: pb.JOB_STATE_RUNNING,
+    State.EXITED: pb.JOB_STATE_EXITED,
+    State.STOPPED: pb.JOB_STATE_STOPPED,
+    State.FAILED: pb.JOB_STATE_FAILED,
+}
+STREAMS = {
+    Stream.STDOUT: pb.STREAM_STDOUT,
+    Stream.STDERR: pb.STREAM_STDERR,
+    Stream.SYSTEM: pb.STREAM_SYSTEM,
+}
+_MAX_U32 = (1 << 32) - 1
+
+
+def job_id(raw: str) -> str:
+    """The canonical form of a job id from a request.
+
+    Raises:
+        InvalidSpecError: it is not a UUID.
+    """
+    try:
+        parsed = uuid.UUID(raw)
+    except (ValueError, TypeError):
+        raise InvalidSpecError(f"malformed job id {raw[:64]!r}; ids are UUIDs") from None
+    return str(parsed)
+
+
+def _optional(message: object, field: str) -> int | None:
+    return getattr(message, field) if message.HasField(field) else None  # type: ignore[attr-defined]
+
+
+def limits_from_pb(limits: pb.Limits) -> Limits:
+    """Raises InvalidSpecError for out-of-range values."""
+    cpus = limits.cpus if limits.HasField("cpus") else None
+    if cpus is not None and not math.isfinite(cpus):
+        raise InvalidSpecError("cpus must be a finite number")
+    weight = _optional(limits, "cpu_weight")
+    io = tuple(
+        IOLimit(
+            device=item.device or None,
+            read_bps=_optional(item, "read_bps"),
+            write_bps=_optional(item, "write_bps"),
+            read_iops=_optional(item, "read_iops"),
+            write_iops=_optional(item, "write_iops"),
+        )
+        for item in limits.io
+    )
+    return Limits(
+        cpus=cpus,
+        cpu_weight=weight,
+        memory_bytes=_optional(limits, "memory_bytes"),
+        pids=_optional(limits, "pids"),
+        io=io,
+    )
+
+
+def spec_from_pb(spec: pb.JobSpec, owner: str) -> JobSpec:
+    """The runtime spec of a request, owned by the caller.
+
+    Raises:
+        InvalidSpecError: the spec is malformed (the message names the field).
+    """
+    return JobSpec(
+        argv=tuple(spec.argv),
+        env=dict(spec.env),
+        cwd=spec.workdir or "/",
+        owner=owner,
+        limits=limits_from_pb(spec.limits),
+        host_network=spec.host_network,
+    )
+
+
+def _ts(when: dt.datetime | None) -> Timestamp | None:
+    if when is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def limits_to_pb(limits: Limits) -> pb.Limits:
+    out = pb.Limits(
+        io=[
+            pb.IOLimit(
+                device=io.device or "",
+                read_bps=io.read_bps,
+                write_bps=io.write_bps,
+                read_iops=io.read_iops,
+                write_iops=io.write_iops,
+            )
+            for io in limits.io
+        ]
+    )
+    if limits.cpus is not None:
+        out.cpus = limits.cpus
+    if limits.cpu_weight is not None:
+        out.cpu_weight = limits.cpu_weight
+    if limits.memory_bytes is not None:
+        out.memory_bytes = limits.memory_bytes
+    if limits.pids is not None:
+        out.pids = min(limits.pids, _MAX_U32)
+    return out
+
+
+def _usage_to_pb(usage: Usage | None) -> pb.Usage | None:
+    if usage is None:
+        return None
+    return pb.Usage(
+        cpu_seconds=usage.cpu_seconds,
+        memory_bytes=usage.memory_bytes,
+        memory_peak_bytes=usage.memory_peak_bytes,
+        io_read_bytes=usage.io_read_bytes,
+        io_write_bytes=usage.io_write_bytes,
+    )
+
+
+def job_to_pb(status: JobStatus) -> pb.Job:
+    return pb.Job(
+        id=status.id,
+        owner=status.owner,
+        argv=list(status.argv),
+        state=_STATES[status.state],
+        exit_code=status.exit_code,
+        signal=status.signal,
+        oom_killed=status.oom_killed,
+        error=status.error or "",
+        created_at=_ts(status.created_at),
+        started_at=_ts(status.started_at),
+        ended_at=_ts(status.ended_at),
+        pid=status.pid,
+        output_truncated=status.output_truncated,
+        limits=limits_to_pb(status.limits),
+        limits_enforced=status.limits_enforced,
+        usage=_usage_to_pb(status.usage),
+    )

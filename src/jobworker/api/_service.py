@@ -1,0 +1,259 @@
+"""The JobService: each RPC authenticates, authorizes, validates, then calls the runtime.
+
+Every handler goes through :func:`_unary` or :func:`_streaming`, which identify the caller
+from its certificate and turn any exception into a status in one place (``_errors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from ..identity import Identity
+from ..runtime import InvalidSpecError, JobNotFoundError, JobStatus, Runtime
+from ._auth import Authenticator, may_access
+from ._convert import job_id, job_to_pb, spec_from_pb
+from ._errors import ApiError, to_status
+from ._proto import jobworker_pb2 as pb
+from ._proto import jobworker_pb2_grpc as pb_grpc
+from ._wire import encode_output_response
+
+__all__ = ["JobService", "ServiceLimits", "add_to_server"]
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+# Chunks of one read are sent together, up to this many bytes per message (the client's
+# default receive limit is 4 MiB; a log record is at most 1 MiB).
+MESSAGE_BYTES = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceLimits:
+    """Per-user caps; past them a call gets RESOURCE_EXHAUSTED."""
+
+    max_active_jobs_per_user: int = 100
+    max_streams_per_user: int = 64
+    max_batch: int = 100
+
+
+def _unary(
+    method: Callable[[JobService, Req, Identity], Awaitable[Resp]],
+) -> Callable[[JobService, Req, Any], Awaitable[Resp]]:
+    @functools.wraps(method)
+    async def handler(self: JobService, request: Req, context: Any) -> Resp:
+        try:
+            return await method(self, request, self.auth.identify(context))
+        except Exception as e:
+            code, message = to_status(e)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+
+    return handler
+
+
+def _streaming(
+    method: Callable[[JobService, Req, Identity], AsyncGenerator[Resp, None]],
+) -> Callable[[JobService, Req, Any], AsyncIterator[Resp]]:
+    @functools.wraps(method)
+    async def handler(self: JobService, request: Req, context: Any) -> AsyncIterator[Resp]:
+        try:
+            who = self.auth.identify(context)
+            with self._stream_slot(who):
+                async with contextlib.aclosing(method(self, request, who)) as items:
+                    async for item in items:
+                        yield item
+        except Exception as e:  # noqa: BLE001 - the single mapping point
+            code, message = to_status(e)
+            await context.abort(code, message)
+
+    return handler
+
+
+class JobService(pb_grpc.JobServiceServicer):
+    def __init__(self, runtime: Runtime, auth: Authenticator, limits: ServiceLimits) -> None:
+        self.runtime = runtime
+        self.auth = auth
+        self._limits = limits
+        self._streams: Counter[str] = Counter()
+        # Set while no output or watch stream is open (so a test, or shutdown, can wait).
+        self.no_streams = asyncio.Event()
+        self.no_streams.set()
+
+    @property
+    def active_streams(self) -> int:
+        return sum(self._streams.values())
+
+    @contextlib.contextmanager
+    def _stream_slot(self, who: Identity) -> Any:
+        if self._streams[who.name] >= self._limits.max_streams_per_user:
+            raise ApiError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{who.name} already has {self._limits.max_streams_per_user} open streams "
+                "(the server's limit); close some first",
+            )
+        self._streams[who.name] += 1
+        self.no_streams.clear()
+        try:
+            yield
+        finally:
+            self._streams[who.name] -= 1
+            if not self._streams[who.name]:
+                del self._streams[who.name]
+            if not self._streams:
+                self.no_streams.set()
+
+    async def _visible(self, who: Identity, raw_id: str) -> JobStatus:
+        """The job's status, if the caller may see it; otherwise exactly "not found"."""
+        jid = job_id(raw_id)
+        status = await self.runtime.status(jid)
+        if not may_access(who, status.owner):
+            raise JobNotFoundError(jid)
+        return status
+
+    async def _create(self, spec: pb.JobSpec, who: Identity, *, start: bool) -> JobStatus:
+        runtime_spec = spec_from_pb(spec, who.name)
+        workdir = runtime_spec.cwd
+        if not await asyncio.to_thread(os.path.isdir, workdir):
+            raise InvalidSpecError(f"working directory {workdir!r} does not exist on the server")
+        active = sum(1 for s in await self.runtime.list(owner=who.name) if not s.state.is_final)
+        if active >= self._limits.max_active_jobs_per_user:
+            raise ApiError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{who.name} already has {active} jobs created or running (the server's "
+                "limit); stop or wait for some first",
+            )
+        return await self.runtime.create(runtime_spec, start=start)
+
+    @_unary
+    async def CreateJob(self, request: pb.CreateJobRequest, who: Identity) -> pb.Job:
+        return job_to_pb(await self._create(request.spec, who, start=request.start))
+
+    @_unary
+    async def StartJob(self, request: pb.JobRequest, who: Identity) -> pb.Job:
+        status = await self._visible(who, request.id)
+        return job_to_pb(await self.runtime.start(status.id))
+
+    @_unary
+    async def StartJobs(self, request: pb.StartJobsRequest, who: Identity) -> pb.StartJobsResponse:
+        if len(request.specs) > self._limits.max_batch:
+            raise ApiError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at most {self._limits.max_batch} commands per call; split the batch",
+            )
+        results = []
+        for spec in request.specs:
+            try:
+                status = await self._create(spec, who, start=True)
+            except Exception as e:  # noqa: BLE001 - each spec gets its own mapped result
+                code, message = to_status(e)
+                results.append(
+                    pb.StartJobResult(error=pb.ErrorStatus(code=code.value[0], message=message))
+                )
+            else:
+                results.append(pb.StartJobResult(job=job_to_pb(status)))
+        return pb.StartJobsResponse(results=results)
+
+    @_unary
+    async def StopJob(self, request: pb.StopJobRequest, who: Identity) -> pb.Job:
+        status = await self._visible(who, request.id)
+        grace = request.grace_seconds if request.HasField("grace_seconds") else None
+        return job_to_pb(await self.runtime.stop(status.id, grace))
+
+    @_unary
+    async def SignalJob(self, request: pb.SignalJobRequest, who: Identity) -> pb.Job:
+        status = await self._visible(who, request.id)
+        await self.runtime.signal(status.id, request.signal)
+        return job_to_pb(await self.runtime.status(status.id))
+
+    @_unary
+    async def GetJob(self, request: pb.JobRequest, who: Identity) -> pb.Job:
+        return job_to_pb(await self._visible(who, request.id))
+
+    @_unary
+    async def WaitJob(self, request: pb.JobRequest, who: Identity) -> pb.Job:
+        status = await self._visible(who, request.id)
+        return job_to_pb(await self.runtime.wait(status.id))
+
+    @_unary
+    async def ListJobs(self, request: pb.ListJobsRequest, who: Identity) -> pb.ListJobsResponse:
+        owner = (request.owner or None) if who.is_admin else who.name
+        jobs = await self.runtime.list(owner=owner)
+        return pb.ListJobsResponse(jobs=[job_to_pb(s) for s in jobs])
+
+    @_streaming
+    async def WatchJob(self, request: pb.JobRequest, who: Identity) -> AsyncGenerator[pb.Job, None]:
+        status = await self._visible(who, request.id)
+        async with contextlib.aclosing(self.runtime.watch(status.id)) as changes:
+            async for change in changes:
+                yield job_to_pb(change)
+
+    # Yields wire bytes, not messages: see add_to_server.
+    @_streaming
+    async def StreamOutput(  # type: ignore[override]
+        self, request: pb.OutputRequest, who: Identity
+    ) -> AsyncGenerator[bytes, None]:
+        """Serialized OutputResponse messages (see ``_wire``; registered without a
+        serializer by :func:`add_to_server`)."""
+        status = await self._visible(who, request.id)
+        selector = request.streams
+        if selector not in (
+            pb.OUTPUT_SELECTOR_BOTH,
+            pb.OUTPUT_SELECTOR_STDOUT,
+            pb.OUTPUT_SELECTOR_STDERR,
+        ):
+            raise InvalidSpecError(f"unknown output selector {selector}")
+        batches = self.runtime.output_batches(
+            status.id,
+            stdout=selector != pb.OUTPUT_SELECTOR_STDERR,
+            stderr=selector != pb.OUTPUT_SELECTOR_STDOUT,
+            follow=request.follow,
+        )
+        async with contextlib.aclosing(batches) as reader:
+            async for batch in reader:
+                start = size = 0
+                for i, chunk in enumerate(batch):
+                    if i > start and size + len(chunk.data) > MESSAGE_BYTES:
+                        yield encode_output_response(batch[start:i])
+                        start, size = i, 0
+                    size += len(chunk.data)
+                yield encode_output_response(batch[start:])
+
+
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+# Methods whose handler yields already-serialized messages.
+_PRESERIALIZED = frozenset({"StreamOutput"})
+
+
+def add_to_server(service: JobService, server: grpc.aio.Server) -> None:
+    """Register ``service``: as the generated helper does, from the proto's descriptor, but
+    letting StreamOutput send the bytes it encoded itself."""
+    descriptor = pb.DESCRIPTOR.services_by_name["JobService"]
+    handlers = {}
+    for method in descriptor.methods:
+        make = _HANDLERS[(method.client_streaming, method.server_streaming)]
+        request = getattr(pb, method.input_type.name)
+        response = getattr(pb, method.output_type.name)
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=None
+            if method.name in _PRESERIALIZED
+            else response.SerializeToString,
+        )
+    generic = grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(descriptor.full_name, handlers)

@@ -1,0 +1,302 @@
+"""jobworker-certs: make the CA, server and client certificates jobworker needs.
+
+ECDSA P-256 keys and SHA-256 signatures; private keys are written 0600 and never
+overwritten by accident. Client certificates carry the role extension and a short default
+validity (30 days).
+
+    jobworker-certs init-ca DIR [--name NAME]
+    jobworker-certs server DIR [--dns NAME]... [--ip ADDR]...
+    jobworker-certs client DIR CN [--role admin|user] [--days N] [--out PREFIX]
+    jobworker-certs dev DIR            # CA, server (localhost), an admin and a user
+    jobworker-certs fingerprint CERT   # SHA-256, for allow and revocation lists
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .identity import ROLE_OID, Role, encode_role, fingerprint
+
+__all__ = ["Pki", "issue_client", "issue_server", "main", "make_ca", "make_dev_pki"]
+
+CLIENT_DAYS = 30
+SERVER_DAYS = 365
+CA_DAYS = 3650
+
+
+class CertError(Exception):
+    """A file is missing, exists already, or is unreadable; the message says which."""
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # O_EXCL: never clobber an existing key; 0600 from creation, not chmod'ed afterwards.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise CertError(f"{path} exists; remove it first if you mean to replace it") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    if path.exists():
+        raise CertError(f"{path} exists; remove it first if you mean to replace it")
+    path.write_bytes(data)
+    path.chmod(0o644)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+
+def _builder(
+    subject: str, issuer: x509.Name, days: float, *, now: dt.datetime
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+    )
+
+
+def make_ca(name: str = "jobworker CA", *, now: dt.datetime | None = None) -> Issued:
+    now = now or dt.datetime.now(dt.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        _builder(name, subject, CA_DAYS, now=now)
+        .public_key(key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(key, cert)
+
+
+def _leaf(
+    ca: Issued, cn: str, days: float, usage: x509.ObjectIdentifier, *, now: dt.datetime
+) -> x509.CertificateBuilder:
+    key_usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    return (
+        _builder(cn, ca.cert.subject, days, now=now)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+    )
+
+
+def issue_server(
+    ca: Issued,
+    dns: list[str],
+    ips: list[str],
+    *,
+    days: float = SERVER_DAYS,
+    now: dt.datetime | None = None,
+) -> Issued:
+    """A server certificate whose SANs are ``dns`` names and ``ips``."""
+    now = now or dt.datetime.now(dt.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    cert = (
+        _leaf(ca, (dns or ips)[0], days, ExtendedKeyUsageOID.SERVER_AUTH, now=now)
+        .public_key(key.public_key())
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return Issued(key, cert)
+
+
+def issue_client(  # noqa: PLR0913 - keyword-only knobs for tests of odd certificates
+    ca: Issued,
+    cn: str,
+    role: Role | None = Role.USER,
+    *,
+    days: float = CLIENT_DAYS,
+    now: dt.datetime | None = None,
+    raw_role: bytes | None = None,
+) -> Issued:
+    """A client certificate for user ``cn``; ``role=None`` leaves the role extension out
+    (the holder is then a user). ``raw_role`` puts arbitrary bytes there (for tests of
+    malformed extensions)."""
+    now = now or dt.datetime.now(dt.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = _leaf(ca, cn, days, ExtendedKeyUsageOID.CLIENT_AUTH, now=now).public_key(
+        key.public_key()
+    )
+    value = raw_role if raw_role is not None else (encode_role(role) if role else None)
+    if value is not None:
+        builder = builder.add_extension(x509.UnrecognizedExtension(ROLE_OID, value), critical=False)
+    return Issued(key, builder.sign(ca.key, hashes.SHA256()))
+
+
+def save(issued: Issued, prefix: Path) -> tuple[Path, Path]:
+    """Write ``prefix.key`` (0600) and ``prefix.crt``; return their paths."""
+    key_path, cert_path = prefix.with_suffix(".key"), prefix.with_suffix(".crt")
+    _write_private(key_path, _key_pem(issued.key))
+    _write_public(cert_path, _cert_pem(issued.cert))
+    return key_path, cert_path
+
+
+def load(prefix: Path) -> Issued:
+    """Read ``prefix.key`` and ``prefix.crt``.
+
+    Raises:
+        CertError: a file is missing or unreadable.
+    """
+    try:
+        key = serialization.load_pem_private_key(prefix.with_suffix(".key").read_bytes(), None)
+        cert = x509.load_pem_x509_certificate(prefix.with_suffix(".crt").read_bytes())
+    except (OSError, ValueError) as e:
+        raise CertError(f"cannot read {prefix}.key/.crt: {e}") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertError(f"{prefix}.key is not an ECDSA key")
+    return Issued(key, cert)
+
+
+@dataclass(frozen=True, slots=True)
+class Pki:
+    """Paths of a development PKI made by :func:`make_dev_pki`."""
+
+    dir: Path
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+
+def make_dev_pki(directory: Path, users: dict[str, Role] | None = None) -> Pki:
+    """A CA, a server certificate for localhost/127.0.0.1/::1, and one client per user
+    (default: ``admin`` as admin, ``alice`` as user)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca = make_ca()
+    save(ca, directory / "ca")
+    save(issue_server(ca, ["localhost"], ["127.0.0.1", "::1"]), directory / "server")
+    for name, role in (users or {"admin": Role.ADMIN, "alice": Role.USER}).items():
+        save(issue_client(ca, name, role), directory / name)
+    return Pki(directory)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobworker-certs", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("init-ca", help="create ca.key and ca.crt in DIR")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--name", default="jobworker CA")
+    p = sub.add_parser("server", help="issue server.key/server.crt in DIR, signed by DIR/ca")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--dns", action="append", default=[])
+    p.add_argument("--ip", action="append", default=[])
+    p.add_argument("--days", type=float, default=SERVER_DAYS)
+    p = sub.add_parser("client", help="issue CN.key/CN.crt in DIR, signed by DIR/ca")
+    p.add_argument("dir", type=Path)
+    p.add_argument("cn")
+    p.add_argument("--role", choices=[r.value for r in Role], default=Role.USER.value)
+    p.add_argument("--days", type=float, default=CLIENT_DAYS)
+    p.add_argument("--out", type=Path, help="file prefix (default DIR/CN)")
+    p = sub.add_parser("dev", help="CA, server for localhost, clients admin and alice")
+    p.add_argument("dir", type=Path)
+    p = sub.add_parser("fingerprint", help="print a certificate's SHA-256 fingerprint")
+    p.add_argument("cert", type=Path)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> str:
+    if args.command == "init-ca":
+        args.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _, crt = save(make_ca(args.name), args.dir / "ca")
+        return f"wrote {args.dir / 'ca.key'} (0600) and {crt}"
+    if args.command == "server":
+        if not args.dns and not args.ip:
+            raise CertError("give at least one --dns or --ip for the server certificate")
+        _, crt = save(
+            issue_server(load(args.dir / "ca"), args.dns, args.ip, days=args.days),
+            args.dir / "server",
+        )
+        return f"wrote {crt} and its key"
+    if args.command == "client":
+        prefix = args.out or args.dir / args.cn
+        _, crt = save(
+            issue_client(load(args.dir / "ca"), args.cn, Role(args.role), days=args.days),
+            prefix,
+        )
+        return f"wrote {crt} and its key ({args.role}, valid {args.days:g} days)"
+    if args.command == "dev":
+        make_dev_pki(args.dir)
+        return f"wrote a development PKI to {args.dir}"
+    try:
+        cert = x509.load_pem_x509_certificate(args.cert.read_bytes())
+    except (OSError, ValueError) as e:
+        raise CertError(f"cannot read certificate {args.cert}: {e}") from e
+    return fingerprint(cert)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        print(_run(args))
+    except (CertError, ValueError) as e:
+        print(f"jobworker-certs: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""jobctl, the command-line client (``python -m jobworker.cli``)."""

@@ -1,0 +1,99 @@
+"""Where jobctl connects: flags, then environment, then the config file's context.
+
+~/.config/jobworker/config.toml, like kubectl's contexts:
+
+    current-context = "prod"
+
+    [contexts.prod]
+    server = "worker1.example:50051"
+    ca = "~/.config/jobworker/prod/ca.crt"
+    cert = "~/.config/jobworker/prod/alice.crt"
+    key = "~/.config/jobworker/prod/alice.key"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._units import UsageError
+
+__all__ = ["Target", "config_path", "resolve_target"]
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    server: str
+    ca: Path
+    cert: Path
+    key: Path
+    timeout: float = 30.0
+
+
+def config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
+    return Path(base) / "jobworker" / "config.toml"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from e
+
+
+def resolve_target(  # noqa: PLR0913 - one keyword per setting
+    *,
+    server: str | None,
+    ca: str | None,
+    cert: str | None,
+    key: str | None,
+    context: str | None,
+    timeout: float = 30.0,
+) -> Target:
+    """Each setting from its flag, else JOBWORKER_*, else the context in the config file.
+
+    Raises:
+        UsageError: an unknown context, or no certificate configured anywhere.
+    """
+    path = config_path()
+    data = _load(path)
+    name = context or os.environ.get("JOBWORKER_CONTEXT") or data.get("current-context")
+    ctx: dict[str, Any] = {}
+    if name:
+        contexts = data.get("contexts", {})
+        if name not in contexts:
+            known = ", ".join(sorted(contexts)) or "none"
+            raise UsageError(f"no context {name!r} in {path} (known: {known})")
+        ctx = contexts[name]
+
+    def pick(flag: str | None, env: str, field: str) -> str | None:
+        value = flag or os.environ.get(env) or ctx.get(field)
+        return str(value) if value else None
+
+    chosen = {
+        "ca": pick(ca, "JOBWORKER_CA", "ca"),
+        "cert": pick(cert, "JOBWORKER_CERT", "cert"),
+        "key": pick(key, "JOBWORKER_KEY", "key"),
+    }
+    missing = [k for k, v in chosen.items() if not v]
+    if missing:
+        raise UsageError(
+            f"no {', '.join(missing)} configured: pass --{missing[0]}, set "
+            f"JOBWORKER_{missing[0].upper()}, or add a context to {path}"
+        )
+    return Target(
+        server=pick(server, "JOBWORKER_SERVER", "server") or DEFAULT_SERVER,
+        ca=Path(os.path.expanduser(chosen["ca"] or "")),
+        cert=Path(os.path.expanduser(chosen["cert"] or "")),
+        key=Path(os.path.expanduser(chosen["key"] or "")),
+        timeout=timeout,
+    )

@@ -1,0 +1,142 @@
+"""The one place that formats jobctl's output: JSON objects and human tables."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from typing import Any
+
+__all__ = ["exit_status_of", "job_json", "print_json", "print_status", "print_table"]
+
+_STATES = {1: "created", 2: "running", 3: "exited", 4: "stopped", 5: "failed"}
+# A job that could not be started exits like a shell's "command not found".
+FAILED_EXIT = 127
+
+
+def _time(ts: Any) -> str | None:
+    if not ts.seconds and not ts.nanos:
+        return None
+    when: dt.datetime = ts.ToDatetime(tzinfo=dt.UTC)
+    return when.isoformat().replace("+00:00", "Z")
+
+
+def _opt(msg: Any, field: str) -> Any:
+    return getattr(msg, field) if msg.HasField(field) else None
+
+
+def job_json(job: Any) -> dict[str, Any]:
+    """The documented JSON object of a job (status --json, ls --json)."""
+    limits = job.limits
+    return {
+        "id": job.id,
+        "owner": job.owner,
+        "argv": list(job.argv),
+        "state": _STATES.get(job.state, "unknown"),
+        "exit_code": _opt(job, "exit_code"),
+        "signal": _opt(job, "signal"),
+        "oom_killed": job.oom_killed,
+        "error": job.error or None,
+        "created_at": _time(job.created_at),
+        "started_at": _time(job.started_at),
+        "ended_at": _time(job.ended_at),
+        "limits": {
+            "cpus": _opt(limits, "cpus"),
+            "memory_bytes": _opt(limits, "memory_bytes"),
+            "pids": _opt(limits, "pids"),
+            "io": [
+                {
+                    "device": io.device or None,
+                    "read_bps": _opt(io, "read_bps"),
+                    "write_bps": _opt(io, "write_bps"),
+                }
+                for io in limits.io
+            ],
+            "enforced": job.limits_enforced,
+        },
+        "usage": {
+            "cpu_seconds": job.usage.cpu_seconds,
+            "memory_bytes": job.usage.memory_bytes,
+            "memory_peak_bytes": _opt(job.usage, "memory_peak_bytes"),
+            "io_read_bytes": job.usage.io_read_bytes,
+            "io_write_bytes": job.usage.io_write_bytes,
+        },
+    }
+
+
+def exit_status_of(job: Any) -> int:
+    """What `run` and `wait` exit with: the job's code, 128+N for signal N, 127 if it failed."""
+    if job.HasField("exit_code"):
+        return int(job.exit_code)
+    if job.HasField("signal"):
+        return 128 + int(job.signal)
+    return FAILED_EXIT
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def _ago(iso: str | None, now: dt.datetime) -> str:
+    if iso is None:
+        return "-"
+    seconds = int((now - dt.datetime.fromisoformat(iso)).total_seconds())
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{max(seconds, 0)}s ago"
+
+
+def _result(job: dict[str, Any]) -> str:
+    if job["state"] == "failed":
+        return "failed"
+    if job["signal"] is not None:
+        return f"signal {job['signal']}" + (" (OOM)" if job["oom_killed"] else "")
+    if job["exit_code"] is not None:
+        return f"exit {job['exit_code']}"
+    return ""
+
+
+def print_table(jobs: list[dict[str, Any]]) -> None:
+    """Aligned columns with relative times; color only on a terminal, never with NO_COLOR
+    (rich decides both)."""
+    from rich.console import Console  # noqa: PLC0415 - rich costs ~50 ms; only tables need it
+    from rich.table import Table  # noqa: PLC0415
+
+    now = dt.datetime.now(dt.UTC)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("ID", "OWNER", "STATE", "RESULT", "CREATED", "COMMAND"):
+        table.add_column(column, no_wrap=True, overflow="ellipsis")
+    colors = {"running": "green", "failed": "red", "stopped": "yellow"}
+    for job in jobs:
+        state = job["state"]
+        table.add_row(
+            job["id"][:12],
+            job["owner"],
+            f"[{colors[state]}]{state}[/]" if state in colors else state,
+            _result(job),
+            _ago(job["created_at"], now),
+            " ".join(job["argv"]),
+        )
+    Console().print(table)
+
+
+def print_status(job: dict[str, Any]) -> None:
+    now = dt.datetime.now(dt.UTC)
+    usage = job["usage"]
+    rows = [
+        ("id", job["id"]),
+        ("owner", job["owner"]),
+        ("command", " ".join(job["argv"])),
+        ("state", job["state"] + (f" ({_result(job)})" if _result(job) else "")),
+        ("error", job["error"] or "-"),
+        ("created", f"{job['created_at']} ({_ago(job['created_at'], now)})"),
+        ("started", job["started_at"] or "-"),
+        ("ended", job["ended_at"] or "-"),
+        ("cpu", f"{usage['cpu_seconds']:.2f} s"),
+        ("memory", f"{usage['memory_bytes']} B (peak {usage['memory_peak_bytes'] or '-'})"),
+        ("io", f"read {usage['io_read_bytes']} B, written {usage['io_write_bytes']} B"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        sys.stdout.write(f"{key:<{width}}  {value}\n")

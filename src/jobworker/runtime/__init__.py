@@ -1,0 +1,95 @@
+"""The jobworker runtime: run commands as jobs on this host, with an asyncio API.
+
+No gRPC here; the API layer builds on this. See docs/architecture.md for the processes.
+
+Names are imported on first use (PEP 562): the launcher process imports this package too,
+and every module it holds is memory that each job's supervisor may end up copying.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._errors import (
+        InvalidSpecError,
+        InvalidTransitionError,
+        JobEndedError,
+        JobNotFoundError,
+        JobNotRunningError,
+        JobworkerError,
+        LaunchError,
+        NotPermittedError,
+        RuntimeClosedError,
+    )
+    from ._logformat import Stream
+    from ._output import Chunk
+    from ._runtime import NOBODY, RunAs, Runtime, RuntimeConfig
+    from ._spec import IOLimit, JobSpec, Limits
+    from ._states import State
+    from ._status import JobStatus, Usage
+    from .cgroups import CgroupError
+
+_WHERE = {
+    "NOBODY": "_runtime",
+    "CgroupError": "cgroups",
+    "NotPermittedError": "_errors",
+    "RunAs": "_runtime",
+    "Usage": "_status",
+    "Chunk": "_output",
+    "IOLimit": "_spec",
+    "InvalidSpecError": "_errors",
+    "InvalidTransitionError": "_errors",
+    "JobEndedError": "_errors",
+    "JobNotFoundError": "_errors",
+    "JobNotRunningError": "_errors",
+    "JobSpec": "_spec",
+    "JobStatus": "_status",
+    "JobworkerError": "_errors",
+    "Limits": "_spec",
+    "LaunchError": "_errors",
+    "Runtime": "_runtime",
+    "RuntimeClosedError": "_errors",
+    "RuntimeConfig": "_runtime",
+    "State": "_states",
+    "Stream": "_logformat",
+}
+
+__all__ = [
+    "NOBODY",
+    "CgroupError",
+    "Chunk",
+    "IOLimit",
+    "InvalidSpecError",
+    "InvalidTransitionError",
+    "JobEndedError",
+    "JobNotFoundError",
+    "JobNotRunningError",
+    "JobSpec",
+    "JobStatus",
+    "JobworkerError",
+    "LaunchError",
+    "Limits",
+    "NotPermittedError",
+    "RunAs",
+    "Runtime",
+    "RuntimeClosedError",
+    "RuntimeConfig",
+    "State",
+    "Stream",
+    "Usage",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

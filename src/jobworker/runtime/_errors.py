@@ -1,0 +1,55 @@
+"""The runtime's exceptions: one base, one subclass per condition a caller can act on."""
+
+from __future__ import annotations
+
+__all__ = [
+    "InvalidSpecError",
+    "InvalidTransitionError",
+    "JobEndedError",
+    "JobNotFoundError",
+    "JobNotRunningError",
+    "JobworkerError",
+    "LaunchError",
+    "NotPermittedError",
+    "RuntimeClosedError",
+]
+
+
+class JobworkerError(Exception):
+    """Base of every error the jobworker runtime raises on purpose."""
+
+
+class InvalidSpecError(JobworkerError, ValueError):
+    """A job spec, limit or argument is malformed; the message names the field and the fix."""
+
+
+class JobNotFoundError(JobworkerError, LookupError):
+    """No job has this id."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no such job: {job_id}")
+        self.job_id = job_id
+
+
+class InvalidTransitionError(JobworkerError):
+    """The job's state machine refused a transition (a bug or a race, never user input)."""
+
+
+class JobEndedError(JobworkerError):
+    """The operation needs a job that has not ended, and this one has ("already exited...")."""
+
+
+class JobNotRunningError(JobworkerError):
+    """The operation needs a running job, and this one has not started yet."""
+
+
+class LaunchError(JobworkerError):
+    """The launcher could not create the job's processes (not the user's command failing)."""
+
+
+class NotPermittedError(JobworkerError):
+    """The server's configuration does not allow this for this owner (e.g. host network)."""
+
+
+class RuntimeClosedError(JobworkerError):
+    """The runtime was closed; no new work is accepted."""

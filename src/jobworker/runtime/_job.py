@@ -1,0 +1,111 @@
+"""One job as the runtime tracks it: spec, state, and who is waiting for it to change."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from datetime import UTC, datetime
+from typing import Any
+
+from ._launch import SupervisorHandle
+from ._records import ExitRecord, RunRecord
+from ._spec import JobSpec, Limits
+from ._states import State, transition
+from ._status import JobStatus, Usage
+
+__all__ = ["Job"]
+
+
+def _from_ns(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC)
+
+
+class Job:
+    """Mutable record of one job; every state change goes through :meth:`_set`."""
+
+    def __init__(  # noqa: PLR0913 - all of it is what a job is
+        self,
+        job_id: str,
+        spec: JobSpec,
+        directory: str,
+        created_ns: int,
+        *,
+        limits: Limits,
+        meta: dict[str, Any],
+    ) -> None:
+        self.id = job_id
+        self.spec = spec
+        self.dir = directory
+        self.limits = limits
+        # What spec.json holds: the supervisor's instructions (user, cgroups, hostname...).
+        self.meta = meta
+        self.supervisor: SupervisorHandle | None = None
+        self.start_lock = asyncio.Lock()
+        self.ended = asyncio.Event()
+        self._status = JobStatus(
+            id=job_id,
+            owner=spec.owner,
+            argv=tuple(spec.argv),
+            state=State.CREATED,
+            exit_code=None,
+            signal=None,
+            oom_killed=False,
+            error=None,
+            created_at=_from_ns(created_ns),
+            started_at=None,
+            ended_at=None,
+            pid=None,
+            output_truncated=False,
+            limits=limits,
+        )
+        # Every status the job has been in, so a watcher sees each transition exactly once.
+        self.history: list[JobStatus] = [self._status]
+        self._waiters: set[asyncio.Event] = set()
+
+    @property
+    def status(self) -> JobStatus:
+        return self._status
+
+    @property
+    def state(self) -> State:
+        return self._status.state
+
+    def add_waiter(self, event: asyncio.Event) -> None:
+        """Set ``event`` on every state change until :meth:`remove_waiter`."""
+        self._waiters.add(event)
+
+    def remove_waiter(self, event: asyncio.Event) -> None:
+        self._waiters.discard(event)
+
+    def _set(self, new_state: State, **changes: object) -> None:
+        transition(self._status.state, new_state)
+        self._status = dataclasses.replace(self._status, state=new_state, **changes)  # type: ignore[arg-type]
+        self.history.append(self._status)
+        if new_state.is_final:
+            self.ended.set()
+        for event in self._waiters:
+            event.set()
+
+    def limits_not_enforced(self) -> None:
+        """Record that this job runs without cgroup limits (cgroups are off)."""
+        self._status = dataclasses.replace(self._status, limits_enforced=False)
+        self.history[-1] = self._status
+
+    def mark_running(self, run: RunRecord, supervisor: SupervisorHandle) -> None:
+        self.supervisor = supervisor
+        self._set(State.RUNNING, started_at=_from_ns(run.started_ns), pid=run.pid or None)
+
+    def mark_failed_to_start(self, error: str, ended_ns: int) -> None:
+        self._set(State.FAILED, error=error, ended_at=_from_ns(ended_ns))
+
+    def mark_ended(self, record: ExitRecord, usage: Usage | None, *, oom_killed: bool) -> None:
+        self._set(
+            State(record.state),
+            usage=usage,
+            oom_killed=oom_killed,
+            exit_code=record.exit_code,
+            signal=record.signal,
+            error=record.error,
+            ended_at=_from_ns(record.ended_ns),
+            output_truncated=record.output_truncated,
+        )

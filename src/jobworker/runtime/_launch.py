@@ -1,0 +1,200 @@
+"""The server's side of the launch path: the launcher process and each job's supervisor.
+
+This is the only place the server talks to job processes: it asks the launcher to start a
+job, then steers the job's supervisor through its control socket and watches it through a
+pidfd, never through a bare pid that could be reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from ._errors import LaunchError
+from ._records import CONTROL, ExitRecord, RunRecord
+
+__all__ = ["LaunchFailed", "Launched", "Launcher", "SupervisorHandle"]
+
+
+@dataclass(frozen=True, slots=True)
+class Launched:
+    run: RunRecord
+    supervisor: SupervisorHandle
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchFailed:
+    """The command could not be started; ``error`` is the reason, for the user."""
+
+    error: str
+    exit: ExitRecord | None
+
+
+async def _ready(fd: int, *, write: bool = False) -> None:
+    """Wait until ``fd`` is readable (or writable); the watch is removed however this ends."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    add, remove = (
+        (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    )
+    add(fd, ready)
+    try:
+        await fut
+    finally:
+        remove(fd)
+
+
+class SupervisorHandle:
+    """A running job's supervisor: a pidfd to watch it end, and its control socket."""
+
+    def __init__(self, job_dir: str, pidfd: int) -> None:
+        self._job_dir = job_dir
+        self._pidfd = pidfd
+
+    async def wait(self) -> None:
+        """Return once the supervisor process has exited."""
+        await _ready(self._pidfd)
+
+    def kill(self) -> None:
+        """SIGKILL the supervisor; the kernel then kills every process of its PID namespace."""
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    async def command(self, line: str, timeout: float = 5.0) -> str:
+        """Send one control command; return the reply, or "ended" if the job has ended.
+
+        Raises:
+            LaunchError: the supervisor did not answer within ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        # Reach the socket through an fd of its directory: an AF_UNIX path is limited to 108
+        # bytes, a state dir path is not.
+        dir_fd = os.open(self._job_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, f"/proc/self/fd/{dir_fd}/{CONTROL}")
+                await loop.sock_sendall(sock, line.encode() + b"\n")
+                reply = await loop.sock_recv(sock, 4096)
+        except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError):
+            return "ended"  # the supervisor closed its socket on the way out
+        except TimeoutError:
+            raise LaunchError(f"the job's supervisor did not answer {line!r} in time") from None
+        finally:
+            os.close(dir_fd)
+            sock.close()
+        return reply.decode("ascii", "replace").strip() or "ended"
+
+
+class Launcher:
+    """The launcher process (see ``_launcher``), started once per runtime."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self._proc = proc
+        self._sock = sock
+        self._send_lock = asyncio.Lock()
+
+    @classmethod
+    def spawn(cls) -> Launcher:
+        """Start the launcher process.
+
+        Raises:
+            LaunchError: it could not be started.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # subprocess forks and execs in C with nothing in between, which is safe even in
+            # a threaded process: no Python runs in the child before exec, and no shell.
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "jobworker.runtime._launcher", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
+        except OSError as e:
+            ours.close()
+            raise LaunchError(f"cannot start the launcher process: {e}") from e
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return cls(proc, ours)
+
+    async def launch(self, job_dir: str, timeout: float) -> Launched | LaunchFailed:
+        """Start the job in ``job_dir`` (its spec.json written); return once exec is done.
+
+        Raises:
+            LaunchError: the launcher is gone, or the supervisor did not report in time.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        try:
+            try:
+                await self._send(job_dir.encode(), theirs.fileno())
+            finally:
+                theirs.close()
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        msg, fds, _flags, _addr = socket.recv_fds(ours, 65536, 1)
+                        break
+                    except BlockingIOError:
+                        await _ready(ours.fileno())
+        except TimeoutError:
+            raise LaunchError(f"the job's supervisor did not report within {timeout:g} s") from None
+        except OSError as e:
+            raise LaunchError(f"cannot reach the launcher: {e}") from e
+        finally:
+            ours.close()
+        if not msg:
+            raise LaunchError("the launcher or the job's supervisor died before reporting")
+        report = json.loads(msg)
+        if report["ok"] and len(fds) == 1:
+            return Launched(RunRecord.from_json(report["run"]), SupervisorHandle(job_dir, fds[0]))
+        for fd in fds:
+            os.close(fd)
+        if "exit" in report:
+            exit_record = ExitRecord.from_json(report["exit"])
+            return LaunchFailed(exit_record.error or "the command could not start", exit_record)
+        return LaunchFailed(report.get("error", "unknown launch error"), None)
+
+    async def _send(self, msg: bytes, fd: int) -> None:
+        # The socket's queue is short (net.unix.max_dgram_qlen, often 10), so a burst of
+        # launches must wait for room; and an event loop keeps one writer callback per fd,
+        # so only one sender may wait at a time.
+        async with self._send_lock:
+            while True:
+                try:
+                    socket.send_fds(self._sock, [msg], [fd])
+                except BlockingIOError:
+                    await _ready(self._sock.fileno(), write=True)
+                else:
+                    return
+
+    async def close(self, *, jobs_running: bool) -> None:
+        """Close the launcher's socket; reap the launcher unless jobs still run.
+
+        The launcher stays alive while supervisors it started still run (it reaps them), so a
+        runtime closed with jobs running leaves it behind on purpose.
+        """
+        self._sock.close()
+        if not jobs_running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self._proc.wait, 5.0)

@@ -1,0 +1,149 @@
+"""The launcher process: single-threaded, it forks one supervisor per job.
+
+The server runs threads (gRPC), and forking a threaded process is unsafe, so the server starts
+this process once, before any thread exists, with ``subprocess`` (fork+exec in C, no Python in
+between). Each launch request carries the job directory and one end of a report socket. The
+launcher forks an intermediate process that calls ``unshare(CLONE_NEWPID)``, forks the job's
+supervisor (PID 1 of the new namespace) and exits at once, so each job costs one process.
+
+The launcher is a child subreaper with SIGCHLD ignored: supervisors whose intermediate parent
+exited are re-parented here and reaped by the kernel, so none becomes a zombie even when the
+host's PID 1 does not reap. When the server goes away, the launcher keeps doing that until its
+last supervisor has ended, then exits.
+
+Run as ``python -m jobworker.runtime._launcher FD``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import NoReturn
+
+from ._linux import CLONE_NEWPID, PR_SET_CHILD_SUBREAPER, prctl, unshare
+from ._logformat import HEADER, Stream
+from ._records import ExitRecord, RunRecord
+from ._supervisor import DEFAULT_PATH, job_env, run_supervisor, start_ticks, which
+
+__all__ = ["main"]
+
+MAX_REQUEST = 8192
+
+
+def _send_error(report: socket.socket, message: str) -> None:
+    with contextlib.suppress(OSError):
+        report.send(json.dumps({"ok": False, "error": message}).encode())
+
+
+def _intermediate(server: socket.socket, job_dir: str, report: socket.socket) -> NoReturn:
+    """In the forked child: enter a new PID namespace for the next fork, fork the supervisor."""
+    code = 0
+    try:
+        server.close()
+        # Supervisors outlive the server: they must not hold its stdio pipes open.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        os.setsid()  # the job must not get the terminal's Ctrl+C aimed at the server
+        unshare(CLONE_NEWPID, "CLONE_NEWPID")
+        if os.fork() == 0:
+            _supervisor_main(job_dir, report)
+    except BaseException as e:  # noqa: BLE001 - any failure must reach the server as a report
+        _send_error(report, f"cannot start the job's supervisor: {e}")
+        code = 1
+    os._exit(code)
+
+
+def _supervisor_main(job_dir: str, report: socket.socket) -> NoReturn:
+    try:
+        run_supervisor(job_dir, report)
+    except BaseException as e:  # noqa: BLE001
+        _send_error(report, f"job supervisor failed: {e!r}")
+    os._exit(1)
+
+
+# CPython 3.11 rewrites a function's bytecode in place ("quickening") after 8 calls, which
+# dirties the page of its code object in whichever process does it.
+_QUICKENED_AFTER = 8
+
+
+def _warm_up() -> None:
+    """Run the library code every supervisor runs until it is quickened, so that what it
+    creates on first use (caches, interned strings, specialised bytecode) exists before
+    forking and stays shared instead of being copied into each supervisor. Measured: see
+    docs/benchmarks.md (d)."""
+    spec = {"id": "x", "spec": {"argv": ["true"], "env": {}, "cwd": "/"}, "uid": 65534}
+    for _ in range(2 * _QUICKENED_AFTER):
+        record = ExitRecord("exited", 0, None, None, time.time_ns(), output_truncated=False)
+        json.loads(json.dumps(record.to_json()))
+        json.loads(json.dumps(spec).encode())
+        json.dumps({"ok": True, "run": RunRecord(1, 1, 1, 1).to_json()})
+        which("true", DEFAULT_PATH)
+        job_env({"A": "1"}, "x")
+        start_ticks("/proc/self")
+        HEADER.pack(0, Stream.STDOUT, time.time_ns())
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with a, b, contextlib.suppress(OSError):
+            a.setblocking(False)
+            select.poll().register(a.fileno(), select.POLLIN)
+            socket.send_fds(a, [b"{}"], [b.fileno()])
+            for fd in socket.recv_fds(b, 64, 1)[1]:
+                os.close(fd)
+
+
+def main() -> None:
+    server = socket.socket(fileno=int(sys.argv[1]))
+    prctl(PR_SET_CHILD_SUBREAPER, 1, "PR_SET_CHILD_SUBREAPER")
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    # A signal aimed at the server's process group (Ctrl+C, `timeout`, a terminal hangup)
+    # must not take the launcher down with it: its supervisors would then be orphaned to a
+    # PID 1 that may not reap. It exits when the server's socket closes instead.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    _warm_up()
+    # Everything imported so far is shared copy-on-write with every supervisor; freezing keeps
+    # the garbage collector from touching (and so copying) those pages in each of them.
+    gc.freeze()
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(server, MAX_REQUEST, 1)
+        except ConnectionResetError:
+            break
+        if not msg:
+            for fd in fds:
+                os.close(fd)
+            break
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            continue
+        report = socket.socket(fileno=fds[0])
+        try:
+            pid = os.fork()
+        except OSError as e:
+            _send_error(report, f"cannot fork the job's supervisor: {e.strerror}")
+            pid = -1
+        if pid == 0:
+            _intermediate(server, msg.decode(), report)
+        report.close()
+    server.close()
+    # The server is gone; our stdio may be its pipes, which its reader waits to see closed.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    # With SIGCHLD ignored, wait() returns only once every child has ended (then ECHILD).
+    with contextlib.suppress(ChildProcessError):
+        os.wait()
+
+
+if __name__ == "__main__":
+    main()

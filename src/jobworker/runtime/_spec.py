@@ -1,0 +1,216 @@
+"""What a job is asked to be: its command, environment, owner and resource limits.
+
+Values here are validated once, at construction, so everything downstream can trust them; the
+network boundary turns ``InvalidSpecError`` into INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import InvalidSpecError
+
+__all__ = ["IOLimit", "JobSpec", "Limits"]
+
+# Linux refuses a single argv/env string longer than MAX_ARG_STRLEN (32 pages) with E2BIG at
+# exec time; checking here turns that into a clear error before anything is spawned.
+MAX_ARG_BYTES = 128 * 1024
+# Far below the kernel's limit (a quarter of the stack rlimit, 2 MiB by default) so a request
+# that passes here cannot fail at exec for size.
+MAX_ARGV_ENV_BYTES = 1024 * 1024
+MAX_OWNER_CHARS = 256
+
+
+def _check_text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidSpecError(f"{what} must be a string, got {type(value).__name__}")
+    if "\0" in value:
+        raise InvalidSpecError(f"{what} contains a NUL byte; remove it")
+    if len(value.encode("utf-8", "surrogateescape")) > MAX_ARG_BYTES:
+        raise InvalidSpecError(f"{what} is longer than {MAX_ARG_BYTES} bytes; shorten it")
+    return value
+
+
+def _check_env(env: Mapping[str, str]) -> dict[str, str]:
+    checked: dict[str, str] = {}
+    for key, value in dict(env).items():
+        _check_text(key, "environment variable name")
+        if not key or "=" in key:
+            raise InvalidSpecError(f"environment variable name {key!r} is empty or contains '='")
+        checked[key] = _check_text(value, f"environment variable {key}")
+    return checked
+
+
+@dataclass(frozen=True, slots=True)
+class IOLimit:
+    """Disk IO throttling for one block device ("MAJ:MIN"); ``None`` device = the workdir's."""
+
+    device: str | None = None
+    read_bps: int | None = None
+    write_bps: int | None = None
+    read_iops: int | None = None
+    write_iops: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.device is not None:
+            major, sep, minor = self.device.partition(":")
+            if not (sep and major.isdigit() and minor.isdigit()):
+                raise InvalidSpecError(
+                    f"IO device {self.device!r} is not MAJ:MIN; use e.g. 8:0 (see lsblk)"
+                )
+        for name in ("read_bps", "write_bps", "read_iops", "write_iops"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise InvalidSpecError(f"IO limit {name} must be a positive integer")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits of one job; ``None`` means "the server's default"."""
+
+    cpus: float | None = None
+    cpu_weight: int | None = None
+    memory_bytes: int | None = None
+    pids: int | None = None
+    io: tuple[IOLimit, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.cpus is not None and not (
+            isinstance(self.cpus, int | float) and math.isfinite(self.cpus) and self.cpus > 0
+        ):
+            raise InvalidSpecError("cpus must be a positive number of CPUs, e.g. 0.5")
+        if self.cpu_weight is not None and not (1 <= self.cpu_weight <= 10000):
+            raise InvalidSpecError("cpu_weight must be between 1 and 10000")
+        if self.memory_bytes is not None and self.memory_bytes < 1024 * 1024:
+            raise InvalidSpecError("memory limit must be at least 1 MiB")
+        if self.pids is not None and self.pids < 1:
+            raise InvalidSpecError("pids limit must be at least 1")
+        object.__setattr__(self, "io", tuple(self.io))
+
+    def resolve(self, defaults: Limits, maxima: Limits) -> Limits:
+        """These limits with the server's defaults filled in, checked against its maxima.
+
+        A field left unset takes the default, or else the maximum, so no job escapes a limit
+        the server caps. IO limits with no device name get the job's working-directory disk
+        later, when the cgroup is made.
+
+        Raises:
+            InvalidSpecError: a requested limit is above the server's maximum.
+        """
+        values: dict[str, Any] = {}
+        for name, unit in (("cpus", "CPUs"), ("memory_bytes", "bytes"), ("pids", "tasks")):
+            value = getattr(self, name)
+            if value is None:
+                value = getattr(defaults, name)
+            cap = getattr(maxima, name)
+            if cap is not None:
+                if value is None:
+                    value = cap
+                elif value > cap:
+                    label = name.removesuffix("_bytes")
+                    raise InvalidSpecError(
+                        f"{label} limit {value:g} {unit} is above the server maximum of "
+                        f"{cap:g} {unit}; ask for at most that"
+                    )
+            values[name] = value
+        weight = self.cpu_weight if self.cpu_weight is not None else defaults.cpu_weight
+        return Limits(cpu_weight=weight, io=self.io or defaults.io, **values)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cpus": self.cpus,
+            "cpu_weight": self.cpu_weight,
+            "memory_bytes": self.memory_bytes,
+            "pids": self.pids,
+            "io": [
+                {
+                    "device": io.device,
+                    "read_bps": io.read_bps,
+                    "write_bps": io.write_bps,
+                    "read_iops": io.read_iops,
+                    "write_iops": io.write_iops,
+                }
+                for io in self.io
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Limits:
+        return cls(
+            cpus=data.get("cpus"),
+            cpu_weight=data.get("cpu_weight"),
+            memory_bytes=data.get("memory_bytes"),
+            pids=data.get("pids"),
+            io=tuple(IOLimit(**io) for io in data.get("io", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A command to run as a job.
+
+    ``argv`` is executed directly (never through a shell); ``argv[0]`` is looked up in the job's
+    PATH unless it contains a slash. ``env`` is added to a minimal default environment (PATH,
+    HOME, LANG), never to the server's own. ``cwd`` must be absolute.
+
+    Raises:
+        InvalidSpecError: on construction, naming the bad field.
+    """
+
+    argv: Sequence[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str = "/"
+    owner: str = "local"
+    limits: Limits = field(default_factory=Limits)
+    host_network: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.argv, str | bytes) or not isinstance(self.argv, Sequence):
+            raise InvalidSpecError("argv must be a list of strings, e.g. ['ls', '-l']")
+        argv = tuple(self.argv)
+        if not argv:
+            raise InvalidSpecError("argv is empty; give the command to run")
+        if not argv[0]:
+            raise InvalidSpecError("argv[0] is empty; give the command to run")
+        total = sum(len(_check_text(arg, f"argv[{i}]")) + 1 for i, arg in enumerate(argv))
+        env = _check_env(self.env)
+        total += sum(len(k) + len(v) + 2 for k, v in env.items())
+        if total > MAX_ARGV_ENV_BYTES:
+            raise InvalidSpecError(
+                f"argv and env together exceed {MAX_ARGV_ENV_BYTES} bytes; pass data in a file"
+            )
+        cwd = _check_text(self.cwd, "working directory")
+        if not cwd.startswith("/"):
+            raise InvalidSpecError(f"working directory {cwd!r} is not absolute; start it with /")
+        owner = _check_text(self.owner, "owner")
+        if not owner or len(owner) > MAX_OWNER_CHARS or not owner.isprintable():
+            raise InvalidSpecError("owner must be 1-256 printable characters")
+        if not isinstance(self.limits, Limits):
+            raise InvalidSpecError("limits must be a Limits value")
+        object.__setattr__(self, "argv", argv)
+        object.__setattr__(self, "env", types.MappingProxyType(env))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "argv": list(self.argv),
+            "env": dict(self.env),
+            "cwd": self.cwd,
+            "owner": self.owner,
+            "limits": self.limits.to_json(),
+            "host_network": self.host_network,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> JobSpec:
+        return cls(
+            argv=tuple(data["argv"]),
+            env=data.get("env", {}),
+            cwd=data.get("cwd", "/"),
+            owner=data.get("owner", "local"),
+            limits=Limits.from_json(data.get("limits", {})),
+            host_network=bool(data.get("host_network", False)),
+        )

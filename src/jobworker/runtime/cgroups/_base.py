@@ -1,0 +1,179 @@
+"""The cgroup driver interface, and what the v1 and v2 drivers share.
+
+Shaped after runc's cgroup manager: a few verbs (create with limits, usage, OOM count,
+remove), each job's cgroup named after its id beneath one subtree of ours. All methods block
+(file I/O); the runtime calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from asyncinotify import Inotify, Mask
+
+from .._spec import IOLimit, Limits
+from .._status import Usage
+from ._files import CgroupError, read_keyed, read_text
+
+__all__ = ["CgroupDriver", "JobCgroup", "block_device_of", "remove_dirs", "wait_unpopulated"]
+
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class JobCgroup:
+    """What a job's first process writes "0" into, before exec, to join its cgroups."""
+
+    procs_files: tuple[str, ...]
+
+
+class CgroupDriver(Protocol):
+    """Creates, measures and removes per-job cgroups beneath the server's own cgroup."""
+
+    @property
+    def kind(self) -> str:
+        """ "v2", "hybrid" or "v1"."""
+        ...
+
+    def create(self, job_id: str, limits: Limits) -> JobCgroup:
+        """Create the job's cgroups with ``limits`` applied.
+
+        Raises:
+            CgroupError: a directory or limit could not be created; nothing is left behind.
+        """
+        ...
+
+    def usage(self, job_id: str) -> Usage:
+        """CPU, memory and IO the job has used (zeros if its cgroup is gone)."""
+        ...
+
+    def oom_killed(self, job_id: str) -> bool:
+        """Whether the kernel's OOM killer killed a process of the job."""
+        ...
+
+    def kill(self, job_id: str) -> bool:
+        """SIGKILL every process of the job at once through ``cgroup.kill`` (cgroup2, kernel
+        5.14+); False where that is not available.
+
+        Raises:
+            CgroupError: the kernel refused.
+        """
+        ...
+
+    def remove(self, job_id: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the job's cgroups to empty, then remove them.
+
+        Returns False if they were still populated (left for :meth:`prune`).
+        """
+        ...
+
+    def prune(self, keep: set[str]) -> list[str]:
+        """Remove our empty job cgroups whose id is not in ``keep``; return the ids removed."""
+        ...
+
+    def close(self) -> None:
+        """Remove our subtree if no job cgroup is left in it."""
+        ...
+
+
+def block_device_of(path: str) -> str:
+    """The whole-disk "MAJ:MIN" holding ``path`` (IO throttling applies to disks, not
+    partitions).
+
+    Raises:
+        CgroupError: ``path`` is not on a block device (tmpfs, overlay...).
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CgroupError(f"cannot find the block device of {path}: {e.strerror}") from e
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    sys_dir = f"/sys/dev/block/{dev}"
+    if not os.path.exists(sys_dir):
+        raise CgroupError(
+            f"{path} is not on a block device (device {dev}); name the device for IO limits"
+        )
+    if os.path.exists(f"{sys_dir}/partition"):
+        parent = read_text(os.path.join(os.path.realpath(sys_dir), "..", "dev"))
+        if parent:
+            return parent.strip()
+    return dev
+
+
+def check_block_device(device: str) -> None:
+    """Raises CgroupError if ``device`` ("MAJ:MIN") is not a block device of this host."""
+    if not os.path.exists(f"/sys/dev/block/{device}"):
+        raise CgroupError(f"IO limit device {device} is not a block device on this host")
+
+
+def resolve_io(limits: Limits, cwd: str) -> tuple[IOLimit, ...]:
+    """IO limits with every device named: a limit without one applies to ``cwd``'s disk."""
+    resolved = []
+    for io in limits.io:
+        device = io.device or block_device_of(cwd)
+        check_block_device(device)
+        resolved.append(IOLimit(device, io.read_bps, io.write_bps, io.read_iops, io.write_iops))
+    return tuple(resolved)
+
+
+def wait_unpopulated(events_file: str | None, procs_file: str, timeout: float) -> bool:
+    """Wait until the cgroup has no process left; True if it emptied in time.
+
+    With a cgroup2 ``cgroup.events`` file the wait is an inotify wake-up on its change;
+    pure v1 has no such file, so the task list is re-read with a short back-off.
+    """
+    deadline = time.monotonic() + timeout
+    if events_file is not None and os.path.exists(events_file):
+        with Inotify(sync_timeout=timeout) as inotify:
+            inotify.add_watch(events_file, Mask.MODIFY)
+            while read_keyed(events_file).get("populated", 0):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                inotify.sync_timeout = left
+                inotify.sync_get()
+        return True
+    delay = 0.001
+    while (read_text(procs_file) or "").strip():
+        if time.monotonic() + delay > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return True
+
+
+def remove_dirs(dirs: list[str]) -> None:
+    """rmdir each of ``dirs`` that exists; a busy one is retried briefly, then reported.
+
+    Raises:
+        CgroupError: a directory could not be removed.
+    """
+    for directory in dirs:
+        for attempt in range(20):
+            try:
+                os.rmdir(directory)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                # v1 hierarchies can lag a moment behind cgroup2 in letting go of the last task.
+                if e.errno != errno.EBUSY or attempt == 19:
+                    raise CgroupError(f"cannot remove cgroup {directory}: {e.strerror}") from e
+                time.sleep(0.005 * (attempt + 1))
+
+
+def job_dirs(base: str) -> list[str]:
+    """Names of the job cgroups under ``base``."""
+    with contextlib.suppress(FileNotFoundError):
+        return [
+            entry.name
+            for entry in os.scandir(base)
+            if entry.is_dir(follow_symlinks=False) and stat.S_ISDIR(entry.stat().st_mode)
+        ]
+    return []

@@ -1,0 +1,163 @@
+"""cgroup v1 (and hybrid): one directory per job in each controller's hierarchy.
+
+On a hybrid host the job also gets a directory in the cgroup2 hierarchy: it has no controllers
+there, but its ``cgroup.events`` says when the job's last process is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from .._spec import Limits
+from .._status import Usage
+from ._base import CPU_PERIOD_US, JobCgroup, job_dirs, remove_dirs, wait_unpopulated
+from ._detect import Layout
+from ._files import CgroupError, read_int, read_keyed, read_text, write
+
+__all__ = ["V1Driver"]
+
+REQUIRED = ("cpu", "cpuacct", "memory", "blkio", "pids")
+
+
+class V1Driver:
+    """Per-job cgroups in the v1 controller hierarchies (plus cgroup2 on a hybrid host)."""
+
+    def __init__(self, layout: Layout, subtree: str) -> None:
+        missing = [c for c in REQUIRED if c not in layout.v1]
+        if missing:
+            raise CgroupError(
+                f"cgroup v1 controller(s) {', '.join(missing)} are not mounted; mount them "
+                "under /sys/fs/cgroup or disable cgroups (limits are then not enforced)"
+            )
+        self._kind = layout.kind
+        self._bases = {c: os.path.join(layout.v1[c].own_dir, subtree) for c in REQUIRED}
+        self._unified = (
+            os.path.join(layout.unified.own_dir, subtree) if layout.unified is not None else None
+        )
+        for base in self._all_bases():
+            try:
+                os.makedirs(base, mode=0o755, exist_ok=True)
+            except OSError as e:
+                raise CgroupError(
+                    f"cannot create {base}: {e.strerror}; jobworker needs write access to its "
+                    "own cgroup (run as root, or delegate the cgroup to it)"
+                ) from e
+
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    def _all_bases(self) -> list[str]:
+        # cpu and cpuacct may be one hierarchy ("cpu,cpuacct"): visit each directory once.
+        bases = list(dict.fromkeys(self._bases.values()))
+        if self._unified is not None:
+            bases.append(self._unified)
+        return bases
+
+    def _dirs(self, job_id: str) -> list[str]:
+        return [os.path.join(base, job_id) for base in self._all_bases()]
+
+    def _dir(self, controller: str, job_id: str) -> str:
+        return os.path.join(self._bases[controller], job_id)
+
+    def create(self, job_id: str, limits: Limits) -> JobCgroup:
+        dirs = self._dirs(job_id)
+        try:
+            for directory in dirs:
+                os.mkdir(directory)
+            self._apply(job_id, limits)
+        except (OSError, CgroupError) as e:
+            with contextlib.suppress(CgroupError):
+                remove_dirs(dirs)
+            if isinstance(e, CgroupError):
+                raise
+            raise CgroupError(f"cannot create the job's cgroup: {e}") from e
+        return JobCgroup(tuple(os.path.join(d, "cgroup.procs") for d in dirs))
+
+    def _apply(self, job_id: str, limits: Limits) -> None:
+        cpu = self._dir("cpu", job_id)
+        if limits.cpus is not None:
+            write(f"{cpu}/cpu.cfs_period_us", str(CPU_PERIOD_US))
+            write(f"{cpu}/cpu.cfs_quota_us", str(max(1000, round(limits.cpus * CPU_PERIOD_US))))
+        if limits.cpu_weight is not None:
+            # cgroup v2's weight (1-10000, default 100) on v1's shares (default 1024).
+            write(f"{cpu}/cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100)))
+        memory = self._dir("memory", job_id)
+        if limits.memory_bytes is not None:
+            write(f"{memory}/memory.limit_in_bytes", str(limits.memory_bytes))
+            # memory+swap at the same value means no swap; the file exists only with swap
+            # accounting on.
+            if os.path.exists(f"{memory}/memory.memsw.limit_in_bytes"):
+                write(f"{memory}/memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+        if limits.pids is not None:
+            write(f"{self._dir('pids', job_id)}/pids.max", str(limits.pids))
+        blkio = self._dir("blkio", job_id)
+        for io in limits.io:
+            for name, value in (
+                ("read_bps_device", io.read_bps),
+                ("write_bps_device", io.write_bps),
+                ("read_iops_device", io.read_iops),
+                ("write_iops_device", io.write_iops),
+            ):
+                if value is not None:
+                    write(f"{blkio}/blkio.throttle.{name}", f"{io.device} {value}")
+
+    def usage(self, job_id: str) -> Usage:
+        memory = self._dir("memory", job_id)
+        read = write_ = 0
+        for line in (
+            read_text(f"{self._dir('blkio', job_id)}/blkio.throttle.io_service_bytes") or ""
+        ).splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == "Read":
+                read += int(parts[2])
+            elif len(parts) == 3 and parts[1] == "Write":
+                write_ += int(parts[2])
+        return Usage(
+            cpu_seconds=(read_int(f"{self._dir('cpuacct', job_id)}/cpuacct.usage") or 0) / 1e9,
+            memory_bytes=read_int(f"{memory}/memory.usage_in_bytes") or 0,
+            memory_peak_bytes=read_int(f"{memory}/memory.max_usage_in_bytes"),
+            io_read_bytes=read,
+            io_write_bytes=write_,
+        )
+
+    def oom_killed(self, job_id: str) -> bool:
+        oom = read_keyed(f"{self._dir('memory', job_id)}/memory.oom_control")
+        return oom.get("oom_kill", 0) > 0
+
+    def kill(self, job_id: str) -> bool:
+        # On a hybrid host the job's cgroup2 directory has cgroup.kill even without
+        # controllers; pure v1 has none (the PID namespace does the job there).
+        if self._unified is None:
+            return False
+        path = os.path.join(self._unified, job_id, "cgroup.kill")
+        if not os.path.exists(path):
+            return False
+        write(path, "1")
+        return True
+
+    def remove(self, job_id: str, timeout: float) -> bool:
+        events = os.path.join(self._unified, job_id, "cgroup.events") if self._unified else None
+        procs = os.path.join(self._dir("pids", job_id), "cgroup.procs")
+        if not wait_unpopulated(events, procs, timeout):
+            return False
+        remove_dirs(self._dirs(job_id))
+        return True
+
+    def prune(self, keep: set[str]) -> list[str]:
+        removed = []
+        for job_id in job_dirs(self._bases["pids"]):
+            if job_id in keep:
+                continue
+            procs = os.path.join(self._dir("pids", job_id), "cgroup.procs")
+            if not (read_text(procs) or "").strip():
+                with contextlib.suppress(CgroupError):
+                    remove_dirs(self._dirs(job_id))
+                    removed.append(job_id)
+        return removed
+
+    def close(self) -> None:
+        for base in self._all_bases():
+            with contextlib.suppress(OSError):
+                os.rmdir(base)

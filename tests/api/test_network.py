@@ -1,0 +1,309 @@
+"""Over the network: big and concurrent streams, cancellation, a dying server, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from jobworker.api._proto import jobworker_pb2 as pb
+from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
+from jobworker.api._service import ServiceLimits
+from jobworker.api.client import connect, stream_output
+
+from ..runtime.helpers import PY
+from .conftest import Pki, Running, serving
+
+JOBWORKERD = str(Path(sys.executable).parent / "jobworkerd")
+
+
+async def collect_output(stub: pb_grpc.JobServiceStub, job_id: str) -> bytes:
+    out = bytearray()
+    async for reply in stub.StreamOutput(pb.OutputRequest(id=job_id, follow=True), timeout=120):
+        for chunk in reply.chunks:
+            out += chunk.data
+    return bytes(out)
+
+
+async def test_100mb_stream_arrives_complete_and_exact(api: Running) -> None:
+    code = "import os\nblock = bytes(range(256)) * 4096\nfor _ in range(100): os.write(1, block)"
+    expected = hashlib.sha256(bytes(range(256)) * 4096 * 100).hexdigest()
+    tls = api.pki.files("alice")
+    async with connect(f"127.0.0.1:{api.port}", tls) as channel:
+        stub = pb_grpc.JobServiceStub(channel)
+        job = await stub.CreateJob(
+            pb.CreateJobRequest(spec=pb.JobSpec(argv=[PY, "-c", code]), start=True), timeout=10
+        )
+        # Through the lean client decoder (memoryviews), as a CLI writing to stdout would.
+        request = pb.OutputRequest(id=job.id, follow=True)
+        data = b"".join(
+            [bytes(d) async for _s, d, _t in stream_output(channel, request, timeout=120)]
+        )
+    assert len(data) == 100 * 1024 * 1024
+    assert hashlib.sha256(data).hexdigest() == expected
+
+
+async def test_100_concurrent_followers_get_identical_output(tmp_path: Path, pki: Pki) -> None:
+    code = "import os\nfor i in range(3000): os.write(1 + i % 2, b'line %d\\n' % i)"
+    limits = ServiceLimits(max_streams_per_user=128)
+    async with serving(tmp_path, pki, limits=limits) as api, api.client("alice") as stub:
+        job = await stub.CreateJob(
+            pb.CreateJobRequest(spec=pb.JobSpec(argv=[PY, "-c", code])), timeout=10
+        )
+        followers = [asyncio.ensure_future(collect_output(stub, job.id)) for _ in range(100)]
+        await stub.StartJob(pb.JobRequest(id=job.id), timeout=10)
+        results = await asyncio.wait_for(asyncio.gather(*followers), 120)
+    assert len(results[0]) == sum(len(b"line %d\n" % i) for i in range(3000))
+    assert all(r == results[0] for r in results)
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def test_cancelled_stream_frees_server_resources(api: Running) -> None:
+    service, runtime = api.server.service, api.server.runtime
+    async with asyncio.timeout(30), api.client("alice") as stub:
+        job = await stub.CreateJob(
+            pb.CreateJobRequest(spec=pb.JobSpec(argv=["yes"]), start=True), timeout=10
+        )
+        await stub.GetJob(pb.JobRequest(id=job.id), timeout=10)  # the connection is up
+        fds, tasks = _fds(), len(asyncio.all_tasks())
+        call = stub.StreamOutput(pb.OutputRequest(id=job.id, follow=True))
+        await call.read()
+        assert not service.no_streams.is_set()
+        call.cancel()
+        await service.no_streams.wait()
+        # Let the finished handler task be collected: yields to the loop, no timer.
+        for _ in range(100):
+            if len(asyncio.all_tasks()) <= tasks:
+                break
+            await asyncio.sleep(0)
+        assert len(asyncio.all_tasks()) <= tasks
+        assert _fds() == fds
+        assert runtime.notifier.watch_count == 0
+
+
+# ------------------------------------------------------------------ a real jobworkerd process
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """Orphans of a killed server (its launcher) re-parent to us, not to a PID 1 that may
+    not reap them; reap what is left afterwards."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def jobworkerd_argv(pki: Pki, listen: str, state: Path) -> list[str]:
+    return [
+        JOBWORKERD,
+        "--listen",
+        listen,
+        "--state-dir",
+        str(state),
+        "--tls-ca",
+        str(pki.dir / "ca.crt"),
+        "--tls-cert",
+        str(pki.dir / "server.crt"),
+        "--tls-key",
+        str(pki.dir / "server.key"),
+    ]
+
+
+class Daemon:
+    def __init__(self, tmp_path: Path, pki: Pki, *extra: str) -> None:
+        self.state = tmp_path / "state"
+        self.proc = subprocess.Popen(
+            [*jobworkerd_argv(pki, "127.0.0.1:0", self.state), *extra],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.port = 0
+        self.log: list[str] = []
+        self._ready = threading.Event()
+        # Drain the log for the server's whole life, so it never blocks on a full pipe.
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        with self.proc.stderr:
+            for line in self.proc.stderr:
+                self.log.append(line)
+                if "serving on" in line:
+                    self.port = int(line.split("serving on ")[1].split()[0].rsplit(":", 1)[1])
+                    self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self) -> int:
+        """Wait until the server's log says where it serves; return the port."""
+        self._ready.wait()
+        if not self.port:
+            raise AssertionError(f"jobworkerd exited before serving: {''.join(self.log)}")
+        return self.port
+
+    def join(self) -> None:
+        self._reader.join()
+
+    def kill_jobs(self) -> None:
+        """End the jobs this server left running, through their supervisors' pidfds."""
+        for run in self.state.glob("jobs/*/run.json"):
+            if not (run.parent / "exit.json").exists():
+                pid = json.loads(run.read_text())["supervisor_pid"]
+                with contextlib.suppress(ProcessLookupError):
+                    fd = os.pidfd_open(pid)
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    os.close(fd)
+
+
+async def drain(call: Any) -> None:
+    while await call.read() is not grpc.aio.EOF:
+        pass
+
+
+def _reap_orphans() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while True:
+            pid, _ = os.waitpid(-1, 0)
+            if pid == 0:
+                return
+
+
+@contextlib.asynccontextmanager
+async def daemon(tmp_path: Path, pki: Pki) -> AsyncIterator[Daemon]:
+    d = Daemon(tmp_path, pki)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(d.wait_ready), 60)
+        yield d
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+        d.proc.wait()
+        await asyncio.to_thread(d.join)
+        d.kill_jobs()
+        await asyncio.to_thread(_reap_orphans)
+
+
+def _stub(
+    pki: Pki, port: int, user: str = "alice"
+) -> tuple[grpc.aio.Channel, pb_grpc.JobServiceStub]:
+    creds = grpc.ssl_channel_credentials(
+        (pki.dir / "ca.crt").read_bytes(),
+        (pki.dir / f"{user}.key").read_bytes(),
+        (pki.dir / f"{user}.crt").read_bytes(),
+    )
+    channel = grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)
+    return channel, pb_grpc.JobServiceStub(channel)
+
+
+@pytest.mark.usefixtures("subreaper")
+async def test_server_death_gives_connected_client_unavailable(tmp_path: Path, pki: Pki) -> None:
+    async with daemon(tmp_path, pki) as d:
+        channel, stub = _stub(pki, d.port)
+        async with channel:
+            job = await stub.CreateJob(
+                pb.CreateJobRequest(spec=pb.JobSpec(argv=["yes"]), start=True), timeout=10
+            )
+            call = stub.StreamOutput(pb.OutputRequest(id=job.id, follow=True))
+            await call.read()
+            d.proc.kill()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(drain(call), 10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.usefixtures("subreaper")
+async def test_sigterm_shuts_down_cleanly_and_jobs_keep_running(tmp_path: Path, pki: Pki) -> None:
+    async with daemon(tmp_path, pki) as d:
+        channel, stub = _stub(pki, d.port)
+        async with channel:
+            job = await stub.CreateJob(
+                pb.CreateJobRequest(spec=pb.JobSpec(argv=["sleep", "600"]), start=True),
+                timeout=10,
+            )
+            follow = stub.StreamOutput(pb.OutputRequest(id=job.id, follow=True))
+            d.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(asyncio.to_thread(d.proc.wait), 30) == 0
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(drain(follow), 10)
+            assert err.value.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+        supervisor = json.loads((d.state / "jobs" / job.id / "run.json").read_text())
+        fd = os.pidfd_open(supervisor["supervisor_pid"])  # still there: the job outlived us
+        os.close(fd)
+        assert not (d.state / "jobs" / job.id / "exit.json").exists()
+
+
+async def test_start_up_errors_are_one_clear_line(tmp_path: Path, pki: Pki) -> None:
+    async def run(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            JOBWORKERD, *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, err.decode()
+
+    tls = ["--tls-ca", str(pki.dir / "ca.crt"), "--tls-cert", str(pki.dir / "server.crt")]
+    state = ["--state-dir", str(tmp_path / "state")]
+    code, err = await run(*tls, "--tls-key", str(tmp_path / "missing.key"), *state)
+    assert code == 1
+    assert err.strip().splitlines() == [
+        f"jobworkerd: cannot read the key {tmp_path}/missing.key: No such file or directory"
+    ]
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    key = ["--tls-key", str(pki.dir / "server.key")]
+    code, err = await run(*tls, *key, "--state-dir", str(blocker / "state"))
+    assert code == 1
+    assert "Traceback" not in err
+    assert err.startswith("jobworkerd: cannot open the runtime")
+    assert len(err.strip().splitlines()) == 1
+
+
+async def test_port_in_use_is_one_clear_line(api: Running, pki: Pki, tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *jobworkerd_argv(pki, f"127.0.0.1:{api.port}", tmp_path / "state2"),
+        stderr=subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    lines = err.decode().strip().splitlines()
+    assert lines[-1].startswith(f"jobworkerd: cannot listen on 127.0.0.1:{api.port}")
+    assert "Traceback" not in err.decode()
+
+
+async def test_health_and_reflection_are_served(api: Running) -> None:
+    ca, cert, key = api.pki.files("alice").read()
+    creds = grpc.ssl_channel_credentials(ca, key, cert)
+    async with grpc.aio.secure_channel(f"127.0.0.1:{api.port}", creds) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(
+            health_pb2.HealthCheckRequest(service="jobworker.v1.JobService"), timeout=10
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflect.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        names = [s.name async for r in responses for s in r.list_services_response.service]
+    assert "jobworker.v1.JobService" in names
+    assert "grpc.health.v1.Health" in names

@@ -1,0 +1,458 @@
+"""jobctl end to end: the installed console script against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import pty
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from cryptography import x509
+
+from jobworker.api._auth import CertPool
+from jobworker.certs import issue_client, make_ca, save
+from jobworker.cli._client import CliError, pick
+from jobworker.cli._completion import COMMANDS
+from jobworker.identity import fingerprint
+
+from ..api.conftest import Pki, Running, serving
+
+JOBCTL = str(Path(sys.executable).parent / "jobctl")
+JSON_KEYS = {
+    "id",
+    "owner",
+    "argv",
+    "state",
+    "exit_code",
+    "signal",
+    "oom_killed",
+    "error",
+    "created_at",
+    "started_at",
+    "ended_at",
+    "limits",
+    "usage",
+}
+USAGE_KEYS = {"cpu_seconds", "memory_bytes", "memory_peak_bytes", "io_read_bytes", "io_write_bytes"}
+
+
+@dataclass
+class Result:
+    code: int
+    out: bytes
+    err: str
+
+    @property
+    def text(self) -> str:
+        return self.out.decode()
+
+
+@dataclass
+class Cli:
+    running: Running
+    env: dict[str, str]
+
+    async def __call__(self, *args: str, env: dict[str, str] | None = None) -> Result:
+        proc = await asyncio.create_subprocess_exec(
+            JOBCTL,
+            *args,
+            env={**self.env, **(env or {})},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return Result(proc.returncode or 0, out, err.decode())
+
+
+def cli_env(running: Running, user: str, home: Path) -> dict[str, str]:
+    d = running.pki.dir
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "JOBWORKER_SERVER": f"127.0.0.1:{running.port}",
+        "JOBWORKER_CA": str(d / "ca.crt"),
+        "JOBWORKER_CERT": str(d / f"{user}.crt"),
+        "JOBWORKER_KEY": str(d / f"{user}.key"),
+    }
+
+
+@pytest_asyncio.fixture
+async def cli(tmp_path: Path, pki: Pki) -> AsyncIterator[Cli]:
+    async with serving(tmp_path, pki) as running:
+        yield Cli(running, cli_env(running, "alice", tmp_path))
+
+
+@pytest.mark.parametrize(("script", "status"), [("exit 0", 0), ("exit 3", 3), ("kill -9 $$", 137)])
+async def test_run_propagates_the_job_status(cli: Cli, script: str, status: int) -> None:
+    result = await cli("run", "--", "sh", "-c", f"echo out; echo err >&2; {script}")
+    assert result.code == status
+    assert result.out == b"out\n"
+    assert result.err == "err\n"
+
+
+async def test_run_of_a_missing_command_exits_127(cli: Cli) -> None:
+    result = await cli("run", "no-such-command")
+    assert result.code == 127
+    assert "not found" in result.err
+
+
+async def test_start_status_logs_stop_wait(cli: Cli) -> None:
+    start = await cli(
+        "start",
+        "-q",
+        "--memory",
+        "64M",
+        "--cpus",
+        "0.5",
+        "--",
+        "sh",
+        "-c",
+        "echo a; echo b >&2; exec sleep 600",
+    )
+    assert start.code == 0
+    job_id = start.text.strip()
+    assert len(job_id) == 36
+    status = await cli("status", job_id[:8], "--json")
+    data = json.loads(status.text)
+    assert set(data) == JSON_KEYS
+    assert set(data["usage"]) == USAGE_KEYS
+    assert data["state"] == "running"
+    assert data["limits"]["memory_bytes"] == 64 << 20
+    assert data["created_at"].endswith("Z")
+    logs = await cli("logs", job_id[:6], "--stdout")
+    assert logs.out == b"a\n"
+    stop = await cli("stop", "--grace", "2s", job_id[:10])
+    assert stop.code == 0
+    again = await cli("stop", job_id)
+    assert again.code == 1
+    assert "already stopped" in again.err
+    waited = await cli("wait", job_id)
+    assert waited.code == 128 + signal.SIGTERM
+    both = await cli("logs", "-f", "--timestamps", job_id)
+    lines = both.out.decode().splitlines() + both.err.splitlines()
+    assert sorted(line.split(" ", 1)[1] for line in lines) == ["a", "b"]
+    assert all(line[:4].isdigit() and "T" in line.split(" ", 1)[0] for line in lines)
+
+
+async def test_start_json_and_ls(cli: Cli) -> None:
+    started = await cli("start", "--json", "--", "sleep", "600")
+    job = json.loads(started.text)
+    assert job["state"] == "running"
+    done = json.loads((await cli("start", "--json", "true")).text)
+    await cli("wait", done["id"])
+    running = json.loads((await cli("ls", "--json")).text)
+    assert [j["id"] for j in running] == [job["id"]]
+    everything = json.loads((await cli("ls", "--all", "--json")).text)
+    assert {j["id"] for j in everything} == {job["id"], done["id"]}
+    exited = json.loads((await cli("ls", "--state", "exited", "--json")).text)
+    assert [j["id"] for j in exited] == [done["id"]]
+    table = await cli("ls", "-a")
+    assert "STATE" in table.text
+    assert job["id"][:12] in table.text
+    assert "\x1b[" not in table.text  # no color into a pipe
+    kill = await cli("kill", "-s", "TERM", job["id"][:8])
+    assert kill.code == 0
+    assert (await cli("wait", job["id"])).code == 128 + signal.SIGTERM
+
+
+async def test_kill_by_number_and_bad_signal(cli: Cli) -> None:
+    job = (await cli("start", "-q", "sleep", "600")).text.strip()
+    assert (await cli("kill", "-s", "hup", job)).code == 0
+    assert (await cli("wait", job)).code == 128 + signal.SIGHUP
+    bad = await cli("kill", "-s", "NOPE", job)
+    assert bad.code == 2
+    assert "unknown signal" in bad.err
+
+
+async def test_errors_are_one_clear_line(cli: Cli, tmp_path: Path) -> None:
+    unknown = await cli("status", "00000000-0000-4000-8000-000000000000")
+    assert (unknown.code, unknown.err.count("\n")) == (1, 1)
+    assert "no such job" in unknown.err
+    short = await cli("status", "abc")
+    assert "at least 4 characters" in short.err
+    refused = await cli("ls", env={"JOBWORKER_SERVER": "127.0.0.1:1"})
+    assert refused.code == 1
+    assert "connection refused; is jobworkerd running there?" in refused.err
+    missing = await cli("ls", env={"JOBWORKER_KEY": str(tmp_path / "nope.key")})
+    assert missing.code == 1
+    assert "cannot read the key" in missing.err
+    bad_memory = await cli("run", "--memory", "lots", "true")
+    assert bad_memory.code == 2
+    assert "not a size" in bad_memory.err
+    for result in (unknown, short, refused, missing, bad_memory):
+        assert "Traceback" not in result.err
+        assert result.err.startswith("jobctl: ")
+
+
+async def test_certificate_from_another_ca_is_explained(cli: Cli, pki: Pki) -> None:
+    save(issue_client(make_ca("other"), "alice"), pki.dir / "stranger")
+    result = await cli(
+        "ls",
+        env={
+            "JOBWORKER_CERT": str(pki.dir / "stranger.crt"),
+            "JOBWORKER_KEY": str(pki.dir / "stranger.key"),
+        },
+    )
+    assert result.code == 1
+    assert "TLS handshake" in result.err
+    assert "not expired and not revoked" in result.err
+
+
+async def test_config_file_contexts(cli: Cli, tmp_path: Path) -> None:
+    env = dict(cli.env)
+    config = tmp_path / ".config" / "jobworker" / "config.toml"
+    config.parent.mkdir(parents=True)
+    d = cli.running.pki.dir
+    config.write_text(
+        'current-context = "local"\n'
+        f'[contexts.local]\nserver = "127.0.0.1:{cli.running.port}"\n'
+        f'ca = "{d}/ca.crt"\ncert = "{d}/bob.crt"\nkey = "{d}/bob.key"\n'
+        '[contexts.down]\nserver = "127.0.0.1:1"\n'
+        f'ca = "{d}/ca.crt"\ncert = "{d}/bob.crt"\nkey = "{d}/bob.key"\n'
+    )
+    for key in ("JOBWORKER_SERVER", "JOBWORKER_CA", "JOBWORKER_CERT", "JOBWORKER_KEY"):
+        env.pop(key)
+    fresh = Cli(cli.running, env)
+    job = json.loads((await fresh("start", "--json", "true")).text)
+    assert job["owner"] == "bob"
+    down = await fresh("--context", "down", "ls")
+    assert "connection refused" in down.err
+    missing = await fresh("--context", "nope", "ls")
+    assert missing.code == 2
+    assert "no context 'nope'" in missing.err
+
+
+async def test_completion_scripts(cli: Cli) -> None:
+    for shell in ("bash", "zsh", "fish"):
+        result = await cli("completion", shell)
+        assert result.code == 0
+        for command in COMMANDS:
+            assert command in result.text
+
+
+def test_prefix_resolution() -> None:
+    ids = ["abcd1111-0000", "abcd2222-0000", "ef001111-0000"]
+    assert pick("ef00", ids) == "ef001111-0000"
+    assert pick("abcd1", ids) == "abcd1111-0000"
+    with pytest.raises(CliError, match="ambiguous"):
+        pick("abcd", ids)
+    with pytest.raises(CliError, match="no job matches"):
+        pick("9999", ids)
+
+
+async def _pty_run(
+    env: dict[str, str], *args: str, until: bytes, then: bytes | None, status: int = 0
+) -> bytes:
+    """Run jobctl on a real terminal; once ``until`` shows, type ``then``; return the screen."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(JOBCTL, [JOBCTL, *args], env)  # noqa: S606 - the CLI under test
+    screen = b""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(30):
+            sent = then is None
+            while True:
+                ready = asyncio.Event()
+                loop.add_reader(fd, ready.set)
+                try:
+                    await ready.wait()
+                finally:
+                    loop.remove_reader(fd)
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                screen += data
+                if not sent and until in screen and then is not None:
+                    os.write(fd, then)
+                    sent = True
+    finally:
+        os.close(fd)
+        _, exit_status = await asyncio.to_thread(os.waitpid, pid, 0)
+    assert os.waitstatus_to_exitcode(exit_status) == status, screen
+    return screen
+
+
+async def test_first_ctrl_c_detaches_and_the_job_keeps_running(cli: Cli) -> None:
+    screen = await _pty_run(
+        cli.env,
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "echo started; exec sleep 600",
+        until=b"started",
+        then=b"\x03",
+    )
+    assert b"detached from job" in screen
+    jobs = json.loads((await cli("ls", "--json")).text)
+    assert [j["state"] for j in jobs] == ["running"]
+
+
+async def test_color_only_on_a_terminal_and_no_color_honoured(cli: Cli) -> None:
+    await cli("start", "-q", "sleep", "600")
+    green = b"\x1b[32m"  # "running" is green on a terminal
+    colored = await _pty_run(cli.env, "ls", until=b"", then=None)
+    assert green in colored
+    # NO_COLOR removes color (bold headers may stay, as the convention allows).
+    plain = await _pty_run({**cli.env, "NO_COLOR": "1"}, "ls", until=b"", then=None)
+    assert green not in plain
+    assert b"running" in plain
+
+
+async def test_run_flags_reach_the_job(cli: Cli, public_dir: Path) -> None:
+    result = await cli(
+        "run",
+        "--env",
+        "GREETING=hi there",
+        "--workdir",
+        str(public_dir),
+        "--pids",
+        "50",
+        "--cpus",
+        "1",
+        "--memory",
+        "128M",
+        "--io-write-bps",
+        "10M",
+        "--",
+        "sh",
+        "-c",
+        'echo "$GREETING"; pwd',
+    )
+    assert result.code == 0, result.err
+    assert result.out == f"hi there\n{public_dir}\n".encode()
+    listed = json.loads((await cli("ls", "-a", "--json")).text)
+    limits = listed[0]["limits"]
+    assert (limits["pids"], limits["memory_bytes"], limits["cpus"]) == (50, 128 << 20, 1.0)
+    assert limits["io"][0]["write_bps"] == 10 << 20
+    assert limits["io"][0]["device"]  # the working directory's disk, resolved by the server
+
+
+async def test_host_network_is_refused_unless_allowed(cli: Cli) -> None:
+    result = await cli("run", "--network", "host", "true")
+    assert result.code == 1
+    assert "may not use the host network" in result.err
+
+
+async def test_start_follow_and_logs_stderr(cli: Cli) -> None:
+    result = await cli("start", "-f", "--", "sh", "-c", "echo out; echo err >&2; exit 4")
+    assert (result.code, result.out, result.err) == (4, b"out\n", "err\n")
+    job = json.loads((await cli("ls", "-a", "--json")).text)[0]["id"]
+    only_err = await cli("logs", "--stderr", job)
+    assert (only_err.out, only_err.err) == (b"", "err\n")
+
+
+async def test_wait_and_stop_take_several_jobs(cli: Cli) -> None:
+    a = (await cli("start", "-q", "sleep", "600")).text.strip()
+    b = (await cli("start", "-q", "sleep", "600")).text.strip()
+    stopped = await cli("stop", "--grace", "1s", a, b)
+    assert stopped.text.split() == [a, b]
+    assert (await cli("wait", a, b)).code == 128 + signal.SIGTERM
+
+
+async def test_ctrl_c_with_rm_stops_the_job(cli: Cli) -> None:
+    screen = await _pty_run(
+        cli.env,
+        "run",
+        "--rm",
+        "--",
+        "sh",
+        "-c",
+        "echo started; exec sleep 600",
+        until=b"started",
+        then=b"\x03",
+        status=128 + signal.SIGTERM,
+    )
+    assert b"stopping job" in screen
+    jobs = json.loads((await cli("ls", "-a", "--json")).text)
+    assert [j["state"] for j in jobs] == ["stopped"]
+
+
+async def test_cli_imports_no_grpc_until_a_command_needs_it() -> None:
+    code = (
+        "import sys, jobworker.cli.__main__ as m; m.parser();"
+        "heavy = [x for x in ('grpc', 'google.protobuf', 'rich', 'cryptography', 'asyncio', "
+        "'ssl', 'tomllib') "
+        "if x in sys.modules]; print(heavy)"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert out == b"[]\n"
+
+
+async def test_more_connection_errors(cli: Cli, pki: Pki) -> None:
+    dns = await cli("ls", env={"JOBWORKER_SERVER": "no-such-host.invalid:50051"})
+    assert dns.code == 1
+    assert "cannot resolve the server name" in dns.err
+    # A listener that accepts and never answers: the handshake cannot finish in time.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        port = silent.getsockname()[1]
+        slow = await cli("--timeout", "1s", "ls", env={"JOBWORKER_SERVER": f"127.0.0.1:{port}"})
+    finally:
+        silent.close()
+    assert slow.code == 1
+    assert "did not answer within 1 s" in slow.err
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
+    save(issue_client(pki.ca, "alice", days=30, now=past), pki.dir / "expired")
+    expired = await cli(
+        "ls",
+        env={
+            "JOBWORKER_CERT": str(pki.dir / "expired.crt"),
+            "JOBWORKER_KEY": str(pki.dir / "expired.key"),
+        },
+    )
+    assert expired.code == 1
+    assert "not expired and not revoked" in expired.err
+
+
+async def test_revoked_certificate_is_explained(tmp_path: Path, pki: Pki) -> None:
+    revoked = tmp_path / "revoked.txt"
+    alice = x509.load_pem_x509_certificate((pki.dir / "alice.crt").read_bytes())
+    revoked.write_text(fingerprint(alice) + "\n")
+    async with serving(tmp_path, pki, pool=CertPool(None, revoked)) as running:
+        result = await Cli(running, cli_env(running, "alice", tmp_path))("ls")
+    assert result.code == 1
+    assert "the server rejected your certificate" in result.err
+    assert "revoked" in result.err
+
+
+async def test_global_flags_owner_filter_and_human_status(cli: Cli, tmp_path: Path) -> None:
+    d = cli.running.pki.dir
+    admin = [
+        "--server",
+        f"127.0.0.1:{cli.running.port}",
+        "--ca",
+        str(d / "ca.crt"),
+        "--cert",
+        str(d / "admin.crt"),
+        "--key",
+        str(d / "admin.key"),
+    ]
+    job = (await cli("start", "-q", "sleep", "600")).text.strip()
+    bare = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    mine = await cli(*admin, "ls", "--json", env=bare)
+    assert mine.code == 0, mine.err
+    assert [j["owner"] for j in json.loads(mine.text)] == ["alice"]  # admins see everyone's
+    assert json.loads((await cli(*admin, "ls", "--owner", "bob", "--json")).text) == []
+    human = await cli("status", job[:8])
+    assert f"id       {job}" in human.text
+    assert "state    running" in human.text

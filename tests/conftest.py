@@ -1,0 +1,97 @@
+"""Fixtures shared by every test: a real runtime on a temporary state dir."""
+
+from __future__ import annotations
+
+# First: jobworker.api pins gRPC's TLS settings, which must happen before grpc is imported.
+import jobworker.api  # noqa: F401  # isort: skip
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from jobworker.runtime import Runtime, RuntimeConfig, State
+from jobworker.runtime.cgroups import detect
+
+IN_V2VM = os.environ.get("V2VM") == "1"
+CGROUP2 = "/sys/fs/cgroup"
+
+
+def pytest_configure(config: pytest.Config) -> None:  # noqa: ARG001 - pytest hook signature
+    if os.geteuid() != 0:
+        pytest.exit("the jobworker tests need root (PID namespaces, cgroups); run them as root", 2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_v2_parent() -> Iterator[None]:
+    """In the v2 VM the tests start in the root cgroup, among the VM's other processes.
+    Give the session a cgroup of its own, as systemd's Delegate=yes would, and take it down
+    at the end."""
+    if not IN_V2VM:
+        yield
+        return
+    parent = os.path.join(CGROUP2, f"jobworker-tests-{os.getpid()}")
+    os.mkdir(parent)
+    Path(parent, "cgroup.procs").write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        Path(CGROUP2, "cgroup.procs").write_text(str(os.getpid()))
+        for leftover in sorted(Path(parent).glob("*/"), reverse=True):
+            leftover.rmdir()
+        os.rmdir(parent)
+
+
+def cgroup_dirs(subtree: str) -> list[str]:
+    """Every directory named ``subtree`` beneath our own cgroup, in every hierarchy."""
+    layout = detect()
+    hierarchies = [*layout.v1.values(), *([layout.unified] if layout.unified else [])]
+    parents = {h.own_dir for h in hierarchies}
+    # On cgroup v2 the runtime moves the test process into <own>/supervisor.
+    parents |= {os.path.dirname(p) for p in parents if os.path.basename(p) == "supervisor"}
+    return [os.path.join(p, subtree) for p in parents if os.path.isdir(os.path.join(p, subtree))]
+
+
+def make_config(state_dir: Path, **kw: object) -> RuntimeConfig:
+    """A config with a cgroup subtree of the test's own, so tests never share cgroups."""
+    kw.setdefault("cgroup_subtree", f"jobworker-test-{uuid.uuid4().hex[:8]}")
+    kw.setdefault("default_grace", 5.0)
+    return RuntimeConfig(state_dir=state_dir, **kw)  # type: ignore[arg-type]
+
+
+@pytest_asyncio.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
+    """A runtime whose jobs are all ended (SIGKILL), whose launcher is gone and whose cgroup
+    subtree is removed afterwards."""
+    config = make_config(tmp_path / "state")
+    async with asyncio.timeout(60):
+        rt = await Runtime.open(config)
+    try:
+        yield rt
+    finally:
+        async with asyncio.timeout(60):
+            for status in await rt.list():
+                if status.state is State.RUNNING:
+                    await rt.stop(status.id, grace=0)
+            launcher = rt._launcher._proc  # noqa: SLF001 - the test checks the launcher is gone
+            await rt.close()
+        assert launcher.poll() is not None, "the launcher outlived a runtime with no jobs"
+        assert cgroup_dirs(config.cgroup_subtree) == [], "the runtime left cgroups behind"
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory that jobs (running as nobody) can enter and read; pytest's tmp dirs are
+    private to root."""
+    path = Path(tempfile.mkdtemp(prefix="jobworker-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)

@@ -1,0 +1,229 @@
+"""Exit codes, start failures, env and cwd, create/start, wait and watch, on real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+from asyncinotify import Inotify, Mask
+
+from jobworker.runtime import (
+    JobEndedError,
+    JobNotFoundError,
+    JobNotRunningError,
+    JobSpec,
+    Runtime,
+    State,
+    Stream,
+)
+
+from .helpers import collect, joined, py, read_until
+
+
+@pytest.mark.parametrize("code", [0, 1, 255])
+async def test_exit_code_is_reported(runtime: Runtime, code: int) -> None:
+    async with asyncio.timeout(30):
+        job = await runtime.run(py(f"raise SystemExit({code})"))
+        final = await runtime.wait(job.id)
+    assert final.state is State.EXITED
+    assert final.exit_code == code
+    assert final.signal is None
+    assert final.started_at is not None
+    assert final.ended_at is not None
+    assert final.created_at <= final.started_at <= final.ended_at
+
+
+async def test_killed_by_signal_is_reported(runtime: Runtime) -> None:
+    async with asyncio.timeout(30):
+        job = await runtime.run(py("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"))
+        final = await runtime.wait(job.id)
+    assert final.state is State.EXITED
+    assert final.signal == signal.SIGSEGV
+    assert final.exit_code is None
+
+
+async def test_missing_executable_fails_with_reason(runtime: Runtime) -> None:
+    async with asyncio.timeout(30):
+        job = await runtime.run(JobSpec(["no-such-command-jw"]))
+    assert job.state is State.FAILED
+    assert "'no-such-command-jw' not found" in (job.error or "")
+    assert (await runtime.wait(job.id)).state is State.FAILED
+
+
+async def test_non_executable_file_fails_with_os_error(runtime: Runtime, tmp_path: Path) -> None:
+    script = tmp_path / "script"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    async with asyncio.timeout(30):
+        job = await runtime.run(JobSpec([str(script)]))
+    assert job.state is State.FAILED
+    assert "Permission denied" in (job.error or "")
+    assert str(script) in (job.error or "")
+
+
+async def test_missing_workdir_fails_with_reason(runtime: Runtime) -> None:
+    async with asyncio.timeout(30):
+        job = await runtime.run(JobSpec(["/bin/true"], cwd="/no/such/dir"))
+    assert job.state is State.FAILED
+    assert "working directory '/no/such/dir'" in (job.error or "")
+    assert "No such file or directory" in (job.error or "")
+
+
+async def test_env_and_cwd_are_honoured(runtime: Runtime, public_dir: Path) -> None:
+    spec = py(
+        "import os; print(os.getcwd()); print(os.environ['GREETING']); print(os.environ['PATH'])",
+        env={"GREETING": "hello world"},
+        cwd=str(public_dir),
+    )
+    async with asyncio.timeout(30):
+        job = await runtime.run(spec)
+        out = joined(await collect(runtime, job.id)).decode().splitlines()
+    assert out[0] == str(public_dir)
+    assert out[1] == "hello world"
+    assert "/usr/bin" in out[2]
+
+
+async def test_server_environment_does_not_leak_into_job(runtime: Runtime) -> None:
+    os.environ["JW_SECRET_TEST"] = "leak"  # noqa: S105 - a marker, not a secret
+    try:
+        async with asyncio.timeout(30):
+            job = await runtime.run(py("import os; print(sorted(os.environ))"))
+            out = joined(await collect(runtime, job.id)).decode()
+    finally:
+        del os.environ["JW_SECRET_TEST"]
+    assert "JW_SECRET_TEST" not in out
+    assert "JOBWORKER_JOB_ID" in out
+
+
+async def test_stdin_is_dev_null_and_no_fd_leaks(runtime: Runtime) -> None:
+    leaked = os.open("/dev/null", os.O_RDONLY)  # inheritable in the server: must not reach jobs
+    os.set_inheritable(leaked, True)
+    try:
+        code = """
+            import os, sys
+            print(repr(sys.stdin.read()))
+            print(os.readlink('/proc/self/fd/0'))
+            print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))
+        """
+        async with asyncio.timeout(30):
+            job = await runtime.run(py(code))
+            out = joined(await collect(runtime, job.id)).decode().splitlines()
+    finally:
+        os.close(leaked)
+    assert out[0] == "''"
+    assert out[1] == "/dev/null"
+    # 0-2, plus the one listdir itself opens.
+    assert out[2] == "[0, 1, 2, 3]"
+
+
+async def test_create_then_start(runtime: Runtime) -> None:
+    async with asyncio.timeout(30):
+        created = await runtime.create(py("print('late')"))
+        assert created.state is State.CREATED
+        assert (await runtime.status(created.id)).started_at is None
+        assert await collect(runtime, created.id, follow=False) == []
+        started = await runtime.start(created.id)
+        assert started.state in {State.RUNNING, State.EXITED}
+        final = await runtime.wait(created.id)
+        assert joined(await collect(runtime, created.id)) == b"late\n"
+    assert final.exit_code == 0
+
+
+async def test_start_twice_is_refused(runtime: Runtime) -> None:
+    async with asyncio.timeout(30):
+        job = await runtime.run(py("pass"))
+        await runtime.wait(job.id)
+        with pytest.raises(JobEndedError, match="already been started"):
+            await runtime.start(job.id)
+
+
+async def test_stop_of_created_job_is_refused(runtime: Runtime) -> None:
+    async with asyncio.timeout(30):
+        job = await runtime.create(py("pass"))
+        with pytest.raises(JobNotRunningError, match="has not been started"):
+            await runtime.stop(job.id)
+
+
+async def test_unknown_and_malformed_ids(runtime: Runtime) -> None:
+    async with asyncio.timeout(10):
+        with pytest.raises(JobNotFoundError):
+            await runtime.status("00000000-0000-0000-0000-000000000000")
+        with pytest.raises(JobNotFoundError):
+            await runtime.status("../../etc/passwd")
+        with pytest.raises(JobNotFoundError):
+            await runtime.wait("nope")
+
+
+async def test_watch_yields_every_transition(runtime: Runtime) -> None:
+    async with asyncio.timeout(30):
+        job = await runtime.create(py("import sys; sys.stdout.write('x')"))
+        watcher = asyncio.ensure_future(_states(runtime, job.id))
+        await runtime.start(job.id)
+        states = await watcher
+    assert states == [State.CREATED, State.RUNNING, State.EXITED]
+
+
+async def _states(runtime: Runtime, job_id: str) -> list[State]:
+    return [s.state async for s in runtime.watch(job_id)]
+
+
+async def test_watch_of_ended_job_yields_history_and_ends(runtime: Runtime) -> None:
+    async with asyncio.timeout(30):
+        job = await runtime.run(JobSpec(["no-such-command-jw"]))
+        assert await _states(runtime, job.id) == [State.CREATED, State.FAILED]
+
+
+async def test_list_filters_by_owner(runtime: Runtime) -> None:
+    async with asyncio.timeout(30):
+        a = await runtime.create(py("pass", owner="alice"))
+        b = await runtime.create(py("pass", owner="bob"))
+        assert [s.id for s in await runtime.list()] == [a.id, b.id]
+        assert [s.id for s in await runtime.list(owner="bob")] == [b.id]
+        assert await runtime.list(owner="carol") == []
+
+
+async def test_signal_reaches_the_job(runtime: Runtime) -> None:
+    code = """
+        import signal, sys, time
+        def on_usr1(signum, frame):
+            print('got usr1', flush=True)
+            sys.exit(7)
+        signal.signal(signal.SIGUSR1, on_usr1)
+        print('ready', flush=True)
+        signal.pause()
+    """
+    async with asyncio.timeout(30):
+        job = await runtime.run(py(code))
+        await read_until(runtime, job.id, b"ready")
+        await runtime.signal(job.id, signal.SIGUSR1)
+        final = await runtime.wait(job.id)
+        out = joined(await collect(runtime, job.id), Stream.STDOUT)
+    assert final.state is State.EXITED
+    assert final.exit_code == 7
+    assert out == b"ready\ngot usr1\n"
+
+
+async def test_start_cancelled_mid_launch_still_tracks_the_job(runtime: Runtime) -> None:
+    async with asyncio.timeout(30):
+        job = await runtime.create(py("print('ran')"))
+        job_dir = os.path.join(runtime._jobs_dir, job.id)  # noqa: SLF001 - where to watch
+        with Inotify() as inotify:
+            inotify.add_watch(job_dir, Mask.CREATE)
+            starting = asyncio.ensure_future(runtime.start(job.id))
+            # The supervisor binds its control socket before it execs the command: from here
+            # on the job exists, whatever happens to the caller of start().
+            async for event in inotify:
+                if event.name is not None and str(event.name) == "control.sock":
+                    break
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        final = await runtime.wait(job.id)
+        out = joined(await collect(runtime, job.id))
+    assert final.state is State.EXITED
+    assert out == b"ran\n"

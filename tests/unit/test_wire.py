@@ -1,0 +1,65 @@
+"""The hand-built OutputResponse encoding equals protobuf's, byte for byte."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jobworker.api._convert import STREAMS
+from jobworker.api._proto import jobworker_pb2 as pb
+from jobworker.api._wire import decode_output_response, encode_output_response
+from jobworker.runtime import Chunk, Stream
+
+chunks = st.lists(
+    st.builds(
+        Chunk,
+        stream=st.sampled_from(list(Stream)),
+        data=st.binary(max_size=300),
+        timestamp_ns=st.integers(min_value=0, max_value=2**63 - 1),
+    ),
+    max_size=5,
+)
+
+
+@given(chunks)
+def test_encoding_matches_protobuf(batch: list[Chunk]) -> None:
+    expected = pb.OutputResponse(
+        chunks=[
+            pb.OutputChunk(stream=STREAMS[c.stream], data=c.data, time_unix_nano=c.timestamp_ns)
+            for c in batch
+        ]
+    ).SerializeToString(deterministic=True)
+    assert encode_output_response(batch) == expected
+    decoded = pb.OutputResponse.FromString(encode_output_response(batch))
+    assert [(c.data, c.time_unix_nano) for c in decoded.chunks] == [
+        (c.data, c.timestamp_ns) for c in batch
+    ]
+
+
+def test_big_chunk_length_varint() -> None:
+    big = Chunk(Stream.STDOUT, b"x" * 300_000, 1)
+    assert pb.OutputResponse.FromString(encode_output_response([big])).chunks[0].data == big.data
+
+
+@given(chunks)
+def test_decoding_matches_protobuf(batch: list[Chunk]) -> None:
+    wire = pb.OutputResponse(
+        chunks=[
+            pb.OutputChunk(stream=STREAMS[c.stream], data=c.data, time_unix_nano=c.timestamp_ns)
+            for c in batch
+        ]
+    ).SerializeToString()
+    assert [(s, bytes(d), t) for s, d, t in decode_output_response(wire)] == [
+        (STREAMS[c.stream], c.data, c.timestamp_ns) for c in batch
+    ]
+
+
+def test_truncated_message_is_an_error() -> None:
+    wire = encode_output_response([Chunk(Stream.STDOUT, b"abcdef", 5)])
+    for cut in range(1, len(wire)):
+        try:
+            decoded = decode_output_response(wire[:cut])
+        except ValueError:
+            continue
+        # A cut that lands between whole fields can still parse; it must not invent data.
+        assert all(len(d) <= 6 for _, d, _ in decoded)
