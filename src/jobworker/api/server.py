@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .._allocator import keep_large_buffers
 from ..runtime import JobworkerError, Runtime, RuntimeConfig
 from ._auth import Authenticator, CertPool
 from ._proto import jobworker_pb2 as pb
@@ -177,6 +178,7 @@ async def _serve(config: ServerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    keep_large_buffers()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -284,7 +284,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     import asyncio  # noqa: PLC0415
 
+    from .._allocator import keep_large_buffers  # noqa: PLC0415
     from ._config import resolve_target  # noqa: PLC0415
+
+    keep_large_buffers()
 
     try:
         target = resolve_target(
