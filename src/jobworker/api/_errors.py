@@ -12,9 +12,11 @@ from ..runtime import (
     JobEndedError,
     JobNotFoundError,
     JobNotRunningError,
+    JobRunningError,
     JobworkerError,
     LaunchError,
     NotPermittedError,
+    StateDirError,
 )
 from ._auth import AuthError
 
@@ -37,8 +39,10 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidSpecError, grpc.StatusCode.INVALID_ARGUMENT),
     (JobEndedError, grpc.StatusCode.FAILED_PRECONDITION),
     (JobNotRunningError, grpc.StatusCode.FAILED_PRECONDITION),
+    (JobRunningError, grpc.StatusCode.FAILED_PRECONDITION),
     (NotPermittedError, grpc.StatusCode.PERMISSION_DENIED),
     (LaunchError, grpc.StatusCode.UNAVAILABLE),
+    (StateDirError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 

@@ -18,10 +18,12 @@ if TYPE_CHECKING:
         JobEndedError,
         JobNotFoundError,
         JobNotRunningError,
+        JobRunningError,
         JobworkerError,
         LaunchError,
         NotPermittedError,
         RuntimeClosedError,
+        StateDirError,
     )
     from ._logformat import Stream
     from ._output import Chunk
@@ -44,6 +46,7 @@ _WHERE = {
     "JobEndedError": "_errors",
     "JobNotFoundError": "_errors",
     "JobNotRunningError": "_errors",
+    "JobRunningError": "_errors",
     "JobSpec": "_spec",
     "JobStatus": "_status",
     "JobworkerError": "_errors",
@@ -51,6 +54,7 @@ _WHERE = {
     "LaunchError": "_errors",
     "Runtime": "_runtime",
     "RuntimeClosedError": "_errors",
+    "StateDirError": "_errors",
     "RuntimeConfig": "_runtime",
     "State": "_states",
     "Stream": "_logformat",
@@ -66,6 +70,7 @@ __all__ = [
     "JobEndedError",
     "JobNotFoundError",
     "JobNotRunningError",
+    "JobRunningError",
     "JobSpec",
     "JobStatus",
     "JobworkerError",
@@ -77,6 +82,7 @@ __all__ = [
     "RuntimeClosedError",
     "RuntimeConfig",
     "State",
+    "StateDirError",
     "Stream",
     "Usage",
 ]

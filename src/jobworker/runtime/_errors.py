@@ -8,10 +8,12 @@ __all__ = [
     "JobEndedError",
     "JobNotFoundError",
     "JobNotRunningError",
+    "JobRunningError",
     "JobworkerError",
     "LaunchError",
     "NotPermittedError",
     "RuntimeClosedError",
+    "StateDirError",
 ]
 
 
@@ -43,6 +45,10 @@ class JobNotRunningError(JobworkerError):
     """The operation needs a running job, and this one has not started yet."""
 
 
+class JobRunningError(JobworkerError):
+    """The operation needs a job that is not running (e.g. deleting it); stop it first."""
+
+
 class LaunchError(JobworkerError):
     """The launcher could not create the job's processes (not the user's command failing)."""
 
@@ -53,3 +59,7 @@ class NotPermittedError(JobworkerError):
 
 class RuntimeClosedError(JobworkerError):
     """The runtime was closed; no new work is accepted."""
+
+
+class StateDirError(JobworkerError):
+    """The state dir cannot be written (e.g. the disk is full); the message names it."""

@@ -40,6 +40,8 @@ class Job:
         # What spec.json holds: the supervisor's instructions (user, cgroups, hostname...).
         self.meta = meta
         self.supervisor: SupervisorHandle | None = None
+        # Disk its directory takes, measured once it has ended (for the retention budget).
+        self.disk_bytes = 0
         self.start_lock = asyncio.Lock()
         self.ended = asyncio.Event()
         self._status = JobStatus(
@@ -91,7 +93,8 @@ class Job:
         self._status = dataclasses.replace(self._status, limits_enforced=False)
         self.history[-1] = self._status
 
-    def mark_running(self, run: RunRecord, supervisor: SupervisorHandle) -> None:
+    def mark_running(self, run: RunRecord, supervisor: SupervisorHandle | None) -> None:
+        """``supervisor`` is None for a job that, restored after a restart, has ended too."""
         self.supervisor = supervisor
         self._set(State.RUNNING, started_at=_from_ns(run.started_ns), pid=run.pid or None)
 

@@ -29,8 +29,8 @@ from typing import NoReturn
 
 from ._linux import CLONE_NEWPID, PR_SET_CHILD_SUBREAPER, prctl, unshare
 from ._logformat import HEADER, Stream
-from ._records import ExitRecord, RunRecord
-from ._supervisor import DEFAULT_PATH, job_env, run_supervisor, start_ticks, which
+from ._records import ExitRecord, RunRecord, start_ticks
+from ._supervisor import DEFAULT_PATH, job_env, run_supervisor, which
 
 __all__ = ["main"]
 

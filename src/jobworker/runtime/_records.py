@@ -5,7 +5,10 @@ A job directory is self-describing, so the job outlives the server that created 
 - ``spec.json``: the spec and creation time, written by the server before the launch;
 - ``run.json``: written by the job's supervisor once the command has been exec'd;
 - ``output.log``: the framed output log (see ``_logformat``), appended by the supervisor;
-- ``exit.json``: the final state, written by the supervisor after the last output byte;
+- ``exit.json``: the final state, written by the supervisor after the last output byte (by the
+  server for a job that never got a supervisor, or whose supervisor vanished: "lost");
+- ``final.json``: the job's final resource usage and OOM flag, written by the server from the
+  job's cgroup before removing it;
 - ``control.sock``: the supervisor's control socket (stop, signal) while the job runs.
 
 This module is imported by the launcher, so it stays light: no asyncio.
@@ -13,6 +16,8 @@ This module is imported by the launcher, so it stays light: no asyncio.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from typing import Any, NamedTuple
@@ -20,12 +25,15 @@ from typing import Any, NamedTuple
 __all__ = [
     "CONTROL",
     "EXIT",
+    "FINAL",
     "LOG",
     "RUN",
     "SPEC",
     "ExitRecord",
     "RunRecord",
     "read_json",
+    "reserve",
+    "start_ticks",
     "write_json_atomic",
 ]
 
@@ -33,6 +41,9 @@ SPEC = "spec.json"
 RUN = "run.json"
 EXIT = "exit.json"
 LOG = "output.log"
+FINAL = "final.json"
+# Room for an exit record: a few hundred bytes of JSON, with the error message.
+RESERVED_BYTES = 4096
 CONTROL = "control.sock"
 
 
@@ -43,14 +54,39 @@ def write_json_atomic(dir_fd: int, name: str, data: dict[str, Any], *, durable: 
     skips it, since a job whose host lost power is reported as lost anyway.
     """
     tmp = f".{name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    # No O_TRUNC: a temp file set aside by reserve() keeps its blocks, so the write needs no
+    # new space even on a full disk; the truncate after it only ever shrinks the file.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
-        os.write(fd, json.dumps(data, separators=(",", ":")).encode())
+        body = json.dumps(data, separators=(",", ":")).encode()
+        if os.pwrite(fd, body, 0) != len(body):
+            raise OSError(errno.ENOSPC, f"short write of {name}")
+        os.ftruncate(fd, len(body))
         if durable:
             os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def reserve(dir_fd: int, name: str, size: int = RESERVED_BYTES) -> None:
+    """Set disk space aside now for a later :func:`write_json_atomic` of ``name``, so that
+    record can still be written once output has filled the disk. Best effort: a filesystem
+    without fallocate simply gets no reservation."""
+    fd = os.open(f".{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        with contextlib.suppress(OSError):
+            os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+def start_ticks(pid_path: str) -> int:
+    """Field 22 of /proc/PID/stat: with the pid it names a process uniquely across reuse."""
+    with open(f"{pid_path}/stat", "rb") as f:
+        stat = f.read()
+    # The command name (field 2) may contain spaces and parentheses; split after the last ')'.
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
 def read_json(path: str) -> dict[str, Any] | None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
+import shutil
 import signal as signal_module
 import time
 import uuid
 from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -19,22 +21,27 @@ from ._errors import (
     JobEndedError,
     JobNotFoundError,
     JobNotRunningError,
+    JobRunningError,
     LaunchError,
     NotPermittedError,
     RuntimeClosedError,
+    StateDirError,
 )
 from ._job import Job
 from ._launch import Launched, Launcher, SupervisorHandle
 from ._logformat import Stream
 from ._notify import DirNotifier
 from ._output import Batch, Chunk, read_log
-from ._records import EXIT, LOG, SPEC, ExitRecord, read_json, write_json_atomic
+from ._records import EXIT, FINAL, LOG, SPEC, ExitRecord, read_json, write_json_atomic
+from ._restore import Found, boot_id, open_supervisor, read_job_dir, scan
 from ._spec import JobSpec, Limits
 from ._states import State
 from ._status import JobStatus, Usage
 from .cgroups import CgroupDriver, CgroupError, open_driver, resolve_io
 
 __all__ = ["NOBODY", "RunAs", "Runtime", "RuntimeConfig"]
+
+log = logging.getLogger("jobworker.runtime")
 
 # A supervisor that has not ended the job this long after the grace period is presumed hung;
 # it is then SIGKILLed, which makes the kernel kill the job's whole PID namespace.
@@ -68,6 +75,11 @@ class RuntimeConfig:
     ``host_network_owners`` may ask for the host's network instead of an empty one.
     ``namespaces`` off skips the mount, UTS, IPC, network and cgroup namespaces (to measure
     what they cost, or to debug); the PID namespace stays, as stop relies on it.
+
+    Retention: ended jobs and their output are deleted once ``retention_seconds`` have
+    passed since they ended, and, oldest first, while all jobs together take more than
+    ``retention_bytes`` of disk; checked every ``retention_interval`` seconds and at start.
+    Running and created jobs are never deleted.
     """
 
     state_dir: Path
@@ -85,10 +97,17 @@ class RuntimeConfig:
     host_network_owners: frozenset[str] = frozenset()
     cgroup_remove_timeout: float = 10.0
     namespaces: bool = True
+    retention_seconds: float = 7 * 24 * 3600.0
+    retention_bytes: int = 10 << 30
+    retention_interval: float = 60.0
 
     def __post_init__(self) -> None:
         if self.output_limit < 1:
             raise InvalidSpecError("output_limit must be at least 1 byte")
+        if self.retention_seconds < 0 or self.retention_bytes < 0:
+            raise InvalidSpecError("retention age and size must not be negative")
+        if self.retention_interval <= 0:
+            raise InvalidSpecError("retention_interval must be positive")
         if self.default_grace < 0:
             raise InvalidSpecError("default_grace must not be negative")
         for who, user in [("default", self.run_as), *self.owner_run_as.items()]:
@@ -114,7 +133,9 @@ class Runtime:
     """Runs jobs on this host. Use ``async with await Runtime.open(config) as rt:``.
 
     Jobs outlive the runtime: closing it (or the process dying) leaves running jobs running,
-    with their output and exit status still recorded in the state dir.
+    with their output and exit status still recorded in the state dir. Opening a runtime on
+    the same state dir takes them all back: running ones are watched and steered again,
+    and those whose end was missed show how they ended.
     """
 
     def __init__(
@@ -134,6 +155,10 @@ class Runtime:
         self._launches: set[asyncio.Task[JobStatus]] = set()
         # Log reads go to their own small pool, so many followers cannot starve other work.
         self._readers = concurrent.futures.ThreadPoolExecutor(4, "jobworker-log")
+        self._boot_id = boot_id()
+        # Jobs whose end is being recorded: their cgroups are still needed (for usage).
+        self._ending: set[str] = set()
+        self._restoring = False
         self._closed = False
 
     @classmethod
@@ -154,8 +179,18 @@ class Runtime:
             cgroups = await asyncio.to_thread(
                 open_driver, config.cgroup_subtree, config.cgroup_parent
             )
-            await asyncio.to_thread(cgroups.prune, set())
-        return cls(config, Launcher.spawn(), cgroups)
+        runtime = cls(config, Launcher.spawn(), cgroups)
+        try:
+            await runtime._restore()
+        except BaseException:
+            await runtime.close()
+            raise
+        if cgroups is not None:
+            # A cgroup of no running job was left by a crash or a deleted job: take it down.
+            keep = {j.id for j in runtime._jobs.values() if not j.state.is_final}
+            await asyncio.to_thread(cgroups.prune, keep | runtime._ending)
+        runtime._background(runtime._retention_loop(), runtime._tasks)
+        return runtime
 
     async def __aenter__(self) -> Self:
         return self
@@ -188,6 +223,161 @@ class Runtime:
     def cgroup_kind(self) -> str | None:
         """ "v2", "hybrid" or "v1"; None when cgroups are off and limits not enforced."""
         return self._cgroups.kind if self._cgroups is not None else None
+
+    # ---------------------------------------------------------------- restart
+    async def _restore(self) -> None:
+        """Take back every job in the state dir (see :class:`Runtime`)."""
+        self._restoring = True
+        try:
+            await self._restore_all()
+        finally:
+            self._restoring = False
+
+    async def _restore_all(self) -> None:
+        found, empty, corrupt = await asyncio.to_thread(scan, str(self._jobs_dir))
+        for directory in empty:
+            # mkdir happened, spec.json never did: the create was cut short and its id was
+            # never given to anyone.
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+        for directory, reason in corrupt:
+            log.warning("skipping job directory %s: unreadable records (%s)", directory, reason)
+        found.sort(key=lambda f: int(f.meta["created_ns"]))
+        for record in found:
+            meta = record.meta
+            job = Job(
+                meta["id"],
+                JobSpec.from_json(meta["spec"]),
+                record.directory,
+                int(meta["created_ns"]),
+                limits=Limits.from_json(meta["limits"]),
+                meta=meta,
+            )
+            if not meta["cgroup_procs"] and (self._cgroups is None or meta["launching"]):
+                job.limits_not_enforced()
+            self._jobs[job.id] = job
+            await self._resume(job, record)
+
+    async def _resume(self, job: Job, found: Found) -> None:
+        if found.exit is not None:
+            if found.run is not None:
+                job.mark_running(found.run, None)
+            if found.final is not None:
+                # Recorded in full at its end, cgroup removed then (or by prune below).
+                usage = found.final.get("usage")
+                job.disk_bytes = int(found.final.get("disk_bytes", 0))
+                job.mark_ended(
+                    found.exit,
+                    Usage(**usage) if usage else None,
+                    oom_killed=bool(found.final.get("oom_killed")),
+                )
+            else:
+                await self._end(job, found.exit)
+        elif found.run is not None:
+            pidfd = await asyncio.to_thread(open_supervisor, found.run)
+            if pidfd is not None:
+                handle = SupervisorHandle(job.dir, pidfd)
+                job.mark_running(found.run, handle)
+                self._background(self._watch_supervisor(job, handle), self._tasks)
+                return
+            # Gone. It may have recorded its end in the meantime; if not, it never will.
+            again = await asyncio.to_thread(read_job_dir, job.dir)
+            if again is not None and again.exit is not None:
+                await self._resume(job, again)
+                return
+            job.mark_running(found.run, None)
+            await self._end(job, await self._record_lost(job, self._lost_reason(job)))
+        elif job.meta["launching"]:
+            self._background(self._await_launch(job), self._tasks)
+
+    def _lost_reason(self, job: Job) -> str:
+        if job.meta.get("boot_id") not in (None, self._boot_id):
+            return "lost: the host restarted while the job ran"
+        return "lost: the job's supervisor is gone and recorded no end (killed from outside)"
+
+    async def _await_launch(self, job: Job) -> None:
+        """A launch was under way when the previous server stopped: wait for its supervisor
+        to record a start or an end, for at most the launch timeout."""
+        async with job.start_lock:
+            changed = asyncio.Event()
+            with self._notifier.subscribe(job.dir, changed):
+                try:
+                    async with asyncio.timeout(self._config.launch_timeout):
+                        while True:
+                            changed.clear()
+                            found = await asyncio.to_thread(read_job_dir, job.dir)
+                            if found is not None and (found.run or found.exit):
+                                break
+                            await changed.wait()
+                except TimeoutError:
+                    found = None
+            if found is not None:
+                await self._resume(job, found)
+                return
+            if self._cgroups is not None:
+                with contextlib.suppress(CgroupError, OSError):
+                    await asyncio.to_thread(self._cgroups.kill, job.id)
+            error = "lost: the server stopped while starting the job, and it never started"
+            job.mark_failed_to_start(error, time.time_ns())
+            await self._record_lost(job, error)
+            self._background(self._finish(job), self._cleanups)
+
+    # ---------------------------------------------------------------- retention
+    async def remove(self, job_id: str) -> None:
+        """Delete an ended (or never started) job and its output.
+
+        Followers already reading its output read on to the end of what they had.
+
+        Raises:
+            JobNotFoundError: no job has this id.
+            JobRunningError: the job is running (or starting); stop it first.
+        """
+        job = self._get(job_id)
+        async with job.start_lock:
+            if job.state is State.CREATED:
+                job.mark_failed_to_start("deleted before it was started", time.time_ns())
+            if not job.state.is_final:
+                raise JobRunningError(
+                    f"job {job.id} is {job.state}; stop it first (jobctl stop {job.id[:12]})"
+                )
+            await self._delete(job)
+
+    async def _delete(self, job: Job) -> None:
+        if self._jobs.pop(job.id, None) is None:
+            return  # deleted meanwhile
+        # Its cgroup is removed by the cleanup that follows its end; the directory goes now.
+        await asyncio.to_thread(shutil.rmtree, job.dir, True)
+
+    async def prune_ended(self, now: float | None = None) -> list[str]:
+        """Apply the retention settings now (``now``: seconds since the epoch, for tests);
+        return the ids of the jobs deleted, oldest first."""
+        now = time.time() if now is None else now
+        ended = sorted(
+            (j for j in self._jobs.values() if j.state.is_final and j.status.ended_at),
+            key=lambda j: j.status.ended_at or j.status.created_at,
+        )
+        logs = [os.path.join(j.dir, LOG) for j in self._jobs.values() if not j.state.is_final]
+        total = await asyncio.to_thread(_sum_sizes, logs) + sum(j.disk_bytes for j in ended)
+        cutoff = now - self._config.retention_seconds
+        removed = []
+        for job in ended:
+            ended_at = job.status.ended_at
+            too_old = ended_at is not None and ended_at.timestamp() < cutoff
+            if not too_old and total <= self._config.retention_bytes:
+                break
+            total -= job.disk_bytes
+            await self._delete(job)
+            removed.append(job.id)
+        if removed:
+            log.info("retention: deleted %d ended job(s)", len(removed))
+        return removed
+
+    async def _retention_loop(self) -> None:
+        while True:
+            try:
+                await self.prune_ended()
+            except OSError as e:
+                log.warning("retention pass failed: %s", e)
+            await asyncio.sleep(self._config.retention_interval)
 
     # ---------------------------------------------------------------- lookups
     def _get(self, job_id: str) -> Job:
@@ -253,6 +443,7 @@ class Runtime:
                 server's maximum or for an IO device that does not exist.
             NotPermittedError: the owner may not use the host network.
             RuntimeClosedError: the runtime is closed.
+            StateDirError: the job cannot be recorded (e.g. the state disk is full).
             LaunchError: with ``start``, the launcher failed (not the command: a command
                 that cannot be executed gives a job in state ``failed``).
         """
@@ -285,8 +476,17 @@ class Runtime:
             "hostname": f"job-{job_id[:8]}",
             "namespaces": config.namespaces,
             "cgroup_procs": [],
+            "boot_id": self._boot_id,
+            "launching": False,
         }
-        await asyncio.to_thread(_make_job_dir, directory, meta)
+        try:
+            await asyncio.to_thread(_make_job_dir, directory, meta)
+        except OSError as e:
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            raise StateDirError(
+                f"cannot record the job in {self._jobs_dir}: {e.strerror}; free space there,"
+                " delete ended jobs (jobctl rm) or lower the retention budget"
+            ) from e
         job = Job(job_id, spec, directory, created_ns, limits=limits, meta=meta)
         if self._cgroups is None:
             job.limits_not_enforced()
@@ -329,23 +529,33 @@ class Runtime:
                     # The job's first process joins these before exec: no unlimited window.
                     cgroup = await asyncio.to_thread(self._cgroups.create, job.id, job.limits)
                     job.meta["cgroup_procs"] = list(cgroup.procs_files)
-                    await asyncio.to_thread(_write_meta, job.dir, job.meta)
+                # On record before the launch: a server that dies from here on finds, at its
+                # next start, a job whose supervisor may be running (see _await_launch).
+                job.meta["launching"] = True
+                await asyncio.to_thread(_write_meta, job.dir, job.meta)
                 result = await self._launcher.launch(job.dir, self._config.launch_timeout)
             except (LaunchError, CgroupError, OSError) as e:
-                job.mark_failed_to_start(str(e), time.time_ns())
-                self._background(self._remove_cgroup(job), self._cleanups)
+                await self._failed_to_start(job, str(e))
                 if isinstance(e, CgroupError | OSError):
                     raise LaunchError(f"cannot start job {job.id}: {e}") from e
                 raise
             if isinstance(result, Launched):
                 job.mark_running(result.run, result.supervisor)
                 self._background(self._watch_supervisor(job, result.supervisor), self._tasks)
+            elif result.exit is not None:  # the supervisor recorded why (exit.json)
+                job.mark_failed_to_start(result.error, result.exit.ended_ns)
+                self._background(self._finish(job), self._cleanups)
             else:
-                job.mark_failed_to_start(
-                    result.error, result.exit.ended_ns if result.exit else time.time_ns()
-                )
-                self._background(self._remove_cgroup(job), self._cleanups)
+                await self._failed_to_start(job, result.error)
         return job.status
+
+    async def _failed_to_start(self, job: Job, error: str) -> None:
+        """Record (exit.json, unless the supervisor wrote one) and show a failed start."""
+        record = ExitRecord(State.FAILED, None, None, error, time.time_ns(), output_truncated=False)
+        with contextlib.suppress(OSError):  # a full disk: the job is failed either way
+            await asyncio.to_thread(_write_exit_if_missing, job.dir, record)
+        job.mark_failed_to_start(error, record.ended_ns)
+        self._background(self._finish(job), self._cleanups)
 
     @staticmethod
     def _background(coro: Coroutine[object, object, None], tasks: set[asyncio.Task[None]]) -> None:
@@ -360,35 +570,60 @@ class Runtime:
         if data is None:
             # The supervisor died without a record (killed from outside). Its PID namespace
             # died with it, so nothing of the job is left running.
-            record = ExitRecord(
-                state=State.FAILED,
-                exit_code=None,
-                signal=None,
-                error="the job's supervisor was killed; the job's processes were killed with it",
-                ended_ns=time.time_ns(),
-                output_truncated=False,
+            record = await self._record_lost(
+                job, "the job's supervisor was killed; the job's processes were killed with it"
             )
         else:
             record = ExitRecord.from_json(data)
-        usage, oom = None, False
-        if self._cgroups is not None:
-            driver = self._cgroups
-            usage, oom = await asyncio.to_thread(
-                lambda: (driver.usage(job.id), driver.oom_killed(job.id))
-            )
-        job.mark_ended(record, usage, oom_killed=oom)
-        self._background(self._remove_cgroup(job), self._cleanups)
+        await self._end(job, record)
 
-    async def _remove_cgroup(self, job: Job) -> None:
-        if self._cgroups is None or not job.meta["cgroup_procs"]:
-            return
+    async def _end(self, job: Job, record: ExitRecord) -> None:
+        """Show the job ended as ``record`` says, with its final usage and disk use, measured
+        now and recorded (final.json); then remove its cgroup."""
+        self._ending.add(job.id)
         try:
-            await asyncio.to_thread(
-                self._cgroups.remove, job.id, self._config.cgroup_remove_timeout
+            final = await asyncio.to_thread(self._measure_final, job)
+            usage = final.get("usage")
+            job.disk_bytes = int(final.get("disk_bytes", 0))
+            job.mark_ended(
+                record, Usage(**usage) if usage else None, oom_killed=bool(final.get("oom_killed"))
             )
-        except CgroupError:
-            # Left for prune() at the next start-up; the job itself has ended either way.
-            return
+        finally:
+            self._ending.discard(job.id)
+        self._background(self._finish(job), self._cleanups)
+
+    def _measure_final(self, job: Job) -> dict[str, Any]:
+        """Final usage (from the job's cgroup) and disk use, recorded in final.json."""
+        final: dict[str, Any] = {"usage": None, "oom_killed": False}
+        if self._cgroups is not None and job.meta["cgroup_procs"]:
+            with contextlib.suppress(OSError):  # already removed: usage is no longer known
+                final = {
+                    "usage": asdict(self._cgroups.usage(job.id)),
+                    "oom_killed": self._cgroups.oom_killed(job.id),
+                }
+        final["disk_bytes"] = _dir_bytes(job.dir)
+        with contextlib.suppress(OSError):
+            _write_record(job.dir, FINAL, final)
+        return final
+
+    async def _record_lost(self, job: Job, error: str) -> ExitRecord:
+        """Record that the job ended unseen, so every later start reports it the same way."""
+        record = ExitRecord(State.FAILED, None, None, error, time.time_ns(), output_truncated=False)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(_write_exit_if_missing, job.dir, record)
+        data = await asyncio.to_thread(read_json, os.path.join(job.dir, EXIT))
+        return ExitRecord.from_json(data) if data is not None else record
+
+    async def _finish(self, job: Job) -> None:
+        """After a job's end: remove its cgroup, then apply the disk budget."""
+        if self._cgroups is not None and job.meta["cgroup_procs"]:
+            with contextlib.suppress(CgroupError):
+                # Left for prune() at the next start-up; the job has ended either way.
+                await asyncio.to_thread(
+                    self._cgroups.remove, job.id, self._config.cgroup_remove_timeout
+                )
+        if not self._closed and not self._restoring:
+            await self.prune_ended()
 
     def _running(self, job: Job, action: str) -> SupervisorHandle:
         if job.state is State.CREATED:
@@ -565,3 +800,40 @@ def _write_meta(directory: str, meta: dict[str, Any]) -> None:
 def _make_job_dir(directory: str, meta: dict[str, Any]) -> None:
     os.mkdir(directory, 0o700)
     _write_meta(directory, meta)
+
+
+def _write_record(directory: str, name: str, data: dict[str, Any]) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        write_json_atomic(dir_fd, name, data, durable=False)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_exit_if_missing(directory: str, record: ExitRecord) -> None:
+    """exit.json for a job that has no supervisor to write it; durable, as the supervisor's."""
+    if os.path.exists(os.path.join(directory, EXIT)):
+        return
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        write_json_atomic(dir_fd, EXIT, record.to_json(), durable=True)
+    finally:
+        os.close(dir_fd)
+
+
+def _dir_bytes(directory: str) -> int:
+    """Disk taken by a job's directory (its files are all at the top level)."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total
+
+
+def _sum_sizes(paths: Sequence[str]) -> int:
+    total = 0
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            total += os.stat(path).st_blocks * 512
+    return total

@@ -52,7 +52,18 @@ from ._linux import (
     unshare,
 )
 from ._logformat import HEADER, MAGIC, Stream
-from ._records import CONTROL, EXIT, LOG, RUN, SPEC, ExitRecord, RunRecord, write_json_atomic
+from ._records import (
+    CONTROL,
+    EXIT,
+    LOG,
+    RUN,
+    SPEC,
+    ExitRecord,
+    RunRecord,
+    reserve,
+    start_ticks,
+    write_json_atomic,
+)
 
 __all__ = ["DEFAULT_PATH", "job_env", "run_supervisor", "start_ticks", "which"]
 
@@ -85,14 +96,6 @@ def which(name: str, path: str) -> str | None:
     return None
 
 
-def start_ticks(pid_path: str) -> int:
-    """Field 22 of /proc/PID/stat: with the pid it names a process uniquely across reuse."""
-    with open(f"{pid_path}/stat", "rb") as f:
-        stat = f.read()
-    # The command name (field 2) may contain spaces and parentheses; split after the last ')'.
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
-
-
 class _Supervisor:
     def __init__(self, job_dir: str, report: socket.socket) -> None:
         os.chdir(job_dir)  # every name below is relative, which also keeps the socket path short
@@ -103,6 +106,8 @@ class _Supervisor:
         self.job_id: str = meta["id"]
         self.spec: dict[str, Any] = meta["spec"]
         self.output_limit: int = meta["output_limit"]
+        # Before any output can fill the disk: the job's end must be recordable regardless.
+        reserve(self.dir_fd, EXIT)
         self.log_fd = os.open(LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.log_size = os.fstat(self.log_fd).st_size
         if self.log_size == 0:

@@ -1,0 +1,358 @@
+"""Jobs outlive the runtime: a new runtime on the same state dir takes them back.
+
+Each test closes (or abandons) one runtime while its jobs run, changes something while no
+runtime watches (the job ends, is OOM-killed, its supervisor is killed), then opens another
+and checks what it reports, and that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from jobworker.runtime import (
+    JobNotFoundError,
+    JobRunningError,
+    JobSpec,
+    Limits,
+    Runtime,
+    RuntimeConfig,
+    State,
+    StateDirError,
+)
+
+from ..conftest import cgroup_dirs, make_config
+from .helpers import collect, joined, py, read_until
+
+# Prints, then waits for SIGUSR1 and exits 3 once it comes; a second line proves the
+# signal came through whichever runtime sent it.
+WAITS_FOR_USR1 = """
+    import signal, sys
+    def done(*_):
+        print("got usr1", flush=True)
+        sys.exit(3)
+    signal.signal(signal.SIGUSR1, done)
+    print("ready", flush=True)
+    while True:
+        signal.pause()
+"""
+
+
+async def _wait_pid_gone(pid: int, timeout: float = 30) -> None:
+    """Wait (pidfd, no polling) until process ``pid`` has exited."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    loop.add_reader(pidfd, lambda: None if gone.done() else gone.set_result(None))
+    try:
+        async with asyncio.timeout(timeout):
+            await gone
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
+def _run_record(state_dir: Path, job_id: str) -> dict[str, int]:
+    data: dict[str, int] = json.loads((state_dir / "jobs" / job_id / "run.json").read_text())
+    return data
+
+
+class Restarts:
+    """Opens runtimes on one state dir; at the end, every job has ended and every runtime,
+    launcher and cgroup is gone."""
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
+        self.opened: list[Runtime] = []
+
+    async def open(self) -> Runtime:
+        async with asyncio.timeout(60):
+            rt = await Runtime.open(self.config)
+        self.opened.append(rt)
+        return rt
+
+    async def cleanup(self) -> None:
+        async with asyncio.timeout(60):
+            last = self.opened[-1] if self.opened else await self.open()
+            for status in await last.list():
+                if status.state is State.RUNNING:
+                    await last.stop(status.id, grace=0)
+            for rt in self.opened:
+                await rt.close()
+            for rt in self.opened:
+                await asyncio.to_thread(rt._launcher._proc.wait, 30)  # noqa: SLF001
+        assert cgroup_dirs(self.config.cgroup_subtree) == [], "cgroups left behind"
+
+
+@pytest_asyncio.fixture
+async def restarts(tmp_path: Path) -> AsyncIterator[Restarts]:
+    r = Restarts(make_config(tmp_path / "state"))
+    try:
+        yield r
+    finally:
+        await r.cleanup()
+
+
+async def test_a_running_job_is_taken_back_and_steered(restarts: Restarts) -> None:
+    first = await restarts.open()
+    async with asyncio.timeout(60):
+        job = await first.run(py(WAITS_FOR_USR1))
+        await read_until(first, job.id, b"ready")
+        await first.close()
+
+        second = await restarts.open()
+        status = await second.status(job.id)
+        assert status.state is State.RUNNING
+        assert status.pid == job.pid
+        assert status.started_at == job.started_at
+        await second.signal(job.id, signal.SIGUSR1)
+        final = await second.wait(job.id)
+        output = joined(await collect(second, job.id))
+    assert final.state is State.EXITED
+    assert final.exit_code == 3
+    assert final.usage is not None
+    assert output == b"ready\ngot usr1\n"
+
+
+async def test_stop_works_on_a_job_taken_back(restarts: Restarts) -> None:
+    first = await restarts.open()
+    async with asyncio.timeout(60):
+        job = await first.run(JobSpec(["sleep", "1000"]))
+        await first.close()
+        second = await restarts.open()
+        final = await second.stop(job.id, grace=1)
+    assert final.state is State.STOPPED
+    assert final.signal == signal.SIGTERM
+
+
+async def test_a_job_that_ended_while_no_runtime_ran_shows_how(
+    restarts: Restarts, tmp_path: Path
+) -> None:
+    first = await restarts.open()
+    async with asyncio.timeout(60):
+        job = await first.run(py(WAITS_FOR_USR1))
+        await read_until(first, job.id, b"ready")
+        await first.close()
+        supervisor = _run_record(tmp_path / "state", job.id)["supervisor_pid"]
+        assert job.pid is not None
+        os.kill(job.pid, signal.SIGUSR1)  # the command we started, by its pid
+        await _wait_pid_gone(supervisor)
+
+        second = await restarts.open()
+        final = await second.status(job.id)
+        output = joined(await collect(second, job.id))
+    assert final.state is State.EXITED
+    assert final.exit_code == 3
+    assert output == b"ready\ngot usr1\n"
+    assert final.usage is not None
+    assert final.usage.cpu_seconds > 0
+
+
+async def test_an_oom_kill_while_no_runtime_ran_is_reported(
+    restarts: Restarts, tmp_path: Path
+) -> None:
+    eat = """
+        import signal, sys
+        def eat(*_):
+            blocks = []
+            while True:
+                blocks.append(bytearray(16 << 20))
+        signal.signal(signal.SIGUSR1, eat)
+        print("ready", flush=True)
+        while True:
+            signal.pause()
+    """
+    first = await restarts.open()
+    async with asyncio.timeout(60):
+        job = await first.run(py(eat, limits=Limits(memory_bytes=64 << 20)))
+        await read_until(first, job.id, b"ready")
+        await first.close()
+        supervisor = _run_record(tmp_path / "state", job.id)["supervisor_pid"]
+        assert job.pid is not None
+        os.kill(job.pid, signal.SIGUSR1)
+        await _wait_pid_gone(supervisor)
+        final = await (await restarts.open()).status(job.id)
+    assert final.state is State.EXITED
+    assert final.signal == signal.SIGKILL
+    assert final.oom_killed
+
+
+async def test_a_vanished_supervisor_makes_the_job_lost_not_running(
+    restarts: Restarts, tmp_path: Path
+) -> None:
+    first = await restarts.open()
+    async with asyncio.timeout(60):
+        job = await first.run(JobSpec(["sleep", "1000"]))
+        await first.close()
+        supervisor = _run_record(tmp_path / "state", job.id)["supervisor_pid"]
+        os.kill(supervisor, signal.SIGKILL)  # the supervisor we started: its job dies with it
+        await _wait_pid_gone(supervisor)
+
+        second = await restarts.open()
+        final = await second.status(job.id)
+        # The decision is recorded: a third runtime says the same.
+        await second.close()
+        again = await (await restarts.open()).status(job.id)
+    assert final.state is State.FAILED
+    assert final.error is not None
+    assert final.error.startswith("lost: "), final.error
+    assert again == final
+
+
+async def test_a_job_from_before_a_host_restart_is_lost(restarts: Restarts, tmp_path: Path) -> None:
+    first = await restarts.open()
+    async with asyncio.timeout(60):
+        job = await first.run(JobSpec(["sleep", "1000"]))
+        await first.close()
+        supervisor = _run_record(tmp_path / "state", job.id)["supervisor_pid"]
+        os.kill(supervisor, signal.SIGKILL)
+        await _wait_pid_gone(supervisor)
+        # Injected fault: the record says the job ran under another boot of the host.
+        spec = tmp_path / "state" / "jobs" / job.id / "spec.json"
+        meta = json.loads(spec.read_text())
+        meta["boot_id"] = "00000000-0000-0000-0000-000000000000"
+        spec.write_text(json.dumps(meta))
+        final = await (await restarts.open()).status(job.id)
+    assert final.state is State.FAILED
+    assert final.error == "lost: the host restarted while the job ran"
+
+
+async def test_created_jobs_stay_created_and_can_start_later(restarts: Restarts) -> None:
+    first = await restarts.open()
+    async with asyncio.timeout(60):
+        job = await first.create(JobSpec(["echo", "later"]))
+        await first.close()
+        second = await restarts.open()
+        assert (await second.status(job.id)).state is State.CREATED
+        await second.start(job.id)
+        final = await second.wait(job.id)
+        output = joined(await collect(second, job.id))
+    assert final.exit_code == 0
+    assert output == b"later\n"
+
+
+async def test_a_create_cut_short_leaves_nothing(restarts: Restarts, tmp_path: Path) -> None:
+    half = tmp_path / "state" / "jobs" / "4f8a1c62-0000-4000-8000-000000000000"
+    half.mkdir(parents=True)  # what a crash between mkdir and writing spec.json leaves
+    rt = await restarts.open()
+    assert await rt.list() == []
+    assert not half.exists()
+
+
+async def test_remove_deletes_ended_jobs_and_refuses_running_ones(
+    restarts: Restarts, tmp_path: Path
+) -> None:
+    rt = await restarts.open()
+    async with asyncio.timeout(60):
+        done = await rt.run(JobSpec(["echo", "hi"]))
+        await rt.wait(done.id)
+        running = await rt.run(JobSpec(["sleep", "1000"]))
+        created = await rt.create(JobSpec(["true"]))
+
+        await rt.remove(done.id)
+        await rt.remove(created.id)
+        with pytest.raises(JobRunningError, match="stop it first"):
+            await rt.remove(running.id)
+        ids = {s.id for s in await rt.list()}
+    assert ids == {running.id}
+    assert not (tmp_path / "state" / "jobs" / done.id).exists()
+    with pytest.raises(JobNotFoundError):
+        await rt.status(done.id)
+
+
+async def test_retention_deletes_oldest_ended_jobs_first_never_running_ones(
+    tmp_path: Path,
+) -> None:
+    # A budget of 3.5 MiB: three 1 MiB jobs fit; with a running one, only once the oldest
+    # has gone (which happens whenever a job ends, and on every pass).
+    config = make_config(tmp_path / "state", retention_bytes=7 << 19)
+    r = Restarts(config)
+    try:
+        rt = await r.open()
+        async with asyncio.timeout(60):
+            big = py("import os; os.write(1, b'x' * (1 << 20))")
+            ended = []
+            for _ in range(3):
+                job = await rt.run(big)
+                ended.append((await rt.wait(job.id)).id)
+            running = await rt.run(
+                py("import os, signal; os.write(1, b'y' * (1 << 20)); signal.pause()")
+            )
+            await read_until(rt, running.id, b"y")
+            removed = await rt.prune_ended()
+            left = {s.id for s in await rt.list()}
+            assert removed == ended[:1]
+            assert left == {*ended[1:], running.id}
+            # Age: a week and a day later, every ended job goes; the running one stays.
+            later = (await rt.status(ended[-1])).created_at.timestamp() + 8 * 86400
+            removed = await rt.prune_ended(now=later)
+            assert removed == ended[1:]
+            assert {s.id for s in await rt.list()} == {running.id}
+    finally:
+        await r.cleanup()
+
+
+async def test_disk_full_truncates_output_keeps_the_job_and_the_runtime(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    _libc_call("mount", b"tmpfs", str(state).encode(), b"tmpfs", 0, b"size=2m,mode=0700")
+    try:
+        r = Restarts(make_config(state))
+        try:
+            rt = await r.open()
+            async with asyncio.timeout(60):
+                job = await rt.run(
+                    py("import os\nfor _ in range(8): os.write(1, b'z' * (1 << 20))\nprint('done')")
+                )
+                final = await rt.wait(job.id)
+                chunks = await collect(rt, job.id)
+                assert final.state is State.EXITED
+                assert final.exit_code == 0
+                assert final.output_truncated
+                notes = b"".join(c.data for c in chunks if c.stream.name == "SYSTEM")
+                assert b"output truncated" in notes
+                # The runtime is still up: it answers, and says clearly why a new job fails.
+                assert (await rt.status(job.id)).state is State.EXITED
+                # Whatever room the truncation left, take it; then a new job cannot be recorded.
+                filler = state / "filler"
+                with contextlib.suppress(OSError), filler.open("wb", buffering=0) as f:
+                    while True:
+                        f.write(b"f" * 4096)
+                with pytest.raises(StateDirError, match="No space left on device; free space"):
+                    await rt.run(JobSpec(["true"]))
+                # Space freed, jobs run again.
+                filler.unlink()
+                await rt.remove(job.id)
+                again = await rt.run(JobSpec(["true"]))
+                assert (await rt.wait(again.id)).exit_code == 0
+        finally:
+            await r.cleanup()
+    finally:
+        _libc_call("umount2", str(state).encode(), 2)  # MNT_DETACH
+
+
+FILLS_THE_DISK = """
+    import os
+    for _ in range(8):
+        os.write(1, b"z" * (1 << 20))
+    print("done")
+"""
+
+
+def _libc_call(name: str, *args: object) -> None:
+    """mount(2)/umount2(2) for the test's own small filesystem."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(libc, name)(*args) != 0:
+        raise OSError(ctypes.get_errno(), f"{name}{args}")
