@@ -69,13 +69,41 @@ def _streaming(
             who = self.auth.identify(context)
             with self._stream_slot(who):
                 async with contextlib.aclosing(method(self, request, who)) as items:
-                    async for item in items:
+                    async for item in _until_shutdown(self.shutting_down, items):
                         yield item
         except Exception as e:  # noqa: BLE001 - the single mapping point
             code, message = to_status(e)
             await context.abort(code, message)
 
     return handler
+
+
+async def _until_shutdown(stop: asyncio.Event, items: AsyncIterator[Resp]) -> AsyncIterator[Resp]:
+    """``items``, until ``stop`` is set; then UNAVAILABLE, which tells a client to reconnect
+    (a follower waiting for output would otherwise hold shutdown up for its whole grace)."""
+    stopping = asyncio.ensure_future(stop.wait())
+    step: asyncio.Future[Resp] | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(items))
+            await asyncio.wait({step, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                raise ApiError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the server is shutting down; reconnect to continue (output is kept)",
+                )
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        stopping.cancel()
+        # Shutdown, or the client went away while we waited: the read in flight goes too.
+        if step is not None and not step.done():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await step
 
 
 class JobService(pb_grpc.JobServiceServicer):
@@ -87,6 +115,8 @@ class JobService(pb_grpc.JobServiceServicer):
         # Set while no output or watch stream is open (so a test, or shutdown, can wait).
         self.no_streams = asyncio.Event()
         self.no_streams.set()
+        # Set at shutdown: every open stream then ends with UNAVAILABLE.
+        self.shutting_down = asyncio.Event()
 
     @property
     def active_streams(self) -> int:
@@ -182,6 +212,12 @@ class JobService(pb_grpc.JobServiceServicer):
     async def WaitJob(self, request: pb.JobRequest, who: Identity) -> pb.Job:
         status = await self._visible(who, request.id)
         return job_to_pb(await self.runtime.wait(status.id))
+
+    @_unary
+    async def RemoveJob(self, request: pb.JobRequest, who: Identity) -> pb.Job:
+        status = await self._visible(who, request.id)
+        await self.runtime.remove(status.id)
+        return job_to_pb(status)
 
     @_unary
     async def ListJobs(self, request: pb.ListJobsRequest, who: Identity) -> pb.ListJobsResponse:

@@ -16,14 +16,17 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .._allocator import keep_large_buffers
+from ..cli._units import UsageError, parse_duration, parse_size
 from ..runtime import JobworkerError, Runtime, RuntimeConfig
 from ._auth import Authenticator, CertPool
 from ._proto import jobworker_pb2 as pb
@@ -135,6 +138,7 @@ class Server:
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting calls, end open streams after ``grace`` s, close the runtime.
         Jobs keep running."""
+        self.service.shutting_down.set()
         await self._server.stop(grace)
         await self.runtime.close()
 
@@ -161,7 +165,31 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.max_streams_per_user,
         help="open output and watch streams per user (default %(default)s)",
     )
+    runtime_defaults = RuntimeConfig(state_dir=Path())
+    parser.add_argument(
+        "--retention",
+        type=_argument(parse_duration),
+        default=runtime_defaults.retention_seconds,
+        help="delete ended jobs this long after they ended, e.g. 12h, 7d (default 7d)",
+    )
+    parser.add_argument(
+        "--retention-size",
+        type=_argument(parse_size),
+        default=runtime_defaults.retention_bytes,
+        help="keep jobs' output within this much disk, deleting the oldest ended jobs "
+        "first, e.g. 500M, 10G (default 10G)",
+    )
     return parser
+
+
+def _argument(parse: Callable[[str, str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text, "value")
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
 
 
 async def _serve(config: ServerConfig) -> None:
@@ -184,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     config = ServerConfig(
         tls=TlsFiles(args.tls_ca, args.tls_cert, args.tls_key),
-        runtime=RuntimeConfig(state_dir=args.state_dir),
+        runtime=RuntimeConfig(
+            state_dir=args.state_dir,
+            retention_seconds=args.retention,
+            retention_bytes=args.retention_size,
+        ),
         listen=tuple(args.listen or ["127.0.0.1:50051"]),
         pool=CertPool(args.client_allowlist, args.client_revoked),
         limits=ServiceLimits(

@@ -50,7 +50,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", default="30s", help="for the server to answer (default 30s)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run a job and stream its output; exit with its status")
-    run.add_argument("--rm", action="store_true", help="stop the job on Ctrl+C, not detach")
+    run.add_argument(
+        "--rm",
+        action="store_true",
+        help="delete the job once it has ended, and stop it on Ctrl+C instead of detaching",
+    )
     _limits(run)
     start = sub.add_parser("start", help="start a job and print its id")
     start.add_argument("-f", "--follow", action="store_true", help="stream output like run")
@@ -80,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     wait = sub.add_parser("wait", help="wait for jobs to end; exit with the last one's status")
     wait.add_argument("jobs", nargs="+", metavar="JOB")
+    rm = sub.add_parser("rm", help="delete ended jobs and their output")
+    rm.add_argument("jobs", nargs="+", metavar="JOB")
     completion = sub.add_parser("completion", help="print a shell completion script")
     completion.add_argument("shell", choices=sorted(SCRIPTS))
     return p
@@ -168,7 +174,7 @@ async def _follow(session: Any, job_id: str, *, detach_hint: bool, stop_on_inter
 async def _dispatch(args: argparse.Namespace, target: Target) -> int:  # noqa: C901, PLR0911, PLR0912
     from ..api.client import pb  # noqa: PLC0415
     from ._client import session  # noqa: PLC0415
-    from ._render import exit_status_of, job_json, print_json, print_status, print_table  # noqa: PLC0415
+    from ._render import exit_status_of, job_json, print_json, print_status  # noqa: PLC0415
 
     async with session(target) as s:
         if args.command in ("run", "start"):
@@ -177,9 +183,11 @@ async def _dispatch(args: argparse.Namespace, target: Target) -> int:  # noqa: C
                 sys.stderr.write(f"jobctl: job {job.id} failed to start: {job.error}\n")
                 return exit_status_of(job)  # 127, like a shell's "command not found"
             if args.command == "run" or args.follow:
-                return await _follow(
-                    s, job.id, detach_hint=True, stop_on_interrupt=getattr(args, "rm", False)
-                )
+                remove = getattr(args, "rm", False)
+                status = await _follow(s, job.id, detach_hint=True, stop_on_interrupt=remove)
+                if remove:
+                    await s.call("RemoveJob", pb.JobRequest(id=job.id))
+                return status
             if args.json:
                 print_json(job_json(job))
             else:
@@ -212,16 +220,12 @@ async def _dispatch(args: argparse.Namespace, target: Target) -> int:  # noqa: C
             await s.call("SignalJob", pb.SignalJobRequest(id=job_id, signal=signum))
             return 0
         if args.command == "ls":
-            reply = await s.call("ListJobs", pb.ListJobsRequest(owner=args.owner or ""))
-            jobs = [job_json(j) for j in reply.jobs]
-            if args.state:
-                jobs = [j for j in jobs if j["state"] == args.state]
-            elif not args.all:
-                jobs = [j for j in jobs if j["state"] in ("created", "running")]
-            if args.json:
-                print_json(jobs)
-            else:
-                print_table(jobs)
+            return await _ls(s, args)
+        if args.command == "rm":
+            for ref in args.jobs:
+                job_id = await s.resolve(ref)
+                await s.call("RemoveJob", pb.JobRequest(id=job_id))
+                sys.stdout.write(f"{job_id}\n")
             return 0
         if args.command == "wait":
             status = 0
@@ -231,6 +235,23 @@ async def _dispatch(args: argparse.Namespace, target: Target) -> int:  # noqa: C
                 status = exit_status_of(final)
             return status
     raise UsageError(f"unknown command {args.command}")
+
+
+async def _ls(s: Any, args: argparse.Namespace) -> int:
+    from ..api.client import pb  # noqa: PLC0415
+    from ._render import job_json, print_json, print_table  # noqa: PLC0415
+
+    reply = await s.call("ListJobs", pb.ListJobsRequest(owner=args.owner or ""))
+    jobs = [job_json(j) for j in reply.jobs]
+    if args.state:
+        jobs = [j for j in jobs if j["state"] == args.state]
+    elif not args.all:
+        jobs = [j for j in jobs if j["state"] in ("created", "running")]
+    if args.json:
+        print_json(jobs)
+    else:
+        print_table(jobs)
+    return 0
 
 
 async def _logs(s: Any, args: argparse.Namespace) -> int:

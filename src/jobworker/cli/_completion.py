@@ -14,6 +14,7 @@ COMMANDS = {
     "kill": "-s --signal",
     "ls": "--all --owner --state --json",
     "wait": "",
+    "rm": "",
     "completion": "bash zsh fish",
 }
 GLOBAL = "--server --ca --cert --key --context"

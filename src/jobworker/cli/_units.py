@@ -9,8 +9,8 @@ __all__ = ["UsageError", "parse_duration", "parse_signal", "parse_size"]
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 class UsageError(Exception):
@@ -27,7 +27,7 @@ def parse_size(text: str, what: str) -> int:
 
 
 def parse_duration(text: str, what: str) -> float:
-    """ "10s", "1m", "500ms", "2.5" (seconds) -> seconds."""
+    """ "10s", "1m", "500ms", "7d", "2.5" (seconds) -> seconds."""
     match = _DURATION.match(text.strip())
     if not match:
         raise UsageError(f"{what} {text!r} is not a duration; use e.g. 10s, 500ms or 2m")

@@ -84,6 +84,11 @@ class JobServiceStub:
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.JobRequest.SerializeToString,
                 response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.Job.FromString,
                 _registered_method=True)
+        self.RemoveJob = channel.unary_unary(
+                '/jobworker.v1.JobService/RemoveJob',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.JobRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -162,6 +167,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveJob(self, request, context):
+        """Delete an ended (or never started) job and its output; FAILED_PRECONDITION for a
+        running job. Returns the job's last status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +225,11 @@ def add_JobServiceServicer_to_server(servicer, server):
             ),
             'WaitJob': grpc.unary_unary_rpc_method_handler(
                     servicer.WaitJob,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.JobRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.Job.SerializeToString,
+            ),
+            'RemoveJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveJob,
                     request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.JobRequest.FromString,
                     response_serializer=jobworker_dot_v1_dot_jobworker__pb2.Job.SerializeToString,
             ),
@@ -484,6 +502,33 @@ class JobService:
             request,
             target,
             '/jobworker.v1.JobService/WaitJob',
+            jobworker_dot_v1_dot_jobworker__pb2.JobRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobworker.v1.JobService/RemoveJob',
             jobworker_dot_v1_dot_jobworker__pb2.JobRequest.SerializeToString,
             jobworker_dot_v1_dot_jobworker__pb2.Job.FromString,
             options,

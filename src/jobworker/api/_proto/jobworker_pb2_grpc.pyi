@@ -71,6 +71,10 @@ class JobServiceStub:
     """The caller's jobs; admins see everyone's and may filter by owner."""
     WaitJob: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.Job]
     """Wait for the job to end; returns its final status."""
+    RemoveJob: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.Job]
+    """Delete an ended (or never started) job and its output; FAILED_PRECONDITION for a
+    running job. Returns the job's last status.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -101,6 +105,10 @@ class JobServiceAsyncStub(JobServiceStub):
     """The caller's jobs; admins see everyone's and may filter by owner."""
     WaitJob: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.Job]  # type: ignore[assignment]
     """Wait for the job to end; returns its final status."""
+    RemoveJob: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.Job]  # type: ignore[assignment]
+    """Delete an ended (or never started) job and its output; FAILED_PRECONDITION for a
+    running job. Returns the job's last status.
+    """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -188,5 +196,15 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobworker_pb2.Job, _abc.Awaitable[_jobworker_pb2.Job]]:
         """Wait for the job to end; returns its final status."""
+
+    @_abc_1.abstractmethod
+    def RemoveJob(
+        self,
+        request: _jobworker_pb2.JobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobworker_pb2.Job, _abc.Awaitable[_jobworker_pb2.Job]]:
+        """Delete an ended (or never started) job and its output; FAILED_PRECONDITION for a
+        running job. Returns the job's last status.
+        """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
