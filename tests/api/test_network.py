@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -12,7 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -100,21 +99,6 @@ async def test_cancelled_stream_frees_server_resources(api: Running) -> None:
 
 
 # ------------------------------------------------------------------ a real jobworkerd process
-PR_SET_CHILD_SUBREAPER = 36
-
-
-@pytest.fixture
-def subreaper() -> Iterator[None]:
-    """Orphans of a killed server (its launcher) re-parent to us, not to a PID 1 that may
-    not reap them; reap what is left afterwards."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    try:
-        yield
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
 def jobworkerd_argv(pki: Pki, listen: str, state: Path) -> list[str]:
     return [
         JOBWORKERD,

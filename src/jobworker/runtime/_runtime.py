@@ -32,7 +32,7 @@ from ._launch import Launched, Launcher, SupervisorHandle
 from ._logformat import Stream
 from ._notify import DirNotifier
 from ._output import Batch, Chunk, read_log
-from ._records import EXIT, FINAL, LOG, SPEC, ExitRecord, read_json, write_json_atomic
+from ._records import CONTROL, EXIT, FINAL, LOG, SPEC, ExitRecord, read_json, write_json_atomic
 from ._restore import Found, boot_id, open_supervisor, read_job_dir, scan
 from ._spec import JobSpec, Limits
 from ._states import State
@@ -46,6 +46,8 @@ log = logging.getLogger("jobworker.runtime")
 # A supervisor that has not ended the job this long after the grace period is presumed hung;
 # it is then SIGKILLed, which makes the kernel kill the job's whole PID namespace.
 _STOP_SLACK_S = 10.0
+# After a restart, how long a launch left in flight gets for its supervisor to show up.
+_SUPERVISOR_APPEARS_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,20 +298,29 @@ class Runtime:
 
     async def _await_launch(self, job: Job) -> None:
         """A launch was under way when the previous server stopped: wait for its supervisor
-        to record a start or an end, for at most the launch timeout."""
+        to record a start or an end, for at most the launch timeout. A supervisor binds its
+        control socket first thing; if none has appeared after _SUPERVISOR_APPEARS_S, the
+        launch request never reached the launcher and the job never started."""
         async with job.start_lock:
             changed = asyncio.Event()
-            with self._notifier.subscribe(job.dir, changed):
-                try:
-                    async with asyncio.timeout(self._config.launch_timeout):
-                        while True:
-                            changed.clear()
-                            found = await asyncio.to_thread(read_job_dir, job.dir)
-                            if found is not None and (found.run or found.exit):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            found: Found | None = None
+            with self._notifier.subscribe(job.dir, changed), contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.launch_timeout):
+                    while True:
+                        changed.clear()
+                        found, has_supervisor = await asyncio.to_thread(_launch_progress, job.dir)
+                        if found is not None:
+                            break
+                        wait = None
+                        if not has_supervisor:
+                            wait = started + _SUPERVISOR_APPEARS_S - loop.time()
+                            if wait <= 0:
                                 break
-                            await changed.wait()
-                except TimeoutError:
-                    found = None
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(wait):
+                                await changed.wait()
             if found is not None:
                 await self._resume(job, found)
                 return
@@ -477,7 +488,9 @@ class Runtime:
             "namespaces": config.namespaces,
             "cgroup_procs": [],
             "boot_id": self._boot_id,
-            "launching": False,
+            # With ``start``, the start is on record from the first write: a server that dies
+            # before launching leaves a failed job, not one that looks never started.
+            "launching": start,
         }
         try:
             await asyncio.to_thread(_make_job_dir, directory, meta)
@@ -616,7 +629,9 @@ class Runtime:
 
     async def _finish(self, job: Job) -> None:
         """After a job's end: remove its cgroup, then apply the disk budget."""
-        if self._cgroups is not None and job.meta["cgroup_procs"]:
+        # Whether or not spec.json lists the cgroup: a server that died between creating it
+        # and recording it leaves one that only this knows about.
+        if self._cgroups is not None:
             with contextlib.suppress(CgroupError):
                 # Left for prune() at the next start-up; the job has ended either way.
                 await asyncio.to_thread(
@@ -800,6 +815,15 @@ def _write_meta(directory: str, meta: dict[str, Any]) -> None:
 def _make_job_dir(directory: str, meta: dict[str, Any]) -> None:
     os.mkdir(directory, 0o700)
     _write_meta(directory, meta)
+
+
+def _launch_progress(directory: str) -> tuple[Found | None, bool]:
+    """(the job's records if its supervisor has recorded a start or an end, whether its
+    supervisor has bound its control socket)."""
+    found = read_job_dir(directory)
+    if found is not None and (found.run or found.exit):
+        return found, True
+    return None, os.path.exists(os.path.join(directory, CONTROL))
 
 
 def _write_record(directory: str, name: str, data: dict[str, Any]) -> None:

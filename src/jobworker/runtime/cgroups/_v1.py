@@ -147,13 +147,14 @@ class V1Driver:
 
     def prune(self, keep: set[str]) -> list[str]:
         removed = []
-        for job_id in job_dirs(self._bases["pids"]):
-            if job_id in keep:
-                continue
-            procs = os.path.join(self._dir("pids", job_id), "cgroup.procs")
-            if not (read_text(procs) or "").strip():
+        # Every hierarchy: a server killed while creating a job's cgroups leaves some of
+        # them only.
+        found = {job_id for base in self._all_bases() for job_id in job_dirs(base)}
+        for job_id in sorted(found - keep):
+            dirs = self._dirs(job_id)
+            if not any((read_text(os.path.join(d, "cgroup.procs")) or "").strip() for d in dirs):
                 with contextlib.suppress(CgroupError):
-                    remove_dirs(self._dirs(job_id))
+                    remove_dirs(dirs)
                     removed.append(job_id)
         return removed
 
