@@ -364,7 +364,23 @@ async def test_wait_and_stop_take_several_jobs(cli: Cli) -> None:
     assert (await cli("wait", a, b)).code == 128 + signal.SIGTERM
 
 
-async def test_ctrl_c_with_rm_stops_the_job(cli: Cli) -> None:
+async def test_rm_deletes_ended_jobs_and_refuses_running_ones(cli: Cli) -> None:
+    done = (await cli("start", "-q", "echo", "hi")).text.strip()
+    await cli("wait", done)
+    running = (await cli("start", "-q", "sleep", "600")).text.strip()
+    removed = await cli("rm", done[:8])
+    assert removed.text.strip() == done
+    refused = await cli("rm", running)
+    assert refused.code == 1
+    assert refused.err.count("\n") == 1
+    assert "is running; stop it first" in refused.err
+    gone = await cli("logs", done)
+    assert gone.code == 1
+    assert "no such job" in gone.err
+    await cli("stop", "--grace", "0s", running)
+
+
+async def test_ctrl_c_with_rm_stops_and_deletes_the_job(cli: Cli) -> None:
     screen = await _pty_run(
         cli.env,
         "run",
@@ -378,8 +394,7 @@ async def test_ctrl_c_with_rm_stops_the_job(cli: Cli) -> None:
         status=128 + signal.SIGTERM,
     )
     assert b"stopping job" in screen
-    jobs = json.loads((await cli("ls", "-a", "--json")).text)
-    assert [j["state"] for j in jobs] == ["stopped"]
+    assert json.loads((await cli("ls", "-a", "--json")).text) == []
 
 
 async def test_cli_imports_no_grpc_until_a_command_needs_it() -> None:
