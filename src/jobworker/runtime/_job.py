@@ -40,6 +40,7 @@ class Job:
         # What spec.json holds: the supervisor's instructions (user, cgroups, hostname...).
         self.meta = meta
         self.supervisor: SupervisorHandle | None = None
+        self.run: RunRecord | None = None
         # Disk its directory takes, measured once it has ended (for the retention budget).
         self.disk_bytes = 0
         self.start_lock = asyncio.Lock()
@@ -95,11 +96,39 @@ class Job:
 
     def mark_running(self, run: RunRecord, supervisor: SupervisorHandle | None) -> None:
         """``supervisor`` is None for a job that, restored after a restart, has ended too."""
+        self.run = run
         self.supervisor = supervisor
         self._set(State.RUNNING, started_at=_from_ns(run.started_ns), pid=run.pid or None)
 
     def mark_failed_to_start(self, error: str, ended_ns: int) -> None:
         self._set(State.FAILED, error=error, ended_at=_from_ns(ended_ns))
+
+    def restore_ended(
+        self, run: RunRecord | None, record: ExitRecord, usage: Usage | None, *, oom_killed: bool
+    ) -> None:
+        """Put a job that ended before this runtime started straight into its final state
+        (one status, as a watcher arriving now would see it)."""
+        state = State(record.state)
+        if run is not None:
+            transition(transition(self.state, State.RUNNING), state)
+        else:
+            transition(self.state, state)
+        self.run = run
+        self._status = dataclasses.replace(
+            self._status,
+            state=state,
+            started_at=_from_ns(run.started_ns) if run is not None else None,
+            pid=(run.pid or None) if run is not None else None,
+            usage=usage,
+            oom_killed=oom_killed,
+            exit_code=record.exit_code,
+            signal=record.signal,
+            error=record.error,
+            ended_at=_from_ns(record.ended_ns),
+            output_truncated=record.output_truncated,
+        )
+        self.history = [self._status]
+        self.ended.set()
 
     def mark_ended(self, record: ExitRecord, usage: Usage | None, *, oom_killed: bool) -> None:
         self._set(

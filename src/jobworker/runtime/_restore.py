@@ -47,6 +47,17 @@ def read_job_dir(directory: str) -> Found | None:
     meta = read_json(os.path.join(directory, SPEC))
     if meta is None:
         return None
+    final = read_json(os.path.join(directory, FINAL))
+    if final is not None and final.get("exit") is not None:
+        # An ended job, recorded in full by the server that saw it end: two reads, not four.
+        run = final.get("run")
+        return Found(
+            directory,
+            meta,
+            RunRecord.from_json(run) if run is not None else None,
+            ExitRecord.from_json(final["exit"]),
+            final,
+        )
     # Exit first: a supervisor writes run.json before exit.json, so having read exit.json
     # we cannot miss a run.json that exists.
     exit_data = read_json(os.path.join(directory, EXIT))
@@ -56,7 +67,7 @@ def read_job_dir(directory: str) -> Found | None:
         meta,
         RunRecord.from_json(run_data) if run_data is not None else None,
         ExitRecord.from_json(exit_data) if exit_data is not None else None,
-        read_json(os.path.join(directory, FINAL)),
+        final,
     )
 
 

@@ -261,18 +261,19 @@ class Runtime:
 
     async def _resume(self, job: Job, found: Found) -> None:
         if found.exit is not None:
-            if found.run is not None:
-                job.mark_running(found.run, None)
             if found.final is not None:
                 # Recorded in full at its end, cgroup removed then (or by prune below).
                 usage = found.final.get("usage")
                 job.disk_bytes = int(found.final.get("disk_bytes", 0))
-                job.mark_ended(
+                job.restore_ended(
+                    found.run,
                     found.exit,
                     Usage(**usage) if usage else None,
                     oom_killed=bool(found.final.get("oom_killed")),
                 )
             else:
+                if found.run is not None:
+                    job.mark_running(found.run, None)
                 await self._end(job, found.exit)
         elif found.run is not None:
             pidfd = await asyncio.to_thread(open_supervisor, found.run)
@@ -595,7 +596,7 @@ class Runtime:
         now and recorded (final.json); then remove its cgroup."""
         self._ending.add(job.id)
         try:
-            final = await asyncio.to_thread(self._measure_final, job)
+            final = await asyncio.to_thread(self._measure_final, job, record)
             usage = final.get("usage")
             job.disk_bytes = int(final.get("disk_bytes", 0))
             job.mark_ended(
@@ -605,8 +606,9 @@ class Runtime:
             self._ending.discard(job.id)
         self._background(self._finish(job), self._cleanups)
 
-    def _measure_final(self, job: Job) -> dict[str, Any]:
-        """Final usage (from the job's cgroup) and disk use, recorded in final.json."""
+    def _measure_final(self, job: Job, record: ExitRecord) -> dict[str, Any]:
+        """Final usage (from the job's cgroup) and disk use, recorded in final.json with the
+        run and exit records: everything a restart needs of an ended job, in one file."""
         final: dict[str, Any] = {"usage": None, "oom_killed": False}
         if self._cgroups is not None and job.meta["cgroup_procs"]:
             with contextlib.suppress(OSError):  # already removed: usage is no longer known
@@ -615,6 +617,8 @@ class Runtime:
                     "oom_killed": self._cgroups.oom_killed(job.id),
                 }
         final["disk_bytes"] = _dir_bytes(job.dir)
+        final["run"] = job.run.to_json() if job.run is not None else None
+        final["exit"] = record.to_json()
         with contextlib.suppress(OSError):
             _write_record(job.dir, FINAL, final)
         return final
