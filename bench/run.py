@@ -252,7 +252,10 @@ def main() -> None:
     if not args.no_api:
         from api import measure as measure_api  # noqa: PLC0415 - imports grpc, optional
 
+        from restart import measure as measure_restart  # noqa: PLC0415
+
         rows += asyncio.run(measure_api(args.n, 512 << 20))
+        rows += asyncio.run(measure_restart())
     table = render(rows)
     print(table)
     if args.no_write:

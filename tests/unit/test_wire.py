@@ -7,7 +7,11 @@ from hypothesis import strategies as st
 
 from jobworker.api._convert import STREAMS
 from jobworker.api._proto import jobworker_pb2 as pb
-from jobworker.api._wire import decode_output_response, encode_output_response
+from jobworker.api._wire import (
+    decode_output_response,
+    encode_list_response,
+    encode_output_response,
+)
 from jobworker.runtime import Chunk, Stream
 
 chunks = st.lists(
@@ -63,3 +67,11 @@ def test_truncated_message_is_an_error() -> None:
             continue
         # A cut that lands between whole fields can still parse; it must not invent data.
         assert all(len(d) <= 6 for _, d, _ in decoded)
+
+
+@given(st.lists(st.text(min_size=1, max_size=40), max_size=5))
+def test_list_response_matches_protobuf(ids: list[str]) -> None:
+    jobs = [pb.Job(id=i, owner="o", argv=["a", i], exit_code=len(i)) for i in ids]
+    encoded = encode_list_response([j.SerializeToString() for j in jobs])
+    assert encoded == pb.ListJobsResponse(jobs=jobs).SerializeToString()
+    assert list(pb.ListJobsResponse.FromString(encoded).jobs) == jobs

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from ..runtime import Chunk
 from ._convert import STREAMS
 
-__all__ = ["decode_output_response", "encode_output_response"]
+__all__ = ["decode_output_response", "encode_list_response", "encode_output_response"]
 
 _CHUNKS = b"\x0a"  # field 1, length-delimited
 _STREAM = b"\x08"  # field 1, varint
@@ -111,4 +111,12 @@ def encode_output_response(chunks: Sequence[Chunk]) -> bytes:
             head += _DATA + _varint(len(chunk.data))
         tail = _TIME + _varint(chunk.timestamp_ns) if chunk.timestamp_ns else b""
         parts += (_CHUNKS, _varint(len(head) + len(chunk.data) + len(tail)), head, chunk.data, tail)
+    return b"".join(parts)
+
+
+def encode_list_response(jobs: Sequence[bytes]) -> bytes:
+    """The serialized ListJobsResponse ``{ repeated Job jobs = 1; }`` of serialized Jobs."""
+    parts: list[bytes] = []
+    for job in jobs:
+        parts += (_CHUNKS, _varint(len(job)), job)
     return b"".join(parts)
