@@ -251,7 +251,6 @@ def main() -> None:
     rows = asyncio.run(measure(args))
     if not args.no_api:
         from api import measure as measure_api  # noqa: PLC0415 - imports grpc, optional
-
         from restart import measure as measure_restart  # noqa: PLC0415
 
         rows += asyncio.run(measure_api(args.n, 512 << 20))
