@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import jobworker.api  # noqa: F401  # isort: skip  (before grpc: TLS 1.3 only)
@@ -209,100 +209,88 @@ async def measure(n: int, size: int) -> list[Row]:
         work = Path(tmp)
         pki = work / "pki"
         make_dev_pki(pki)
-        server, port = await asyncio.to_thread(start_jobworkerd, work, pki)
-        try:
+        async with jobworkerd(work, pki) as (port, channel, stub):
             with openssh(work) as ssh:
-                tls = TlsFiles(pki / "ca.crt", pki / "alice.crt", pki / "alice.key")
-                async with connect(f"127.0.0.1:{port}", tls) as channel:
-                    stub = pb_grpc.JobServiceStub(channel)
-                    probe = await stub.CreateJob(
-                        pb.CreateJobRequest(spec=pb.JobSpec(argv=["true"])), timeout=10
+                probe = await stub.CreateJob(
+                    pb.CreateJobRequest(spec=pb.JobSpec(argv=["true"])), timeout=10
+                )
+                ours = await grpc_unary(stub, probe.id, n)
+                theirs = await ssh_unary(ssh, n)
+                ratio = statistics.median(theirs) / statistics.median(ours)
+                figures.append(
+                    Row(
+                        "(g) unary GetJob vs `ssh host true`, p50 / p99",
+                        ms(ours),
+                        ms(theirs),
+                        f"{ratio:.0f}x faster",
+                        "-",
+                        True,
                     )
-                    ours = await grpc_unary(stub, probe.id, n)
-                    theirs = await ssh_unary(ssh, n)
-                    ratio = statistics.median(theirs) / statistics.median(ours)
-                    figures.append(
-                        Row(
-                            "(g) unary GetJob vs `ssh host true`, p50 / p99",
-                            ms(ours),
-                            ms(theirs),
-                            f"{ratio:.0f}x faster",
-                            "-",
-                            True,
-                        )
+                )
+                ours = await grpc_first_byte(stub, n)
+                theirs = await asyncio.to_thread(ssh_first_byte, ssh, n)
+                ratio = statistics.median(theirs) / statistics.median(ours)
+                figures.append(
+                    Row(
+                        "(h) start -> first byte over mTLS vs `ssh host echo`",
+                        ms(ours),
+                        ms(theirs),
+                        f"{ratio:.1f}x faster",
+                        ">= 5x faster",
+                        ratio >= 5,
                     )
-                    ours = await grpc_first_byte(stub, n)
-                    theirs = await asyncio.to_thread(ssh_first_byte, ssh, n)
-                    ratio = statistics.median(theirs) / statistics.median(ours)
-                    figures.append(
-                        Row(
-                            "(h) start -> first byte over mTLS vs `ssh host echo`",
-                            ms(ours),
-                            ms(theirs),
-                            f"{ratio:.1f}x faster",
-                            ">= 5x faster",
-                            ratio >= 5,
-                        )
+                )
+                # Best of three each: both sides are CPU-bound on two cores and vary.
+                tput = max([await grpc_throughput(stub, channel, size) for _ in range(3)])
+                anchor = max([await asyncio.to_thread(ssh_throughput, ssh, size) for _ in range(3)])
+                figures.append(
+                    Row(
+                        f"(i) {size >> 20} MiB output over gRPC vs `ssh host head`",
+                        f"{tput:,.0f} MB/s",
+                        f"{anchor:,.0f} MB/s",
+                        f"{tput / anchor:.2f}x",
+                        ">= ssh",
+                        tput >= anchor,
                     )
-                    # Best of three each: both sides are CPU-bound on two cores and vary.
-                    tput = max([await grpc_throughput(stub, channel, size) for _ in range(3)])
-                    anchor = max(
-                        [await asyncio.to_thread(ssh_throughput, ssh, size) for _ in range(3)]
+                )
+                spec = pb.JobSpec(argv=["head", "-c", str(size), "/dev/zero"])
+                last = (
+                    await stub.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
+                ).id
+                await stub.WaitJob(pb.JobRequest(id=last), timeout=600)
+                env = {
+                    **os.environ,
+                    "JOBWORKER_SERVER": f"127.0.0.1:{port}",
+                    "JOBWORKER_CA": str(pki / "ca.crt"),
+                    "JOBWORKER_CERT": str(pki / "alice.crt"),
+                    "JOBWORKER_KEY": str(pki / "alice.key"),
+                }
+                jobctl = [str(Path(sys.executable).parent / "jobctl"), "logs", last]
+                logs = max(
+                    [await asyncio.to_thread(pipe_rate, jobctl, size, env) for _ in range(3)]
+                )
+                figures.append(
+                    Row(
+                        f"(k) `jobctl logs` of {size >> 20} MiB vs `ssh host head`",
+                        f"{logs:,.0f} MB/s",
+                        f"{anchor:,.0f} MB/s",
+                        f"{logs / anchor:.2f}x",
+                        ">= ssh",
+                        logs >= anchor,
                     )
-                    figures.append(
-                        Row(
-                            f"(i) {size >> 20} MiB output over gRPC vs `ssh host head`",
-                            f"{tput:,.0f} MB/s",
-                            f"{anchor:,.0f} MB/s",
-                            f"{tput / anchor:.2f}x",
-                            ">= ssh",
-                            tput >= anchor,
-                        )
+                )
+                figures += cli_figures(jobctl[0], last, env, ssh)
+                delays = await grpc_fanout(stub, 100, 100)
+                figures.append(
+                    Row(
+                        "(j) delivery to 100 concurrent followers, p50 / p99",
+                        ms(delays),
+                        "-",
+                        "-",
+                        "p99 <= 10 ms",
+                        pct(delays, 0.99) <= 0.010,
                     )
-                    spec = pb.JobSpec(argv=["head", "-c", str(size), "/dev/zero"])
-                    last = (
-                        await stub.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
-                    ).id
-                    await stub.WaitJob(pb.JobRequest(id=last), timeout=600)
-                    env = {
-                        **os.environ,
-                        "JOBWORKER_SERVER": f"127.0.0.1:{port}",
-                        "JOBWORKER_CA": str(pki / "ca.crt"),
-                        "JOBWORKER_CERT": str(pki / "alice.crt"),
-                        "JOBWORKER_KEY": str(pki / "alice.key"),
-                    }
-                    jobctl = [str(Path(sys.executable).parent / "jobctl"), "logs", last]
-                    logs = max(
-                        [await asyncio.to_thread(pipe_rate, jobctl, size, env) for _ in range(3)]
-                    )
-                    figures.append(
-                        Row(
-                            f"(k) `jobctl logs` of {size >> 20} MiB vs `ssh host head`",
-                            f"{logs:,.0f} MB/s",
-                            f"{anchor:,.0f} MB/s",
-                            f"{logs / anchor:.2f}x",
-                            ">= ssh",
-                            logs >= anchor,
-                        )
-                    )
-                    figures += cli_figures(jobctl[0], last, env, ssh)
-                    delays = await grpc_fanout(stub, 100, 100)
-                    figures.append(
-                        Row(
-                            "(j) delivery to 100 concurrent followers, p50 / p99",
-                            ms(delays),
-                            "-",
-                            "-",
-                            "p99 <= 10 ms",
-                            pct(delays, 0.99) <= 0.010,
-                        )
-                    )
-        except BaseException:
-            sys.stderr.write("".join(SERVER_LOG[-60:]))
-            raise
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait()
+                )
     return figures
 
 
@@ -347,6 +335,28 @@ def cli_figures(jobctl: str, job_id: str, env: dict[str, str], ssh: list[str]) -
         )
     )
     return rows
+
+
+def alice_tls(pki: Path) -> TlsFiles:
+    return TlsFiles(pki / "ca.crt", pki / "alice.crt", pki / "alice.key")
+
+
+@contextlib.asynccontextmanager
+async def jobworkerd(
+    work: Path, pki: Path
+) -> AsyncIterator[tuple[int, grpc.aio.Channel, pb_grpc.JobServiceStub]]:
+    """A real jobworkerd on ``work``/state and a channel to it as alice: (port, channel,
+    stub). Stopped with SIGTERM afterwards; its log is printed if the body failed."""
+    server, port = await asyncio.to_thread(start_jobworkerd, work, pki)
+    try:
+        async with connect(f"127.0.0.1:{port}", alice_tls(pki)) as channel:
+            yield port, channel, pb_grpc.JobServiceStub(channel)
+    except BaseException:
+        sys.stderr.write("".join(SERVER_LOG[-60:]))
+        raise
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait()
 
 
 def start_jobworkerd(work: Path, pki: Path) -> tuple[subprocess.Popen[str], int]:

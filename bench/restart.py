@@ -22,10 +22,9 @@ from pathlib import Path
 
 import jobworker.api  # noqa: F401  # isort: skip  (before grpc: TLS 1.3 only)
 
-from api import start_jobworkerd
+from api import alice_tls, jobworkerd, start_jobworkerd
 from jobworker.api._proto import jobworker_pb2 as pb
 from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
-from jobworker.api._tls import TlsFiles
 from jobworker.api.client import connect
 from jobworker.certs import make_dev_pki
 from table import Row, ms, pct
@@ -43,8 +42,7 @@ def _clone_jobs(state: Path, template: Path, n: int) -> None:
 
 
 async def _list_times(port: int, pki: Path, n: int) -> list[float]:
-    tls = TlsFiles(pki / "ca.crt", pki / "alice.crt", pki / "alice.key")
-    async with connect(f"127.0.0.1:{port}", tls) as channel:
+    async with connect(f"127.0.0.1:{port}", alice_tls(pki)) as channel:
         stub = pb_grpc.JobServiceStub(channel)
         samples = []
         for _ in range(n):
@@ -61,17 +59,10 @@ async def measure(jobs: int = 10_000) -> list[Row]:
         work = Path(tmp)
         pki = work / "pki"
         make_dev_pki(pki)
-        server, port = await asyncio.to_thread(start_jobworkerd, work, pki)
-        try:
-            tls = TlsFiles(pki / "ca.crt", pki / "alice.crt", pki / "alice.key")
-            async with connect(f"127.0.0.1:{port}", tls) as channel:
-                stub = pb_grpc.JobServiceStub(channel)
-                spec = pb.JobSpec(argv=["echo", "hello"])
-                job = await stub.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
-                await stub.WaitJob(pb.JobRequest(id=job.id), timeout=30)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait()
+        async with jobworkerd(work, pki) as (_port, _channel, stub):
+            spec = pb.JobSpec(argv=["echo", "hello"])
+            job = await stub.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
+            await stub.WaitJob(pb.JobRequest(id=job.id), timeout=30)
         state = work / "state"
         template = state / "jobs" / job.id
         await asyncio.to_thread(_clone_jobs, state, template, jobs - 1)

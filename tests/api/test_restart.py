@@ -77,13 +77,19 @@ async def _full_output(stub: object, job_id: str, *, follow: bool) -> bytes:
     return b"".join([c.data async for r in call for c in r.chunks])
 
 
+async def _start_ticker(stub: object) -> pb.Job:
+    spec = pb.JobSpec(argv=[sys.executable, "-c", TICKER])
+    request = pb.CreateJobRequest(spec=spec, start=True)
+    job: pb.Job = await stub.CreateJob(request, timeout=10)  # type: ignore[attr-defined]
+    return job
+
+
 async def test_kill_9_while_streaming_then_restart(tmp_path: Path, pki: Pki) -> None:
     async with servers(tmp_path, pki) as s:
         first = await s.start()
         channel, stub = _stub(pki, first.port)
         async with channel:
-            spec = pb.JobSpec(argv=[sys.executable, "-c", TICKER])
-            job = await stub.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
+            job = await _start_ticker(stub)
             follow = stub.StreamOutput(pb.OutputRequest(id=job.id, follow=True))
             seen = b""
             while b"line 20\n" not in seen:
@@ -116,8 +122,7 @@ async def test_graceful_restart_followers_reconnect_and_miss_nothing(
         first = await s.start()
         channel, stub = _stub(pki, first.port)
         async with channel:
-            spec = pb.JobSpec(argv=[sys.executable, "-c", TICKER])
-            job = await stub.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
+            job = await _start_ticker(stub)
             followers = [
                 stub.StreamOutput(pb.OutputRequest(id=job.id, follow=True)) for _ in range(3)
             ]
@@ -171,7 +176,7 @@ async def test_crash_consistency_under_random_kill_9(tmp_path: Path, pki: Pki) -
                 d.proc.kill()
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
                     await asyncio.wait_for(burst, 10)
-            await asyncio.to_thread(d.proc.wait)
+            await asyncio.wait_for(asyncio.to_thread(d.proc.wait), 30)
         d = await s.start()
         channel, stub = _stub(pki, d.port)
         async with channel:

@@ -64,9 +64,13 @@ async def _wait_pid_gone(pid: int, timeout: float = 30) -> None:
         os.close(pidfd)
 
 
-def _run_record(state_dir: Path, job_id: str) -> dict[str, int]:
-    data: dict[str, int] = json.loads((state_dir / "jobs" / job_id / "run.json").read_text())
-    return data
+async def _end_unwatched(state_dir: Path, job_id: str, pid: int | None, signum: int) -> None:
+    """While no runtime watches: send ``signum`` to ``pid`` (the job's command, a process we
+    started) or, if None, to the job's supervisor; return once the supervisor has exited."""
+    run = json.loads((state_dir / "jobs" / job_id / "run.json").read_text())
+    supervisor: int = run["supervisor_pid"]
+    os.kill(supervisor if pid is None else pid, signum)
+    await _wait_pid_gone(supervisor)
 
 
 class Restarts:
@@ -145,10 +149,7 @@ async def test_a_job_that_ended_while_no_runtime_ran_shows_how(
         job = await first.run(py(WAITS_FOR_USR1))
         await read_until(first, job.id, b"ready")
         await first.close()
-        supervisor = _run_record(tmp_path / "state", job.id)["supervisor_pid"]
-        assert job.pid is not None
-        os.kill(job.pid, signal.SIGUSR1)  # the command we started, by its pid
-        await _wait_pid_gone(supervisor)
+        await _end_unwatched(tmp_path / "state", job.id, job.pid, signal.SIGUSR1)
 
         second = await restarts.open()
         final = await second.status(job.id)
@@ -179,10 +180,7 @@ async def test_an_oom_kill_while_no_runtime_ran_is_reported(
         job = await first.run(py(eat, limits=Limits(memory_bytes=64 << 20)))
         await read_until(first, job.id, b"ready")
         await first.close()
-        supervisor = _run_record(tmp_path / "state", job.id)["supervisor_pid"]
-        assert job.pid is not None
-        os.kill(job.pid, signal.SIGUSR1)
-        await _wait_pid_gone(supervisor)
+        await _end_unwatched(tmp_path / "state", job.id, job.pid, signal.SIGUSR1)
         final = await (await restarts.open()).status(job.id)
     assert final.state is State.EXITED
     assert final.signal == signal.SIGKILL
@@ -196,9 +194,8 @@ async def test_a_vanished_supervisor_makes_the_job_lost_not_running(
     async with asyncio.timeout(60):
         job = await first.run(JobSpec(["sleep", "1000"]))
         await first.close()
-        supervisor = _run_record(tmp_path / "state", job.id)["supervisor_pid"]
-        os.kill(supervisor, signal.SIGKILL)  # the supervisor we started: its job dies with it
-        await _wait_pid_gone(supervisor)
+        # The supervisor we started: its job dies with it.
+        await _end_unwatched(tmp_path / "state", job.id, None, signal.SIGKILL)
 
         second = await restarts.open()
         final = await second.status(job.id)
@@ -216,9 +213,7 @@ async def test_a_job_from_before_a_host_restart_is_lost(restarts: Restarts, tmp_
     async with asyncio.timeout(60):
         job = await first.run(JobSpec(["sleep", "1000"]))
         await first.close()
-        supervisor = _run_record(tmp_path / "state", job.id)["supervisor_pid"]
-        os.kill(supervisor, signal.SIGKILL)
-        await _wait_pid_gone(supervisor)
+        await _end_unwatched(tmp_path / "state", job.id, None, signal.SIGKILL)
         # Injected fault: the record says the job ran under another boot of the host.
         spec = tmp_path / "state" / "jobs" / job.id / "spec.json"
         meta = json.loads(spec.read_text())
@@ -247,7 +242,7 @@ async def test_a_create_cut_short_leaves_nothing(restarts: Restarts, tmp_path: P
     half = tmp_path / "state" / "jobs" / "4f8a1c62-0000-4000-8000-000000000000"
     half.mkdir(parents=True)  # what a crash between mkdir and writing spec.json leaves
     rt = await restarts.open()
-    assert await rt.list() == []
+    assert await asyncio.wait_for(rt.list(), 10) == []
     assert not half.exists()
 
 

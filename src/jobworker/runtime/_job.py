@@ -119,25 +119,23 @@ class Job:
             state=state,
             started_at=_from_ns(run.started_ns) if run is not None else None,
             pid=(run.pid or None) if run is not None else None,
-            usage=usage,
-            oom_killed=oom_killed,
-            exit_code=record.exit_code,
-            signal=record.signal,
-            error=record.error,
-            ended_at=_from_ns(record.ended_ns),
-            output_truncated=record.output_truncated,
+            **_end_fields(record, usage, oom_killed=oom_killed),
         )
         self.history = [self._status]
         self.ended.set()
 
     def mark_ended(self, record: ExitRecord, usage: Usage | None, *, oom_killed: bool) -> None:
-        self._set(
-            State(record.state),
-            usage=usage,
-            oom_killed=oom_killed,
-            exit_code=record.exit_code,
-            signal=record.signal,
-            error=record.error,
-            ended_at=_from_ns(record.ended_ns),
-            output_truncated=record.output_truncated,
-        )
+        self._set(State(record.state), **_end_fields(record, usage, oom_killed=oom_killed))
+
+
+def _end_fields(record: ExitRecord, usage: Usage | None, *, oom_killed: bool) -> dict[str, Any]:
+    """The status fields a job's end sets."""
+    return {
+        "usage": usage,
+        "oom_killed": oom_killed,
+        "exit_code": record.exit_code,
+        "signal": record.signal,
+        "error": record.error,
+        "ended_at": _from_ns(record.ended_ns),
+        "output_truncated": record.output_truncated,
+    }

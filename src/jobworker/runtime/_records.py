@@ -7,8 +7,9 @@ A job directory is self-describing, so the job outlives the server that created 
 - ``output.log``: the framed output log (see ``_logformat``), appended by the supervisor;
 - ``exit.json``: the final state, written by the supervisor after the last output byte (by the
   server for a job that never got a supervisor, or whose supervisor vanished: "lost");
-- ``final.json``: the job's final resource usage and OOM flag, written by the server from the
-  job's cgroup before removing it;
+- ``final.json``: written by the server when it sees the job end: the final resource usage
+  and OOM flag (from the job's cgroup, before removing it), the disk the job takes, and the
+  run and exit records, so a restart reads an ended job from two files;
 - ``control.sock``: the supervisor's control socket (stop, signal) while the job runs.
 
 This module is imported by the launcher, so it stays light: no asyncio.
@@ -54,7 +55,7 @@ def write_json_atomic(dir_fd: int, name: str, data: dict[str, Any], *, durable: 
     ``durable`` adds an fsync, for records that must survive a power loss; the hot start path
     skips it, since a job whose host lost power is reported as lost anyway.
     """
-    tmp = f".{name}.tmp"
+    tmp = _tmp_name(name)
     # No O_TRUNC: a temp file set aside by reserve() keeps its blocks, so the write needs no
     # new space even on a full disk; the truncate after it only ever shrinks the file.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
@@ -70,11 +71,15 @@ def write_json_atomic(dir_fd: int, name: str, data: dict[str, Any], *, durable: 
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
+def _tmp_name(name: str) -> str:
+    return f".{name}.tmp"
+
+
 def reserve(dir_fd: int, name: str, size: int = RESERVED_BYTES) -> None:
     """Set disk space aside now for a later :func:`write_json_atomic` of ``name``, so that
     record can still be written once output has filled the disk. Best effort: a filesystem
     without fallocate simply gets no reservation."""
-    fd = os.open(f".{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    fd = os.open(_tmp_name(name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
         with contextlib.suppress(OSError):
             os.posix_fallocate(fd, 0, size)

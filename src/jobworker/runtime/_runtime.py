@@ -160,7 +160,6 @@ class Runtime:
         self._boot_id = boot_id()
         # Jobs whose end is being recorded: their cgroups are still needed (for usage).
         self._ending: set[str] = set()
-        self._restoring = False
         self._closed = False
 
     @classmethod
@@ -229,13 +228,6 @@ class Runtime:
     # ---------------------------------------------------------------- restart
     async def _restore(self) -> None:
         """Take back every job in the state dir (see :class:`Runtime`)."""
-        self._restoring = True
-        try:
-            await self._restore_all()
-        finally:
-            self._restoring = False
-
-    async def _restore_all(self) -> None:
         found, empty, corrupt = await asyncio.to_thread(scan, str(self._jobs_dir))
         for directory in empty:
             # mkdir happened, spec.json never did: the create was cut short and its id was
@@ -363,18 +355,19 @@ class Runtime:
         """Apply the retention settings now (``now``: seconds since the epoch, for tests);
         return the ids of the jobs deleted, oldest first."""
         now = time.time() if now is None else now
-        ended = sorted(
-            (j for j in self._jobs.values() if j.state.is_final and j.status.ended_at),
-            key=lambda j: j.status.ended_at or j.status.created_at,
-        )
-        logs = [os.path.join(j.dir, LOG) for j in self._jobs.values() if not j.state.is_final]
-        total = await asyncio.to_thread(_sum_sizes, logs) + sum(j.disk_bytes for j in ended)
+        ended = [j for j in self._jobs.values() if j.state.is_final and j.status.ended_at]
+        running = [j.dir for j in self._jobs.values() if not j.state.is_final]
+        total = await asyncio.to_thread(lambda: sum(_dir_bytes(d) for d in running))
+        total += sum(j.disk_bytes for j in ended)
         cutoff = now - self._config.retention_seconds
+        if total <= self._config.retention_bytes:
+            # Within budget (the usual case, checked at every job's end): only age counts,
+            # so only the expired are sorted, not every ended job.
+            ended = [j for j in ended if _ended_s(j) < cutoff]
+        ended.sort(key=_ended_s)
         removed = []
         for job in ended:
-            ended_at = job.status.ended_at
-            too_old = ended_at is not None and ended_at.timestamp() < cutoff
-            if not too_old and total <= self._config.retention_bytes:
+            if _ended_s(job) >= cutoff and total <= self._config.retention_bytes:
                 break
             total -= job.disk_bytes
             await self._delete(job)
@@ -546,7 +539,7 @@ class Runtime:
                 # On record before the launch: a server that dies from here on finds, at its
                 # next start, a job whose supervisor may be running (see _await_launch).
                 job.meta["launching"] = True
-                await asyncio.to_thread(_write_meta, job.dir, job.meta)
+                await asyncio.to_thread(_write_record, job.dir, SPEC, job.meta)
                 result = await self._launcher.launch(job.dir, self._config.launch_timeout)
             except (LaunchError, CgroupError, OSError) as e:
                 await self._failed_to_start(job, str(e))
@@ -641,7 +634,7 @@ class Runtime:
                 await asyncio.to_thread(
                     self._cgroups.remove, job.id, self._config.cgroup_remove_timeout
                 )
-        if not self._closed and not self._restoring:
+        if not self._closed:
             await self.prune_ended()
 
     def _running(self, job: Job, action: str) -> SupervisorHandle:
@@ -808,17 +801,9 @@ class Runtime:
         return self._notifier
 
 
-def _write_meta(directory: str, meta: dict[str, Any]) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        write_json_atomic(dir_fd, SPEC, meta, durable=False)
-    finally:
-        os.close(dir_fd)
-
-
 def _make_job_dir(directory: str, meta: dict[str, Any]) -> None:
     os.mkdir(directory, 0o700)
-    _write_meta(directory, meta)
+    _write_record(directory, SPEC, meta)
 
 
 def _launch_progress(directory: str) -> tuple[Found | None, bool]:
@@ -830,23 +815,25 @@ def _launch_progress(directory: str) -> tuple[Found | None, bool]:
     return None, os.path.exists(os.path.join(directory, CONTROL))
 
 
-def _write_record(directory: str, name: str, data: dict[str, Any]) -> None:
+def _write_record(
+    directory: str, name: str, data: dict[str, Any], *, durable: bool = False
+) -> None:
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        write_json_atomic(dir_fd, name, data, durable=False)
+        write_json_atomic(dir_fd, name, data, durable=durable)
     finally:
         os.close(dir_fd)
 
 
 def _write_exit_if_missing(directory: str, record: ExitRecord) -> None:
     """exit.json for a job that has no supervisor to write it; durable, as the supervisor's."""
-    if os.path.exists(os.path.join(directory, EXIT)):
-        return
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        write_json_atomic(dir_fd, EXIT, record.to_json(), durable=True)
-    finally:
-        os.close(dir_fd)
+    if not os.path.exists(os.path.join(directory, EXIT)):
+        _write_record(directory, EXIT, record.to_json(), durable=True)
+
+
+def _ended_s(job: Job) -> float:
+    ended_at = job.status.ended_at
+    return ended_at.timestamp() if ended_at is not None else job.status.created_at.timestamp()
 
 
 def _dir_bytes(directory: str) -> int:
@@ -856,12 +843,4 @@ def _dir_bytes(directory: str) -> int:
         for entry in entries:
             with contextlib.suppress(FileNotFoundError):
                 total += entry.stat(follow_symlinks=False).st_blocks * 512
-    return total
-
-
-def _sum_sizes(paths: Sequence[str]) -> int:
-    total = 0
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            total += os.stat(path).st_blocks * 512
     return total
