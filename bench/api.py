@@ -261,8 +261,8 @@ async def measure(n: int, size: int) -> list[Row]:
                 env = {
                     **os.environ,
                     "JOBWORKER_SERVER": f"127.0.0.1:{port}",
-                    "JOBWORKER_CA": str(pki / "ca.crt"),
-                    "JOBWORKER_CERT": str(pki / "alice.crt"),
+                    "JOBWORKER_CA": str(pki / "ca.pem"),
+                    "JOBWORKER_CERT": str(pki / "alice.pem"),
                     "JOBWORKER_KEY": str(pki / "alice.key"),
                 }
                 jobctl = [str(Path(sys.executable).parent / "jobctl"), "logs", last]
@@ -338,7 +338,7 @@ def cli_figures(jobctl: str, job_id: str, env: dict[str, str], ssh: list[str]) -
 
 
 def alice_tls(pki: Path) -> TlsFiles:
-    return TlsFiles(pki / "ca.crt", pki / "alice.crt", pki / "alice.key")
+    return TlsFiles(pki / "ca.pem", pki / "alice.pem", pki / "alice.key")
 
 
 @contextlib.asynccontextmanager
@@ -361,6 +361,8 @@ async def jobworkerd(
 
 def start_jobworkerd(work: Path, pki: Path) -> tuple[subprocess.Popen[str], int]:
     """The real server, in its own process, as a client would meet it."""
+    config = work / "jobworkerd.toml"
+    config.write_text("[quotas]\nmax_jobs_per_user = 100000\nmax_streams_per_user = 1000\n")
     proc = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "jobworkerd"),
@@ -368,16 +370,14 @@ def start_jobworkerd(work: Path, pki: Path) -> tuple[subprocess.Popen[str], int]
             "127.0.0.1:0",
             "--state-dir",
             str(work / "state"),
-            "--tls-ca",
-            str(pki / "ca.crt"),
-            "--tls-cert",
-            str(pki / "server.crt"),
-            "--tls-key",
+            "--ca",
+            str(pki / "ca.pem"),
+            "--cert",
+            str(pki / "server.pem"),
+            "--key",
             str(pki / "server.key"),
-            "--max-jobs-per-user",
-            "100000",
-            "--max-streams-per-user",
-            "1000",
+            "--config",
+            str(config),
         ],
         stderr=subprocess.PIPE,
         text=True,

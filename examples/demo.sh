@@ -19,16 +19,18 @@ cleanup() {
 trap cleanup EXIT
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
-"$BIN/jobworker-certs" dev "$DIR/pki" >/dev/null
+step "jobworker-certs init \$DIR/pki; jobworker-certs client \$DIR/pki alice"
+"$BIN/jobworker-certs" init "$DIR/pki"
+"$BIN/jobworker-certs" client "$DIR/pki" alice
 "$BIN/jobworkerd" --listen 127.0.0.1:0 --state-dir "$DIR/state" \
-  --tls-ca "$DIR/pki/ca.crt" --tls-cert "$DIR/pki/server.crt" --tls-key "$DIR/pki/server.key" \
+  --ca "$DIR/pki/ca.pem" --cert "$DIR/pki/server.pem" --key "$DIR/pki/server.key" \
   2>"$DIR/server.log" &
 SERVER_PID=$!
 for _ in $(seq 100); do grep -q "serving on" "$DIR/server.log" && break; sleep 0.1; done
 grep -q "serving on" "$DIR/server.log" || { cat "$DIR/server.log" >&2; exit 1; }
 PORT=$(sed -n 's/.*serving on [^ ]*:\([0-9]*\).*/\1/p' "$DIR/server.log" | head -1)
-export JOBWORKER_SERVER=127.0.0.1:$PORT JOBWORKER_CA=$DIR/pki/ca.crt
-export JOBWORKER_CERT=$DIR/pki/alice.crt JOBWORKER_KEY=$DIR/pki/alice.key
+export JOBWORKER_SERVER=127.0.0.1:$PORT JOBWORKER_CA=$DIR/pki/ca.pem
+export JOBWORKER_CERT=$DIR/pki/alice.pem JOBWORKER_KEY=$DIR/pki/alice.key
 export PATH=$BIN:$PATH
 echo "jobworkerd is serving on 127.0.0.1:$PORT (mutual TLS 1.3); you are 'alice'"
 

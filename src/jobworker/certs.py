@@ -4,11 +4,12 @@ ECDSA P-256 keys and SHA-256 signatures; private keys are written 0600 and never
 overwritten by accident. Client certificates carry the role extension and a short default
 validity (30 days).
 
-    jobworker-certs init-ca DIR [--name NAME]
-    jobworker-certs server DIR [--dns NAME]... [--ip ADDR]...
-    jobworker-certs client DIR CN [--role admin|user] [--days N] [--out PREFIX]
-    jobworker-certs dev DIR            # CA, server (localhost), an admin and a user
-    jobworker-certs fingerprint CERT   # SHA-256, for allow and revocation lists
+    jobworker-certs init DIR [--host NAME]...   # DIR/ca.pem, ca.key, server.pem, server.key
+    jobworker-certs client DIR NAME [--role admin|user] [--days N]   # DIR/NAME.pem, NAME.key
+    jobworker-certs fingerprint CERT            # SHA-256, for allow and revocation lists
+
+The server certificate names localhost, 127.0.0.1 and ::1, plus each ``--host`` (a DNS name
+or an IP address).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import datetime as dt
 import ipaddress
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .identity import ROLE_OID, Role, encode_role, fingerprint
 
-__all__ = ["Pki", "issue_client", "issue_server", "main", "make_ca", "make_dev_pki"]
+__all__ = ["issue_client", "issue_server", "main", "make_ca", "make_dev_pki", "make_pki"]
 
 CLIENT_DAYS = 30
 SERVER_DAYS = 365
@@ -186,50 +188,103 @@ def issue_client(  # noqa: PLR0913 - keyword-only knobs for tests of odd certifi
     return Issued(key, builder.sign(ca.key, hashes.SHA256()))
 
 
+def _with(prefix: Path, suffix: str) -> Path:
+    # Not Path.with_suffix: a user name such as "ops.team" must keep its dot.
+    return prefix.parent / (prefix.name + suffix)
+
+
 def save(issued: Issued, prefix: Path) -> tuple[Path, Path]:
-    """Write ``prefix.key`` (0600) and ``prefix.crt``; return their paths."""
-    key_path, cert_path = prefix.with_suffix(".key"), prefix.with_suffix(".crt")
+    """Write ``prefix.key`` (0600) and ``prefix.pem``; return their paths."""
+    key_path, cert_path = _with(prefix, ".key"), _with(prefix, ".pem")
     _write_private(key_path, _key_pem(issued.key))
     _write_public(cert_path, _cert_pem(issued.cert))
     return key_path, cert_path
 
 
 def load(prefix: Path) -> Issued:
-    """Read ``prefix.key`` and ``prefix.crt``.
+    """Read ``prefix.key`` and ``prefix.pem``.
 
     Raises:
         CertError: a file is missing or unreadable.
     """
     try:
-        key = serialization.load_pem_private_key(prefix.with_suffix(".key").read_bytes(), None)
-        cert = x509.load_pem_x509_certificate(prefix.with_suffix(".crt").read_bytes())
+        key = serialization.load_pem_private_key(_with(prefix, ".key").read_bytes(), None)
+        cert = x509.load_pem_x509_certificate(_with(prefix, ".pem").read_bytes())
     except (OSError, ValueError) as e:
-        raise CertError(f"cannot read {prefix}.key/.crt: {e}") from e
+        raise CertError(
+            f"cannot read {prefix}.key/.pem ({e}); run 'jobworker-certs init' first"
+        ) from e
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertError(f"{prefix}.key is not an ECDSA key")
     return Issued(key, cert)
 
 
-@dataclass(frozen=True, slots=True)
-class Pki:
-    """Paths of a development PKI made by :func:`make_dev_pki`."""
-
-    dir: Path
-
-    def path(self, name: str) -> Path:
-        return self.dir / name
+LOCAL_NAMES = ("localhost",)
+LOCAL_IPS = ("127.0.0.1", "::1")
 
 
-def make_dev_pki(directory: Path, users: dict[str, Role] | None = None) -> Pki:
-    """A CA, a server certificate for localhost/127.0.0.1/::1, and one client per user
-    (default: ``admin`` as admin, ``alice`` as user)."""
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def make_pki(directory: Path, hosts: Sequence[str] = (), *, ca_name: str = "jobworker CA") -> None:
+    """Write ``ca.pem``/``ca.key`` and ``server.pem``/``server.key`` to ``directory`` (made
+    0700 if missing). The server certificate names localhost, 127.0.0.1, ::1 and ``hosts``.
+
+    Raises:
+        CertError: one of the files exists already.
+    """
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    ca = make_ca()
+    for name in ("ca", "server"):
+        for suffix in (".key", ".pem"):
+            if (directory / (name + suffix)).exists():
+                raise CertError(
+                    f"{directory / (name + suffix)} exists; use another DIR or remove it first"
+                )
+    ca = make_ca(ca_name)
+    dns = [*LOCAL_NAMES, *(h for h in hosts if not _is_ip(h))]
+    ips = [*LOCAL_IPS, *(h for h in hosts if _is_ip(h))]
     save(ca, directory / "ca")
-    save(issue_server(ca, ["localhost"], ["127.0.0.1", "::1"]), directory / "server")
+    save(issue_server(ca, list(dict.fromkeys(dns)), list(dict.fromkeys(ips))), directory / "server")
+
+
+def _check_name(name: str) -> str:
+    if not name or name.startswith(".") or any(not (c.isalnum() or c in "._-@") for c in name):
+        raise CertError(
+            f"client name {name!r} is not usable as a user and file name; use letters, "
+            "digits, '.', '_', '-' or '@', not starting with '.'"
+        )
+    return name
+
+
+def make_client(
+    directory: Path, name: str, role: Role = Role.USER, *, days: float = CLIENT_DAYS
+) -> Path:
+    """Write ``NAME.pem``/``NAME.key`` to ``directory``, signed by its ``ca.key``; return the
+    certificate's path.
+
+    Raises:
+        CertError: a bad name, no CA in ``directory``, or the files exist already.
+    """
+    if days <= 0:
+        raise CertError(f"--days must be positive, not {days:g}")
+    _, cert = save(
+        issue_client(load(directory / "ca"), _check_name(name), role, days=days), directory / name
+    )
+    return cert
+
+
+def make_dev_pki(directory: Path, users: dict[str, Role] | None = None) -> Path:
+    """:func:`make_pki` plus one client per user (default: ``admin`` as admin, ``alice`` as
+    user); returns ``directory``."""
+    make_pki(directory)
     for name, role in (users or {"admin": Role.ADMIN, "alice": Role.USER}).items():
-        save(issue_client(ca, name, role), directory / name)
-    return Pki(directory)
+        make_client(directory, name, role)
+    return directory
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -237,50 +292,36 @@ def _parser() -> argparse.ArgumentParser:
         prog="jobworker-certs", description=__doc__.splitlines()[0] if __doc__ else None
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("init-ca", help="create ca.key and ca.crt in DIR")
+    p = sub.add_parser("init", help="write DIR/ca.pem, ca.key, server.pem, server.key (keys 0600)")
     p.add_argument("dir", type=Path)
-    p.add_argument("--name", default="jobworker CA")
-    p = sub.add_parser("server", help="issue server.key/server.crt in DIR, signed by DIR/ca")
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="another DNS name or IP address for the server certificate (repeatable)",
+    )
+    p.add_argument("--ca-name", default="jobworker CA", help="the CA's common name")
+    p = sub.add_parser("client", help="write DIR/NAME.pem and NAME.key, signed by DIR/ca.key")
     p.add_argument("dir", type=Path)
-    p.add_argument("--dns", action="append", default=[])
-    p.add_argument("--ip", action="append", default=[])
-    p.add_argument("--days", type=float, default=SERVER_DAYS)
-    p = sub.add_parser("client", help="issue CN.key/CN.crt in DIR, signed by DIR/ca")
-    p.add_argument("dir", type=Path)
-    p.add_argument("cn")
+    p.add_argument("name", help="the user name (certificate subject CN)")
     p.add_argument("--role", choices=[r.value for r in Role], default=Role.USER.value)
-    p.add_argument("--days", type=float, default=CLIENT_DAYS)
-    p.add_argument("--out", type=Path, help="file prefix (default DIR/CN)")
-    p = sub.add_parser("dev", help="CA, server for localhost, clients admin and alice")
-    p.add_argument("dir", type=Path)
+    p.add_argument("--days", type=float, default=CLIENT_DAYS, help="validity (default %(default)s)")
     p = sub.add_parser("fingerprint", help="print a certificate's SHA-256 fingerprint")
     p.add_argument("cert", type=Path)
     return parser
 
 
 def _run(args: argparse.Namespace) -> str:
-    if args.command == "init-ca":
-        args.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _, crt = save(make_ca(args.name), args.dir / "ca")
-        return f"wrote {args.dir / 'ca.key'} (0600) and {crt}"
-    if args.command == "server":
-        if not args.dns and not args.ip:
-            raise CertError("give at least one --dns or --ip for the server certificate")
-        _, crt = save(
-            issue_server(load(args.dir / "ca"), args.dns, args.ip, days=args.days),
-            args.dir / "server",
+    if args.command == "init":
+        make_pki(args.dir, args.host, ca_name=args.ca_name)
+        names = ", ".join([*LOCAL_NAMES, *LOCAL_IPS, *args.host])
+        return (
+            f"wrote {args.dir}/ca.pem, ca.key, server.pem, server.key (keys 0600); "
+            f"the server certificate names {names}"
         )
-        return f"wrote {crt} and its key"
     if args.command == "client":
-        prefix = args.out or args.dir / args.cn
-        _, crt = save(
-            issue_client(load(args.dir / "ca"), args.cn, Role(args.role), days=args.days),
-            prefix,
-        )
-        return f"wrote {crt} and its key ({args.role}, valid {args.days:g} days)"
-    if args.command == "dev":
-        make_dev_pki(args.dir)
-        return f"wrote a development PKI to {args.dir}"
+        path = make_client(args.dir, args.name, Role(args.role), days=args.days)
+        return f"wrote {path} and its key ({args.role}, valid {args.days:g} days)"
     try:
         cert = x509.load_pem_x509_certificate(args.cert.read_bytes())
     except (OSError, ValueError) as e:

@@ -30,7 +30,13 @@ _UTF8STRING = 0x0C
 
 
 class IdentityError(ValueError):
-    """The certificate does not name a valid identity; the message says what is wrong."""
+    """The certificate does not name a valid identity; the message says what is wrong.
+    ``subject`` (its CN, if readable) and ``fingerprint`` say which certificate."""
+
+    def __init__(self, message: str, subject: str = "", fingerprint: str = "") -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.fingerprint = fingerprint
 
 
 class Role(enum.StrEnum):
@@ -89,12 +95,15 @@ def identity_from_pem(pem: bytes) -> Identity:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError as e:
         raise IdentityError(f"unreadable certificate: {e}") from e
+    digest = fingerprint(cert)
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(names) != 1:
-        raise IdentityError("the certificate subject must have exactly one CN (the user name)")
+        raise IdentityError(
+            "the certificate subject must have exactly one CN (the user name)", "", digest
+        )
     name = names[0].value
     if not isinstance(name, str) or not name or not name.isprintable() or len(name) > 256:
-        raise IdentityError("the certificate CN is not a usable user name")
+        raise IdentityError("the certificate CN is not a usable user name", "", digest)
     try:
         ext = cert.extensions.get_extension_for_oid(ROLE_OID)
     except x509.ExtensionNotFound:
@@ -102,6 +111,9 @@ def identity_from_pem(pem: bytes) -> Identity:
     else:
         value = ext.value
         if not isinstance(value, x509.UnrecognizedExtension):
-            raise IdentityError("the role extension is not an opaque value")
-        role = _decode_role(value.value)
-    return Identity(name=name, role=role, fingerprint=fingerprint(cert))
+            raise IdentityError("the role extension is not an opaque value", name, digest)
+        try:
+            role = _decode_role(value.value)
+        except IdentityError as e:
+            raise IdentityError(str(e), name, digest) from None
+    return Identity(name=name, role=role, fingerprint=digest)

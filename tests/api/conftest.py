@@ -37,7 +37,7 @@ class Pki:
         self.ca = load(self.dir / "ca")
 
     def files(self, user: str) -> TlsFiles:
-        return TlsFiles(self.dir / "ca.crt", self.dir / f"{user}.crt", self.dir / f"{user}.key")
+        return TlsFiles(self.dir / "ca.pem", self.dir / f"{user}.pem", self.dir / f"{user}.key")
 
     def issue(self, name: str, **kw: Any) -> str:
         """Issue one more client certificate signed by the test CA; return its file name."""
@@ -73,7 +73,7 @@ class Running:
 async def start_server(tmp_path: Path, pki: Pki, **kw: Any) -> Server:
     runtime_kw = kw.pop("runtime", {})
     config = ServerConfig(
-        tls=TlsFiles(pki.dir / "ca.crt", pki.dir / "server.crt", pki.dir / "server.key"),
+        tls=TlsFiles(pki.dir / "ca.pem", pki.dir / "server.pem", pki.dir / "server.key"),
         runtime=make_config(tmp_path / "state", **runtime_kw),
         listen=("127.0.0.1:0",),
         **kw,

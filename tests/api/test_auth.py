@@ -34,9 +34,9 @@ async def _status_of(stub: pb_grpc.JobServiceStub) -> grpc.StatusCode:
 
 async def _raw_client(running: Running, cert: str | None, *, ca: str = "ca") -> grpc.StatusCode:
     d = running.pki.dir
-    root = (d / f"{ca}.crt").read_bytes()
+    root = (d / f"{ca}.pem").read_bytes()
     key = (d / f"{cert}.key").read_bytes() if cert else None
-    chain = (d / f"{cert}.crt").read_bytes() if cert else None
+    chain = (d / f"{cert}.pem").read_bytes() if cert else None
     creds = grpc.ssl_channel_credentials(root, key, chain)
     async with grpc.aio.secure_channel(f"127.0.0.1:{running.port}", creds) as channel:
         return await _status_of(pb_grpc.JobServiceStub(channel))
@@ -95,13 +95,13 @@ async def test_allowlist_admits_only_listed_certificates(tmp_path: Path, pki: Pk
 
 
 def _cert(pki: Pki, name: str) -> x509.Certificate:
-    return x509.load_pem_x509_certificate((pki.dir / f"{name}.crt").read_bytes())
+    return x509.load_pem_x509_certificate((pki.dir / f"{name}.pem").read_bytes())
 
 
 def _tls_handshake(running: Running, user: str, version: ssl.TLSVersion) -> str:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_verify_locations(running.pki.dir / "ca.crt")
-    context.load_cert_chain(running.pki.dir / f"{user}.crt", running.pki.dir / f"{user}.key")
+    context.load_verify_locations(running.pki.dir / "ca.pem")
+    context.load_cert_chain(running.pki.dir / f"{user}.pem", running.pki.dir / f"{user}.key")
     context.maximum_version = version
     context.set_alpn_protocols(["h2"])
     with (

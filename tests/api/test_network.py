@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from jobworker.api._proto import jobworker_pb2 as pb
 from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
-from jobworker.api._service import ServiceLimits
+from jobworker.api.server import ServiceLimits
 from jobworker.api.client import connect, stream_output
 
 from ..runtime.helpers import PY
@@ -106,11 +106,11 @@ def jobworkerd_argv(pki: Pki, listen: str, state: Path) -> list[str]:
         listen,
         "--state-dir",
         str(state),
-        "--tls-ca",
-        str(pki.dir / "ca.crt"),
-        "--tls-cert",
-        str(pki.dir / "server.crt"),
-        "--tls-key",
+        "--ca",
+        str(pki.dir / "ca.pem"),
+        "--cert",
+        str(pki.dir / "server.pem"),
+        "--key",
         str(pki.dir / "server.key"),
     ]
 
@@ -193,9 +193,9 @@ def _stub(
     pki: Pki, port: int, user: str = "alice"
 ) -> tuple[grpc.aio.Channel, pb_grpc.JobServiceStub]:
     creds = grpc.ssl_channel_credentials(
-        (pki.dir / "ca.crt").read_bytes(),
+        (pki.dir / "ca.pem").read_bytes(),
         (pki.dir / f"{user}.key").read_bytes(),
-        (pki.dir / f"{user}.crt").read_bytes(),
+        (pki.dir / f"{user}.pem").read_bytes(),
     )
     channel = grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)
     return channel, pb_grpc.JobServiceStub(channel)
@@ -246,16 +246,16 @@ async def test_start_up_errors_are_one_clear_line(tmp_path: Path, pki: Pki) -> N
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         return proc.returncode or 0, err.decode()
 
-    tls = ["--tls-ca", str(pki.dir / "ca.crt"), "--tls-cert", str(pki.dir / "server.crt")]
+    tls = ["--ca", str(pki.dir / "ca.pem"), "--cert", str(pki.dir / "server.pem")]
     state = ["--state-dir", str(tmp_path / "state")]
-    code, err = await run(*tls, "--tls-key", str(tmp_path / "missing.key"), *state)
+    code, err = await run(*tls, "--key", str(tmp_path / "missing.key"), *state)
     assert code == 1
     assert err.strip().splitlines() == [
         f"jobworkerd: cannot read the key {tmp_path}/missing.key: No such file or directory"
     ]
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    key = ["--tls-key", str(pki.dir / "server.key")]
+    key = ["--key", str(pki.dir / "server.key")]
     code, err = await run(*tls, *key, "--state-dir", str(blocker / "state"))
     assert code == 1
     assert "Traceback" not in err

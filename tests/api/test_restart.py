@@ -140,8 +140,8 @@ async def test_graceful_restart_followers_reconnect_and_miss_nothing(
         env = {
             **os.environ,
             "JOBWORKER_SERVER": f"127.0.0.1:{second.port}",
-            "JOBWORKER_CA": str(pki.dir / "ca.crt"),
-            "JOBWORKER_CERT": str(pki.dir / "alice.crt"),
+            "JOBWORKER_CA": str(pki.dir / "ca.pem"),
+            "JOBWORKER_CERT": str(pki.dir / "alice.pem"),
             "JOBWORKER_KEY": str(pki.dir / "alice.key"),
         }
         logs = await asyncio.wait_for(

@@ -12,7 +12,7 @@ import pytest
 
 from jobworker.api._proto import jobworker_pb2 as pb
 from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
-from jobworker.api._service import ServiceLimits
+from jobworker.api.server import ServiceLimits
 from jobworker.runtime import Limits
 
 from ..runtime.helpers import PY

@@ -80,8 +80,8 @@ def cli_env(running: Running, user: str, home: Path) -> dict[str, str]:
         "HOME": str(home),
         "XDG_CONFIG_HOME": str(home / ".config"),
         "JOBWORKER_SERVER": f"127.0.0.1:{running.port}",
-        "JOBWORKER_CA": str(d / "ca.crt"),
-        "JOBWORKER_CERT": str(d / f"{user}.crt"),
+        "JOBWORKER_CA": str(d / "ca.pem"),
+        "JOBWORKER_CERT": str(d / f"{user}.pem"),
         "JOBWORKER_KEY": str(d / f"{user}.key"),
     }
 
@@ -199,7 +199,7 @@ async def test_certificate_from_another_ca_is_explained(cli: Cli, pki: Pki) -> N
     result = await cli(
         "ls",
         env={
-            "JOBWORKER_CERT": str(pki.dir / "stranger.crt"),
+            "JOBWORKER_CERT": str(pki.dir / "stranger.pem"),
             "JOBWORKER_KEY": str(pki.dir / "stranger.key"),
         },
     )
@@ -216,9 +216,9 @@ async def test_config_file_contexts(cli: Cli, tmp_path: Path) -> None:
     config.write_text(
         'current-context = "local"\n'
         f'[contexts.local]\nserver = "127.0.0.1:{cli.running.port}"\n'
-        f'ca = "{d}/ca.crt"\ncert = "{d}/bob.crt"\nkey = "{d}/bob.key"\n'
+        f'ca = "{d}/ca.pem"\ncert = "{d}/bob.pem"\nkey = "{d}/bob.key"\n'
         '[contexts.down]\nserver = "127.0.0.1:1"\n'
-        f'ca = "{d}/ca.crt"\ncert = "{d}/bob.crt"\nkey = "{d}/bob.key"\n'
+        f'ca = "{d}/ca.pem"\ncert = "{d}/bob.pem"\nkey = "{d}/bob.key"\n'
     )
     for key in ("JOBWORKER_SERVER", "JOBWORKER_CA", "JOBWORKER_CERT", "JOBWORKER_KEY"):
         env.pop(key)
@@ -431,7 +431,7 @@ async def test_more_connection_errors(cli: Cli, pki: Pki) -> None:
     expired = await cli(
         "ls",
         env={
-            "JOBWORKER_CERT": str(pki.dir / "expired.crt"),
+            "JOBWORKER_CERT": str(pki.dir / "expired.pem"),
             "JOBWORKER_KEY": str(pki.dir / "expired.key"),
         },
     )
@@ -441,7 +441,7 @@ async def test_more_connection_errors(cli: Cli, pki: Pki) -> None:
 
 async def test_revoked_certificate_is_explained(tmp_path: Path, pki: Pki) -> None:
     revoked = tmp_path / "revoked.txt"
-    alice = x509.load_pem_x509_certificate((pki.dir / "alice.crt").read_bytes())
+    alice = x509.load_pem_x509_certificate((pki.dir / "alice.pem").read_bytes())
     revoked.write_text(fingerprint(alice) + "\n")
     async with serving(tmp_path, pki, pool=CertPool(None, revoked)) as running:
         result = await Cli(running, cli_env(running, "alice", tmp_path))("ls")
@@ -456,9 +456,9 @@ async def test_global_flags_owner_filter_and_human_status(cli: Cli, tmp_path: Pa
         "--server",
         f"127.0.0.1:{cli.running.port}",
         "--ca",
-        str(d / "ca.crt"),
+        str(d / "ca.pem"),
         "--cert",
-        str(d / "admin.crt"),
+        str(d / "admin.pem"),
         "--key",
         str(d / "admin.key"),
     ]

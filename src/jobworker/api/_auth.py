@@ -21,7 +21,14 @@ _CACHE_SIZE = 1024
 
 
 class AuthError(Exception):
-    """The caller is not authenticated; the message says why (for the client and the log)."""
+    """The caller is not authenticated; the message says why (for the client and the log).
+    ``subject`` and ``fingerprint`` name the refused certificate when there was one (for
+    the audit log)."""
+
+    def __init__(self, message: str, subject: str = "", fingerprint: str = "") -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.fingerprint = fingerprint
 
 
 def may_access(who: Identity, owner: str) -> bool:
@@ -66,7 +73,7 @@ class Authenticator:
     def __init__(self, pool: CertPool | None = None) -> None:
         self._pool = pool or CertPool()
         self._allowed, self._revoked = self._pool.load()
-        self._cache: OrderedDict[bytes, Identity | str] = OrderedDict()
+        self._cache: OrderedDict[bytes, Identity | AuthError] = OrderedDict()
 
     def reload(self) -> None:
         """Re-read the allow and revocation lists (on SIGHUP); a bad file keeps the old ones.
@@ -97,14 +104,24 @@ class Authenticator:
             try:
                 found = identity_from_pem(pem)
             except IdentityError as e:
-                found = f"the client certificate is not acceptable: {e}"
+                found = AuthError(
+                    f"the client certificate is not acceptable: {e}",
+                    e.subject,
+                    e.fingerprint,
+                )
             self._cache[pem] = found
             if len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
-        if isinstance(found, str):
-            raise AuthError(found)
+        if isinstance(found, AuthError):
+            raise found
         if found.fingerprint in self._revoked:
-            raise AuthError("the client certificate has been revoked")
+            raise AuthError(
+                "the client certificate has been revoked", found.name, found.fingerprint
+            )
         if self._allowed is not None and found.fingerprint not in self._allowed:
-            raise AuthError("the client certificate is not on the server's allow list")
+            raise AuthError(
+                "the client certificate is not on the server's allow list",
+                found.name,
+                found.fingerprint,
+            )
         return found

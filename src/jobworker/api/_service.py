@@ -10,23 +10,25 @@ import asyncio
 import contextlib
 import functools
 import os
+import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
 from ..identity import Identity
 from ..runtime import InvalidSpecError, JobNotFoundError, JobStatus, Runtime
 from ._auth import Authenticator, may_access
+from ._config import ServiceLimits
 from ._convert import job_id, job_to_pb, spec_from_pb
 from ._errors import ApiError, to_status
+from ._logs import AUDIT
 from ._proto import jobworker_pb2 as pb
 from ._proto import jobworker_pb2_grpc as pb_grpc
 from ._wire import encode_list_response, encode_output_response
 
-__all__ = ["JobService", "ServiceLimits", "add_to_server"]
+__all__ = ["JobService", "NoMetrics", "ServiceMetrics", "add_to_server"]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -36,13 +38,74 @@ Resp = TypeVar("Resp")
 MESSAGE_BYTES = 2 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceLimits:
-    """Per-user caps; past them a call gets RESOURCE_EXHAUSTED."""
+class ServiceMetrics(Protocol):
+    """What the service reports for metrics (see ``_metrics.Metrics``)."""
 
-    max_active_jobs_per_user: int = 100
-    max_streams_per_user: int = 64
-    max_batch: int = 100
+    def rpc_done(self, method: str, code: str) -> None: ...
+    def job_start(self, seconds: float, status: JobStatus) -> None: ...
+    def stream_opened(self) -> None: ...
+    def stream_closed(self) -> None: ...
+    def streamed(self, nbytes: int) -> None: ...
+
+
+class NoMetrics:
+    def rpc_done(self, method: str, code: str) -> None:
+        pass
+
+    def job_start(self, seconds: float, status: JobStatus) -> None:
+        pass
+
+    def stream_opened(self) -> None:
+        pass
+
+    def stream_closed(self) -> None:
+        pass
+
+    def streamed(self, nbytes: int) -> None:
+        pass
+
+
+class _Call:
+    """One RPC, for its audit line and its count: who, from where, what, which job."""
+
+    __slots__ = ("job", "method", "metrics", "peer", "started", "who")
+
+    def __init__(self, method: str, request: Any, context: Any, metrics: ServiceMetrics) -> None:
+        self.method = method
+        # Read now: grpcio crashes (SIGSEGV) reading the peer of a call the client cancelled.
+        self.peer: str = context.peer()
+        self.metrics = metrics
+        self.job: str = getattr(request, "id", "")
+        self.who: Identity | None = None
+        self.started = time.perf_counter()
+
+    def done(
+        self, code: grpc.StatusCode, message: str = "", error: Exception | None = None
+    ) -> None:
+        name = code.name
+        self.metrics.rpc_done(self.method, name)
+        who = self.who
+        fields: dict[str, Any] = {
+            "rpc": self.method,
+            "user": who.name if who else getattr(error, "subject", ""),
+            "role": who.role.value if who else "",
+            "fingerprint": who.fingerprint if who else getattr(error, "fingerprint", ""),
+            "peer": self.peer,
+            "job": self.job,
+            "code": name,
+            "ms": round((time.perf_counter() - self.started) * 1000, 2),
+        }
+        if message:
+            fields["error"] = message
+        AUDIT.info("rpc %s %s", self.method, name, extra={"fields": fields})
+
+
+def _job_of(response: object) -> str:
+    if isinstance(response, pb.Job):
+        return response.id
+    if isinstance(response, pb.StartJobsResponse):
+        return ",".join(r.job.id for r in response.results if r.HasField("job"))
+    return ""
 
 
 def _unary(
@@ -50,12 +113,21 @@ def _unary(
 ) -> Callable[[JobService, Req, Any], Awaitable[Resp]]:
     @functools.wraps(method)
     async def handler(self: JobService, request: Req, context: Any) -> Resp:
+        call = _Call(method.__name__, request, context, self.metrics)
         try:
-            return await method(self, request, self.auth.identify(context))
+            call.who = self.auth.identify(context)
+            response = await method(self, request, call.who)
+        except asyncio.CancelledError:
+            call.done(grpc.StatusCode.CANCELLED, "the client went away")
+            raise
         except Exception as e:
             code, message = to_status(e)
+            call.done(code, message, e)
             await context.abort(code, message)
             raise  # unreachable: abort raises
+        call.job = call.job or _job_of(response)
+        call.done(grpc.StatusCode.OK)
+        return response
 
     return handler
 
@@ -65,15 +137,22 @@ def _streaming(
 ) -> Callable[[JobService, Req, Any], AsyncIterator[Resp]]:
     @functools.wraps(method)
     async def handler(self: JobService, request: Req, context: Any) -> AsyncIterator[Resp]:
+        call = _Call(method.__name__, request, context, self.metrics)
         try:
-            who = self.auth.identify(context)
-            with self._stream_slot(who):
-                async with contextlib.aclosing(method(self, request, who)) as items:
+            call.who = self.auth.identify(context)
+            with self._stream_slot(call.who):
+                async with contextlib.aclosing(method(self, request, call.who)) as items:
                     async for item in _until_shutdown(self.shutting_down, items):
                         yield item
+        except (asyncio.CancelledError, GeneratorExit):
+            call.done(grpc.StatusCode.CANCELLED, "the client went away")
+            raise
         except Exception as e:  # noqa: BLE001 - the single mapping point
             code, message = to_status(e)
+            call.done(code, message, e)
             await context.abort(code, message)
+        else:
+            call.done(grpc.StatusCode.OK)
 
     return handler
 
@@ -107,10 +186,17 @@ async def _until_shutdown(stop: asyncio.Event, items: AsyncIterator[Resp]) -> As
 
 
 class JobService(pb_grpc.JobServiceServicer):
-    def __init__(self, runtime: Runtime, auth: Authenticator, limits: ServiceLimits) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        auth: Authenticator,
+        limits: ServiceLimits,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self.runtime = runtime
         self.auth = auth
         self._limits = limits
+        self.metrics: ServiceMetrics = metrics or NoMetrics()
         self._streams: Counter[str] = Counter()
         # Set while no output or watch stream is open (so a test, or shutdown, can wait).
         self.no_streams = asyncio.Event()
@@ -134,9 +220,11 @@ class JobService(pb_grpc.JobServiceServicer):
             )
         self._streams[who.name] += 1
         self.no_streams.clear()
+        self.metrics.stream_opened()
         try:
             yield
         finally:
+            self.metrics.stream_closed()
             self._streams[who.name] -= 1
             if not self._streams[who.name]:
                 del self._streams[who.name]
@@ -163,7 +251,12 @@ class JobService(pb_grpc.JobServiceServicer):
                 f"{who.name} already has {active} jobs created or running (the server's "
                 "limit); stop or wait for some first",
             )
-        return await self.runtime.create(runtime_spec, start=start)
+        if not start:
+            return await self.runtime.create(runtime_spec)
+        started = time.perf_counter()
+        status = await self.runtime.create(runtime_spec, start=True)
+        self.metrics.job_start(time.perf_counter() - started, status)
+        return status
 
     @_unary
     async def CreateJob(self, request: pb.CreateJobRequest, who: Identity) -> pb.Job:
@@ -172,7 +265,10 @@ class JobService(pb_grpc.JobServiceServicer):
     @_unary
     async def StartJob(self, request: pb.JobRequest, who: Identity) -> pb.Job:
         status = await self._visible(who, request.id)
-        return job_to_pb(await self.runtime.start(status.id))
+        started = time.perf_counter()
+        status = await self.runtime.start(status.id)
+        self.metrics.job_start(time.perf_counter() - started, status)
+        return job_to_pb(status)
 
     @_unary
     async def StartJobs(self, request: pb.StartJobsRequest, who: Identity) -> pb.StartJobsResponse:
@@ -277,10 +373,14 @@ class JobService(pb_grpc.JobServiceServicer):
                 start = size = 0
                 for i, chunk in enumerate(batch):
                     if i > start and size + len(chunk.data) > MESSAGE_BYTES:
-                        yield encode_output_response(batch[start:i])
+                        message = encode_output_response(batch[start:i])
+                        self.metrics.streamed(len(message))
+                        yield message
                         start, size = i, 0
                     size += len(chunk.data)
-                yield encode_output_response(batch[start:])
+                message = encode_output_response(batch[start:])
+                self.metrics.streamed(len(message))
+                yield message
 
 
 _HANDLERS = {

@@ -1,8 +1,12 @@
 """jobworkerd: the gRPC server (mutual TLS 1.3 only) in front of the runtime.
 
-    jobworkerd --tls-ca ca.crt --tls-cert server.crt --tls-key server.key \\
-               [--listen 127.0.0.1:50051] [--state-dir /var/lib/jobworker] \\
-               [--client-allowlist FILE] [--client-revoked FILE]
+    jobworkerd --ca ca.pem --cert server.pem --key server.key \\
+               [--listen 127.0.0.1:50051] [--state-dir /var/lib/jobworker] [--config FILE]
+    jobworkerd --check-config [--config FILE]     # explain every problem, exit 1 if any
+    jobworkerd --print-default-config             # every key, documented, with its default
+
+Settings come from the defaults, then the config file (/etc/jobworker/config.toml if it
+exists, or --config), then the flags.
 
 SIGTERM or SIGINT: stop accepting, end open streams, exit 0; running jobs keep running.
 SIGHUP: re-read the client allow and revocation lists.
@@ -16,24 +20,36 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .._allocator import keep_large_buffers
-from ..cli._units import UsageError, parse_duration, parse_size
-from ..runtime import JobworkerError, Runtime, RuntimeConfig
-from ._auth import Authenticator, CertPool
+from ..runtime import JobworkerError, Runtime
+from ._auth import Authenticator
+from ._config import (
+    DEFAULT_PATH,
+    FLAG_KEYS,
+    ConfigError,
+    ServerConfig,
+    ServiceLimits,
+    check_files,
+    default_config_text,
+    load_config,
+    split_address,
+)
+from ._logs import configure as configure_logging
 from ._proto import jobworker_pb2 as pb
-from ._service import JobService, ServiceLimits, add_to_server
-from ._tls import MAX_FRAME_BYTES, TlsError, TlsFiles, check_tls13_only, server_credentials
+from ._service import JobService, add_to_server
 
-__all__ = ["Server", "ServerConfig", "StartupError", "main"]
+if TYPE_CHECKING:
+    from ._metrics import Metrics
+from ._tls import MAX_FRAME_BYTES, TlsError, check_tls13_only, server_credentials
+
+__all__ = ["Server", "ServerConfig", "ServiceLimits", "StartupError", "main"]
 
 log = logging.getLogger("jobworker.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -43,34 +59,54 @@ class StartupError(Exception):
     """The server cannot start; the message is one line naming the problem and the fix."""
 
 
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    tls: TlsFiles
-    runtime: RuntimeConfig
-    listen: tuple[str, ...] = ("127.0.0.1:50051",)
-    pool: CertPool = field(default_factory=CertPool)
-    limits: ServiceLimits = field(default_factory=ServiceLimits)
-    max_message_bytes: int = 4 * 1024 * 1024
-    shutdown_grace: float = 5.0
-
-
 def _split(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise StartupError(f"listen address {address!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+    try:
+        return split_address(address)
+    except ValueError as e:
+        raise StartupError(f"listen address {e}") from None
+
+
+def _bind(server: grpc.aio.Server, listen: tuple[str, ...], credentials: object) -> list[int]:
+    ports = []
+    for address in listen:
+        _split(address)
+        try:
+            ports.append(server.add_secure_port(address, credentials))
+        except RuntimeError as e:
+            raise StartupError(
+                f"cannot listen on {address}: the port is in use or the address is "
+                "not local; pick another --listen"
+            ) from e
+    return ports
+
+
+async def _serve_metrics(metrics: Metrics, address: str) -> None:
+    try:
+        port = await asyncio.to_thread(metrics.serve, address)
+    except OSError as e:
+        raise StartupError(
+            f"cannot serve metrics on {address}: {e.strerror}; pick another --metrics-listen"
+        ) from e
+    log.info("metrics on http://%s:%d/metrics", _split(address)[0], port)
 
 
 class Server:
     """A running jobworkerd: runtime, gRPC server, health and reflection."""
 
     def __init__(
-        self, server: grpc.aio.Server, runtime: Runtime, service: JobService, ports: list[int]
+        self,
+        server: grpc.aio.Server,
+        runtime: Runtime,
+        service: JobService,
+        ports: list[int],
+        metrics: Metrics | None,
     ) -> None:
         self._server = server
         self.runtime = runtime
         self.service = service
         self.ports = ports
+        # With its endpoint's port, when metrics are on.
+        self.metrics = metrics
 
     @classmethod
     async def start(cls, config: ServerConfig) -> Server:
@@ -84,11 +120,16 @@ class Server:
             auth = Authenticator(config.pool)
         except (TlsError, OSError, ValueError) as e:
             raise StartupError(str(e)) from e
+        metrics = None
+        if config.metrics_listen is not None:
+            from ._metrics import Metrics  # noqa: PLC0415 - only when on (50 ms of imports)
+
+            metrics = Metrics()
         try:
-            runtime = await Runtime.open(config.runtime)
+            runtime = await Runtime.open(config.runtime, metrics)
         except (JobworkerError, OSError) as e:
             raise StartupError(f"cannot open the runtime: {e}") from e
-        service = JobService(runtime, auth, config.limits)
+        service = JobService(runtime, auth, config.limits, metrics)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -104,17 +145,10 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        ports = []
         try:
-            for address in config.listen:
-                _split(address)
-                try:
-                    ports.append(server.add_secure_port(address, credentials))
-                except RuntimeError as e:
-                    raise StartupError(
-                        f"cannot listen on {address}: the port is in use or the address is "
-                        "not local; pick another --listen"
-                    ) from e
+            if metrics is not None:
+                await _serve_metrics(metrics, config.metrics_listen or "")
+            ports = _bind(server, config.listen, credentials)
             await server.start()
             for address, port in zip(config.listen, ports, strict=True):
                 host, _ = _split(address)
@@ -122,12 +156,14 @@ class Server:
         except (StartupError, TlsError) as e:
             await server.stop(None)
             await runtime.close()
+            if metrics is not None:
+                await asyncio.to_thread(metrics.close)
             raise StartupError(str(e)) from e
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         bound = [f"{_split(a)[0]}:{p}" for a, p in zip(config.listen, ports, strict=True)]
         log.info("serving on %s (TLS 1.3 only, client certificates required)", ", ".join(bound))
-        return cls(server, runtime, service, ports)
+        return cls(server, runtime, service, ports, metrics)
 
     def reload_certificates(self) -> None:
         try:
@@ -141,55 +177,37 @@ class Server:
         self.service.shutting_down.set()
         await self._server.stop(grace)
         await self.runtime.close()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jobworkerd", description="jobworker gRPC server")
-    parser.add_argument("--listen", action="append", help="HOST:PORT (repeatable)")
-    parser.add_argument("--state-dir", type=Path, default=Path("/var/lib/jobworker"))
-    parser.add_argument("--tls-ca", type=Path, required=True, help="CA that signs clients")
-    parser.add_argument("--tls-cert", type=Path, required=True)
-    parser.add_argument("--tls-key", type=Path, required=True)
-    parser.add_argument("--client-allowlist", type=Path, help="SHA-256 fingerprints allowed")
-    parser.add_argument("--client-revoked", type=Path, help="SHA-256 fingerprints revoked")
-    defaults = ServiceLimits()
+    parser = argparse.ArgumentParser(
+        prog="jobworkerd",
+        description="jobworker gRPC server (mutual TLS 1.3). Settings: defaults, then the "
+        f"config file ({DEFAULT_PATH} if it exists, or --config), then these flags.",
+    )
+    parser.add_argument("--config", type=Path, help=f"TOML settings (default {DEFAULT_PATH})")
     parser.add_argument(
-        "--max-jobs-per-user",
-        type=int,
-        default=defaults.max_active_jobs_per_user,
-        help="created or running jobs per user (default %(default)s)",
+        "--check-config", action="store_true", help="check the settings and files, then exit"
     )
     parser.add_argument(
-        "--max-streams-per-user",
-        type=int,
-        default=defaults.max_streams_per_user,
-        help="open output and watch streams per user (default %(default)s)",
-    )
-    runtime_defaults = RuntimeConfig(state_dir=Path())
-    parser.add_argument(
-        "--retention",
-        type=_argument(parse_duration),
-        default=runtime_defaults.retention_seconds,
-        help="delete ended jobs this long after they ended, e.g. 12h, 7d (default 7d)",
+        "--print-default-config",
+        action="store_true",
+        help="print every setting, documented, with its default, then exit",
     )
     parser.add_argument(
-        "--retention-size",
-        type=_argument(parse_size),
-        default=runtime_defaults.retention_bytes,
-        help="keep jobs' output within this much disk, deleting the oldest ended jobs "
-        "first, e.g. 500M, 10G (default 10G)",
+        "--listen", action="append", metavar="HOST:PORT", help="gRPC address (repeatable)"
+    )
+    parser.add_argument("--state-dir", metavar="DIR", help="jobs' records and output")
+    parser.add_argument("--ca", metavar="FILE", help="CA certificate that signs clients")
+    parser.add_argument("--cert", metavar="FILE", help="the server's certificate")
+    parser.add_argument("--key", metavar="FILE", help="the server's private key")
+    parser.add_argument("--log-format", choices=["text", "json"], help="stderr log lines")
+    parser.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics there"
     )
     return parser
-
-
-def _argument(parse: Callable[[str, str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text, "value")
-        except UsageError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return convert
 
 
 async def _serve(config: ServerConfig) -> None:
@@ -206,24 +224,25 @@ async def _serve(config: ServerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.print_default_config:
+        print(default_config_text(), end="")
+        return 0
+    flags = {name: getattr(args, name) for name in FLAG_KEYS}
+    try:
+        config = load_config(args.config, flags)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    if args.check_config:
+        problems = check_files(config)
+        for problem in problems:
+            print(f"{args.config or DEFAULT_PATH}: {problem}", file=sys.stderr)
+        if problems:
+            return 1
+        print(f"{args.config or DEFAULT_PATH}: OK")
+        return 0
     keep_large_buffers()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    config = ServerConfig(
-        tls=TlsFiles(args.tls_ca, args.tls_cert, args.tls_key),
-        runtime=RuntimeConfig(
-            state_dir=args.state_dir,
-            retention_seconds=args.retention,
-            retention_bytes=args.retention_size,
-        ),
-        listen=tuple(args.listen or ["127.0.0.1:50051"]),
-        pool=CertPool(args.client_allowlist, args.client_revoked),
-        limits=ServiceLimits(
-            max_active_jobs_per_user=args.max_jobs_per_user,
-            max_streams_per_user=args.max_streams_per_user,
-        ),
-    )
+    configure_logging(config.log_format)
     try:
         asyncio.run(_serve(config))
     except StartupError as e:

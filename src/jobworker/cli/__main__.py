@@ -12,8 +12,8 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .._units import UsageError, parse_duration, parse_signal, parse_size
 from ._completion import SCRIPTS
-from ._units import UsageError, parse_duration, parse_signal, parse_size
 
 if TYPE_CHECKING:
     from ._config import Target

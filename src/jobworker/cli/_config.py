@@ -6,8 +6,8 @@
 
     [contexts.prod]
     server = "worker1.example:50051"
-    ca = "~/.config/jobworker/prod/ca.crt"
-    cert = "~/.config/jobworker/prod/alice.crt"
+    ca = "~/.config/jobworker/prod/ca.pem"
+    cert = "~/.config/jobworker/prod/alice.pem"
     key = "~/.config/jobworker/prod/alice.key"
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._units import UsageError
+from .._units import UsageError
 
 __all__ = ["Target", "config_path", "resolve_target"]
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         StateDirError,
     )
     from ._logformat import Stream
+    from ._observer import JobObserver
     from ._output import Chunk
     from ._runtime import NOBODY, RunAs, Runtime, RuntimeConfig
     from ._spec import IOLimit, JobSpec, Limits
@@ -50,6 +51,7 @@ _WHERE = {
     "JobSpec": "_spec",
     "JobStatus": "_status",
     "JobworkerError": "_errors",
+    "JobObserver": "_observer",
     "Limits": "_spec",
     "LaunchError": "_errors",
     "Runtime": "_runtime",
@@ -70,6 +72,7 @@ __all__ = [
     "JobEndedError",
     "JobNotFoundError",
     "JobNotRunningError",
+    "JobObserver",
     "JobRunningError",
     "JobSpec",
     "JobStatus",

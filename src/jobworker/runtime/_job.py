@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ._launch import SupervisorHandle
+from ._observer import JobObserver
 from ._records import ExitRecord, RunRecord
 from ._spec import JobSpec, Limits
 from ._states import State, transition
@@ -32,6 +33,7 @@ class Job:
         *,
         limits: Limits,
         meta: dict[str, Any],
+        observer: JobObserver,
     ) -> None:
         self.id = job_id
         self.spec = spec
@@ -64,6 +66,8 @@ class Job:
         # Every status the job has been in, so a watcher sees each transition exactly once.
         self.history: list[JobStatus] = [self._status]
         self._waiters: set[asyncio.Event] = set()
+        self._observer = observer
+        self._announced = False
 
     @property
     def status(self) -> JobStatus:
@@ -80,10 +84,29 @@ class Job:
     def remove_waiter(self, event: asyncio.Event) -> None:
         self._waiters.discard(event)
 
+    def appeared(self) -> None:
+        """Tell the observer this job exists, unless a change already did. A job taken back
+        after a restart appears in the state it is found in, so it counts as no new start
+        or end."""
+        if not self._announced:
+            self._announced = True
+            self._observer.job_changed(None, self._status)
+
+    def _changed(self, before: JobStatus) -> None:
+        if self._announced:
+            self._observer.job_changed(before, self._status)
+        else:
+            self.appeared()
+
+    def removed(self) -> None:
+        self._observer.job_removed(self._status)
+
     def _set(self, new_state: State, **changes: object) -> None:
-        transition(self._status.state, new_state)
-        self._status = dataclasses.replace(self._status, state=new_state, **changes)  # type: ignore[arg-type]
+        before = self._status
+        transition(before.state, new_state)
+        self._status = dataclasses.replace(before, state=new_state, **changes)  # type: ignore[arg-type]
         self.history.append(self._status)
+        self._changed(before)
         if new_state.is_final:
             self.ended.set()
         for event in self._waiters:
@@ -108,6 +131,7 @@ class Job:
     ) -> None:
         """Put a job that ended before this runtime started straight into its final state
         (one status, as a watcher arriving now would see it)."""
+        before = self._status
         state = State(record.state)
         if run is not None:
             transition(transition(self.state, State.RUNNING), state)
@@ -123,6 +147,7 @@ class Job:
         )
         self.history = [self._status]
         self.ended.set()
+        self._changed(before)
 
     def mark_ended(self, record: ExitRecord, usage: Usage | None, *, oom_killed: bool) -> None:
         self._set(State(record.state), **_end_fields(record, usage, oom_killed=oom_killed))

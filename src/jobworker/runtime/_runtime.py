@@ -31,6 +31,7 @@ from ._job import Job
 from ._launch import Launched, Launcher, SupervisorHandle
 from ._logformat import Stream
 from ._notify import DirNotifier
+from ._observer import JobObserver, NullObserver
 from ._output import Batch, Chunk, read_log
 from ._records import CONTROL, EXIT, FINAL, LOG, SPEC, ExitRecord, read_json, write_json_atomic
 from ._restore import Found, boot_id, open_supervisor, read_job_dir, scan
@@ -141,9 +142,14 @@ class Runtime:
     """
 
     def __init__(
-        self, config: RuntimeConfig, launcher: Launcher, cgroups: CgroupDriver | None
+        self,
+        config: RuntimeConfig,
+        launcher: Launcher,
+        cgroups: CgroupDriver | None,
+        observer: JobObserver,
     ) -> None:
         self._config = config
+        self._observer = observer
         self._jobs_dir = config.state_dir / "jobs"
         self._launcher = launcher
         self._cgroups = cgroups
@@ -163,8 +169,9 @@ class Runtime:
         self._closed = False
 
     @classmethod
-    async def open(cls, config: RuntimeConfig) -> Runtime:
+    async def open(cls, config: RuntimeConfig, observer: JobObserver | None = None) -> Runtime:
         """Prepare the state dir and the cgroup subtree, then start the launcher process.
+        ``observer`` sees every job appear, change and go (for metrics).
 
         Raises:
             CgroupError: cgroups are on but not usable (the message says what to fix).
@@ -180,7 +187,7 @@ class Runtime:
             cgroups = await asyncio.to_thread(
                 open_driver, config.cgroup_subtree, config.cgroup_parent
             )
-        runtime = cls(config, Launcher.spawn(), cgroups)
+        runtime = cls(config, Launcher.spawn(), cgroups, observer or NullObserver())
         try:
             await runtime._restore()
         except BaseException:
@@ -245,11 +252,13 @@ class Runtime:
                 int(meta["created_ns"]),
                 limits=Limits.from_json(meta["limits"]),
                 meta=meta,
+                observer=self._observer,
             )
             if not meta["cgroup_procs"] and (self._cgroups is None or meta["launching"]):
                 job.limits_not_enforced()
             self._jobs[job.id] = job
             await self._resume(job, record)
+            job.appeared()
 
     async def _resume(self, job: Job, found: Found) -> None:
         if found.exit is not None:
@@ -348,6 +357,7 @@ class Runtime:
     async def _delete(self, job: Job) -> None:
         if self._jobs.pop(job.id, None) is None:
             return  # deleted meanwhile
+        job.removed()
         # Its cgroup is removed by the cleanup that follows its end; the directory goes now.
         await asyncio.to_thread(shutil.rmtree, job.dir, True)
 
@@ -494,10 +504,13 @@ class Runtime:
                 f"cannot record the job in {self._jobs_dir}: {e.strerror}; free space there,"
                 " delete ended jobs (jobctl rm) or lower the retention budget"
             ) from e
-        job = Job(job_id, spec, directory, created_ns, limits=limits, meta=meta)
+        job = Job(
+            job_id, spec, directory, created_ns, limits=limits, meta=meta, observer=self._observer
+        )
         if self._cgroups is None:
             job.limits_not_enforced()
         self._jobs[job_id] = job
+        job.appeared()
         if start:
             return await self._start(job)
         return job.status

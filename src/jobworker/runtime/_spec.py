@@ -68,6 +68,14 @@ class IOLimit:
                 raise InvalidSpecError(f"IO limit {name} must be a positive integer")
 
 
+def _amount(value: float, unit: str) -> str:
+    if unit == "bytes" and value >= 1024:
+        for power, suffix in ((3, "G"), (2, "M"), (1, "K")):
+            if value >= 1024**power:
+                return f"{value / 1024**power:.4g}{suffix}i ({value} bytes)"
+    return f"{value:g} {unit}"
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Resource limits of one job; ``None`` means "the server's default"."""
@@ -113,8 +121,8 @@ class Limits:
                 elif value > cap:
                     label = name.removesuffix("_bytes")
                     raise InvalidSpecError(
-                        f"{label} limit {value:g} {unit} is above the server maximum of "
-                        f"{cap:g} {unit}; ask for at most that"
+                        f"{label} limit {_amount(value, unit)} is above the server maximum of "
+                        f"{_amount(cap, unit)}; ask for at most that"
                     )
             values[name] = value
         weight = self.cpu_weight if self.cpu_weight is not None else defaults.cpu_weight

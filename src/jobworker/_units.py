@@ -1,4 +1,4 @@
-"""Parsing the human units jobctl takes: sizes, rates, durations, signals."""
+"""Parsing human units (jobctl flags, the server config): sizes, rates, durations, signals."""
 
 from __future__ import annotations
 

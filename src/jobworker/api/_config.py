@@ -1,0 +1,566 @@
+"""jobworkerd's settings: the TOML configuration file, every key with its default and its
+checks, and the command-line flags that override it.
+
+The table :data:`SCHEMA` is the single source: the parser walks it, ``jobworkerd
+--print-default-config`` prints it as a commented file, and a test keeps docs/config.toml,
+the documented reference, equal to that output.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import pwd
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._units import UsageError, parse_duration, parse_size
+from ..runtime import NOBODY, InvalidSpecError, IOLimit, Limits, RunAs, RuntimeConfig
+from ._auth import CertPool
+from ._tls import TlsFiles
+
+__all__ = [
+    "DEFAULT_PATH",
+    "FLAG_KEYS",
+    "SCHEMA",
+    "ConfigError",
+    "ServerConfig",
+    "ServiceLimits",
+    "check_files",
+    "default_config_text",
+    "load_config",
+    "split_address",
+]
+
+DEFAULT_PATH = Path("/etc/jobworker/config.toml")
+
+
+class ConfigError(Exception):
+    """The settings are unusable. ``problems`` holds one line per problem, each naming the
+    key, what is wrong and what to write instead."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+        self.source = source
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceLimits:
+    """Per-user caps; past them a call gets RESOURCE_EXHAUSTED."""
+
+    max_active_jobs_per_user: int = 100
+    max_streams_per_user: int = 64
+    max_batch: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    tls: TlsFiles
+    runtime: RuntimeConfig
+    listen: tuple[str, ...] = ("127.0.0.1:50051",)
+    pool: CertPool = field(default_factory=CertPool)
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    max_message_bytes: int = 4 * 1024 * 1024
+    shutdown_grace: float = 5.0
+    log_format: str = "text"
+    # HOST:PORT of the Prometheus endpoint; None: no endpoint.
+    metrics_listen: str | None = None
+
+
+class _BadValueError(Exception):
+    """One value is wrong; the message says how (the caller adds which key)."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """ "HOST:PORT" or "[::1]:PORT" -> (host, port).
+
+    Raises:
+        ValueError: not that shape, or the port is out of range.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT; write e.g. 127.0.0.1:50051 or [::1]:50051")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+# ------------------------------------------------------------------ value parsers
+# Each takes the TOML value and the directory relative paths are taken from.
+Parse = Callable[[Any, Path], Any]
+
+
+def _string(value: Any, _: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise _BadValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _path(value: Any, base: Path) -> Path:
+    return base / _string(value, base)
+
+
+def _optional_path(value: Any, base: Path) -> Path | None:
+    return None if value == "" else _path(value, base)
+
+
+def _address(value: Any, base: Path) -> str:
+    text = _string(value, base)
+    try:
+        split_address(text)
+    except ValueError as e:
+        raise _BadValueError(str(e)) from None
+    return text
+
+
+def _optional_address(value: Any, base: Path) -> str | None:
+    return None if value == "" else _address(value, base)
+
+
+def _addresses(value: Any, base: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _BadValueError(
+            f'expected a non-empty list such as ["127.0.0.1:50051"], got {value!r}'
+        )
+    return tuple(_address(v, base) for v in value)
+
+
+def _choice(*choices: str) -> Parse:
+    def parse(value: Any, _: Path) -> str:
+        if value not in choices:
+            raise _BadValueError(f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return str(value)
+
+    return parse
+
+
+def _positive_int(value: Any, _: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _BadValueError(f"expected a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _bool(value: Any, _: Path) -> bool:
+    if not isinstance(value, bool):
+        raise _BadValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _size(value: Any, _: Path) -> int:
+    """ "10G", "512M" or a number of bytes."""
+    if isinstance(value, bool):
+        raise _BadValueError(f"expected a size such as 512M or 10G, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise _BadValueError(f"expected a size of at least 0, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise _BadValueError(f"expected a size such as 512M or 10G, got {value!r}")
+    try:
+        return parse_size(value, "size")
+    except UsageError as e:
+        raise _BadValueError(str(e)) from None
+
+
+def _duration(value: Any, _: Path) -> float:
+    """ "7d", "12h", "5s" or a number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if not isinstance(value, str):
+        raise _BadValueError(f"expected a duration such as 5s, 12h or 7d, got {value!r}")
+    try:
+        return parse_duration(value, "duration")
+    except UsageError as e:
+        raise _BadValueError(str(e)) from None
+
+
+def _names(value: Any, _: Path) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _BadValueError(f'expected a list of user names such as ["alice"], got {value!r}')
+    return frozenset(value)
+
+
+def _user(value: Any, _: Path) -> RunAs:
+    """A local user name, or "UID:GID"."""
+    if not isinstance(value, str) or not value:
+        raise _BadValueError(f'expected a local user name or "UID:GID", got {value!r}')
+    uid, sep, gid = value.partition(":")
+    if sep:
+        if not (uid.isdigit() and gid.isdigit()):
+            raise _BadValueError(f'{value!r} is not "UID:GID"; write e.g. "1001:1001"')
+        return RunAs(int(uid), int(gid))
+    try:
+        entry = pwd.getpwnam(value)
+    except KeyError:
+        raise _BadValueError(
+            f'there is no local user {value!r}; create it or write "UID:GID"'
+        ) from None
+    return RunAs(entry.pw_uid, entry.pw_gid)
+
+
+def _owners(value: Any, base: Path) -> dict[str, RunAs]:
+    if not isinstance(value, dict):
+        raise _BadValueError(f'expected a table of owner = "local user", got {value!r}')
+    out = {}
+    for owner, user in value.items():
+        try:
+            out[owner] = _user(user, base)
+        except _BadValueError as e:
+            raise _BadValueError(f"owner {owner!r}: {e}") from None
+    return out
+
+
+_IO_KEYS = {"device": _string, "read_bps": _size, "write_bps": _size}
+_IO_COUNTS = ("read_iops", "write_iops")
+
+
+def _io(value: Any, base: Path) -> tuple[IOLimit, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise _BadValueError(
+            f'expected a list of tables such as [{{device = "8:0", read_bps = "50M"}}], '
+            f"got {value!r}"
+        )
+    limits = []
+    for entry in value:
+        unknown = set(entry) - set(_IO_KEYS) - set(_IO_COUNTS)
+        if unknown:
+            raise _BadValueError(
+                f"unknown key {min(unknown)!r} in an io entry; use "
+                f"{', '.join([*_IO_KEYS, *_IO_COUNTS])}"
+            )
+        fields: dict[str, Any] = {
+            k: _IO_KEYS[k](v, base) for k, v in entry.items() if k in _IO_KEYS
+        }
+        fields.update({k: _positive_int(v, base) for k, v in entry.items() if k in _IO_COUNTS})
+        try:
+            limits.append(IOLimit(**fields))
+        except InvalidSpecError as e:
+            raise _BadValueError(str(e)) from None
+    return tuple(limits)
+
+
+def _cpus(value: Any, _: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise _BadValueError(f"expected a positive number of CPUs such as 0.5 or 2, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One setting: how to read it, its default (TOML text; "" = unset), what it does, and
+    for one unset by default, an example (TOML text)."""
+
+    parse: Parse
+    default: str
+    doc: str
+    example: str = ""
+
+
+_LIMIT_KEYS = {
+    "cpus": Key(_cpus, "", "CPUs (a fraction is a share of one CPU's time)", "0.5"),
+    "memory": Key(_size, "", "memory; past it the job is OOM-killed", '"512M"'),
+    "pids": Key(_positive_int, "", "processes and threads", "256"),
+}
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "server": {
+        "listen": Key(_addresses, '["127.0.0.1:50051"]', "gRPC addresses, HOST:PORT"),
+        "state_dir": Key(_path, '"/var/lib/jobworker"', "jobs' records and output"),
+        "log_format": Key(_choice("text", "json"), '"text"', 'stderr log lines: "text" or "json"'),
+        "max_message_size": Key(_size, '"4M"', "largest gRPC message either way"),
+        "shutdown_grace": Key(
+            _duration, '"5s"', "on SIGTERM, how long open calls get before they are cut"
+        ),
+    },
+    "tls": {
+        "ca": Key(_path, "", "CA certificate that signs clients (required, or --ca)", '"ca.pem"'),
+        "cert": Key(_path, "", "the server's certificate (required, or --cert)", '"server.pem"'),
+        "key": Key(_path, "", "the server's private key (required, or --key)", '"server.key"'),
+        "client_allowlist": Key(
+            _optional_path,
+            "",
+            "client-certificate SHA-256 fingerprints admitted, one per line; unset: any",
+            '"allowed.txt"',
+        ),
+        "client_revoked": Key(
+            _optional_path,
+            "",
+            "client-certificate SHA-256 fingerprints refused, one per line (SIGHUP reloads)",
+            '"revoked.txt"',
+        ),
+    },
+    "limits.default": {
+        **{
+            name: Key(key.parse, "", f"{key.doc}, for jobs that do not ask", key.example)
+            for name, key in _LIMIT_KEYS.items()
+        },
+        "cpu_weight": Key(
+            _positive_int, "", "CPU share against other jobs, 1-10000 (100: even)", "100"
+        ),
+        "io": Key(
+            _io,
+            "",
+            "disk bandwidth per device (MAJ:MIN, see lsblk), for jobs that do not ask",
+            '[{ device = "8:0", read_bps = "50M", write_bps = "20M" }]',
+        ),
+    },
+    "limits.max": {
+        name: Key(key.parse, "", f"{key.doc}: the most a job may ask; unset: no cap", key.example)
+        for name, key in _LIMIT_KEYS.items()
+    },
+    "quotas": {
+        "max_jobs_per_user": Key(_positive_int, "100", "created or running jobs per user"),
+        "max_streams_per_user": Key(_positive_int, "64", "open output and watch streams per user"),
+        "max_output_per_job": Key(
+            _size, '"1G"', 'output kept per job; past it: an "output truncated" note'
+        ),
+    },
+    "retention": {
+        "max_age": Key(_duration, '"7d"', "delete ended jobs this long after they ended"),
+        "max_size": Key(
+            _size, '"10G"', "keep all jobs' output within this, deleting the oldest ended first"
+        ),
+    },
+    "run_as": {
+        "default": Key(_user, '"nobody"', 'local user jobs run as: a name or "UID:GID"'),
+        "allow_root": Key(_bool, "false", "allow uid or gid 0 above"),
+        "owners": Key(
+            _owners, "{}", 'per job owner (client CN): { alice = "alice", ci = "1001:1001" }'
+        ),
+    },
+    "network": {
+        "host_network_users": Key(
+            _names, "[]", "owners who may run jobs in the host's network (others: only lo)"
+        ),
+    },
+    "metrics": {
+        "listen": Key(
+            _optional_address,
+            "",
+            "Prometheus endpoint HOST:PORT (plain HTTP: keep it on loopback); unset: off",
+            '"127.0.0.1:9464"',
+        ),
+    },
+}
+
+# Command-line flag -> the key it overrides.
+FLAG_KEYS = {
+    "listen": "server.listen",
+    "state_dir": "server.state_dir",
+    "log_format": "server.log_format",
+    "ca": "tls.ca",
+    "cert": "tls.cert",
+    "key": "tls.key",
+    "metrics_listen": "metrics.listen",
+}
+
+
+def _default(dotted: str) -> Any:
+    section, _, name = dotted.rpartition(".")
+    key = SCHEMA[section][name]
+    if not key.default:
+        return None
+    return key.parse(tomllib.loads(f"v = {key.default}")["v"], Path("/"))
+
+
+def _suggest(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _walk(data: Mapping[str, Any], base: Path) -> tuple[dict[str, Any], list[str]]:
+    """Dotted key -> parsed value for each key present, and a line per problem."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    sections = list(SCHEMA)
+    tops = sorted({s.split(".")[0] for s in sections})
+    for top, table in data.items():
+        if top not in tops:
+            problems.append(
+                f"unknown section [{top}]; {_suggest(top, tops)}known sections: {', '.join(tops)}"
+            )
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{top} must be a table ([{top}]), not a value")
+            continue
+        # [limits] holds only the [limits.default] and [limits.max] tables.
+        subtables = [s.split(".", 1)[1] for s in sections if s.startswith(f"{top}.")]
+        if subtables:
+            for sub, inner in table.items():
+                if sub not in subtables:
+                    problems.append(
+                        f"unknown section [{top}.{sub}]; use "
+                        f"{' or '.join(f'[{top}.{s}]' for s in subtables)}"
+                    )
+                elif not isinstance(inner, dict):
+                    problems.append(f"{top}.{sub} must be a table ([{top}.{sub}]), not a value")
+                else:
+                    _walk_section(f"{top}.{sub}", inner, base, values, problems)
+        else:
+            _walk_section(top, table, base, values, problems)
+    return values, problems
+
+
+def _walk_section(
+    section: str, table: Mapping[str, Any], base: Path, values: dict[str, Any], problems: list[str]
+) -> None:
+    keys = SCHEMA[section]
+    for name, raw in table.items():
+        key = keys.get(name)
+        if key is None:
+            problems.append(
+                f"unknown key {section}.{name}; {_suggest(name, list(keys))}"
+                f"keys of [{section}]: {', '.join(keys)}"
+            )
+            continue
+        try:
+            values[f"{section}.{name}"] = key.parse(raw, base)
+        except _BadValueError as e:
+            problems.append(f"{section}.{name}: {e}")
+
+
+def _limits(values: Mapping[str, Any], section: str) -> Limits:
+    get = values.get
+    return Limits(
+        cpus=get(f"{section}.cpus"),
+        cpu_weight=get(f"{section}.cpu_weight"),
+        memory_bytes=get(f"{section}.memory"),
+        pids=get(f"{section}.pids"),
+        io=get(f"{section}.io") or (),
+    )
+
+
+def _build(values: Mapping[str, Any], problems: list[str]) -> ServerConfig | None:
+    def get(dotted: str) -> Any:
+        return values[dotted] if dotted in values else _default(dotted)
+
+    for dotted, flag in (("tls.ca", "--ca"), ("tls.cert", "--cert"), ("tls.key", "--key")):
+        if get(dotted) is None:
+            problems.append(f"{dotted} is not set; set it in the config file or give {flag} FILE")
+    limits: dict[str, Limits] = {}
+    for section in ("limits.default", "limits.max"):
+        try:
+            limits[section] = _limits(values, section)
+        except InvalidSpecError as e:
+            problems.append(f"{section}: {e}")
+    if len(limits) == 2:
+        try:
+            limits["limits.default"].resolve(Limits(), limits["limits.max"])
+        except InvalidSpecError as e:
+            problems.append(f"limits.default: {e}")
+    try:
+        runtime = RuntimeConfig(
+            state_dir=get("server.state_dir"),
+            output_limit=get("quotas.max_output_per_job"),
+            default_limits=limits.get("limits.default", Limits()),
+            max_limits=limits.get("limits.max", Limits()),
+            run_as=get("run_as.default") or NOBODY,
+            owner_run_as=get("run_as.owners"),
+            allow_root=get("run_as.allow_root"),
+            host_network_owners=get("network.host_network_users"),
+            retention_seconds=get("retention.max_age"),
+            retention_bytes=get("retention.max_size"),
+        )
+    except InvalidSpecError as e:
+        problems.append(f"run_as: {e}" if "run-as" in str(e) else str(e))
+        return None
+    if problems:
+        return None
+    return ServerConfig(
+        tls=TlsFiles(get("tls.ca"), get("tls.cert"), get("tls.key")),
+        runtime=runtime,
+        listen=get("server.listen"),
+        pool=CertPool(get("tls.client_allowlist"), get("tls.client_revoked")),
+        limits=ServiceLimits(
+            max_active_jobs_per_user=get("quotas.max_jobs_per_user"),
+            max_streams_per_user=get("quotas.max_streams_per_user"),
+        ),
+        max_message_bytes=get("server.max_message_size"),
+        shutdown_grace=get("server.shutdown_grace"),
+        log_format=get("server.log_format"),
+        metrics_listen=get("metrics.listen"),
+    )
+
+
+def load_config(
+    path: Path | None, flags: Mapping[str, Any] | None = None, *, cwd: Path | None = None
+) -> ServerConfig:
+    """The server's settings: defaults, then the file at ``path`` (None: the default path,
+    if it exists), then ``flags`` (names of :data:`FLAG_KEYS` -> raw values; None = not
+    given). Relative paths in the file are taken from the file's directory; in flags,
+    from ``cwd``.
+
+    Raises:
+        ConfigError: the file is unreadable or not TOML, or has unknown keys or bad
+            values; every problem found is listed.
+    """
+    source = str(path or DEFAULT_PATH)
+    data: dict[str, Any] = {}
+    if path is not None or DEFAULT_PATH.exists():
+        target = path or DEFAULT_PATH
+        try:
+            with target.open("rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(source, [f"cannot read it: {e.strerror}; check the path"]) from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(source, [f"not valid TOML: {e}"]) from e
+    base = (path or DEFAULT_PATH).absolute().parent
+    values, problems = _walk(data, base)
+    here = cwd or Path.cwd()
+    for flag, raw in (flags or {}).items():
+        if raw is None:
+            continue
+        section, _, name = FLAG_KEYS[flag].rpartition(".")
+        try:
+            values[FLAG_KEYS[flag]] = SCHEMA[section][name].parse(raw, here)
+        except _BadValueError as e:
+            problems.append(f"--{flag.replace('_', '-')}: {e}")
+    config = _build(values, problems)
+    if config is None:
+        raise ConfigError(source if data or path else "jobworkerd", problems)
+    return config
+
+
+def check_files(config: ServerConfig) -> list[str]:
+    """What ``--check-config`` adds to parsing: the files named must be readable, the
+    fingerprint lists well formed, the state dir usable."""
+    problems = []
+    for what, file in (
+        ("tls.ca", config.tls.ca),
+        ("tls.cert", config.tls.cert),
+        ("tls.key", config.tls.key),
+    ):
+        if not os.access(file, os.R_OK):
+            problems.append(f"{what}: cannot read {file}; check the path and its permissions")
+    try:
+        config.pool.load()
+    except OSError as e:
+        problems.append(f"tls: cannot read a fingerprint list: {e}")
+    except ValueError as e:
+        problems.append(f"tls: {e}")
+    state = config.runtime.state_dir
+    existing = next((p for p in (state, *state.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        problems.append(f"server.state_dir: {existing} is not a directory")
+    return problems
+
+
+def default_config_text() -> str:
+    """Every key, commented, with its default: the reference configuration file."""
+    lines = [
+        "# jobworkerd configuration (TOML): every key, with its default.",
+        "# Unknown keys are errors. Check a file with: jobworkerd --check-config --config FILE",
+        "# Sizes: 512M, 10G or bytes. Durations: 500ms, 5s, 12h, 7d or seconds.",
+        "# Relative paths are taken from this file's directory.",
+        "# Command-line flags (--listen, --state-dir, --ca, --cert, --key, --log-format,",
+        "# --metrics-listen) override what is set here.",
+    ]
+    for section, keys in SCHEMA.items():
+        lines += ["", f"[{section}]"]
+        for name, key in keys.items():
+            lines.append(f"# {key.doc}")
+            lines.append(f"{name} = {key.default}" if key.default else f"# {name} = {key.example}")
+    return "\n".join(lines) + "\n"
