@@ -22,8 +22,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from jobworker.api._proto import jobworker_pb2 as pb
 from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
-from jobworker.api.server import ServiceLimits
 from jobworker.api.client import connect, stream_output
+from jobworker.api.server import ServiceLimits
 
 from ..runtime.helpers import PY
 from .conftest import Pki, Running, serving
