@@ -175,8 +175,8 @@ def _reap_orphans() -> None:
 
 
 @contextlib.asynccontextmanager
-async def daemon(tmp_path: Path, pki: Pki) -> AsyncIterator[Daemon]:
-    d = Daemon(tmp_path, pki)
+async def daemon(tmp_path: Path, pki: Pki, *extra: str) -> AsyncIterator[Daemon]:
+    d = Daemon(tmp_path, pki, *extra)
     try:
         await asyncio.wait_for(asyncio.to_thread(d.wait_ready), 60)
         yield d
@@ -189,7 +189,7 @@ async def daemon(tmp_path: Path, pki: Pki) -> AsyncIterator[Daemon]:
         await asyncio.to_thread(_reap_orphans)
 
 
-def _stub(
+def stub_for(
     pki: Pki, port: int, user: str = "alice"
 ) -> tuple[grpc.aio.Channel, pb_grpc.JobServiceStub]:
     creds = grpc.ssl_channel_credentials(
@@ -204,7 +204,7 @@ def _stub(
 @pytest.mark.usefixtures("subreaper")
 async def test_server_death_gives_connected_client_unavailable(tmp_path: Path, pki: Pki) -> None:
     async with daemon(tmp_path, pki) as d:
-        channel, stub = _stub(pki, d.port)
+        channel, stub = stub_for(pki, d.port)
         async with channel:
             job = await stub.CreateJob(
                 pb.CreateJobRequest(spec=pb.JobSpec(argv=["yes"]), start=True), timeout=10
@@ -220,7 +220,7 @@ async def test_server_death_gives_connected_client_unavailable(tmp_path: Path, p
 @pytest.mark.usefixtures("subreaper")
 async def test_sigterm_shuts_down_cleanly_and_jobs_keep_running(tmp_path: Path, pki: Pki) -> None:
     async with daemon(tmp_path, pki) as d:
-        channel, stub = _stub(pki, d.port)
+        channel, stub = stub_for(pki, d.port)
         async with channel:
             job = await stub.CreateJob(
                 pb.CreateJobRequest(spec=pb.JobSpec(argv=["sleep", "600"]), start=True),

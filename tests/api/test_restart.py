@@ -19,7 +19,7 @@ from jobworker.api._proto import jobworker_pb2 as pb
 
 from ..conftest import cgroup_dirs
 from .conftest import Pki
-from .test_network import Daemon, _reap_orphans, _stub, drain
+from .test_network import Daemon, _reap_orphans, drain, stub_for
 
 pytestmark = pytest.mark.usefixtures("subreaper")
 
@@ -87,7 +87,7 @@ async def _start_ticker(stub: object) -> pb.Job:
 async def test_kill_9_while_streaming_then_restart(tmp_path: Path, pki: Pki) -> None:
     async with servers(tmp_path, pki) as s:
         first = await s.start()
-        channel, stub = _stub(pki, first.port)
+        channel, stub = stub_for(pki, first.port)
         async with channel:
             job = await _start_ticker(stub)
             follow = stub.StreamOutput(pb.OutputRequest(id=job.id, follow=True))
@@ -101,7 +101,7 @@ async def test_kill_9_while_streaming_then_restart(tmp_path: Path, pki: Pki) -> 
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
         second = await s.start()
-        channel, stub = _stub(pki, second.port)
+        channel, stub = stub_for(pki, second.port)
         async with channel:
             status = await stub.GetJob(pb.JobRequest(id=job.id), timeout=10)
             assert status.state == pb.JOB_STATE_RUNNING  # the job did not notice
@@ -120,7 +120,7 @@ async def test_graceful_restart_followers_reconnect_and_miss_nothing(
 ) -> None:
     async with servers(tmp_path, pki) as s:
         first = await s.start()
-        channel, stub = _stub(pki, first.port)
+        channel, stub = stub_for(pki, first.port)
         async with channel:
             job = await _start_ticker(stub)
             followers = [
@@ -168,7 +168,7 @@ async def test_crash_consistency_under_random_kill_9(tmp_path: Path, pki: Pki) -
     async with servers(tmp_path, pki) as s:
         for _ in range(100):
             d = await s.start()
-            channel, stub = _stub(pki, d.port)
+            channel, stub = stub_for(pki, d.port)
             async with channel:
                 await _check_consistent(stub, acknowledged, verified)
                 burst = asyncio.ensure_future(_burst(stub, rng, acknowledged))
@@ -178,7 +178,7 @@ async def test_crash_consistency_under_random_kill_9(tmp_path: Path, pki: Pki) -
                     await asyncio.wait_for(burst, 10)
             await asyncio.wait_for(asyncio.to_thread(d.proc.wait), 30)
         d = await s.start()
-        channel, stub = _stub(pki, d.port)
+        channel, stub = stub_for(pki, d.port)
         async with channel:
             await _check_consistent(stub, acknowledged, verified)
         # No orphans: with every job ended and the last server stopped cleanly, every

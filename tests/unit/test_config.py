@@ -1,0 +1,279 @@
+"""jobworkerd's configuration file: defaults, overrides, every invalid case and its message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobworker.api._config import (
+    SCHEMA,
+    ConfigError,
+    check_files,
+    default_config_text,
+    load_config,
+)
+from jobworker.runtime import NOBODY, IOLimit, Limits, RunAs
+
+JOBWORKERD = str(Path(sys.executable).parent / "jobworkerd")
+REPO = Path(__file__).resolve().parents[2]
+TLS = '[tls]\nca = "ca.pem"\ncert = "server.pem"\nkey = "server.key"\n'
+
+
+def _load(tmp_path: Path, text: str, **flags: object) -> object:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return load_config(path, flags)
+
+
+def _problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, text)
+    return info.value.problems
+
+
+def test_defaults(tmp_path: Path) -> None:
+    config = load_config(None, {"ca": "ca.pem", "cert": "s.pem", "key": "s.key"}, cwd=tmp_path)
+    assert config.listen == ("127.0.0.1:50051",)
+    assert config.tls.ca == tmp_path / "ca.pem"
+    assert config.runtime.state_dir == Path("/var/lib/jobworker")
+    assert config.runtime.retention_seconds == 7 * 86400
+    assert config.runtime.retention_bytes == 10 << 30
+    assert config.runtime.output_limit == 1 << 30
+    assert config.runtime.run_as == NOBODY
+    assert config.runtime.default_limits == Limits()
+    assert config.limits.max_active_jobs_per_user == 100
+    assert config.limits.max_streams_per_user == 64
+    assert config.max_message_bytes == 4 << 20
+    assert config.log_format == "text"
+    assert config.metrics_listen is None
+    assert config.pool.allowlist is None
+
+
+def test_every_key_is_read(tmp_path: Path) -> None:
+    config = _load(
+        tmp_path,
+        """
+[server]
+listen = ["127.0.0.1:7000", "[::1]:7000"]
+state_dir = "state"
+log_format = "json"
+max_message_size = "8M"
+shutdown_grace = "2.5s"
+[tls]
+ca = "/etc/pki/ca.pem"
+cert = "server.pem"
+key = "server.key"
+client_allowlist = "allow.txt"
+client_revoked = "revoked.txt"
+[limits.default]
+cpus = 0.5
+cpu_weight = 50
+memory = "256M"
+pids = 64
+io = [{ device = "8:0", read_bps = "10M", write_iops = 100 }]
+[limits.max]
+cpus = 2
+memory = "1G"
+pids = 1000
+[quotas]
+max_jobs_per_user = 5
+max_streams_per_user = 6
+max_output_per_job = 1048576
+[retention]
+max_age = "12h"
+max_size = "500M"
+[run_as]
+default = "1234:1235"
+allow_root = true
+[run_as.owners]
+alice = "nobody"
+root-jobs = "0:0"
+[network]
+host_network_users = ["admin"]
+[metrics]
+listen = "127.0.0.1:9464"
+""",
+    )
+    assert config.listen == ("127.0.0.1:7000", "[::1]:7000")
+    assert config.runtime.state_dir == tmp_path / "state"
+    assert config.log_format == "json"
+    assert config.max_message_bytes == 8 << 20
+    assert config.shutdown_grace == 2.5
+    assert config.tls.ca == Path("/etc/pki/ca.pem")
+    assert config.tls.cert == tmp_path / "server.pem"
+    assert config.pool.allowlist == tmp_path / "allow.txt"
+    assert config.pool.revoked == tmp_path / "revoked.txt"
+    assert config.runtime.default_limits == Limits(
+        cpus=0.5,
+        cpu_weight=50,
+        memory_bytes=256 << 20,
+        pids=64,
+        io=(IOLimit(device="8:0", read_bps=10 << 20, write_iops=100),),
+    )
+    assert config.runtime.max_limits == Limits(cpus=2, memory_bytes=1 << 30, pids=1000)
+    assert config.limits.max_active_jobs_per_user == 5
+    assert config.limits.max_streams_per_user == 6
+    assert config.runtime.output_limit == 1 << 20
+    assert config.runtime.retention_seconds == 12 * 3600
+    assert config.runtime.retention_bytes == 500 << 20
+    assert config.runtime.run_as == RunAs(1234, 1235)
+    assert config.runtime.allow_root
+    assert config.runtime.owner_run_as == {"alice": NOBODY, "root-jobs": RunAs(0, 0)}
+    assert config.runtime.host_network_owners == frozenset({"admin"})
+    assert config.metrics_listen == "127.0.0.1:9464"
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    config = _load(
+        tmp_path,
+        TLS + '[server]\nlisten = ["127.0.0.1:1"]\nlog_format = "json"\n',
+        listen=["127.0.0.1:2"],
+        log_format="text",
+        ca="/x/ca.pem",
+        metrics_listen="127.0.0.1:3",
+        state_dir=None,
+    )
+    assert config.listen == ("127.0.0.1:2",)
+    assert config.log_format == "text"
+    assert config.tls.ca == Path("/x/ca.pem")
+    assert config.tls.key == tmp_path / "server.key"
+    assert config.metrics_listen == "127.0.0.1:3"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server\n", "not valid TOML: "),
+        ("[servr]\n", "unknown section [servr]; did you mean 'server'? known sections: "),
+        ("server = 1\n", "server must be a table ([server]), not a value"),
+        ("[server]\nlisten_on = []\n", "unknown key server.listen_on; did you mean 'listen'?"),
+        ("[server]\nlisten = []\n", 'server.listen: expected a non-empty list such as ["127'),
+        ('[server]\nlisten = "127.0.0.1:1"\n', "server.listen: expected a non-empty list"),
+        ('[server]\nlisten = ["localhost"]\n', "server.listen: 'localhost' is not HOST:PORT"),
+        ('[server]\nlisten = ["h:99999"]\n', "server.listen: 'h:99999' is not HOST:PORT"),
+        ('[server]\nstate_dir = ""\n', "server.state_dir: expected a non-empty string, got ''"),
+        ('[server]\nlog_format = "xml"\n', "server.log_format: expected one of 'text', 'json'"),
+        ('[server]\nmax_message_size = "4X"\n', "server.max_message_size: size '4X' is not"),
+        ("[server]\nmax_message_size = -1\n", "server.max_message_size: expected a size of at"),
+        ("[server]\nmax_message_size = true\n", "server.max_message_size: expected a size such"),
+        ('[server]\nshutdown_grace = "soon"\n', "server.shutdown_grace: duration 'soon' is not"),
+        ("[server]\nshutdown_grace = [1]\n", "server.shutdown_grace: expected a duration such"),
+        ("[limits.default]\ncpus = 0\n", "limits.default.cpus: expected a positive number"),
+        ("[limits.default]\ncpu_weight = 0\n", "limits.default.cpu_weight: expected a whole"),
+        ("[limits.default]\ncpu_weight = 20000\n", "limits.default: cpu_weight must be between"),
+        ("[limits.default]\nmemory = 1024\n", "limits.default: memory limit must be at least"),
+        ("[limits.max]\npids = 1.5\n", "limits.max.pids: expected a whole number of at least 1"),
+        ("[limits.max]\nio = []\n", "unknown key limits.max.io; keys of [limits.max]: "),
+        ("[limits.min]\n", "unknown section [limits.min]; use [limits.default] or [limits.max]"),
+        ("[limits]\ndefault = 1\n", "limits.default must be a table ([limits.default])"),
+        ('[limits.default]\nio = "8:0"\n', "limits.default.io: expected a list of tables"),
+        ('[limits.default]\nio = [{ dev = "8:0" }]\n', "unknown key 'dev' in an io entry"),
+        ('[limits.default]\nio = [{ device = "sda" }]\n', "IO device 'sda' is not MAJ:MIN"),
+        (
+            '[limits.default]\nmemory = "2G"\n[limits.max]\nmemory = "1G"\n',
+            "limits.default: memory limit 2Gi (2147483648 bytes) is above the server maximum",
+        ),
+        ("[quotas]\nmax_jobs_per_user = 0\n", "quotas.max_jobs_per_user: expected a whole number"),
+        ("[quotas]\nmax_streams_per_user = true\n", "quotas.max_streams_per_user: expected a"),
+        ('[quotas]\nmax_output_per_job = "1Q"\n', "quotas.max_output_per_job: size '1Q' is not"),
+        ("[retention]\nmax_age = -5\n", "retention.max_age: expected a duration such as"),
+        ('[retention]\nmax_size = "lots"\n', "retention.max_size: size 'lots' is not a size"),
+        ('[run_as]\ndefault = "no-such-user-here"\n', "there is no local user 'no-such-user-h"),
+        ('[run_as]\ndefault = "1:x"\n', "run_as.default: '1:x' is not \"UID:GID\""),
+        ('[run_as]\ndefault = "0:0"\n', "run_as: run-as user for default is root (uid or gid"),
+        ('[run_as]\nallow_root = "yes"\n', "run_as.allow_root: expected true or false, got 'yes'"),
+        ("[run_as]\nowners = []\n", 'run_as.owners: expected a table of owner = "local user"'),
+        ('[run_as.owners]\nbob = "?"\n', "run_as.owners: owner 'bob': there is no local user"),
+        ("[network]\nhost_network_users = [1]\n", "network.host_network_users: expected a list"),
+        ('[metrics]\nlisten = "9464"\n', "metrics.listen: '9464' is not HOST:PORT"),
+        ("[tls]\nca = 5\n", "tls.ca: expected a non-empty string, got 5"),
+    ],
+)
+def test_invalid_values_are_explained(tmp_path: Path, text: str, message: str) -> None:
+    body = text if text.startswith("[tls]") or "[server\n" in text else text + TLS
+    problems = _problems(tmp_path, body)
+    assert any(message in p for p in problems), problems
+    assert all("\n" not in p for p in problems)
+
+
+def test_missing_tls_settings_name_the_flag(tmp_path: Path) -> None:
+    assert _problems(tmp_path, "") == [
+        "tls.ca is not set; set it in the config file or give --ca FILE",
+        "tls.cert is not set; set it in the config file or give --cert FILE",
+        "tls.key is not set; set it in the config file or give --key FILE",
+    ]
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    problems = _problems(tmp_path, TLS + "[server]\nlog_format = 1\nfoo = 2\n[quotas]\nx = 1\n")
+    assert len(problems) == 3
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read it: No such file or directory"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_check_files_names_each_unusable_file(tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("")
+    (tmp_path / "revoked.txt").write_text("not-a-fingerprint\n")
+    config = _load(
+        tmp_path,
+        TLS + 'client_revoked = "revoked.txt"\n[server]\nstate_dir = "state/jobs"\n',
+    )
+    problems = check_files(config)
+    assert problems[:3] == [
+        f"tls.{name}: cannot read {tmp_path / file}; check the path and its permissions"
+        for name, file in (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key"))
+    ]
+    assert "'not-a-fingerprint' is not a SHA-256 fingerprint" in problems[3]
+    assert problems[4] == f"server.state_dir: {tmp_path / 'state'} is not a directory"
+
+
+def test_reference_file_is_current_and_parses_to_the_defaults(tmp_path: Path) -> None:
+    reference = (REPO / "docs" / "config.toml").read_text()
+    assert reference == default_config_text(), "regenerate: jobworkerd --print-default-config"
+    for section, keys in SCHEMA.items():
+        assert f"[{section}]" in reference
+        for name in keys:
+            assert f"{name} =" in reference
+    flags = {"ca": "/a", "cert": "/b", "key": "/c"}
+    assert _load(tmp_path, reference, **flags) == load_config(None, flags)
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    for name in ("ca.pem", "server.pem", "server.key"):
+        (tmp_path / name).write_text("")
+    good = tmp_path / "good.toml"
+    good.write_text(TLS + f'[server]\nstate_dir = "{tmp_path}/state"\n')
+    result = subprocess.run(
+        [JOBWORKERD, "--check-config", "--config", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{good}: OK\n", "")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TLS + '[server]\nlisten = ["nowhere"]\n[quotas]\nmax_jobs = 3\n')
+    result = subprocess.run(
+        [JOBWORKERD, "--check-config", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        (
+            f"{bad}: server.listen: 'nowhere' is not HOST:PORT; write e.g. 127.0.0.1:50051 or "
+            "[::1]:50051"
+        ),
+        (
+            f"{bad}: unknown key quotas.max_jobs; did you mean 'max_jobs_per_user'? keys of "
+            "[quotas]: max_jobs_per_user, max_streams_per_user, max_output_per_job"
+        ),
+    ]
