@@ -11,6 +11,7 @@ import pytest
 from jobworker.api._config import (
     SCHEMA,
     ConfigError,
+    ServerConfig,
     check_files,
     default_config_text,
     load_config,
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 TLS = '[tls]\nca = "ca.pem"\ncert = "server.pem"\nkey = "server.key"\n'
 
 
-def _load(tmp_path: Path, text: str, **flags: object) -> object:
+def _load(tmp_path: Path, text: str, **flags: object) -> ServerConfig:
     path = tmp_path / "config.toml"
     path.write_text(text)
     return load_config(path, flags)
