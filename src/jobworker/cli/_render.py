@@ -104,21 +104,42 @@ def print_table(jobs: list[dict[str, Any]]) -> None:
     from rich.table import Table  # noqa: PLC0415
 
     now = dt.datetime.now(dt.UTC)
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("ID", "OWNER", "STATE", "RESULT", "CREATED", "COMMAND"):
-        table.add_column(column, no_wrap=True, overflow="ellipsis")
-    colors = {"running": "green", "failed": "red", "stopped": "yellow"}
-    for job in jobs:
-        state = job["state"]
-        table.add_row(
+    rows = [
+        (
             job["id"][:12],
             job["owner"],
-            f"[{colors[state]}]{state}[/]" if state in colors else state,
+            job["state"],
             _result(job),
             _ago(job["created_at"], now),
             " ".join(job["argv"]),
         )
-    Console().print(table)
+        for job in jobs
+    ]
+    headers = ("ID", "OWNER", "STATE", "RESULT", "CREATED", "COMMAND")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for i, header in enumerate(headers[:-1]):
+        # Never squeezed: a narrow terminal cuts the command, as docker ps does.
+        width = max([len(header), *(len(row[i]) for row in rows)])
+        table.add_column(header, no_wrap=True, min_width=width)
+    table.add_column(headers[-1], no_wrap=True, overflow="ellipsis")
+    colors = {"running": "green", "failed": "red", "stopped": "yellow"}
+    for row in rows:
+        state = row[2]
+        table.add_row(
+            *row[:2], f"[{colors[state]}]{state}[/]" if state in colors else state, *row[3:]
+        )
+    # Into a pipe or a file, nothing is cut (rich would assume 80 columns).
+    console = Console() if sys.stdout.isatty() else Console(width=1 << 16)
+    console.print(table)
+
+
+def _bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for power, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if value >= 1024**power:
+            return f"{value / 1024**power:.1f} {unit}"
+    return f"{value} B"
 
 
 def print_status(job: dict[str, Any]) -> None:
@@ -134,8 +155,8 @@ def print_status(job: dict[str, Any]) -> None:
         ("started", job["started_at"] or "-"),
         ("ended", job["ended_at"] or "-"),
         ("cpu", f"{usage['cpu_seconds']:.2f} s"),
-        ("memory", f"{usage['memory_bytes']} B (peak {usage['memory_peak_bytes'] or '-'})"),
-        ("io", f"read {usage['io_read_bytes']} B, written {usage['io_write_bytes']} B"),
+        ("memory", f"{_bytes(usage['memory_bytes'])} (peak {_bytes(usage['memory_peak_bytes'])})"),
+        ("io", f"read {_bytes(usage['io_read_bytes'])}, written {_bytes(usage['io_write_bytes'])}"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
