@@ -189,10 +189,12 @@ async def test_list_filters_by_owner(runtime: Runtime) -> None:
 
 async def test_signal_reaches_the_job(runtime: Runtime) -> None:
     code = """
-        import signal, sys, time
+        import os, signal
+        # os.write, not print: the signal may land while print('ready') is still inside
+        # stdout's buffer, and a second print there raises "reentrant call".
         def on_usr1(signum, frame):
-            print('got usr1', flush=True)
-            sys.exit(7)
+            os.write(1, b'got usr1\\n')
+            os._exit(7)
         signal.signal(signal.SIGUSR1, on_usr1)
         print('ready', flush=True)
         signal.pause()
