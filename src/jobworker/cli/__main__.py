@@ -7,13 +7,14 @@ Exit status: 0 success, 1 error, 2 usage; `run` and `wait` exit with the job's o
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import signal
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._units import UsageError, parse_duration, parse_signal, parse_size
 from ._completion import SCRIPTS
+from ._io import Io
 
 if TYPE_CHECKING:
     from ._config import Target
@@ -126,93 +127,88 @@ def _spec(args: argparse.Namespace) -> Any:
     )
 
 
-async def _follow(session: Any, job_id: str, *, detach_hint: bool, stop_on_interrupt: bool) -> int:
+async def _follow(
+    session: Any, job_id: str, io: Io, *, detach_hint: bool, stop_on_interrupt: bool
+) -> int:
     """Stream the job's output to ours until it ends; the first Ctrl+C detaches (or stops)."""
     import asyncio  # noqa: PLC0415
 
     from ..api.client import pb, stream_output  # noqa: PLC0415
     from ._render import exit_status_of  # noqa: PLC0415
 
-    loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
-    loop.add_signal_handler(signal.SIGINT, interrupted.set)
-    out, err = sys.stdout.buffer, sys.stderr.buffer
 
     async def pump() -> None:
         request = pb.OutputRequest(id=job_id, follow=True)
         async for stream, data, _ts in stream_output(session.channel, request):
-            target = err if stream == pb.STREAM_STDERR else out
-            if stream == pb.STREAM_SYSTEM:
-                target = err
-            target.write(data)
-            target.flush()
+            await (io.out(data) if stream == pb.STREAM_STDOUT else io.err(data))
 
     pumping = asyncio.ensure_future(pump())
     waiting = asyncio.ensure_future(interrupted.wait())
-    try:
-        await asyncio.wait({pumping, waiting}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
-    if pumping.done():
-        waiting.cancel()
+    with io.interrupts_to(interrupted.set):
+        try:
+            await asyncio.wait({pumping, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pumping, waiting):
+                if not task.done():
+                    task.cancel()
+    if not waiting.done() or waiting.cancelled():
         pumping.result()
         final = await session.call("WaitJob", pb.JobRequest(id=job_id), waits=True)
         return exit_status_of(final)
-    pumping.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await pumping
     if stop_on_interrupt:
-        sys.stderr.write(f"stopping job {job_id}\n")
+        await io.say(f"stopping job {job_id}\n")
         final = await session.call("StopJob", pb.StopJobRequest(id=job_id), waits=True)
         return exit_status_of(final)
     if detach_hint:
-        sys.stderr.write(
+        await io.say(
             f"\ndetached from job {job_id}; it keeps running. Reattach with: "
             f"jobctl logs -f {job_id[:12]}\n"
         )
     return 0
 
 
-async def _dispatch(args: argparse.Namespace, target: Target) -> int:  # noqa: C901, PLR0911, PLR0912
+async def _dispatch(  # noqa: C901, PLR0911, PLR0912
+    args: argparse.Namespace, target: Target, io: Io, channel: Any
+) -> int:
     from ..api.client import pb  # noqa: PLC0415
-    from ._client import session  # noqa: PLC0415
-    from ._render import exit_status_of, job_json, print_json, print_status  # noqa: PLC0415
+    from ._client import Session, session  # noqa: PLC0415
+    from ._render import exit_status_of, job_json, json_text, status_text  # noqa: PLC0415
 
-    async with session(target) as s:
+    shared = contextlib.nullcontext(Session(channel, target)) if channel is not None else None
+    async with shared or session(target) as s:
         if args.command in ("run", "start"):
             job = await s.call("CreateJob", pb.CreateJobRequest(spec=_spec(args), start=True))
             if job.state == pb.JOB_STATE_FAILED:
-                sys.stderr.write(f"jobctl: job {job.id} failed to start: {job.error}\n")
+                await io.say(f"jobctl: job {job.id} failed to start: {job.error}\n")
                 return exit_status_of(job)  # 127, like a shell's "command not found"
             if args.command == "run" or args.follow:
                 remove = getattr(args, "rm", False)
-                status = await _follow(s, job.id, detach_hint=True, stop_on_interrupt=remove)
+                status = await _follow(s, job.id, io, detach_hint=True, stop_on_interrupt=remove)
                 if remove:
                     await s.call("RemoveJob", pb.JobRequest(id=job.id))
                 return status
-            if args.json:
-                print_json(job_json(job))
-            else:
-                sys.stdout.write(f"{job.id}\n")
+            await io.out((json_text(job_json(job)) if args.json else f"{job.id}\n").encode())
             return 0
         if args.command == "status":
             ids = [await s.resolve(ref) for ref in args.jobs]
             jobs = [job_json(await s.call("GetJob", pb.JobRequest(id=i))) for i in ids]
             if args.json:
-                print_json(jobs[0] if len(jobs) == 1 else jobs)
+                await io.out(json_text(jobs[0] if len(jobs) == 1 else jobs).encode())
             else:
-                for i, job in enumerate(jobs):
-                    if i:
-                        sys.stdout.write("\n")
-                    print_status(job)
+                await io.out("\n".join(status_text(job) for job in jobs).encode())
             return 0
         if args.command == "logs":
-            return await _logs(s, args)
+            return await _logs(s, args, io)
         if args.command == "stop":
             grace = parse_duration(args.grace, "--grace") if args.grace else None
             for ref in args.jobs:
                 job_id = await s.resolve(ref)
                 request = pb.StopJobRequest(id=job_id, grace_seconds=grace)
                 final = await s.call("StopJob", request, waits=True)
-                sys.stdout.write(f"{final.id}\n")
+                await io.out(f"{final.id}\n".encode())
             return 0
         if args.command == "kill":
             signum = parse_signal(args.signal)
@@ -220,12 +216,12 @@ async def _dispatch(args: argparse.Namespace, target: Target) -> int:  # noqa: C
             await s.call("SignalJob", pb.SignalJobRequest(id=job_id, signal=signum))
             return 0
         if args.command == "ls":
-            return await _ls(s, args)
+            return await _ls(s, args, io)
         if args.command == "rm":
             for ref in args.jobs:
                 job_id = await s.resolve(ref)
                 await s.call("RemoveJob", pb.JobRequest(id=job_id))
-                sys.stdout.write(f"{job_id}\n")
+                await io.out(f"{job_id}\n".encode())
             return 0
         if args.command == "wait":
             status = 0
@@ -237,9 +233,9 @@ async def _dispatch(args: argparse.Namespace, target: Target) -> int:  # noqa: C
     raise UsageError(f"unknown command {args.command}")
 
 
-async def _ls(s: Any, args: argparse.Namespace) -> int:
+async def _ls(s: Any, args: argparse.Namespace, io: Io) -> int:
     from ..api.client import pb  # noqa: PLC0415
-    from ._render import job_json, print_json, print_table  # noqa: PLC0415
+    from ._render import job_json, json_text, table_text  # noqa: PLC0415
 
     reply = await s.call("ListJobs", pb.ListJobsRequest(owner=args.owner or ""))
     jobs = [job_json(j) for j in reply.jobs]
@@ -247,15 +243,15 @@ async def _ls(s: Any, args: argparse.Namespace) -> int:
         jobs = [j for j in jobs if j["state"] == args.state]
     elif not args.all:
         jobs = [j for j in jobs if j["state"] in ("created", "running")]
-    if args.json:
-        print_json(jobs)
-    else:
-        print_table(jobs)
+    await io.out((json_text(jobs) if args.json else table_text(jobs, io)).encode())
     return 0
 
 
-async def _logs(s: Any, args: argparse.Namespace) -> int:
+async def _logs(s: Any, args: argparse.Namespace, io: Io) -> int:
+    import grpc  # noqa: PLC0415
+
     from ..api.client import pb, stream_output  # noqa: PLC0415
+    from ._client import explain  # noqa: PLC0415
 
     job_id = await s.resolve(args.job)
     selector = (
@@ -266,21 +262,13 @@ async def _logs(s: Any, args: argparse.Namespace) -> int:
         else pb.OUTPUT_SELECTOR_BOTH
     )
     request = pb.OutputRequest(id=job_id, streams=selector, follow=args.follow)
-    out, err = sys.stdout.buffer, sys.stderr.buffer
-    import grpc  # noqa: PLC0415
-
-    from ._client import explain  # noqa: PLC0415
-
     try:
         async for stream, data, ts in stream_output(s.channel, request):
-            target = err if stream in (pb.STREAM_STDERR, pb.STREAM_SYSTEM) else out
+            text = bytes(data) if args.timestamps else data
             if args.timestamps:
-                stamp = _rfc3339(ts)
-                for line in bytes(data).splitlines(keepends=True):
-                    target.write(stamp.encode() + b" " + line)
-            else:
-                target.write(data)
-            target.flush()
+                stamp = _rfc3339(ts).encode() + b" "
+                text = b"".join(stamp + line for line in bytes(data).splitlines(keepends=True))
+            await (io.out(text) if stream == pb.STREAM_STDOUT else io.err(text))
     except grpc.aio.AioRpcError as e:
         raise explain(e, s.target) from None
     return 0
@@ -293,22 +281,61 @@ def _rfc3339(ns: int) -> str:
     return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+async def run_command(args: argparse.Namespace, target: Target, io: Io, channel: Any = None) -> int:
+    """Run one parsed command over ``channel`` (None: a connection of its own); errors
+    become one line on ``io``'s stderr. Returns the exit status (0, 1 error, 2 usage,
+    130 interrupted, or the job's)."""
+    import asyncio  # noqa: PLC0415
+
+    from ._client import CliError  # noqa: PLC0415
+
+    task = asyncio.ensure_future(_dispatch(args, target, io, channel))
+    interrupted = False
+
+    def interrupt() -> None:
+        nonlocal interrupted
+        interrupted = True
+        task.cancel()
+
+    try:
+        with io.interrupts_to(interrupt):
+            return await task
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        await io.say("jobctl: interrupted\n")
+        return 130
+    except UsageError as e:
+        await io.say(f"jobctl: {e}\n")
+        return 2
+    except CliError as e:
+        await io.say(f"jobctl: {e}\n")
+        return 1
+    except BrokenPipeError:
+        # The reader went away (jobctl logs JOB | head): not an error of ours.
+        return 0
+
+
 def _fail(message: str, status: int) -> NoReturn:
     sys.stderr.write(f"jobctl: {message}\n")
     sys.exit(status)
 
 
+async def _run_here(args: argparse.Namespace, target: Target) -> int:
+    import asyncio  # noqa: PLC0415
+
+    io = Io.here()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, io.interrupt)
+    return await run_command(args, target, io)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     if args.command == "completion":
         sys.stdout.write(SCRIPTS[args.shell])
         return
-    import asyncio  # noqa: PLC0415
-
-    from .._allocator import keep_large_buffers  # noqa: PLC0415
     from ._config import resolve_target  # noqa: PLC0415
-
-    keep_large_buffers()
 
     try:
         target = resolve_target(
@@ -319,21 +346,23 @@ def main(argv: list[str] | None = None) -> None:
             context=args.context,
             timeout=parse_duration(args.timeout, "--timeout"),
         )
-        status = asyncio.run(_dispatch(args, target))
     except UsageError as e:
         _fail(str(e), 2)
+    if target.control_persist:
+        from ._control import forward  # noqa: PLC0415
+
+        forwarded = forward(argv, target)
+        if forwarded is not None:
+            sys.exit(forwarded)
+    import asyncio  # noqa: PLC0415
+
+    from .._allocator import keep_large_buffers  # noqa: PLC0415
+
+    keep_large_buffers()
+    try:
+        status = asyncio.run(_run_here(args, target))
     except KeyboardInterrupt:
         _fail("interrupted", 130)
-    except BrokenPipeError:
-        # The reader went away (jobctl logs JOB | head): not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
-    except Exception as e:
-        from ._client import CliError  # noqa: PLC0415
-
-        if isinstance(e, CliError):
-            _fail(str(e), 1)
-        raise
     sys.exit(status)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._units import UsageError
+from .._units import UsageError, parse_duration
 
 __all__ = ["Target", "config_path", "resolve_target"]
 
@@ -33,6 +33,8 @@ class Target:
     cert: Path
     key: Path
     timeout: float = 30.0
+    # Seconds a connection keeper stays after its last command (see _control); 0: none.
+    control_persist: float = 0.0
 
 
 def config_path() -> Path:
@@ -96,4 +98,16 @@ def resolve_target(  # noqa: PLR0913 - one keyword per setting
         cert=Path(os.path.expanduser(chosen["cert"] or "")),
         key=Path(os.path.expanduser(chosen["key"] or "")),
         timeout=timeout,
+        control_persist=_persist(
+            os.environ.get("JOBWORKER_CONTROL_PERSIST") or ctx.get("control-persist"), path
+        ),
     )
+
+
+def _persist(value: object, path: Path) -> float:
+    if not value or value == "no":
+        return 0.0
+    try:
+        return parse_duration(str(value), "control-persist")
+    except UsageError as e:
+        raise UsageError(f"{e} (JOBWORKER_CONTROL_PERSIST or control-persist in {path})") from None

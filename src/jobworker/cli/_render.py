@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import io as io_module
 import json
-import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["exit_status_of", "job_json", "print_json", "print_status", "print_table"]
+if TYPE_CHECKING:
+    from ._io import Io
+
+__all__ = ["exit_status_of", "job_json", "json_text", "status_text", "table_text"]
 
 _STATES = {1: "created", 2: "running", 3: "exited", 4: "stopped", 5: "failed"}
 # A job that could not be started exits like a shell's "command not found".
@@ -73,8 +76,8 @@ def exit_status_of(job: Any) -> int:
     return FAILED_EXIT
 
 
-def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+def json_text(value: Any) -> str:
+    return json.dumps(value, indent=2) + "\n"
 
 
 def _ago(iso: str | None, now: dt.datetime) -> str:
@@ -97,9 +100,8 @@ def _result(job: dict[str, Any]) -> str:
     return ""
 
 
-def print_table(jobs: list[dict[str, Any]]) -> None:
-    """Aligned columns with relative times; color only on a terminal, never with NO_COLOR
-    (rich decides both)."""
+def table_text(jobs: list[dict[str, Any]], io: Io) -> str:
+    """Aligned columns with relative times; color only on a terminal, never with NO_COLOR."""
     from rich.console import Console  # noqa: PLC0415 - rich costs ~50 ms; only tables need it
     from rich.table import Table  # noqa: PLC0415
 
@@ -128,9 +130,16 @@ def print_table(jobs: list[dict[str, Any]]) -> None:
         table.add_row(
             *row[:2], f"[{colors[state]}]{state}[/]" if state in colors else state, *row[3:]
         )
-    # Into a pipe or a file, nothing is cut (rich would assume 80 columns).
-    console = Console() if sys.stdout.isatty() else Console(width=1 << 16)
+    text = io_module.StringIO()
+    console = Console(
+        file=text,
+        force_terminal=io.out_tty,
+        no_color=io.no_color,
+        # Into a pipe or a file, nothing is cut (rich would assume 80 columns).
+        width=io.columns if io.out_tty and io.columns else 1 << 16,
+    )
     console.print(table)
+    return text.getvalue()
 
 
 def _bytes(value: int | None) -> str:
@@ -142,7 +151,7 @@ def _bytes(value: int | None) -> str:
     return f"{value} B"
 
 
-def print_status(job: dict[str, Any]) -> None:
+def status_text(job: dict[str, Any]) -> str:
     now = dt.datetime.now(dt.UTC)
     usage = job["usage"]
     rows = [
@@ -159,5 +168,4 @@ def print_status(job: dict[str, Any]) -> None:
         ("io", f"read {_bytes(usage['io_read_bytes'])}, written {_bytes(usage['io_write_bytes'])}"),
     ]
     width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        sys.stdout.write(f"{key:<{width}}  {value}\n")
+    return "".join(f"{key:<{width}}  {value}\n" for key, value in rows)

@@ -1,0 +1,84 @@
+"""Where a jobctl command writes, and how Ctrl+C reaches it.
+
+A command runs either in the jobctl process itself, writing to its own stdout and stderr,
+or in the connection keeper (``_control``), writing to the descriptors a jobctl front end
+passed it. There, many commands share one event loop, so writes go through a thread of
+their own: a terminal or pipe that is slow to drain stalls only its own command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import concurrent.futures
+
+# asyncio is imported where it is needed: `jobctl --help` must not pay for it.
+
+__all__ = ["Io"]
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@dataclass(eq=False)
+class Io:
+    """One command's output (``out_fd``, ``err_fd``), what it knows of the terminal
+    (``out_tty``, ``columns``), ``NO_COLOR``, and its interrupt handler."""
+
+    out_fd: int = 1
+    err_fd: int = 2
+    out_tty: bool = False
+    columns: int | None = None
+    no_color: bool = False
+    # A thread for writes, in the connection keeper; None writes directly.
+    writer: concurrent.futures.ThreadPoolExecutor | None = None
+    _on_interrupt: Callable[[], object] = field(default=lambda: None)
+
+    @classmethod
+    def here(cls) -> Io:
+        """This process's own stdout and stderr."""
+        tty = os.isatty(1)
+        columns = None
+        if tty:
+            with contextlib.suppress(OSError):
+                columns = os.get_terminal_size(1).columns
+        return cls(1, 2, tty, columns, "NO_COLOR" in os.environ)
+
+    async def out(self, data: bytes | memoryview) -> None:
+        await self._write(self.out_fd, data)
+
+    async def err(self, data: bytes | memoryview) -> None:
+        await self._write(self.err_fd, data)
+
+    async def say(self, text: str) -> None:
+        """A line for the user, on stderr."""
+        await self.err(text.encode())
+
+    async def _write(self, fd: int, data: bytes | memoryview) -> None:
+        if self.writer is None:
+            _write_all(fd, data)
+        else:
+            import asyncio  # noqa: PLC0415 - loaded by then: the keeper runs on it
+
+            await asyncio.get_running_loop().run_in_executor(self.writer, _write_all, fd, data)
+
+    def interrupt(self) -> None:
+        """Ctrl+C: whatever the command is doing decides (see :meth:`interrupts_to`)."""
+        self._on_interrupt()
+
+    @contextlib.contextmanager
+    def interrupts_to(self, handler: Callable[[], object]) -> Iterator[None]:
+        """Send Ctrl+C to ``handler`` while inside (``run`` detaches on it)."""
+        previous, self._on_interrupt = self._on_interrupt, handler
+        try:
+            yield
+        finally:
+            self._on_interrupt = previous
