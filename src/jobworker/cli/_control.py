@@ -258,6 +258,10 @@ class _Keeper:
                     await command
                 return
             listen.cancel()
+            # Before the socket closes: its fd number is reused by the next connection,
+            # whose reader the cancelled listener would otherwise remove.
+            with contextlib.suppress(asyncio.CancelledError):
+                await listen
             status = command.result()
         except (UsageError, SystemExit):
             status = 2
