@@ -45,6 +45,7 @@ _MAX_REQUEST = 1 << 20
 _INTERRUPT = b"I"
 _READY = b"R"
 _START_TIMEOUT = 10.0
+_MAX_SOCKET_PATH = 108
 
 
 def _private_dir() -> Path | None:
@@ -70,7 +71,9 @@ def control_path(target: Target) -> Path | None:
     if directory is None:
         return None
     key = "\0".join(str(p) for p in (target.server, target.ca, target.cert, target.key))
-    return directory / f"ctl-{hashlib.sha256(key.encode()).hexdigest()[:24]}.sock"
+    path = directory / f"ctl-{hashlib.sha256(key.encode()).hexdigest()[:24]}.sock"
+    # A Unix socket's path has room for 107 bytes.
+    return path if len(os.fsencode(path)) < _MAX_SOCKET_PATH else None
 
 
 def _connect(path: Path) -> socket.socket | None:

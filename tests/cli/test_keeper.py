@@ -1,0 +1,166 @@
+"""The connection keeper (control-persist): commands run over one kept connection, with
+the same output, statuses and errors as without it, and nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from ..api.conftest import Pki, serving
+from .test_jobctl import JOBCTL, Cli, _pty_run, cli_env
+
+
+def _keeper_pid(run_dir: Path) -> int | None:
+    for path in (run_dir / "jobworker").glob("ctl-*.sock"):
+        with socket.socket(socket.AF_UNIX) as sock:
+            try:
+                sock.connect(str(path))
+            except OSError:
+                continue
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return int(struct.unpack("3i", creds)[0])
+    return None
+
+
+async def _gone(pid: int, timeout: float) -> None:
+    fd = os.pidfd_open(pid)
+    try:
+        ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(fd, ready.set)
+        try:
+            await asyncio.wait_for(ready.wait(), timeout)
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def audit() -> Iterator[list[logging.LogRecord]]:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("jobworker.audit")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest_asyncio.fixture
+async def kept(tmp_path: Path, pki: Pki) -> AsyncIterator[tuple[Cli, Path]]:
+    # Short: a Unix socket's path must fit in 107 bytes, and tmp_path is long.
+    run_dir = Path(tempfile.mkdtemp(prefix="jw-", dir="/tmp"))
+    async with serving(tmp_path, pki) as running:
+        env = {
+            **cli_env(running, "alice", tmp_path),
+            "XDG_RUNTIME_DIR": str(run_dir),
+            "JOBWORKER_CONTROL_PERSIST": "60s",
+        }
+        try:
+            yield Cli(running, env), run_dir
+        finally:
+            pid = _keeper_pid(run_dir)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                await _gone(pid, 30)
+            shutil.rmtree(run_dir)
+
+
+async def test_commands_run_through_one_kept_connection(
+    kept: tuple[Cli, Path], audit: list[logging.LogRecord]
+) -> None:
+    cli, run_dir = kept
+    first = await cli("run", "--", "echo", "first")
+    assert (first.code, first.out, first.err) == (0, b"first\n", "")
+    pid = _keeper_pid(run_dir)
+    assert pid is not None
+    assert (run_dir / "jobworker").stat().st_mode & 0o777 == 0o700
+    start = len(audit)
+    for script, status in (("exit 0", 0), ("exit 3", 3), ("kill -9 $$", 137)):
+        result = await cli("run", "--", "sh", "-c", f"echo out; echo err >&2; {script}")
+        assert (result.code, result.out, result.err) == (status, b"out\n", "err\n")
+    listed = await cli("ls", "--all", "--json")
+    assert listed.code == 0
+    assert len(json.loads(listed.out)) == 4
+    missing = await cli("status", "abcd1234")
+    assert (missing.code, missing.err) == (1, "jobctl: no job matches 'abcd1234'\n")
+    bad = await cli("run", "--memory", "lots", "true")
+    assert bad.code == 2
+    assert "not a size" in bad.err
+    # Every command after the first came over the keeper's one connection.
+    peers = {record.fields["peer"] for record in audit[start:]}  # type: ignore[attr-defined]
+    assert len(peers) == 1
+    assert _keeper_pid(run_dir) == pid
+
+
+async def test_ctrl_c_through_the_keeper_detaches(kept: tuple[Cli, Path]) -> None:
+    cli, _ = kept
+    assert (await cli("run", "true")).code == 0
+    screen = await _pty_run(
+        cli.env,
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "echo started; exec sleep 600",
+        until=b"started",
+        then=b"\x03",
+    )
+    assert b"detached from job" in screen
+    running = await cli("ls", "--json")
+    assert [job["state"] for job in json.loads(running.out)] == ["running"]
+
+
+async def test_a_vanished_front_end_frees_its_command(kept: tuple[Cli, Path]) -> None:
+    cli, _ = kept
+    job_id = (await cli("start", "-q", "--", "sh", "-c", "echo up; exec sleep 600")).text.strip()
+    proc = await asyncio.create_subprocess_exec(
+        JOBCTL, "logs", "-f", job_id, env=cli.env, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"up\n"
+    service = cli.running.server.service
+    assert not service.no_streams.is_set()
+    proc.kill()
+    await asyncio.wait_for(proc.wait(), 30)
+    await asyncio.wait_for(service.no_streams.wait(), 30)
+    assert (await cli("status", job_id)).code == 0
+
+
+async def test_keeper_exits_once_idle(kept: tuple[Cli, Path]) -> None:
+    cli, run_dir = kept
+    assert (await cli("run", "true", env={"JOBWORKER_CONTROL_PERSIST": "1s"})).code == 0
+    pid = _keeper_pid(run_dir)
+    assert pid is not None
+    await _gone(pid, 30)
+    assert list((run_dir / "jobworker").glob("ctl-*.sock")) == []
+
+
+async def test_an_unsafe_directory_means_no_keeper(kept: tuple[Cli, Path]) -> None:
+    cli, run_dir = kept
+    (run_dir / "jobworker").mkdir(mode=0o755)
+    (run_dir / "jobworker").chmod(0o755)
+    result = await cli("run", "--", "echo", "direct")
+    assert (result.code, result.out) == (0, b"direct\n")
+    assert list((run_dir / "jobworker").iterdir()) == []
