@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import pty
+import shutil
 import signal
 import socket
 import sys
@@ -61,11 +62,14 @@ class Cli:
     running: Running
     env: dict[str, str]
 
-    async def __call__(self, *args: str, env: dict[str, str] | None = None) -> Result:
+    async def __call__(
+        self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> Result:
         proc = await asyncio.create_subprocess_exec(
             JOBCTL,
             *args,
             env={**self.env, **(env or {})},
+            cwd=cwd,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -219,12 +223,20 @@ async def test_config_file_contexts(cli: Cli, tmp_path: Path) -> None:
         f'ca = "{d}/ca.pem"\ncert = "{d}/bob.pem"\nkey = "{d}/bob.key"\n'
         '[contexts.down]\nserver = "127.0.0.1:1"\n'
         f'ca = "{d}/ca.pem"\ncert = "{d}/bob.pem"\nkey = "{d}/bob.key"\n'
+        # Relative to the config file's directory, wherever jobctl runs.
+        f'[contexts.near]\nserver = "127.0.0.1:{cli.running.port}"\n'
+        'ca = "near/ca.pem"\ncert = "near/bob.pem"\nkey = "near/bob.key"\n'
     )
+    (config.parent / "near").mkdir()
+    for name in ("ca.pem", "bob.pem", "bob.key"):
+        shutil.copy(d / name, config.parent / "near" / name)
     for key in ("JOBWORKER_SERVER", "JOBWORKER_CA", "JOBWORKER_CERT", "JOBWORKER_KEY"):
         env.pop(key)
     fresh = Cli(cli.running, env)
     job = json.loads((await fresh("start", "--json", "true")).text)
     assert job["owner"] == "bob"
+    near = await fresh("--context", "near", "ls", "--all", "--json", cwd=tmp_path)
+    assert [j["id"] for j in json.loads(near.out)] == [job["id"]]
     down = await fresh("--context", "down", "ls")
     assert "connection refused" in down.err
     missing = await fresh("--context", "nope", "ls")

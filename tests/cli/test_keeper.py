@@ -164,3 +164,71 @@ async def test_an_unsafe_directory_means_no_keeper(kept: tuple[Cli, Path]) -> No
     result = await cli("run", "--", "echo", "direct")
     assert (result.code, result.out) == (0, b"direct\n")
     assert list((run_dir / "jobworker").iterdir()) == []
+
+
+async def test_relative_certificate_paths_work_through_the_keeper(kept: tuple[Cli, Path]) -> None:
+    cli, run_dir = kept
+    pki = cli.running.pki.dir
+    relative = {
+        "JOBWORKER_CA": "ca.pem",
+        "JOBWORKER_CERT": "alice.pem",
+        "JOBWORKER_KEY": "alice.key",
+    }
+    first = await cli("run", "--", "echo", "one", env=relative, cwd=pki)
+    assert (first.code, first.out, first.err) == (0, b"one\n", "")
+    assert _keeper_pid(run_dir) is not None
+    second = await cli("run", "--", "echo", "two", env=relative, cwd=pki)
+    assert (second.code, second.out, second.err) == (0, b"two\n", "")
+
+
+async def test_an_unreadable_key_is_reported_as_without_a_keeper(kept: tuple[Cli, Path]) -> None:
+    cli, run_dir = kept
+    key = cli.running.pki.dir / "alice.key"
+    direct = await cli("ls", env={"JOBWORKER_CONTROL_PERSIST": "no", "JOBWORKER_KEY": f"{key}.x"})
+    kept_result = await cli("ls", env={"JOBWORKER_KEY": f"{key}.x"})
+    assert direct.code == kept_result.code == 1
+    assert kept_result.err == direct.err
+    assert "cannot read the key" in direct.err
+    assert _keeper_pid(run_dir) is None
+
+
+async def test_a_renewed_certificate_gets_a_fresh_keeper(kept: tuple[Cli, Path]) -> None:
+    cli, run_dir = kept
+    assert (await cli("ls")).code == 0
+    old = _keeper_pid(run_dir)
+    assert old is not None
+    cert = cli.running.pki.dir / "alice.pem"
+    info = cert.stat()
+    os.utime(cert, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+    assert (await cli("ls")).code == 0
+    sockets = list((run_dir / "jobworker").glob("ctl-*.sock"))
+    assert len(sockets) == 2
+    os.kill(old, signal.SIGKILL)
+    await _gone(old, 30)
+
+
+async def test_a_keeper_that_dies_mid_command_gets_one_clear_line(kept: tuple[Cli, Path]) -> None:
+    cli, run_dir = kept
+    assert (await cli("run", "true")).code == 0
+    pid = _keeper_pid(run_dir)
+    assert pid is not None
+    proc = await asyncio.create_subprocess_exec(
+        JOBCTL,
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "echo up; exec sleep 600",
+        env=cli.env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"up\n"
+    os.kill(pid, signal.SIGKILL)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert err.decode() == (
+        "jobctl: the connection keeper went away before the command ended;"
+        " check with 'jobctl ls' before running it again\n"
+    )

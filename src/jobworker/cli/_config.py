@@ -81,12 +81,22 @@ def resolve_target(  # noqa: PLR0913 - one keyword per setting
         value = flag or os.environ.get(env) or ctx.get(field)
         return str(value) if value else None
 
+    def file(flag: str | None, env: str, field: str) -> Path | None:
+        # Absolute from here on, so the name means the same file to a connection keeper
+        # (which runs in /). Relative names in the config file are relative to the file, as
+        # in a kubeconfig; on the command line and in the environment, to the current dir.
+        given = flag or os.environ.get(env)
+        if given:
+            return Path(os.path.expanduser(given)).absolute()
+        value = ctx.get(field)
+        return path.absolute().parent / os.path.expanduser(str(value)) if value else None
+
     chosen = {
-        "ca": pick(ca, "JOBWORKER_CA", "ca"),
-        "cert": pick(cert, "JOBWORKER_CERT", "cert"),
-        "key": pick(key, "JOBWORKER_KEY", "key"),
+        "ca": file(ca, "JOBWORKER_CA", "ca"),
+        "cert": file(cert, "JOBWORKER_CERT", "cert"),
+        "key": file(key, "JOBWORKER_KEY", "key"),
     }
-    missing = [k for k, v in chosen.items() if not v]
+    missing = [k for k, v in chosen.items() if v is None]
     if missing:
         raise UsageError(
             f"no {', '.join(missing)} configured: pass --{missing[0]}, set "
@@ -94,9 +104,9 @@ def resolve_target(  # noqa: PLR0913 - one keyword per setting
         )
     return Target(
         server=pick(server, "JOBWORKER_SERVER", "server") or DEFAULT_SERVER,
-        ca=Path(os.path.expanduser(chosen["ca"] or "")),
-        cert=Path(os.path.expanduser(chosen["cert"] or "")),
-        key=Path(os.path.expanduser(chosen["key"] or "")),
+        ca=chosen["ca"] or Path(),
+        cert=chosen["cert"] or Path(),
+        key=chosen["key"] or Path(),
         timeout=timeout,
         control_persist=_persist(
             os.environ.get("JOBWORKER_CONTROL_PERSIST") or ctx.get("control-persist"), path

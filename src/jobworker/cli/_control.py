@@ -66,11 +66,21 @@ def _private_dir() -> Path | None:
 
 
 def control_path(target: Target) -> Path | None:
-    """The keeper's socket for ``target`` (one per server, CA, certificate and key)."""
+    """The keeper's socket for ``target``: one per server, CA, certificate and key, and per
+    version of those files, so a renewed certificate gets a fresh keeper (the old one idles
+    out). None where no keeper may be used, or a file is missing (the caller then reports
+    that itself)."""
     directory = _private_dir()
     if directory is None:
         return None
-    key = "\0".join(str(p) for p in (target.server, target.ca, target.cert, target.key))
+    parts = [target.server]
+    for file in (target.ca, target.cert, target.key):
+        try:
+            info = file.stat()
+        except OSError:
+            return None
+        parts += [str(file), str(info.st_mtime_ns), str(info.st_size)]
+    key = "\0".join(parts)
     path = directory / f"ctl-{hashlib.sha256(key.encode()).hexdigest()[:24]}.sock"
     # A Unix socket's path has room for 107 bytes.
     return path if len(os.fsencode(path)) < _MAX_SOCKET_PATH else None
@@ -164,17 +174,28 @@ def forward(argv: list[str], target: Target) -> int | None:
 
         previous = signal.signal(signal.SIGINT, interrupt)
         try:
-            reply = b""
-            while len(reply) < _STATUS.size:
-                chunk = sock.recv(_STATUS.size - len(reply))
-                if not chunk:
-                    sys.stderr.write(
-                        "jobctl: the connection keeper went away before the command ended\n"
-                    )
-                    return 1
-                reply += chunk
+            return _status(sock)
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+def _status(sock: socket.socket) -> int:
+    """The command's exit status, as the keeper reports it."""
+    reply = b""
+    while len(reply) < _STATUS.size:
+        try:
+            chunk = sock.recv(_STATUS.size - len(reply))
+        except OSError:
+            chunk = b""
+        if not chunk:
+            # It may have run part of the command, so running it again here could do it
+            # twice: say so instead.
+            sys.stderr.write(
+                "jobctl: the connection keeper went away before the command ended;"
+                " check with 'jobctl ls' before running it again\n"
+            )
+            return 1
+        reply += chunk
     return int(_STATUS.unpack(reply)[0])
 
 
@@ -336,6 +357,14 @@ class _Keeper:
 def _keep(target: Target, path: Path, ready_fd: int) -> None:
     import asyncio  # noqa: PLC0415
 
+    from ..api._tls import TlsError, TlsFiles  # noqa: PLC0415
+
+    try:
+        TlsFiles(target.ca, target.cert, target.key).read()
+    except TlsError:
+        # The front end runs the command itself then, and says clearly what is wrong.
+        os.write(ready_fd, b"X")
+        return
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         listener.bind(str(path))
