@@ -46,11 +46,13 @@ class Role(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """A verified caller: ``name`` (subject CN), ``role``, and the certificate's SHA-256."""
+    """A verified caller: ``name`` (subject CN), ``role``, the certificate's SHA-256, and
+    the end of its validity (Unix seconds)."""
 
     name: str
     role: Role
     fingerprint: str
+    not_after: float = float("inf")
 
     @property
     def is_admin(self) -> bool:
@@ -116,4 +118,6 @@ def identity_from_pem(pem: bytes) -> Identity:
             role = _decode_role(value.value)
         except IdentityError as e:
             raise IdentityError(str(e), name, digest) from None
-    return Identity(name=name, role=role, fingerprint=digest)
+    return Identity(
+        name=name, role=role, fingerprint=digest, not_after=cert.not_valid_after_utc.timestamp()
+    )

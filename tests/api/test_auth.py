@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import grpc
@@ -44,6 +45,20 @@ async def _raw_client(running: Running, cert: str | None, *, ca: str = "ca") -> 
 
 async def test_valid_certificate_is_accepted(api: Running) -> None:
     async with api.client("alice") as stub:
+        assert await _status_of(stub) == grpc.StatusCode.OK
+
+
+async def test_a_certificate_that_expires_on_an_open_connection_is_refused(api: Running) -> None:
+    api.pki.issue("brief", cn="alice", days=1)
+    async with api.client("brief") as stub:
+        assert await _status_of(stub) == grpc.StatusCode.OK
+        auth = api.server.service.auth
+        auth.clock = lambda: time.time() + 2 * 86400
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ListJobs(pb.ListJobsRequest(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "expired" in (caught.value.details() or "")
+        auth.clock = time.time
         assert await _status_of(stub) == grpc.StatusCode.OK
 
 

@@ -7,7 +7,9 @@ fields or metadata. Authorization is decided in :func:`may_access`, and nowhere 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,8 +72,12 @@ class CertPool:
 class Authenticator:
     """Turns a gRPC call's verified peer certificate into an :class:`Identity`."""
 
-    def __init__(self, pool: CertPool | None = None) -> None:
+    def __init__(
+        self, pool: CertPool | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self._pool = pool or CertPool()
+        # Settable: tests move it past a certificate's end on a live connection.
+        self.clock = clock
         self._allowed, self._revoked = self._pool.load()
         self._cache: OrderedDict[bytes, Identity | AuthError] = OrderedDict()
 
@@ -93,7 +99,7 @@ class Authenticator:
 
         Raises:
             AuthError: no verified certificate, a malformed identity, or a certificate
-                revoked or not on the allow list.
+                expired (since the connection was made), revoked or not on the allow list.
         """
         certs = context.auth_context().get("x509_pem_cert")
         if not certs:
@@ -114,6 +120,14 @@ class Authenticator:
                 self._cache.popitem(last=False)
         if isinstance(found, AuthError):
             raise found
+        if found.not_after < self.clock():
+            # The handshake checked it, but an HTTP/2 connection (a long follow, a jobctl
+            # connection keeper) can outlive the certificate: each call checks again.
+            raise AuthError(
+                "the client certificate has expired; get a new one and reconnect",
+                found.name,
+                found.fingerprint,
+            )
         if found.fingerprint in self._revoked:
             raise AuthError(
                 "the client certificate has been revoked", found.name, found.fingerprint
