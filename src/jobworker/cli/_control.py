@@ -26,7 +26,6 @@ import signal
 import socket
 import stat
 import struct
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -98,6 +97,8 @@ def _connect(path: Path) -> socket.socket | None:
 
 def _start_keeper(path: Path, target: Target) -> bool:
     """Start a keeper for ``target`` and wait until it listens (or gives up)."""
+    import subprocess  # noqa: PLC0415 - only here, not in every command that finds a keeper
+
     read_end, write_end = os.pipe()
     try:
         fields = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(target).items()}
