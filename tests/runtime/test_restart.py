@@ -283,9 +283,13 @@ async def test_retention_deletes_oldest_ended_jobs_first_never_running_ones(
                 job = await rt.run(big)
                 ended.append((await rt.wait(job.id)).id)
             running = await rt.run(
-                py("import os, signal; os.write(1, b'y' * (1 << 20)); signal.pause()")
+                py(
+                    "import os, signal; os.write(1, b'y' * (1 << 20)); os.write(1, b'!');"
+                    " signal.pause()"
+                )
             )
-            await read_until(rt, running.id, b"y")
+            # All of its 1 MiB in the log, not only its first chunk: the budget counts it.
+            await read_until(rt, running.id, b"!")
             removed = await rt.prune_ended()
             left = {s.id for s in await rt.list()}
             assert removed == ended[:1]

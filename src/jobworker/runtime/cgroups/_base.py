@@ -7,10 +7,8 @@ remove), each job's cgroup named after its id beneath one subtree of ours. All m
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import stat
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -170,10 +168,16 @@ def remove_dirs(dirs: list[str]) -> None:
 
 def job_dirs(base: str) -> list[str]:
     """Names of the job cgroups under ``base``."""
-    with contextlib.suppress(FileNotFoundError):
-        return [
-            entry.name
-            for entry in os.scandir(base)
-            if entry.is_dir(follow_symlinks=False) and stat.S_ISDIR(entry.stat().st_mode)
-        ]
-    return []
+    try:
+        entries = os.scandir(base)
+    except FileNotFoundError:
+        return []
+    names = []
+    with entries:
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    names.append(entry.name)
+            except FileNotFoundError:
+                continue  # removed while we listed: a job ending meanwhile
+    return names
