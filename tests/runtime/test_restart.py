@@ -355,3 +355,20 @@ def _libc_call(name: str, *args: object) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if getattr(libc, name)(*args) != 0:
         raise OSError(ctypes.get_errno(), f"{name}{args}")
+
+
+async def test_leftover_cgroups_are_pruned_at_start(restarts: Restarts) -> None:
+    leftover = "00000000-0000-4000-8000-000000000000"
+    subtree = restarts.config.cgroup_subtree
+    first = await restarts.open()
+    async with asyncio.timeout(60):
+        sleeper = await first.run(JobSpec(["sleep", "600"]))
+        bases = cgroup_dirs(subtree)
+        for base in bases:
+            os.mkdir(os.path.join(base, leftover))
+        # Closed with a job running: its cgroup and the unknown one both stay.
+        await first.close()
+    assert all(os.path.exists(os.path.join(b, leftover)) for b in bases)
+    await restarts.open()
+    assert all(not os.path.exists(os.path.join(b, leftover)) for b in bases)
+    assert all(os.path.exists(os.path.join(b, sleeper.id)) for b in bases)

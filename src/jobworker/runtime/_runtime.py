@@ -224,7 +224,7 @@ class Runtime:
         await self._notifier.close()
         await self._launcher.close(jobs_running=running)
         if self._cgroups is not None and not running:
-            await asyncio.to_thread(self._cgroups.close)
+            await asyncio.to_thread(self._cgroups.close, self._config.cgroup_remove_timeout)
         self._readers.shutdown(wait=True)
 
     @property

@@ -75,8 +75,10 @@ class CgroupDriver(Protocol):
         """Remove our empty job cgroups whose id is not in ``keep``; return the ids removed."""
         ...
 
-    def close(self) -> None:
-        """Remove our subtree if no job cgroup is left in it."""
+    def close(self, timeout: float) -> None:
+        """With no job running: remove every job cgroup left (waiting up to ``timeout`` s
+        for any still emptying), then our subtree. Whatever cannot go stays for the next
+        start-up's :meth:`prune`."""
         ...
 
 
@@ -146,24 +148,29 @@ def wait_unpopulated(events_file: str | None, procs_file: str, timeout: float) -
     return True
 
 
-def remove_dirs(dirs: list[str]) -> None:
-    """rmdir each of ``dirs`` that exists; a busy one is retried briefly, then reported.
+def remove_dirs(dirs: list[str], timeout: float = 1.0) -> None:
+    """rmdir each of ``dirs`` that exists; a busy one is retried for up to ``timeout`` s in
+    all, then reported.
 
     Raises:
         CgroupError: a directory could not be removed.
     """
+    deadline = time.monotonic() + timeout
     for directory in dirs:
-        for attempt in range(20):
+        delay = 0.005
+        while True:
             try:
                 os.rmdir(directory)
                 break
             except FileNotFoundError:
                 break
             except OSError as e:
-                # v1 hierarchies can lag a moment behind cgroup2 in letting go of the last task.
-                if e.errno != errno.EBUSY or attempt == 19:
+                # v1 hierarchies can lag behind cgroup2 in letting go of the last task (more
+                # so on a loaded host: seen beyond a second).
+                if e.errno != errno.EBUSY or time.monotonic() + delay > deadline:
                     raise CgroupError(f"cannot remove cgroup {directory}: {e.strerror}") from e
-                time.sleep(0.005 * (attempt + 1))
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
 
 
 def job_dirs(base: str) -> list[str]:

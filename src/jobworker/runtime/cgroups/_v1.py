@@ -142,7 +142,7 @@ class V1Driver:
         procs = os.path.join(self._dir("pids", job_id), "cgroup.procs")
         if not wait_unpopulated(events, procs, timeout):
             return False
-        remove_dirs(self._dirs(job_id))
+        remove_dirs(self._dirs(job_id), timeout)
         return True
 
     def prune(self, keep: set[str]) -> list[str]:
@@ -158,7 +158,10 @@ class V1Driver:
                     removed.append(job_id)
         return removed
 
-    def close(self) -> None:
+    def close(self, timeout: float) -> None:
+        for job_id in sorted({j for base in self._all_bases() for j in job_dirs(base)}):
+            with contextlib.suppress(CgroupError):
+                self.remove(job_id, timeout)
         for base in self._all_bases():
             with contextlib.suppress(OSError):
                 os.rmdir(base)

@@ -154,7 +154,7 @@ class V2Driver:
         directory = self._dir(job_id)
         if not wait_unpopulated(f"{directory}/cgroup.events", f"{directory}/cgroup.procs", timeout):
             return False
-        remove_dirs([directory])
+        remove_dirs([directory], timeout)
         return True
 
     def prune(self, keep: set[str]) -> list[str]:
@@ -167,6 +167,9 @@ class V2Driver:
                     removed.append(job_id)
         return removed
 
-    def close(self) -> None:
+    def close(self, timeout: float) -> None:
+        for job_id in job_dirs(self._base):
+            with contextlib.suppress(CgroupError):
+                self.remove(job_id, timeout)
         with contextlib.suppress(OSError):
             os.rmdir(self._base)
