@@ -410,10 +410,12 @@ async def test_ctrl_c_with_rm_stops_and_deletes_the_job(cli: Cli) -> None:
 
 
 async def test_cli_imports_no_grpc_until_a_command_needs_it() -> None:
+    # What every command loads before running itself or handing over to a keeper.
     code = (
-        "import sys, jobworker.cli.__main__ as m; m.parser();"
+        "import sys, jobworker.cli.__main__ as m, jobworker.cli._config, "
+        "jobworker.cli._control; m.parser();"
         "heavy = [x for x in ('grpc', 'google.protobuf', 'rich', 'cryptography', 'asyncio', "
-        "'ssl', 'tomllib') "
+        "'ssl', 'tomllib', 'dataclasses', 'subprocess') "
         "if x in sys.modules]; print(heavy)"
     )
     proc = await asyncio.create_subprocess_exec(

@@ -292,8 +292,10 @@ async def test_retention_deletes_oldest_ended_jobs_first_never_running_ones(
             await read_until(rt, running.id, b"!")
             removed = await rt.prune_ended()
             left = {s.id for s in await rt.list()}
-            assert removed == ended[:1]
             assert left == {*ended[1:], running.id}
+            # The pass that runs after each job's end (the third one's, late on a loaded
+            # host) may have deleted it first.
+            assert removed in ([], ended[:1])
             # Age: a week and a day later, every ended job goes; the running one stays.
             later = (await rt.status(ended[-1])).created_at.timestamp() + 8 * 86400
             removed = await rt.prune_ended(now=later)

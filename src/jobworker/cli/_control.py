@@ -27,7 +27,6 @@ import socket
 import stat
 import struct
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,7 +100,7 @@ def _start_keeper(path: Path, target: Target) -> bool:
 
     read_end, write_end = os.pipe()
     try:
-        fields = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(target).items()}
+        fields = {k: str(v) if isinstance(v, Path) else v for k, v in target._asdict().items()}
         subprocess.Popen(
             [
                 sys.executable,
@@ -249,7 +248,6 @@ class _Keeper:
     async def handle(self, sock: socket.socket) -> None:
         import asyncio  # noqa: PLC0415
         import concurrent.futures  # noqa: PLC0415
-        import dataclasses  # noqa: PLC0415
 
         from .._units import UsageError, parse_duration  # noqa: PLC0415
         from .__main__ import parser, run_command  # noqa: PLC0415
@@ -263,16 +261,14 @@ class _Keeper:
         io = Io(
             fds[0],
             fds[1],
-            bool(request.get("out_tty")),
-            request.get("columns"),
-            bool(request.get("no_color")),
-            writer,
+            out_tty=bool(request.get("out_tty")),
+            columns=request.get("columns"),
+            no_color=bool(request.get("no_color")),
+            writer=writer,
         )
         try:
             args = parser().parse_args(request["argv"])
-            target = dataclasses.replace(
-                self.target, timeout=parse_duration(args.timeout, "--timeout")
-            )
+            target = self.target._replace(timeout=parse_duration(args.timeout, "--timeout"))
             command = asyncio.ensure_future(run_command(args, target, io, self.channel))
             listen = asyncio.ensure_future(self._listen(sock, io))
             await asyncio.wait({command, listen}, return_when=asyncio.FIRST_COMPLETED)

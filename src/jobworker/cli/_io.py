@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,19 +27,28 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-@dataclass(eq=False)
 class Io:
     """One command's output (``out_fd``, ``err_fd``), what it knows of the terminal
     (``out_tty``, ``columns``), ``NO_COLOR``, and its interrupt handler."""
 
-    out_fd: int = 1
-    err_fd: int = 2
-    out_tty: bool = False
-    columns: int | None = None
-    no_color: bool = False
-    # A thread for writes, in the connection keeper; None writes directly.
-    writer: concurrent.futures.ThreadPoolExecutor | None = None
-    _on_interrupt: Callable[[], object] = field(default=lambda: None)
+    def __init__(  # noqa: PLR0913 - one per field
+        self,
+        out_fd: int = 1,
+        err_fd: int = 2,
+        *,
+        out_tty: bool = False,
+        columns: int | None = None,
+        no_color: bool = False,
+        writer: concurrent.futures.ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.out_fd = out_fd
+        self.err_fd = err_fd
+        self.out_tty = out_tty
+        self.columns = columns
+        self.no_color = no_color
+        # A thread for writes, in the connection keeper; None writes directly.
+        self.writer = writer
+        self._on_interrupt: Callable[[], object] = lambda: None
 
     @classmethod
     def here(cls) -> Io:
@@ -50,7 +58,7 @@ class Io:
         if tty:
             with contextlib.suppress(OSError):
                 columns = os.get_terminal_size(1).columns
-        return cls(1, 2, tty, columns, "NO_COLOR" in os.environ)
+        return cls(1, 2, out_tty=tty, columns=columns, no_color="NO_COLOR" in os.environ)
 
     async def out(self, data: bytes | memoryview) -> None:
         await self._write(self.out_fd, data)
