@@ -7,9 +7,11 @@ remove), each job's cgroup named after its id beneath one subtree of ours. All m
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,7 +67,7 @@ class CgroupDriver(Protocol):
         ...
 
     def remove(self, job_id: str, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for the job's cgroups to empty, then remove them.
+        """Wait for the job's cgroups to empty, then remove them, all within ``timeout`` s.
 
         Returns False if they were still populated (left for :meth:`prune`).
         """
@@ -171,6 +173,17 @@ def remove_dirs(dirs: list[str], timeout: float = 1.0) -> None:
                     raise CgroupError(f"cannot remove cgroup {directory}: {e.strerror}") from e
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
+
+
+def remove_all(
+    remove: Callable[[str, float], bool], job_ids: Iterable[str], timeout: float
+) -> None:
+    """``remove`` each job's cgroups, all within ``timeout`` s; those that cannot go (still
+    populated, or busy) stay for the next start-up's prune."""
+    deadline = time.monotonic() + timeout
+    for job_id in job_ids:
+        with contextlib.suppress(CgroupError):
+            remove(job_id, max(0.0, deadline - time.monotonic()))
 
 
 def job_dirs(base: str) -> list[str]:

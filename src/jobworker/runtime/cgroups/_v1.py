@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 from .._spec import Limits
 from .._status import Usage
-from ._base import CPU_PERIOD_US, JobCgroup, job_dirs, remove_dirs, wait_unpopulated
+from ._base import (
+    CPU_PERIOD_US,
+    JobCgroup,
+    job_dirs,
+    remove_all,
+    remove_dirs,
+    wait_unpopulated,
+)
 from ._detect import Layout
 from ._files import CgroupError, read_int, read_keyed, read_text, write
 
@@ -140,9 +148,10 @@ class V1Driver:
     def remove(self, job_id: str, timeout: float) -> bool:
         events = os.path.join(self._unified, job_id, "cgroup.events") if self._unified else None
         procs = os.path.join(self._dir("pids", job_id), "cgroup.procs")
+        deadline = time.monotonic() + timeout
         if not wait_unpopulated(events, procs, timeout):
             return False
-        remove_dirs(self._dirs(job_id), timeout)
+        remove_dirs(self._dirs(job_id), max(0.0, deadline - time.monotonic()))
         return True
 
     def prune(self, keep: set[str]) -> list[str]:
@@ -159,9 +168,8 @@ class V1Driver:
         return removed
 
     def close(self, timeout: float) -> None:
-        for job_id in sorted({j for base in self._all_bases() for j in job_dirs(base)}):
-            with contextlib.suppress(CgroupError):
-                self.remove(job_id, timeout)
+        left = sorted({job_id for base in self._all_bases() for job_id in job_dirs(base)})
+        remove_all(self.remove, left, timeout)
         for base in self._all_bases():
             with contextlib.suppress(OSError):
                 os.rmdir(base)

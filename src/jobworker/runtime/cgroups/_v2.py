@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 from .._spec import Limits
 from .._status import Usage
-from ._base import CPU_PERIOD_US, JobCgroup, job_dirs, remove_dirs, wait_unpopulated
+from ._base import (
+    CPU_PERIOD_US,
+    JobCgroup,
+    job_dirs,
+    remove_all,
+    remove_dirs,
+    wait_unpopulated,
+)
 from ._files import CgroupError, read_int, read_keyed, read_text, write
 
 __all__ = ["LEAF", "V2Driver"]
@@ -152,9 +160,10 @@ class V2Driver:
 
     def remove(self, job_id: str, timeout: float) -> bool:
         directory = self._dir(job_id)
+        deadline = time.monotonic() + timeout
         if not wait_unpopulated(f"{directory}/cgroup.events", f"{directory}/cgroup.procs", timeout):
             return False
-        remove_dirs([directory], timeout)
+        remove_dirs([directory], max(0.0, deadline - time.monotonic()))
         return True
 
     def prune(self, keep: set[str]) -> list[str]:
@@ -168,8 +177,6 @@ class V2Driver:
         return removed
 
     def close(self, timeout: float) -> None:
-        for job_id in job_dirs(self._base):
-            with contextlib.suppress(CgroupError):
-                self.remove(job_id, timeout)
+        remove_all(self.remove, job_dirs(self._base), timeout)
         with contextlib.suppress(OSError):
             os.rmdir(self._base)
