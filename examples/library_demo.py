@@ -49,7 +49,7 @@ async def main() -> None:
                 print(f"stopping it again: {e}")
 
             say("list")
-            for status in await rt.list():
+            for status in await rt.jobs():
                 print(f"{status.id}  {status.state:<8} {' '.join(status.argv)}")
 
 

@@ -76,7 +76,7 @@ async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
         yield rt
     finally:
         async with asyncio.timeout(60):
-            for status in await rt.list():
+            for status in await rt.jobs():
                 if status.state is State.RUNNING:
                     await rt.stop(status.id, grace=0)
             launcher = rt._launcher._proc  # noqa: SLF001 - the test checks the launcher is gone

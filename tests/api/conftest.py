@@ -89,7 +89,7 @@ async def serving(tmp_path: Path, pki: Pki, **kw: Any) -> AsyncIterator[Running]
         yield Running(server, pki)
     finally:
         async with asyncio.timeout(60):
-            for status in await server.runtime.list():
+            for status in await server.runtime.jobs():
                 if status.state is State.RUNNING:
                     await server.runtime.stop(status.id, grace=0)
             await server.stop(grace=0)

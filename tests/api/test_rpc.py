@@ -265,10 +265,10 @@ async def test_python_job_output_has_timestamps_in_order(api: Running) -> None:
 async def test_unexpected_error_is_internal_with_a_reference(
     api: Running, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def broken(_job_id: str) -> None:
+    def broken(_job_id: str) -> None:
         raise ZeroDivisionError("a secret detail the client must not see")
 
-    monkeypatch.setattr(api.server.runtime, "status", broken)  # an injected fault
+    monkeypatch.setattr(api.server.runtime, "owner_of", broken)  # an injected fault
     async with api.client("alice") as stub:
         code, details = await details_of(stub.GetJob(pb.JobRequest(id=UNKNOWN), timeout=10))
     assert code == grpc.StatusCode.INTERNAL

@@ -13,7 +13,7 @@ import pytest
 from asyncinotify import Inotify, Mask
 
 from jobworker.runtime import (
-    JobEndedError,
+    JobAlreadyStartedError,
     JobNotFoundError,
     JobNotRunningError,
     JobSpec,
@@ -138,7 +138,7 @@ async def test_start_twice_is_refused(runtime: Runtime) -> None:
     async with asyncio.timeout(30):
         job = await runtime.run(py("pass"))
         await runtime.wait(job.id)
-        with pytest.raises(JobEndedError, match="already been started"):
+        with pytest.raises(JobAlreadyStartedError, match="already been started"):
             await runtime.start(job.id)
 
 
@@ -182,9 +182,9 @@ async def test_list_filters_by_owner(runtime: Runtime) -> None:
     async with asyncio.timeout(30):
         a = await runtime.create(py("pass", owner="alice"))
         b = await runtime.create(py("pass", owner="bob"))
-        assert [s.id for s in await runtime.list()] == [a.id, b.id]
-        assert [s.id for s in await runtime.list(owner="bob")] == [b.id]
-        assert await runtime.list(owner="carol") == []
+        assert [s.id for s in await runtime.jobs()] == [a.id, b.id]
+        assert [s.id for s in await runtime.jobs(owner="bob")] == [b.id]
+        assert await runtime.jobs(owner="carol") == []
 
 
 async def test_signal_reaches_the_job(runtime: Runtime) -> None:
@@ -213,7 +213,7 @@ async def test_signal_reaches_the_job(runtime: Runtime) -> None:
 async def test_start_cancelled_mid_launch_still_tracks_the_job(runtime: Runtime) -> None:
     async with asyncio.timeout(30):
         job = await runtime.create(py("print('ran')"))
-        job_dir = os.path.join(runtime._jobs_dir, job.id)  # noqa: SLF001 - where to watch
+        job_dir = os.path.join(runtime._config.state_dir, "jobs", job.id)  # noqa: SLF001 - where to watch
         with Inotify() as inotify:
             inotify.add_watch(job_dir, Mask.CREATE)
             starting = asyncio.ensure_future(runtime.start(job.id))

@@ -160,7 +160,7 @@ async def test_usage_is_live_while_running(runtime: Runtime) -> None:
         job = await runtime.run(py(code))
         await read_until(runtime, job.id, b"busy done")
         status = await runtime.status(job.id)
-        listed = next(s for s in await runtime.list() if s.id == job.id)
+        listed = next(s for s in await runtime.jobs() if s.id == job.id)
         await runtime.stop(job.id, grace=0)
     assert status.usage is not None
     assert status.usage.cpu_seconds >= 0.2

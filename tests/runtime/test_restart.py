@@ -90,7 +90,7 @@ class Restarts:
     async def cleanup(self) -> None:
         async with asyncio.timeout(60):
             last = self.opened[-1] if self.opened else await self.open()
-            for status in await last.list():
+            for status in await last.jobs():
                 if status.state is State.RUNNING:
                     await last.stop(status.id, grace=0)
             for rt in self.opened:
@@ -242,7 +242,7 @@ async def test_a_create_cut_short_leaves_nothing(restarts: Restarts, tmp_path: P
     half = tmp_path / "state" / "jobs" / "4f8a1c62-0000-4000-8000-000000000000"
     half.mkdir(parents=True)  # what a crash between mkdir and writing spec.json leaves
     rt = await restarts.open()
-    assert await asyncio.wait_for(rt.list(), 10) == []
+    assert await asyncio.wait_for(rt.jobs(), 10) == []
     assert not half.exists()
 
 
@@ -260,7 +260,7 @@ async def test_remove_deletes_ended_jobs_and_refuses_running_ones(
         await rt.remove(created.id)
         with pytest.raises(JobRunningError, match="stop it first"):
             await rt.remove(running.id)
-        ids = {s.id for s in await rt.list()}
+        ids = {s.id for s in await rt.jobs()}
     assert ids == {running.id}
     assert not (tmp_path / "state" / "jobs" / done.id).exists()
     with pytest.raises(JobNotFoundError):
@@ -291,7 +291,7 @@ async def test_retention_deletes_oldest_ended_jobs_first_never_running_ones(
             # All of its 1 MiB in the log, not only its first chunk: the budget counts it.
             await read_until(rt, running.id, b"!")
             removed = await rt.prune_ended()
-            left = {s.id for s in await rt.list()}
+            left = {s.id for s in await rt.jobs()}
             assert left == {*ended[1:], running.id}
             # The pass that runs after each job's end (the third one's, late on a loaded
             # host) may have deleted it first.
@@ -300,7 +300,7 @@ async def test_retention_deletes_oldest_ended_jobs_first_never_running_ones(
             later = (await rt.status(ended[-1])).created_at.timestamp() + 8 * 86400
             removed = await rt.prune_ended(now=later)
             assert removed == ended[1:]
-            assert {s.id for s in await rt.list()} == {running.id}
+            assert {s.id for s in await rt.jobs()} == {running.id}
     finally:
         await r.cleanup()
 

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ..identity import Identity, IdentityError, identity_from_pem
+from ..runtime import JobNotFoundError
+from ._convert import job_id
 
-__all__ = ["AuthError", "Authenticator", "CertPool", "may_access"]
+__all__ = ["AuthError", "Authenticator", "CertPool", "authorize_job", "list_filter", "may_access"]
 
 log = logging.getLogger("jobworker.auth")
 _CACHE_SIZE = 1024
@@ -33,9 +35,32 @@ class AuthError(Exception):
         self.fingerprint = fingerprint
 
 
-def may_access(who: Identity, owner: str) -> bool:
+def may_access(who: Identity, owner: str | None) -> bool:
     """The one authorization rule: admins reach every job, users only their own."""
-    return who.is_admin or who.name == owner
+    return owner is not None and (who.is_admin or who.name == owner)
+
+
+def authorize_job(who: Identity, raw_id: str, owner_of: Callable[[str], str | None]) -> str:
+    """The canonical id of the job ``raw_id`` names, if ``who`` may reach it.
+
+    ``owner_of`` answers from the runtime's in-memory owner index, so an unknown id and
+    another owner's id take the same path and the same time.
+
+    Raises:
+        InvalidSpecError: ``raw_id`` is not a job id at all.
+        JobNotFoundError: no such job, or not the caller's: the same error either way.
+    """
+    canonical = job_id(raw_id)
+    if not may_access(who, owner_of(canonical)):
+        raise JobNotFoundError(canonical)
+    return canonical
+
+
+def list_filter(who: Identity, requested_owner: str) -> str | None:
+    """Whose jobs a listing shows: a user's own always; an admin's choice (None: all)."""
+    if who.is_admin:
+        return requested_owner or None
+    return who.name
 
 
 def _read_fingerprints(path: Path) -> frozenset[str]:

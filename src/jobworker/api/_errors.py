@@ -9,6 +9,8 @@ import grpc
 
 from ..runtime import (
     InvalidSpecError,
+    InvalidTransitionError,
+    JobAlreadyStartedError,
     JobEndedError,
     JobNotFoundError,
     JobNotRunningError,
@@ -16,11 +18,13 @@ from ..runtime import (
     JobworkerError,
     LaunchError,
     NotPermittedError,
+    RuntimeClosedError,
     StateDirError,
 )
+from ..runtime.cgroups import CgroupError
 from ._auth import AuthError
 
-__all__ = ["ApiError", "to_status"]
+__all__ = ["CODES", "ApiError", "to_status"]
 
 log = logging.getLogger("jobworker.api")
 
@@ -33,17 +37,25 @@ class ApiError(Exception):
         self.code = code
 
 
-_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
-    (AuthError, grpc.StatusCode.UNAUTHENTICATED),
-    (JobNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (InvalidSpecError, grpc.StatusCode.INVALID_ARGUMENT),
-    (JobEndedError, grpc.StatusCode.FAILED_PRECONDITION),
-    (JobNotRunningError, grpc.StatusCode.FAILED_PRECONDITION),
-    (JobRunningError, grpc.StatusCode.FAILED_PRECONDITION),
-    (NotPermittedError, grpc.StatusCode.PERMISSION_DENIED),
-    (LaunchError, grpc.StatusCode.UNAVAILABLE),
-    (StateDirError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-)
+# Every runtime error class has a deliberate code here (a test checks it); None means
+# "a bug, never the caller's doing": INTERNAL with a reference to the server log.
+CODES: dict[type[Exception], grpc.StatusCode | None] = {
+    AuthError: grpc.StatusCode.UNAUTHENTICATED,
+    JobNotFoundError: grpc.StatusCode.NOT_FOUND,
+    InvalidSpecError: grpc.StatusCode.INVALID_ARGUMENT,
+    JobAlreadyStartedError: grpc.StatusCode.FAILED_PRECONDITION,
+    JobEndedError: grpc.StatusCode.FAILED_PRECONDITION,
+    JobNotRunningError: grpc.StatusCode.FAILED_PRECONDITION,
+    JobRunningError: grpc.StatusCode.FAILED_PRECONDITION,
+    NotPermittedError: grpc.StatusCode.PERMISSION_DENIED,
+    LaunchError: grpc.StatusCode.UNAVAILABLE,
+    RuntimeClosedError: grpc.StatusCode.UNAVAILABLE,
+    StateDirError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # The runtime wraps cgroup failures of a launch in LaunchError; a bare one is a bug.
+    CgroupError: None,
+    InvalidTransitionError: None,
+    JobworkerError: None,
+}
 
 
 def to_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
@@ -54,9 +66,12 @@ def to_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """
     if isinstance(exc, ApiError):
         return exc.code, str(exc)
-    for kind, code in _CODES:
-        if isinstance(exc, kind):
+    for kind in type(exc).__mro__:
+        code = CODES.get(kind)
+        if code is not None:
             return code, str(exc)
+        if kind in CODES:
+            break
     ref = secrets.token_hex(6)
     if isinstance(exc, JobworkerError):
         log.error("error ref=%s: %s", ref, exc, exc_info=exc)

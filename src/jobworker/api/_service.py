@@ -1,37 +1,48 @@
 """The JobService: each RPC authenticates, authorizes, validates, then calls the runtime.
 
-Every handler goes through :func:`_unary` or :func:`_streaming`, which identify the caller
-from its certificate and turn any exception into a status in one place (``_errors``).
+Every handler is declared with :func:`job_rpc`, :func:`job_stream` or :func:`caller_rpc`,
+which identify the caller from its certificate, resolve and authorize the job a request
+names before the handler's body runs (as grpclib's request handler does), and turn any
+exception into a status in one place (``_errors``). :func:`add_to_server` refuses an RPC
+declared any other way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import grpc
 
 from ..identity import Identity
-from ..runtime import InvalidSpecError, JobNotFoundError, JobStatus, Runtime
-from ._auth import Authenticator, may_access
+from ..runtime import InvalidSpecError, JobStatus, Runtime
+from ._auth import Authenticator, authorize_job, list_filter
 from ._config import ServiceLimits
-from ._convert import job_id, job_to_pb, spec_from_pb
+from ._convert import job_to_pb, spec_from_pb
 from ._errors import ApiError, to_status
 from ._logs import AUDIT
 from ._proto import jobworker_pb2 as pb
-from ._proto import jobworker_pb2_grpc as pb_grpc
 from ._wire import encode_list_response, encode_output_response
 
-__all__ = ["JobService", "NoMetrics", "ServiceMetrics", "add_to_server"]
+__all__ = ["RPC_SCOPES", "JobService", "NoMetrics", "ServiceMetrics", "add_to_server"]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+
+
+class _NamesJob(Protocol):
+    """A request that names a job."""
+
+    @property
+    def id(self) -> str: ...
+
+
+JobReq = TypeVar("JobReq", bound=_NamesJob)
 
 # Chunks of one read are sent together, up to this many bytes per message (the client's
 # default receive limit is 4 MiB; a log record is at most 1 MiB).
@@ -108,15 +119,22 @@ def _job_of(response: object) -> str:
     return ""
 
 
-def _unary(
-    method: Callable[[JobService, Req, Identity], Awaitable[Resp]],
+# Every RPC's scope, filled by the wrappers below: "job" RPCs name a job, which the wrapper
+# resolves and authorizes before the handler runs; "caller" RPCs act only on the caller's
+# own jobs (create, list). add_to_server refuses a method that is in neither.
+RPC_SCOPES: dict[str, str] = {}
+
+
+def _unary_rpc(
+    name: str, scope: str, body: Callable[[JobService, Req, Identity], Awaitable[Resp]]
 ) -> Callable[[JobService, Req, Any], Awaitable[Resp]]:
-    @functools.wraps(method)
+    RPC_SCOPES[name] = scope
+
     async def handler(self: JobService, request: Req, context: Any) -> Resp:
-        call = _Call(method.__name__, request, context, self.metrics)
+        call = _Call(name, request, context, self.metrics)
         try:
             call.who = self.auth.identify(context)
-            response = await method(self, request, call.who)
+            response = await body(self, request, call.who)
         except asyncio.CancelledError:
             call.done(grpc.StatusCode.CANCELLED, "the client went away")
             raise
@@ -129,19 +147,21 @@ def _unary(
         call.done(grpc.StatusCode.OK)
         return response
 
+    handler.__name__ = name
     return handler
 
 
-def _streaming(
-    method: Callable[[JobService, Req, Identity], AsyncGenerator[Resp, None]],
+def _stream_rpc(
+    name: str, scope: str, body: Callable[[JobService, Req, Identity], AsyncGenerator[Resp, None]]
 ) -> Callable[[JobService, Req, Any], AsyncIterator[Resp]]:
-    @functools.wraps(method)
+    RPC_SCOPES[name] = scope
+
     async def handler(self: JobService, request: Req, context: Any) -> AsyncIterator[Resp]:
-        call = _Call(method.__name__, request, context, self.metrics)
+        call = _Call(name, request, context, self.metrics)
         try:
             call.who = self.auth.identify(context)
             with self._stream_slot(call.who):
-                async with contextlib.aclosing(method(self, request, call.who)) as items:
+                async with contextlib.aclosing(body(self, request, call.who)) as items:
                     async for item in _until_shutdown(self.shutting_down, items):
                         yield item
         except (asyncio.CancelledError, GeneratorExit):
@@ -154,7 +174,41 @@ def _streaming(
         else:
             call.done(grpc.StatusCode.OK)
 
+    handler.__name__ = name
     return handler
+
+
+def caller_rpc(
+    method: Callable[[JobService, Req, Identity], Awaitable[Resp]],
+) -> Callable[[JobService, Req, Any], Awaitable[Resp]]:
+    """A unary RPC that acts on the caller's own jobs only (it names none)."""
+    return _unary_rpc(method.__name__, "caller", method)
+
+
+def job_rpc(
+    method: Callable[[JobService, JobReq, Identity, str], Awaitable[Resp]],
+) -> Callable[[JobService, JobReq, Any], Awaitable[Resp]]:
+    """A unary RPC on the job ``request.id`` names: the job is resolved and authorized here,
+    before ``method`` runs, which gets its canonical id."""
+
+    async def body(self: JobService, request: JobReq, who: Identity) -> Resp:
+        return await method(self, request, who, self.authorize(who, request.id))
+
+    return _unary_rpc(method.__name__, "job", body)
+
+
+def job_stream(
+    method: Callable[[JobService, JobReq, Identity, str], AsyncGenerator[Resp, None]],
+) -> Callable[[JobService, JobReq, Any], AsyncIterator[Resp]]:
+    """A server-streaming RPC on the job ``request.id`` names, authorized as :func:`job_rpc`."""
+
+    async def body(self: JobService, request: JobReq, who: Identity) -> AsyncGenerator[Resp, None]:
+        job = self.authorize(who, request.id)
+        async with contextlib.aclosing(method(self, request, who, job)) as items:
+            async for item in items:
+                yield item
+
+    return _stream_rpc(method.__name__, "job", body)
 
 
 async def _until_shutdown(stop: asyncio.Event, items: AsyncIterator[Resp]) -> AsyncIterator[Resp]:
@@ -185,7 +239,10 @@ async def _until_shutdown(stop: asyncio.Event, items: AsyncIterator[Resp]) -> As
                 await step
 
 
-class JobService(pb_grpc.JobServiceServicer):
+class JobService:
+    """The jobworker.v1.JobService methods, registered by :func:`add_to_server` (not a
+    subclass of the generated servicer: two methods return pre-serialized bytes)."""
+
     def __init__(
         self,
         runtime: Runtime,
@@ -210,8 +267,17 @@ class JobService(pb_grpc.JobServiceServicer):
     def active_streams(self) -> int:
         return sum(self._streams.values())
 
+    def authorize(self, who: Identity, raw_id: str) -> str:
+        """The canonical id of the job ``raw_id`` names, if the caller may reach it.
+
+        Raises:
+            InvalidSpecError: not a job id.
+            JobNotFoundError: no such job, or another user's (the same answer).
+        """
+        return authorize_job(who, raw_id, self.runtime.owner_of)
+
     @contextlib.contextmanager
-    def _stream_slot(self, who: Identity) -> Any:
+    def _stream_slot(self, who: Identity) -> Iterator[None]:
         if self._streams[who.name] >= self._limits.max_streams_per_user:
             raise ApiError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -231,20 +297,12 @@ class JobService(pb_grpc.JobServiceServicer):
             if not self._streams:
                 self.no_streams.set()
 
-    async def _visible(self, who: Identity, raw_id: str) -> JobStatus:
-        """The job's status, if the caller may see it; otherwise exactly "not found"."""
-        jid = job_id(raw_id)
-        status = await self.runtime.status(jid)
-        if not may_access(who, status.owner):
-            raise JobNotFoundError(jid)
-        return status
-
     async def _create(self, spec: pb.JobSpec, who: Identity, *, start: bool) -> JobStatus:
         runtime_spec = spec_from_pb(spec, who.name)
         workdir = runtime_spec.cwd
         if not await asyncio.to_thread(os.path.isdir, workdir):
             raise InvalidSpecError(f"working directory {workdir!r} does not exist on the server")
-        active = sum(1 for s in await self.runtime.list(owner=who.name) if not s.state.is_final)
+        active = sum(1 for s in await self.runtime.jobs(owner=who.name) if not s.state.is_final)
         if active >= self._limits.max_active_jobs_per_user:
             raise ApiError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -258,19 +316,18 @@ class JobService(pb_grpc.JobServiceServicer):
         self.metrics.job_start(time.perf_counter() - started, status)
         return status
 
-    @_unary
+    @caller_rpc
     async def CreateJob(self, request: pb.CreateJobRequest, who: Identity) -> pb.Job:
         return job_to_pb(await self._create(request.spec, who, start=request.start))
 
-    @_unary
-    async def StartJob(self, request: pb.JobRequest, who: Identity) -> pb.Job:
-        status = await self._visible(who, request.id)
+    @job_rpc
+    async def StartJob(self, _request: pb.JobRequest, _who: Identity, job: str) -> pb.Job:
         started = time.perf_counter()
-        status = await self.runtime.start(status.id)
+        status = await self.runtime.start(job)
         self.metrics.job_start(time.perf_counter() - started, status)
         return job_to_pb(status)
 
-    @_unary
+    @caller_rpc
     async def StartJobs(self, request: pb.StartJobsRequest, who: Identity) -> pb.StartJobsResponse:
         if len(request.specs) > self._limits.max_batch:
             raise ApiError(
@@ -290,41 +347,37 @@ class JobService(pb_grpc.JobServiceServicer):
                 results.append(pb.StartJobResult(job=job_to_pb(status)))
         return pb.StartJobsResponse(results=results)
 
-    @_unary
-    async def StopJob(self, request: pb.StopJobRequest, who: Identity) -> pb.Job:
-        status = await self._visible(who, request.id)
+    @job_rpc
+    async def StopJob(self, request: pb.StopJobRequest, _who: Identity, job: str) -> pb.Job:
         grace = request.grace_seconds if request.HasField("grace_seconds") else None
-        return job_to_pb(await self.runtime.stop(status.id, grace))
+        return job_to_pb(await self.runtime.stop(job, grace))
 
-    @_unary
-    async def SignalJob(self, request: pb.SignalJobRequest, who: Identity) -> pb.Job:
-        status = await self._visible(who, request.id)
-        await self.runtime.signal(status.id, request.signal)
-        return job_to_pb(await self.runtime.status(status.id))
+    @job_rpc
+    async def SignalJob(self, request: pb.SignalJobRequest, _who: Identity, job: str) -> pb.Job:
+        await self.runtime.signal(job, request.signal)
+        return job_to_pb(await self.runtime.status(job))
 
-    @_unary
-    async def GetJob(self, request: pb.JobRequest, who: Identity) -> pb.Job:
-        return job_to_pb(await self._visible(who, request.id))
+    @job_rpc
+    async def GetJob(self, _request: pb.JobRequest, _who: Identity, job: str) -> pb.Job:
+        return job_to_pb(await self.runtime.status(job))
 
-    @_unary
-    async def WaitJob(self, request: pb.JobRequest, who: Identity) -> pb.Job:
-        status = await self._visible(who, request.id)
-        return job_to_pb(await self.runtime.wait(status.id))
+    @job_rpc
+    async def WaitJob(self, _request: pb.JobRequest, _who: Identity, job: str) -> pb.Job:
+        return job_to_pb(await self.runtime.wait(job))
 
-    @_unary
-    async def RemoveJob(self, request: pb.JobRequest, who: Identity) -> pb.Job:
-        status = await self._visible(who, request.id)
-        await self.runtime.remove(status.id)
+    @job_rpc
+    async def RemoveJob(self, _request: pb.JobRequest, _who: Identity, job: str) -> pb.Job:
+        status = await self.runtime.status(job)
+        await self.runtime.remove(job)
         return job_to_pb(status)
 
     # Returns wire bytes, not a message: see add_to_server.
-    @_unary
-    async def ListJobs(self, request: pb.ListJobsRequest, who: Identity) -> bytes:  # type: ignore[override]
+    @caller_rpc
+    async def ListJobs(self, request: pb.ListJobsRequest, who: Identity) -> bytes:
         """A serialized ListJobsResponse. A status never changes (a job gets a new one at
         each change), so each is serialized once and reused until the job changes: listing
         10,000 ended jobs then costs a join, not 10,000 protobuf conversions."""
-        owner = (request.owner or None) if who.is_admin else who.name
-        statuses = await self.runtime.list(owner=owner)
+        statuses = await self.runtime.jobs(owner=list_filter(who, request.owner))
         cache = self._serialized
         encoded = []
         for status in statuses:
@@ -335,26 +388,25 @@ class JobService(pb_grpc.JobServiceServicer):
             encoded.append(hit[1])
         if len(cache) > 2 * max(len(statuses), 1000):
             # Forget deleted jobs (rarely: only once the cache has doubled).
-            known = {s.id for s in await self.runtime.list()}
-            for job_id in [j for j in cache if j not in known]:
-                del cache[job_id]
+            for gone in [j for j in cache if self.runtime.owner_of(j) is None]:
+                del cache[gone]
         return encode_list_response(encoded)
 
-    @_streaming
-    async def WatchJob(self, request: pb.JobRequest, who: Identity) -> AsyncGenerator[pb.Job, None]:
-        status = await self._visible(who, request.id)
-        async with contextlib.aclosing(self.runtime.watch(status.id)) as changes:
+    @job_stream
+    async def WatchJob(
+        self, _request: pb.JobRequest, _who: Identity, job: str
+    ) -> AsyncGenerator[pb.Job, None]:
+        async with contextlib.aclosing(self.runtime.watch(job)) as changes:
             async for change in changes:
                 yield job_to_pb(change)
 
     # Yields wire bytes, not messages: see add_to_server.
-    @_streaming
-    async def StreamOutput(  # type: ignore[override]
-        self, request: pb.OutputRequest, who: Identity
+    @job_stream
+    async def StreamOutput(
+        self, request: pb.OutputRequest, _who: Identity, job: str
     ) -> AsyncGenerator[bytes, None]:
         """Serialized OutputResponse messages (see ``_wire``; registered without a
         serializer by :func:`add_to_server`)."""
-        status = await self._visible(who, request.id)
         selector = request.streams
         if selector not in (
             pb.OUTPUT_SELECTOR_BOTH,
@@ -363,7 +415,7 @@ class JobService(pb_grpc.JobServiceServicer):
         ):
             raise InvalidSpecError(f"unknown output selector {selector}")
         batches = self.runtime.output_batches(
-            status.id,
+            job,
             stdout=selector != pb.OUTPUT_SELECTOR_STDERR,
             stderr=selector != pb.OUTPUT_SELECTOR_STDOUT,
             follow=request.follow,
@@ -399,6 +451,9 @@ def add_to_server(service: JobService, server: grpc.aio.Server) -> None:
     descriptor = pb.DESCRIPTOR.services_by_name["JobService"]
     handlers = {}
     for method in descriptor.methods:
+        if method.name not in RPC_SCOPES:
+            # Every RPC goes through the authorization wrappers; one that does not is a bug.
+            raise TypeError(f"RPC {method.name} is not declared with job_rpc or caller_rpc")
         make = _HANDLERS[(method.client_streaming, method.server_streaming)]
         request = getattr(pb, method.input_type.name)
         response = getattr(pb, method.output_type.name)

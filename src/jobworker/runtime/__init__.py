@@ -12,9 +12,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._config import NOBODY, RunAs, RuntimeConfig
     from ._errors import (
         InvalidSpecError,
         InvalidTransitionError,
+        JobAlreadyStartedError,
         JobEndedError,
         JobNotFoundError,
         JobNotRunningError,
@@ -28,22 +30,23 @@ if TYPE_CHECKING:
     from ._logformat import Stream
     from ._observer import JobObserver
     from ._output import Chunk
-    from ._runtime import NOBODY, RunAs, Runtime, RuntimeConfig
+    from ._runtime import Runtime
     from ._spec import IOLimit, JobSpec, Limits
     from ._states import State
     from ._status import JobStatus, Usage
     from .cgroups import CgroupError
 
 _WHERE = {
-    "NOBODY": "_runtime",
+    "NOBODY": "_config",
     "CgroupError": "cgroups",
     "NotPermittedError": "_errors",
-    "RunAs": "_runtime",
+    "RunAs": "_config",
     "Usage": "_status",
     "Chunk": "_output",
     "IOLimit": "_spec",
     "InvalidSpecError": "_errors",
     "InvalidTransitionError": "_errors",
+    "JobAlreadyStartedError": "_errors",
     "JobEndedError": "_errors",
     "JobNotFoundError": "_errors",
     "JobNotRunningError": "_errors",
@@ -57,7 +60,7 @@ _WHERE = {
     "Runtime": "_runtime",
     "RuntimeClosedError": "_errors",
     "StateDirError": "_errors",
-    "RuntimeConfig": "_runtime",
+    "RuntimeConfig": "_config",
     "State": "_states",
     "Stream": "_logformat",
 }
@@ -69,6 +72,7 @@ __all__ = [
     "IOLimit",
     "InvalidSpecError",
     "InvalidTransitionError",
+    "JobAlreadyStartedError",
     "JobEndedError",
     "JobNotFoundError",
     "JobNotRunningError",

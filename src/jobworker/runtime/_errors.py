@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "InvalidSpecError",
     "InvalidTransitionError",
+    "JobAlreadyStartedError",
     "JobEndedError",
     "JobNotFoundError",
     "JobNotRunningError",
@@ -39,6 +40,10 @@ class InvalidTransitionError(JobworkerError):
 
 class JobEndedError(JobworkerError):
     """The operation needs a job that has not ended, and this one has ("already exited...")."""
+
+
+class JobAlreadyStartedError(JobworkerError):
+    """The operation needs a job that has not been started, and this one has."""
 
 
 class JobNotRunningError(JobworkerError):

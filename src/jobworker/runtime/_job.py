@@ -1,54 +1,56 @@
-"""One job as the runtime tracks it: spec, state, and who is waiting for it to change."""
+"""One job as the runtime tracks it: its records, its status, and who waits for it to change.
+
+A job changes only through its events (:meth:`Job.launched`, :meth:`Job.start_failed`,
+:meth:`Job.ended`, :meth:`Job.lost`, :meth:`Job.reattached`, :meth:`Job.restored`,
+:meth:`Job.deleted`); each builds the next status through the state machine and goes
+through :meth:`Job._apply`, the one place the status and its history are written.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from datetime import UTC, datetime
-from typing import Any
 
+from ._jobdir import ExitRecord, FinalRecord, RunRecord, SpecRecord
 from ._launch import SupervisorHandle
 from ._observer import JobObserver
-from ._records import ExitRecord, RunRecord
 from ._spec import JobSpec, Limits
-from ._states import State, transition
-from ._status import JobStatus, Usage
+from ._states import State
+from ._status import JobStatus, Usage, from_ns
+from .cgroups import JobCgroup
 
 __all__ = ["Job"]
 
 
-def _from_ns(ns: int) -> datetime:
-    return datetime.fromtimestamp(ns / 1e9, tz=UTC)
-
-
 class Job:
-    """Mutable record of one job; every state change goes through :meth:`_set`."""
+    """Mutable record of one job."""
 
     def __init__(  # noqa: PLR0913 - all of it is what a job is
         self,
-        job_id: str,
+        record: SpecRecord,
         spec: JobSpec,
-        directory: str,
-        created_ns: int,
-        *,
         limits: Limits,
-        meta: dict[str, Any],
+        directory: str,
         observer: JobObserver,
+        *,
+        limits_enforced: bool,
     ) -> None:
-        self.id = job_id
+        self.id = record.id
         self.spec = spec
         self.dir = directory
         self.limits = limits
-        # What spec.json holds: the supervisor's instructions (user, cgroups, hostname...).
-        self.meta = meta
+        # spec.json as last written: the supervisor's instructions (user, cgroups, ...).
+        self.record = record
+        self.cgroup: JobCgroup | None = None
         self.supervisor: SupervisorHandle | None = None
         self.run: RunRecord | None = None
         # Disk its directory takes, measured once it has ended (for the retention budget).
         self.disk_bytes = 0
         self.start_lock = asyncio.Lock()
-        self.ended = asyncio.Event()
+        # Set once the job has ended, or was deleted (waiters then find it gone).
+        self.ended_event = asyncio.Event()
+        self.gone = False
         self._status = JobStatus(
-            id=job_id,
+            id=record.id,
             owner=spec.owner,
             argv=tuple(spec.argv),
             state=State.CREATED,
@@ -56,12 +58,13 @@ class Job:
             signal=None,
             oom_killed=False,
             error=None,
-            created_at=_from_ns(created_ns),
+            created_at=from_ns(record.created_ns),
             started_at=None,
             ended_at=None,
             pid=None,
             output_truncated=False,
             limits=limits,
+            limits_enforced=limits_enforced,
         )
         # Every status the job has been in, so a watcher sees each transition exactly once.
         self.history: list[JobStatus] = [self._status]
@@ -77,6 +80,10 @@ class Job:
     def state(self) -> State:
         return self._status.state
 
+    @property
+    def owner(self) -> str:
+        return self.spec.owner
+
     def add_waiter(self, event: asyncio.Event) -> None:
         """Set ``event`` on every state change until :meth:`remove_waiter`."""
         self._waiters.add(event)
@@ -84,83 +91,74 @@ class Job:
     def remove_waiter(self, event: asyncio.Event) -> None:
         self._waiters.discard(event)
 
+    # ------------------------------------------------------------ the one writer
+    def _apply(self, status: JobStatus, *, fresh_history: bool = False) -> None:
+        before = self._status if self._announced else None
+        self._status = status
+        if fresh_history:
+            self.history = [status]
+        else:
+            self.history.append(status)
+        self._announced = True
+        self._observer.job_changed(before, status)
+        if status.state.is_final:
+            self.ended_event.set()
+        for event in self._waiters:
+            event.set()
+
+    # ------------------------------------------------------------ events
     def appeared(self) -> None:
-        """Tell the observer this job exists, unless a change already did. A job taken back
-        after a restart appears in the state it is found in, so it counts as no new start
-        or end."""
+        """Tell the observer this job exists (created now), unless an event already did."""
         if not self._announced:
             self._announced = True
             self._observer.job_changed(None, self._status)
 
-    def _changed(self, before: JobStatus) -> None:
-        if self._announced:
-            self._observer.job_changed(before, self._status)
-        else:
-            self.appeared()
-
-    def removed(self) -> None:
-        self._observer.job_removed(self._status)
-
-    def _set(self, new_state: State, **changes: object) -> None:
-        before = self._status
-        transition(before.state, new_state)
-        self._status = dataclasses.replace(before, state=new_state, **changes)  # type: ignore[arg-type]
-        self.history.append(self._status)
-        self._changed(before)
-        if new_state.is_final:
-            self.ended.set()
-        for event in self._waiters:
-            event.set()
-
-    def limits_not_enforced(self) -> None:
-        """Record that this job runs without cgroup limits (cgroups are off)."""
-        self._status = dataclasses.replace(self._status, limits_enforced=False)
-        self.history[-1] = self._status
-
-    def mark_running(self, run: RunRecord, supervisor: SupervisorHandle | None) -> None:
-        """``supervisor`` is None for a job that, restored after a restart, has ended too."""
+    def launched(self, run: RunRecord, supervisor: SupervisorHandle) -> None:
+        """Its command runs (created -> running)."""
         self.run = run
         self.supervisor = supervisor
-        self._set(State.RUNNING, started_at=_from_ns(run.started_ns), pid=run.pid or None)
+        self._apply(self._status.started(run.started_ns, run.pid or None))
 
-    def mark_failed_to_start(self, error: str, ended_ns: int) -> None:
-        self._set(State.FAILED, error=error, ended_at=_from_ns(ended_ns))
+    def start_failed(self, record: ExitRecord) -> None:
+        """Its command could not start (created -> failed)."""
+        self._apply(self._status.ended(record, None, oom_killed=False))
 
-    def restore_ended(
-        self, run: RunRecord | None, record: ExitRecord, usage: Usage | None, *, oom_killed: bool
-    ) -> None:
-        """Put a job that ended before this runtime started straight into its final state
-        (one status, as a watcher arriving now would see it)."""
-        before = self._status
-        state = State(record.state)
-        if run is not None:
-            transition(transition(self.state, State.RUNNING), state)
-        else:
-            transition(self.state, state)
+    def ended(self, final: FinalRecord) -> None:
+        """Its command ended, as ``final`` records (running -> exited/stopped/failed)."""
+        self.disk_bytes = final.disk_bytes
+        usage = Usage.from_record(final.usage) if final.usage is not None else None
+        self._apply(self._status.ended(final.exit, usage, oom_killed=final.oom_killed))
+
+    def lost(self, record: ExitRecord) -> None:
+        """It ended unseen and unrecorded (its supervisor vanished, or a launch in flight
+        when the previous server stopped never started): -> failed, with ``record``'s
+        reason."""
+        self._apply(self._status.ended(record, None, oom_killed=False))
+
+    def reattached(self, run: RunRecord, supervisor: SupervisorHandle | None) -> None:
+        """Found running after a restart: appears as running (one status). ``supervisor``
+        is None when it has ended meanwhile and its end is about to be recorded."""
         self.run = run
-        self._status = dataclasses.replace(
-            self._status,
-            state=state,
-            started_at=_from_ns(run.started_ns) if run is not None else None,
-            pid=(run.pid or None) if run is not None else None,
-            **_end_fields(record, usage, oom_killed=oom_killed),
+        self.supervisor = supervisor
+        self._apply(self._status.started(run.started_ns, run.pid or None), fresh_history=True)
+
+    def restored(self, final: FinalRecord) -> None:
+        """Found ended after a restart: appears in its final state (one status, as a
+        watcher arriving now would see it)."""
+        self.run = final.run
+        self.disk_bytes = final.disk_bytes
+        status = self._status
+        if final.run is not None:
+            status = status.started(final.run.started_ns, final.run.pid or None)
+        usage = Usage.from_record(final.usage) if final.usage is not None else None
+        self._apply(
+            status.ended(final.exit, usage, oom_killed=final.oom_killed), fresh_history=True
         )
-        self.history = [self._status]
-        self.ended.set()
-        self._changed(before)
 
-    def mark_ended(self, record: ExitRecord, usage: Usage | None, *, oom_killed: bool) -> None:
-        self._set(State(record.state), **_end_fields(record, usage, oom_killed=oom_killed))
-
-
-def _end_fields(record: ExitRecord, usage: Usage | None, *, oom_killed: bool) -> dict[str, Any]:
-    """The status fields a job's end sets."""
-    return {
-        "usage": usage,
-        "oom_killed": oom_killed,
-        "exit_code": record.exit_code,
-        "signal": record.signal,
-        "error": record.error,
-        "ended_at": _from_ns(record.ended_ns),
-        "output_truncated": record.output_truncated,
-    }
+    def deleted(self) -> None:
+        """It is deleted: the observer forgets it, and anyone waiting wakes to find it gone."""
+        self.gone = True
+        self._observer.job_removed(self._status)
+        self.ended_event.set()
+        for event in self._waiters:
+            event.set()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -17,8 +16,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from .._aio import wait_fd
 from ._errors import LaunchError
-from ._records import CONTROL, ExitRecord, RunRecord
+from ._jobdir import CONTROL, CorruptRecordError, ExitRecord, RunRecord
+from ._protocol import Control, Outcome, Reply, Report
 
 __all__ = ["LaunchFailed", "Launched", "Launcher", "SupervisorHandle"]
 
@@ -37,25 +38,6 @@ class LaunchFailed:
     exit: ExitRecord | None
 
 
-async def _ready(fd: int, *, write: bool = False) -> None:
-    """Wait until ``fd`` is readable (or writable); the watch is removed however this ends."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    add, remove = (
-        (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
-    )
-    add(fd, ready)
-    try:
-        await fut
-    finally:
-        remove(fd)
-
-
 class SupervisorHandle:
     """A running job's supervisor: a pidfd to watch it end, and its control socket."""
 
@@ -65,7 +47,7 @@ class SupervisorHandle:
 
     async def wait(self) -> None:
         """Return once the supervisor process has exited."""
-        await _ready(self._pidfd)
+        await wait_fd(self._pidfd)
 
     def kill(self) -> None:
         """SIGKILL the supervisor; the kernel then kills every process of its PID namespace."""
@@ -77,8 +59,8 @@ class SupervisorHandle:
             os.close(self._pidfd)
             self._pidfd = -1
 
-    async def command(self, line: str, timeout: float = 5.0) -> str:
-        """Send one control command; return the reply, or "ended" if the job has ended.
+    async def command(self, request: Control, timeout: float = 5.0) -> Reply:
+        """Send one control request; return the reply (ENDED if the job has ended).
 
         Raises:
             LaunchError: the supervisor did not answer within ``timeout`` seconds.
@@ -92,16 +74,18 @@ class SupervisorHandle:
         try:
             async with asyncio.timeout(timeout):
                 await loop.sock_connect(sock, f"/proc/self/fd/{dir_fd}/{CONTROL}")
-                await loop.sock_sendall(sock, line.encode() + b"\n")
+                await loop.sock_sendall(sock, request.encode())
                 reply = await loop.sock_recv(sock, 4096)
         except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError):
-            return "ended"  # the supervisor closed its socket on the way out
+            return Reply(Outcome.ENDED)  # the supervisor closed its socket on the way out
         except TimeoutError:
-            raise LaunchError(f"the job's supervisor did not answer {line!r} in time") from None
+            raise LaunchError(
+                f"the job's supervisor did not answer {request.verb.value} in time"
+            ) from None
         finally:
             os.close(dir_fd)
             sock.close()
-        return reply.decode("ascii", "replace").strip() or "ended"
+        return Reply.decode(reply)
 
 
 class Launcher:
@@ -156,24 +140,14 @@ class Launcher:
                         msg, fds, _flags, _addr = socket.recv_fds(ours, 65536, 1)
                         break
                     except BlockingIOError:
-                        await _ready(ours.fileno())
+                        await wait_fd(ours.fileno())
         except TimeoutError:
             raise LaunchError(f"the job's supervisor did not report within {timeout:g} s") from None
         except OSError as e:
             raise LaunchError(f"cannot reach the launcher: {e}") from e
         finally:
             ours.close()
-        if not msg:
-            raise LaunchError("the launcher or the job's supervisor died before reporting")
-        report = json.loads(msg)
-        if report["ok"] and len(fds) == 1:
-            return Launched(RunRecord.from_json(report["run"]), SupervisorHandle(job_dir, fds[0]))
-        for fd in fds:
-            os.close(fd)
-        if "exit" in report:
-            exit_record = ExitRecord.from_json(report["exit"])
-            return LaunchFailed(exit_record.error or "the command could not start", exit_record)
-        return LaunchFailed(report.get("error", "unknown launch error"), None)
+        return _outcome(job_dir, msg, fds)
 
     async def _send(self, msg: bytes, fd: int) -> None:
         # The socket's queue is short (net.unix.max_dgram_qlen, often 10), so a burst of
@@ -184,7 +158,7 @@ class Launcher:
                 try:
                     socket.send_fds(self._sock, [msg], [fd])
                 except BlockingIOError:
-                    await _ready(self._sock.fileno(), write=True)
+                    await wait_fd(self._sock.fileno(), write=True)
                 else:
                     return
 
@@ -198,3 +172,27 @@ class Launcher:
         if not jobs_running:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.to_thread(self._proc.wait, 5.0)
+
+
+def _outcome(job_dir: str, msg: bytes, fds: list[int]) -> Launched | LaunchFailed:
+    """What a launch report says; takes ownership of ``fds``.
+
+    Raises:
+        LaunchError: no report (the launcher or supervisor died), or a malformed one.
+    """
+    report = None
+    try:
+        if not msg:
+            raise LaunchError("the launcher or the job's supervisor died before reporting")
+        report = Report.decode(msg)
+    except CorruptRecordError as e:
+        raise LaunchError(f"the job's supervisor sent a bad report: {e}") from e
+    finally:
+        if report is None or report.run is None or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+    if report.run is not None and len(fds) == 1:
+        return Launched(report.run, SupervisorHandle(job_dir, fds[0]))
+    if report.exit is not None:
+        return LaunchFailed(report.exit.error or "the command could not start", report.exit)
+    return LaunchFailed(report.error or "unknown launch error", None)

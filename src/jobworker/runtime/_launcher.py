@@ -27,10 +27,12 @@ import sys
 import time
 from typing import NoReturn
 
+from ._jobdir import ExitRecord, RunRecord, SpecRecord, start_ticks
 from ._linux import CLONE_NEWPID, PR_SET_CHILD_SUBREAPER, prctl, unshare
 from ._logformat import HEADER, Stream
-from ._records import ExitRecord, RunRecord, start_ticks
-from ._supervisor import DEFAULT_PATH, job_env, run_supervisor, which
+from ._preexec import DEFAULT_PATH, job_env, which
+from ._protocol import Control, Reply, Report
+from ._supervisor import run_supervisor
 
 __all__ = ["main"]
 
@@ -39,7 +41,7 @@ MAX_REQUEST = 8192
 
 def _send_error(report: socket.socket, message: str) -> None:
     with contextlib.suppress(OSError):
-        report.send(json.dumps({"ok": False, "error": message}).encode())
+        report.send(Report(error=message).encode())
 
 
 def _intermediate(server: socket.socket, job_dir: str, report: socket.socket) -> NoReturn:
@@ -80,12 +82,26 @@ def _warm_up() -> None:
     creates on first use (caches, interned strings, specialised bytecode) exists before
     forking and stays shared instead of being copied into each supervisor. Measured: see
     docs/benchmarks.md (d)."""
-    spec = {"id": "x", "spec": {"argv": ["true"], "env": {}, "cwd": "/"}, "uid": 65534}
+    spec = {
+        "id": "x",
+        "created_ns": 1,
+        "spec": {"argv": ["true"], "env": {}, "cwd": "/", "owner": "x"},
+        "limits": {},
+        "output_limit": 1,
+        "uid": 65534,
+        "gid": 65534,
+        "hostname": "x",
+        "namespaces": True,
+        "cgroup": {"pids": "/x"},
+    }
     for _ in range(2 * _QUICKENED_AFTER):
         record = ExitRecord("exited", 0, None, None, time.time_ns(), output_truncated=False)
-        json.loads(json.dumps(record.to_json()))
-        json.loads(json.dumps(spec).encode())
-        json.dumps({"ok": True, "run": RunRecord(1, 1, 1, 1).to_json()})
+        ExitRecord.from_json(json.loads(json.dumps(record.to_json())))
+        paths = SpecRecord.from_json(json.loads(json.dumps(spec).encode())).cgroup
+        if paths is not None:
+            _ = paths.procs_files
+        Report(run=RunRecord(1, 1, 1, 1)).encode()
+        Reply.decode(Control.decode(b"stop 1.0").encode())
         which("true", DEFAULT_PATH)
         job_env({"A": "1"}, "x")
         start_ticks("/proc/self")

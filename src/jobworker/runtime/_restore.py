@@ -1,4 +1,17 @@
-"""Reading the state dir back after a (re)start: what each job directory says about its job.
+"""Taking the state dir back after a (re)start: what each job directory says about its job.
+
+The decision table (docs/architecture.md, "Restarts and durable state"), per directory:
+
+- ``final.json`` (or ``exit.json``): ended, as recorded (usage read from its cgroup if the
+  server missed the end);
+- ``run.json``, no exit, supervisor alive: running, watched and steered again;
+- ``run.json``, no exit, supervisor gone: failed, "lost: ..." (recorded, so every later
+  start agrees);
+- start requested, nothing else: a launch in flight; wait for its supervisor, else failed;
+- ``spec.json`` only: created, startable;
+- no ``spec.json``: a create cut short before anyone got the id; removed;
+- records this release cannot read: set aside in ``<state_dir>/set-aside/`` with a REASON
+  file, logged, and the server starts without them.
 
 Why files and not SQLite: the job's supervisor, which outlives the server, writes the records
 that matter most (``run.json`` when the command runs, ``exit.json`` when it ends). Plain files
@@ -9,86 +22,31 @@ its directory. Reading 10,000 jobs back this way is measured in docs/benchmarks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
-from typing import Any, NamedTuple
+import shutil
 
-from ._records import EXIT, FINAL, RUN, SPEC, ExitRecord, RunRecord, read_json, start_ticks
+from ._job import Job
+from ._jobdir import CONTROL, Found, RunRecord, read_found, scan, set_aside, start_ticks
+from ._launch import SupervisorHandle
+from ._lifecycle import Lifecycle
+from .cgroups import CgroupError
 
-__all__ = ["Found", "boot_id", "open_supervisor", "read_job_dir", "scan"]
+__all__ = ["boot_id", "restore"]
+
+log = logging.getLogger("jobworker.runtime")
 
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
+# After a restart, how long a launch left in flight gets for its supervisor to show up.
+_SUPERVISOR_APPEARS_S = 5.0
 
 
 def boot_id() -> str:
     """This boot's id: a job recorded under another one ran before the host restarted."""
     with open(_BOOT_ID) as f:
         return f.read().strip()
-
-
-class Found(NamedTuple):
-    """One job directory as found on disk."""
-
-    directory: str
-    meta: dict[str, Any]
-    run: RunRecord | None
-    exit: ExitRecord | None
-    final: dict[str, Any] | None
-
-
-def read_job_dir(directory: str) -> Found | None:
-    """The records in ``directory``; None if it holds no spec (a create cut short before
-    its spec.json was renamed into place, so no job was ever reported to anyone).
-
-    Raises:
-        ValueError, KeyError, TypeError: a record is corrupt.
-        OSError: the directory cannot be read.
-    """
-    meta = read_json(os.path.join(directory, SPEC))
-    if meta is None:
-        return None
-    final = read_json(os.path.join(directory, FINAL))
-    if final is not None and final.get("exit") is not None:
-        # An ended job, recorded in full by the server that saw it end: two reads, not four.
-        run = final.get("run")
-        return Found(
-            directory,
-            meta,
-            RunRecord.from_json(run) if run is not None else None,
-            ExitRecord.from_json(final["exit"]),
-            final,
-        )
-    # Exit first: a supervisor writes run.json before exit.json, so having read exit.json
-    # we cannot miss a run.json that exists.
-    exit_data = read_json(os.path.join(directory, EXIT))
-    run_data = read_json(os.path.join(directory, RUN))
-    return Found(
-        directory,
-        meta,
-        RunRecord.from_json(run_data) if run_data is not None else None,
-        ExitRecord.from_json(exit_data) if exit_data is not None else None,
-        final,
-    )
-
-
-def scan(jobs_dir: str) -> tuple[list[Found], list[str], list[tuple[str, str]]]:
-    """Every job directory under ``jobs_dir``: (jobs, directories without a spec, and
-    (directory, reason) for those whose records are corrupt)."""
-    found, empty, corrupt = [], [], []
-    with os.scandir(jobs_dir) as entries:
-        for entry in entries:
-            if not entry.is_dir(follow_symlinks=False):
-                continue
-            try:
-                job = read_job_dir(entry.path)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                corrupt.append((entry.path, str(e) or type(e).__name__))
-                continue
-            if job is None:
-                empty.append(entry.path)
-            else:
-                found.append(job)
-    return found, empty, corrupt
 
 
 def open_supervisor(run: RunRecord) -> int | None:
@@ -110,3 +68,108 @@ def open_supervisor(run: RunRecord) -> int | None:
             os.close(pidfd)
         return None
     return pidfd
+
+
+async def restore(life: Lifecycle) -> None:
+    """Take back every job in the state dir (see the table above)."""
+    found, empty, corrupt = await asyncio.to_thread(
+        scan, str(life.jobs_dir), lambda f: life.job_of(f.spec, f.directory)
+    )
+    for directory in empty:
+        # mkdir happened, spec.json never did: the create was cut short and its id was
+        # never given to anyone.
+        await asyncio.to_thread(shutil.rmtree, directory, True)
+    for directory, reason in corrupt:
+        try:
+            moved = await asyncio.to_thread(
+                set_aside, str(life.config.state_dir), directory, reason
+            )
+        except OSError as e:
+            log.warning(
+                "skipping job directory %s: %s (cannot set it aside: %s)", directory, reason, e
+            )
+        else:
+            log.warning("set aside job directory %s as %s: %s", directory, moved, reason)
+    found.sort(key=lambda pair: pair[0].spec.created_ns)
+    for record, job in found:
+        life.registry.add(job)
+        await _resume(life, job, record)
+        job.appeared()
+
+
+async def _resume(life: Lifecycle, job: Job, found: Found) -> None:
+    if found.final is not None:
+        # Recorded in full at its end, cgroup removed then (or by prune at start-up).
+        job.restored(found.final)
+    elif found.exit is not None:
+        if found.run is not None:
+            job.reattached(found.run, None)
+        await life.end(job, found.exit)
+    elif found.run is not None:
+        pidfd = await asyncio.to_thread(open_supervisor, found.run)
+        if pidfd is not None:
+            handle = SupervisorHandle(job.dir, pidfd)
+            job.reattached(found.run, handle)
+            life.background(life.watch(job, handle), life.tasks)
+            return
+        # Gone. It may have recorded its end in the meantime; if not, it never will.
+        again = await asyncio.to_thread(read_found, job.dir)
+        job.reattached(found.run, None)
+        if again is not None and again.exit is not None:
+            await life.end(job, again.exit)
+            return
+        await life.end(job, await life.record_lost(job, _lost_reason(life, job)))
+    elif job.record.launching:
+        life.background(_await_launch(life, job), life.tasks)
+
+
+def _lost_reason(life: Lifecycle, job: Job) -> str:
+    if job.record.boot_id not in ("", life.boot_id):
+        return "lost: the host restarted while the job ran"
+    return "lost: the job's supervisor is gone and recorded no end (killed from outside)"
+
+
+def _launch_progress(directory: str) -> tuple[Found | None, bool]:
+    """(the job's records if its supervisor has recorded a start or an end, whether its
+    supervisor has bound its control socket)."""
+    found = read_found(directory)
+    if found is not None and (found.run or found.exit):
+        return found, True
+    return None, os.path.exists(os.path.join(directory, CONTROL))
+
+
+async def _await_launch(life: Lifecycle, job: Job) -> None:
+    """A launch was under way when the previous server stopped: wait for its supervisor
+    to record a start or an end, for at most the launch timeout. A supervisor binds its
+    control socket first thing; if none has appeared after _SUPERVISOR_APPEARS_S, the
+    launch request never reached the launcher and the job never started."""
+    async with job.start_lock:
+        changed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        found: Found | None = None
+        with life.notifier.subscribe(job.dir, changed), contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(life.config.launch_timeout):
+                while True:
+                    changed.clear()
+                    found, has_supervisor = await asyncio.to_thread(_launch_progress, job.dir)
+                    if found is not None:
+                        break
+                    wait = None
+                    if not has_supervisor:
+                        wait = started + _SUPERVISOR_APPEARS_S - loop.time()
+                        if wait <= 0:
+                            break
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await changed.wait()
+        if found is not None:
+            await _resume(life, job, found)
+            return
+        cgroup = job.cgroup or (life.cgroups.find(job.id) if life.cgroups is not None else None)
+        if cgroup is not None:
+            with contextlib.suppress(CgroupError, OSError):
+                await asyncio.to_thread(cgroup.kill)
+        error = "lost: the server stopped while starting the job, and it never started"
+        job.lost(await life.record_lost(job, error))
+        life.background(life.finish(job), life.cleanups)

@@ -1,14 +1,23 @@
-"""A snapshot of a job, as callers see it."""
+"""A snapshot of a job, as callers see it, and the only ways to make the next one.
+
+Each method that moves a status to another state asks the state machine (``transition``)
+first, so no status can be built in a state the machine does not allow.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
+from ._jobdir import ExitRecord, UsageRecord
 from ._spec import Limits
-from ._states import State
+from ._states import State, transition
 
-__all__ = ["JobStatus", "Usage"]
+__all__ = ["JobStatus", "Usage", "from_ns"]
+
+
+def from_ns(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +32,19 @@ class Usage:
     memory_peak_bytes: int | None
     io_read_bytes: int
     io_write_bytes: int
+
+    def to_record(self) -> UsageRecord:
+        return UsageRecord(
+            self.cpu_seconds,
+            self.memory_bytes,
+            self.memory_peak_bytes,
+            self.io_read_bytes,
+            self.io_write_bytes,
+        )
+
+    @classmethod
+    def from_record(cls, record: UsageRecord) -> Usage:
+        return cls(*record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +81,39 @@ class JobStatus:
         if self.signal is not None:
             return f"{how} (killed by signal {self.signal})"
         return f"{how} with code {self.exit_code}"
+
+    # ------------------------------------------------------------ transitions
+    def started(self, started_ns: int, pid: int | None) -> JobStatus:
+        """created -> running.
+
+        Raises:
+            InvalidTransitionError: the job is not ``created``.
+        """
+        return replace(
+            self,
+            state=transition(self.state, State.RUNNING),
+            started_at=from_ns(started_ns),
+            pid=pid,
+        )
+
+    def ended(self, record: ExitRecord, usage: Usage | None, *, oom_killed: bool) -> JobStatus:
+        """-> the final state ``record`` names, with what the end is known by.
+
+        Raises:
+            InvalidTransitionError: the machine does not allow that end from here.
+        """
+        return replace(
+            self,
+            state=transition(self.state, State(record.state)),
+            usage=usage,
+            oom_killed=oom_killed,
+            exit_code=record.exit_code,
+            signal=record.signal,
+            error=record.error,
+            ended_at=from_ns(record.ended_ns),
+            output_truncated=record.output_truncated,
+        )
+
+    def with_usage(self, usage: Usage) -> JobStatus:
+        """The same status with live usage (no change of state)."""
+        return replace(self, usage=usage)

@@ -31,8 +31,6 @@ def open_driver(subtree: str, parent: str | None = None) -> CgroupDriver:
         CgroupError: cgroups are not mounted, not writable, or a controller is missing; the
             message says what to do.
     """
-    if not subtree or "/" in subtree or subtree in {".", ".."}:
-        raise CgroupError(f"cgroup subtree name {subtree!r} must be a single directory name")
     layout = detect()
     if layout.kind == "v2" and layout.unified is not None:
         own = layout.unified.own_dir

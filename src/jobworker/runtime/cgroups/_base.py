@@ -11,30 +11,71 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from asyncinotify import Inotify, Mask
 
+from .._jobdir import CgroupPaths
 from .._spec import IOLimit, Limits
 from .._status import Usage
 from ._files import CgroupError, read_keyed, read_text
 
-__all__ = ["CgroupDriver", "JobCgroup", "block_device_of", "remove_dirs", "wait_unpopulated"]
+__all__ = [
+    "CgroupDriver",
+    "JobCgroup",
+    "backoff",
+    "block_device_of",
+    "remove_dirs",
+    "wait_unpopulated",
+]
 
 CPU_PERIOD_US = 100_000
 
 
-@dataclass(frozen=True, slots=True)
-class JobCgroup:
-    """What a job's first process writes "0" into, before exec, to join its cgroups."""
+class JobCgroup(Protocol):
+    """One job's cgroups, as runc's cgroup manager is one object per container: created by
+    :meth:`CgroupDriver.create`, or attached again from the paths a record kept."""
 
-    procs_files: tuple[str, ...]
+    @property
+    def paths(self) -> CgroupPaths:
+        """Its directories, for the job's record (and its first process to join)."""
+        ...
+
+    def usage(self) -> Usage:
+        """CPU, memory and IO the job has used (zeros if its cgroup is gone).
+
+        Raises:
+            OSError: a usage file could not be read.
+        """
+        ...
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel's OOM killer killed a process of the job."""
+        ...
+
+    def kill(self) -> bool:
+        """SIGKILL every process of the job at once through ``cgroup.kill`` (cgroup2, kernel
+        5.14+); False where that is not available.
+
+        Raises:
+            CgroupError: the kernel refused.
+        """
+        ...
+
+    def remove(self, timeout: float) -> bool:
+        """Wait for the job's cgroups to empty, then remove them, all within ``timeout`` s.
+
+        Returns False if they were still populated (left for the driver's prune).
+
+        Raises:
+            CgroupError: an empty directory could not be removed.
+        """
+        ...
 
 
 class CgroupDriver(Protocol):
-    """Creates, measures and removes per-job cgroups beneath the server's own cgroup."""
+    """Creates per-job cgroups beneath the server's own cgroup, and tidies its subtree."""
 
     @property
     def kind(self) -> str:
@@ -49,28 +90,13 @@ class CgroupDriver(Protocol):
         """
         ...
 
-    def usage(self, job_id: str) -> Usage:
-        """CPU, memory and IO the job has used (zeros if its cgroup is gone)."""
+    def attach(self, paths: CgroupPaths) -> JobCgroup:
+        """The job cgroup a record names (whatever this server's subtree setting is now)."""
         ...
 
-    def oom_killed(self, job_id: str) -> bool:
-        """Whether the kernel's OOM killer killed a process of the job."""
-        ...
-
-    def kill(self, job_id: str) -> bool:
-        """SIGKILL every process of the job at once through ``cgroup.kill`` (cgroup2, kernel
-        5.14+); False where that is not available.
-
-        Raises:
-            CgroupError: the kernel refused.
-        """
-        ...
-
-    def remove(self, job_id: str, timeout: float) -> bool:
-        """Wait for the job's cgroups to empty, then remove them, all within ``timeout`` s.
-
-        Returns False if they were still populated (left for :meth:`prune`).
-        """
+    def find(self, job_id: str) -> JobCgroup:
+        """The job cgroup this driver would create for ``job_id`` (for a record that names
+        none: the server died between creating it and recording it)."""
         ...
 
     def prune(self, keep: set[str]) -> list[str]:
@@ -141,13 +167,25 @@ def wait_unpopulated(events_file: str | None, procs_file: str, timeout: float) -
                 inotify.sync_timeout = left
                 inotify.sync_get()
         return True
-    delay = 0.001
-    while (read_text(procs_file) or "").strip():
-        if time.monotonic() + delay > deadline:
-            return False
+    for _ in backoff(deadline, first=0.001):
+        if not (read_text(procs_file) or "").strip():
+            return True
+    return not (read_text(procs_file) or "").strip()
+
+
+def backoff(deadline: float, *, first: float, cap: float = 0.05) -> Iterator[bool]:
+    """Yield before each try, sleeping between tries with a doubling delay (``first`` to
+    ``cap`` seconds) until the monotonic ``deadline``; each value says whether this try is
+    the last. For the two waits the kernel gives no event for (pure v1's task list, and a
+    v1 hierarchy still busy after its tasks left)."""
+    delay = first
+    while True:
+        last = time.monotonic() + delay > deadline
+        yield last
+        if last:
+            return
         time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-    return True
+        delay = min(delay * 2, cap)
 
 
 def remove_dirs(dirs: list[str], timeout: float = 1.0) -> None:
@@ -159,8 +197,7 @@ def remove_dirs(dirs: list[str], timeout: float = 1.0) -> None:
     """
     deadline = time.monotonic() + timeout
     for directory in dirs:
-        delay = 0.005
-        while True:
+        for last in backoff(deadline, first=0.005):
             try:
                 os.rmdir(directory)
                 break
@@ -169,21 +206,17 @@ def remove_dirs(dirs: list[str], timeout: float = 1.0) -> None:
             except OSError as e:
                 # v1 hierarchies can lag behind cgroup2 in letting go of the last task (more
                 # so on a loaded host: seen beyond a second).
-                if e.errno != errno.EBUSY or time.monotonic() + delay > deadline:
+                if e.errno != errno.EBUSY or last:
                     raise CgroupError(f"cannot remove cgroup {directory}: {e.strerror}") from e
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
 
 
-def remove_all(
-    remove: Callable[[str, float], bool], job_ids: Iterable[str], timeout: float
-) -> None:
-    """``remove`` each job's cgroups, all within ``timeout`` s; those that cannot go (still
+def remove_all(cgroups: Iterable[JobCgroup], timeout: float) -> None:
+    """Remove each job's cgroups, all within ``timeout`` s; those that cannot go (still
     populated, or busy) stay for the next start-up's prune."""
     deadline = time.monotonic() + timeout
-    for job_id in job_ids:
+    for cgroup in cgroups:
         with contextlib.suppress(CgroupError):
-            remove(job_id, max(0.0, deadline - time.monotonic()))
+            cgroup.remove(max(0.0, deadline - time.monotonic()))
 
 
 def job_dirs(base: str) -> list[str]:

@@ -10,11 +10,11 @@ import contextlib
 import os
 import time
 
+from .._jobdir import CgroupPaths
 from .._spec import Limits
 from .._status import Usage
 from ._base import (
     CPU_PERIOD_US,
-    JobCgroup,
     job_dirs,
     remove_all,
     remove_dirs,
@@ -23,9 +23,10 @@ from ._base import (
 from ._detect import Layout
 from ._files import CgroupError, read_int, read_keyed, read_text, write
 
-__all__ = ["V1Driver"]
+__all__ = ["V1Cgroup", "V1Driver"]
 
 REQUIRED = ("cpu", "cpuacct", "memory", "blkio", "pids")
+UNIFIED = "unified"
 
 
 class V1Driver:
@@ -66,93 +67,33 @@ class V1Driver:
     def _dirs(self, job_id: str) -> list[str]:
         return [os.path.join(base, job_id) for base in self._all_bases()]
 
-    def _dir(self, controller: str, job_id: str) -> str:
-        return os.path.join(self._bases[controller], job_id)
+    def find(self, job_id: str) -> V1Cgroup:
+        dirs = {c: os.path.join(base, job_id) for c, base in self._bases.items()}
+        if self._unified is not None:
+            dirs[UNIFIED] = os.path.join(self._unified, job_id)
+        return V1Cgroup(dirs)
 
-    def create(self, job_id: str, limits: Limits) -> JobCgroup:
+    def attach(self, paths: CgroupPaths) -> V1Cgroup:
+        if set(REQUIRED) <= set(paths.dirs):
+            return V1Cgroup(dict(paths.dirs))
+        # A record of the release before typed records kept the procs files only, in
+        # hierarchy order, all named after the job.
+        return self.find(os.path.basename(next(iter(paths.dirs.values()))))
+
+    def create(self, job_id: str, limits: Limits) -> V1Cgroup:
+        cgroup = self.find(job_id)
         dirs = self._dirs(job_id)
         try:
             for directory in dirs:
                 os.mkdir(directory)
-            self._apply(job_id, limits)
+            _apply(cgroup.dirs, limits)
         except (OSError, CgroupError) as e:
             with contextlib.suppress(CgroupError):
                 remove_dirs(dirs)
             if isinstance(e, CgroupError):
                 raise
             raise CgroupError(f"cannot create the job's cgroup: {e}") from e
-        return JobCgroup(tuple(os.path.join(d, "cgroup.procs") for d in dirs))
-
-    def _apply(self, job_id: str, limits: Limits) -> None:
-        cpu = self._dir("cpu", job_id)
-        if limits.cpus is not None:
-            write(f"{cpu}/cpu.cfs_period_us", str(CPU_PERIOD_US))
-            write(f"{cpu}/cpu.cfs_quota_us", str(max(1000, round(limits.cpus * CPU_PERIOD_US))))
-        if limits.cpu_weight is not None:
-            # cgroup v2's weight (1-10000, default 100) on v1's shares (default 1024).
-            write(f"{cpu}/cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100)))
-        memory = self._dir("memory", job_id)
-        if limits.memory_bytes is not None:
-            write(f"{memory}/memory.limit_in_bytes", str(limits.memory_bytes))
-            # memory+swap at the same value means no swap; the file exists only with swap
-            # accounting on.
-            if os.path.exists(f"{memory}/memory.memsw.limit_in_bytes"):
-                write(f"{memory}/memory.memsw.limit_in_bytes", str(limits.memory_bytes))
-        if limits.pids is not None:
-            write(f"{self._dir('pids', job_id)}/pids.max", str(limits.pids))
-        blkio = self._dir("blkio", job_id)
-        for io in limits.io:
-            for name, value in (
-                ("read_bps_device", io.read_bps),
-                ("write_bps_device", io.write_bps),
-                ("read_iops_device", io.read_iops),
-                ("write_iops_device", io.write_iops),
-            ):
-                if value is not None:
-                    write(f"{blkio}/blkio.throttle.{name}", f"{io.device} {value}")
-
-    def usage(self, job_id: str) -> Usage:
-        memory = self._dir("memory", job_id)
-        read = write_ = 0
-        for line in (
-            read_text(f"{self._dir('blkio', job_id)}/blkio.throttle.io_service_bytes") or ""
-        ).splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[1] == "Read":
-                read += int(parts[2])
-            elif len(parts) == 3 and parts[1] == "Write":
-                write_ += int(parts[2])
-        return Usage(
-            cpu_seconds=(read_int(f"{self._dir('cpuacct', job_id)}/cpuacct.usage") or 0) / 1e9,
-            memory_bytes=read_int(f"{memory}/memory.usage_in_bytes") or 0,
-            memory_peak_bytes=read_int(f"{memory}/memory.max_usage_in_bytes"),
-            io_read_bytes=read,
-            io_write_bytes=write_,
-        )
-
-    def oom_killed(self, job_id: str) -> bool:
-        oom = read_keyed(f"{self._dir('memory', job_id)}/memory.oom_control")
-        return oom.get("oom_kill", 0) > 0
-
-    def kill(self, job_id: str) -> bool:
-        # On a hybrid host the job's cgroup2 directory has cgroup.kill even without
-        # controllers; pure v1 has none (the PID namespace does the job there).
-        if self._unified is None:
-            return False
-        path = os.path.join(self._unified, job_id, "cgroup.kill")
-        if not os.path.exists(path):
-            return False
-        write(path, "1")
-        return True
-
-    def remove(self, job_id: str, timeout: float) -> bool:
-        events = os.path.join(self._unified, job_id, "cgroup.events") if self._unified else None
-        procs = os.path.join(self._dir("pids", job_id), "cgroup.procs")
-        deadline = time.monotonic() + timeout
-        if not wait_unpopulated(events, procs, timeout):
-            return False
-        remove_dirs(self._dirs(job_id), max(0.0, deadline - time.monotonic()))
-        return True
+        return cgroup
 
     def prune(self, keep: set[str]) -> list[str]:
         removed = []
@@ -169,7 +110,92 @@ class V1Driver:
 
     def close(self, timeout: float) -> None:
         left = sorted({job_id for base in self._all_bases() for job_id in job_dirs(base)})
-        remove_all(self.remove, left, timeout)
+        remove_all([self.find(job_id) for job_id in left], timeout)
         for base in self._all_bases():
             with contextlib.suppress(OSError):
                 os.rmdir(base)
+
+
+def _apply(dirs: dict[str, str], limits: Limits) -> None:
+    cpu = dirs["cpu"]
+    if limits.cpus is not None:
+        write(f"{cpu}/cpu.cfs_period_us", str(CPU_PERIOD_US))
+        write(f"{cpu}/cpu.cfs_quota_us", str(max(1000, round(limits.cpus * CPU_PERIOD_US))))
+    if limits.cpu_weight is not None:
+        # cgroup v2's weight (1-10000, default 100) on v1's shares (default 1024).
+        write(f"{cpu}/cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100)))
+    memory = dirs["memory"]
+    if limits.memory_bytes is not None:
+        write(f"{memory}/memory.limit_in_bytes", str(limits.memory_bytes))
+        # memory+swap at the same value means no swap; the file exists only with swap
+        # accounting on.
+        if os.path.exists(f"{memory}/memory.memsw.limit_in_bytes"):
+            write(f"{memory}/memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+    if limits.pids is not None:
+        write(f"{dirs['pids']}/pids.max", str(limits.pids))
+    blkio = dirs["blkio"]
+    for io in limits.io:
+        for name, value in (
+            ("read_bps_device", io.read_bps),
+            ("write_bps_device", io.write_bps),
+            ("read_iops_device", io.read_iops),
+            ("write_iops_device", io.write_iops),
+        ):
+            if value is not None:
+                write(f"{blkio}/blkio.throttle.{name}", f"{io.device} {value}")
+
+
+class V1Cgroup:
+    """One job's directories: one per v1 controller, plus cgroup2's on a hybrid host."""
+
+    def __init__(self, dirs: dict[str, str]) -> None:
+        self.dirs = dirs
+
+    @property
+    def paths(self) -> CgroupPaths:
+        return CgroupPaths(dict(self.dirs))
+
+    def usage(self) -> Usage:
+        memory = self.dirs["memory"]
+        read = write_ = 0
+        for line in (
+            read_text(f"{self.dirs['blkio']}/blkio.throttle.io_service_bytes") or ""
+        ).splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == "Read":
+                read += int(parts[2])
+            elif len(parts) == 3 and parts[1] == "Write":
+                write_ += int(parts[2])
+        return Usage(
+            cpu_seconds=(read_int(f"{self.dirs['cpuacct']}/cpuacct.usage") or 0) / 1e9,
+            memory_bytes=read_int(f"{memory}/memory.usage_in_bytes") or 0,
+            memory_peak_bytes=read_int(f"{memory}/memory.max_usage_in_bytes"),
+            io_read_bytes=read,
+            io_write_bytes=write_,
+        )
+
+    def oom_killed(self) -> bool:
+        oom = read_keyed(f"{self.dirs['memory']}/memory.oom_control")
+        return oom.get("oom_kill", 0) > 0
+
+    def kill(self) -> bool:
+        # On a hybrid host the job's cgroup2 directory has cgroup.kill even without
+        # controllers; pure v1 has none (the PID namespace does the job there).
+        unified = self.dirs.get(UNIFIED)
+        if unified is None:
+            return False
+        path = os.path.join(unified, "cgroup.kill")
+        if not os.path.exists(path):
+            return False
+        write(path, "1")
+        return True
+
+    def remove(self, timeout: float) -> bool:
+        unified = self.dirs.get(UNIFIED)
+        events = os.path.join(unified, "cgroup.events") if unified else None
+        procs = os.path.join(self.dirs["pids"], "cgroup.procs")
+        deadline = time.monotonic() + timeout
+        if not wait_unpopulated(events, procs, timeout):
+            return False
+        remove_dirs(list(dict.fromkeys(self.dirs.values())), max(0.0, deadline - time.monotonic()))
+        return True

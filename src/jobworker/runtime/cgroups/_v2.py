@@ -13,11 +13,11 @@ import contextlib
 import os
 import time
 
+from .._jobdir import CgroupPaths
 from .._spec import Limits
 from .._status import Usage
 from ._base import (
     CPU_PERIOD_US,
-    JobCgroup,
     job_dirs,
     remove_all,
     remove_dirs,
@@ -25,7 +25,7 @@ from ._base import (
 )
 from ._files import CgroupError, read_int, read_keyed, read_text, write
 
-__all__ = ["LEAF", "V2Driver"]
+__all__ = ["LEAF", "V2Cgroup", "V2Driver"]
 
 REQUIRED = ("cpu", "memory", "io", "pids")
 LEAF = "supervisor"
@@ -90,48 +90,81 @@ class V2Driver:
     def _dir(self, job_id: str) -> str:
         return os.path.join(self._base, job_id)
 
-    def create(self, job_id: str, limits: Limits) -> JobCgroup:
+    def create(self, job_id: str, limits: Limits) -> V2Cgroup:
         directory = self._dir(job_id)
         try:
             os.mkdir(directory)
         except OSError as e:
             raise CgroupError(f"cannot create cgroup {directory}: {e.strerror}") from e
         try:
-            self._apply(directory, limits)
+            _apply(directory, limits)
         except CgroupError:
             with contextlib.suppress(CgroupError):
                 remove_dirs([directory])
             raise
-        return JobCgroup((os.path.join(directory, "cgroup.procs"),))
+        return V2Cgroup(directory)
 
-    def _apply(self, directory: str, limits: Limits) -> None:
-        if limits.cpus is not None:
-            quota = max(1000, round(limits.cpus * CPU_PERIOD_US))
-            write(f"{directory}/cpu.max", f"{quota} {CPU_PERIOD_US}")
-        if limits.cpu_weight is not None:
-            write(f"{directory}/cpu.weight", str(limits.cpu_weight))
-        if limits.memory_bytes is not None:
-            write(f"{directory}/memory.max", str(limits.memory_bytes))
-            if os.path.exists(f"{directory}/memory.swap.max"):
-                write(f"{directory}/memory.swap.max", "0")
-        if limits.pids is not None:
-            write(f"{directory}/pids.max", str(limits.pids))
-        for io in limits.io:
-            fields = [
-                f"{key}={value}"
-                for key, value in (
-                    ("rbps", io.read_bps),
-                    ("wbps", io.write_bps),
-                    ("riops", io.read_iops),
-                    ("wiops", io.write_iops),
-                )
-                if value is not None
-            ]
-            if fields:
-                write(f"{directory}/io.max", f"{io.device} {' '.join(fields)}")
+    def attach(self, paths: CgroupPaths) -> V2Cgroup:
+        return V2Cgroup(next(iter(paths.dirs.values())))
 
-    def usage(self, job_id: str) -> Usage:
-        directory = self._dir(job_id)
+    def find(self, job_id: str) -> V2Cgroup:
+        return V2Cgroup(self._dir(job_id))
+
+    def prune(self, keep: set[str]) -> list[str]:
+        removed = []
+        for job_id in job_dirs(self._base):
+            events = read_keyed(f"{self._dir(job_id)}/cgroup.events")
+            if job_id not in keep and not events.get("populated", 0):
+                with contextlib.suppress(CgroupError):
+                    remove_dirs([self._dir(job_id)])
+                    removed.append(job_id)
+        return removed
+
+    def close(self, timeout: float) -> None:
+        remove_all([self.find(job_id) for job_id in job_dirs(self._base)], timeout)
+        with contextlib.suppress(OSError):
+            os.rmdir(self._base)
+
+
+def _apply(directory: str, limits: Limits) -> None:
+    if limits.cpus is not None:
+        quota = max(1000, round(limits.cpus * CPU_PERIOD_US))
+        write(f"{directory}/cpu.max", f"{quota} {CPU_PERIOD_US}")
+    if limits.cpu_weight is not None:
+        write(f"{directory}/cpu.weight", str(limits.cpu_weight))
+    if limits.memory_bytes is not None:
+        write(f"{directory}/memory.max", str(limits.memory_bytes))
+        if os.path.exists(f"{directory}/memory.swap.max"):
+            write(f"{directory}/memory.swap.max", "0")
+    if limits.pids is not None:
+        write(f"{directory}/pids.max", str(limits.pids))
+    for io in limits.io:
+        fields = [
+            f"{key}={value}"
+            for key, value in (
+                ("rbps", io.read_bps),
+                ("wbps", io.write_bps),
+                ("riops", io.read_iops),
+                ("wiops", io.write_iops),
+            )
+            if value is not None
+        ]
+        if fields:
+            write(f"{directory}/io.max", f"{io.device} {' '.join(fields)}")
+
+
+class V2Cgroup:
+    """One job's directory in the unified hierarchy."""
+
+    def __init__(self, directory: str) -> None:
+        self._dir = directory
+
+    @property
+    def paths(self) -> CgroupPaths:
+        return CgroupPaths({"unified": self._dir})
+
+    def usage(self) -> Usage:
+        directory = self._dir
         read = write_ = 0
         for line in (read_text(f"{directory}/io.stat") or "").splitlines():
             for field in line.split()[1:]:
@@ -148,35 +181,20 @@ class V2Driver:
             io_write_bytes=write_,
         )
 
-    def oom_killed(self, job_id: str) -> bool:
-        return read_keyed(f"{self._dir(job_id)}/memory.events").get("oom_kill", 0) > 0
+    def oom_killed(self) -> bool:
+        return read_keyed(f"{self._dir}/memory.events").get("oom_kill", 0) > 0
 
-    def kill(self, job_id: str) -> bool:
-        path = f"{self._dir(job_id)}/cgroup.kill"
+    def kill(self) -> bool:
+        path = f"{self._dir}/cgroup.kill"
         if not os.path.exists(path):
             return False
         write(path, "1")
         return True
 
-    def remove(self, job_id: str, timeout: float) -> bool:
-        directory = self._dir(job_id)
+    def remove(self, timeout: float) -> bool:
+        directory = self._dir
         deadline = time.monotonic() + timeout
         if not wait_unpopulated(f"{directory}/cgroup.events", f"{directory}/cgroup.procs", timeout):
             return False
         remove_dirs([directory], max(0.0, deadline - time.monotonic()))
         return True
-
-    def prune(self, keep: set[str]) -> list[str]:
-        removed = []
-        for job_id in job_dirs(self._base):
-            events = read_keyed(f"{self._dir(job_id)}/cgroup.events")
-            if job_id not in keep and not events.get("populated", 0):
-                with contextlib.suppress(CgroupError):
-                    remove_dirs([self._dir(job_id)])
-                    removed.append(job_id)
-        return removed
-
-    def close(self, timeout: float) -> None:
-        remove_all(self.remove, job_dirs(self._base), timeout)
-        with contextlib.suppress(OSError):
-            os.rmdir(self._base)

@@ -1,0 +1,539 @@
+"""A job's directory: its typed records, and the only code that reads and writes them.
+
+A job directory is self-describing, so the job outlives the server that created it:
+
+- ``spec.json`` (:class:`SpecRecord`): what to run and how, written by the server before the
+  launch; the supervisor reads it;
+- ``run.json`` (:class:`RunRecord`): written by the job's supervisor once the command has
+  been exec'd;
+- ``output.log``: the framed output log (see ``_logformat``), appended by the supervisor;
+- ``exit.json`` (:class:`ExitRecord`): the final state, written by the supervisor after the
+  last output byte (by the server for a job that never got a supervisor, or whose supervisor
+  vanished: "lost");
+- ``final.json`` (:class:`FinalRecord`): written by the server when it sees the job end: the
+  final resource usage and OOM flag (from the job's cgroup, before removing it), the disk the
+  job takes, and the run and exit records, so a restart reads an ended job from two files;
+- ``control.sock``: the supervisor's control socket (stop, signal) while the job runs.
+
+Every record is validated once, where it is read (:meth:`from_json`); a record that fails
+raises :class:`CorruptRecordError`, and the caller sets the directory aside.
+
+This module is imported by the launcher, so it stays light: NamedTuples rather than
+dataclasses (importing dataclasses pulls in inspect and ast, and every module the launcher
+holds enlarges what each supervisor ends up copying), and no asyncio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, TypeVar
+
+__all__ = [
+    "CONTROL",
+    "EXIT",
+    "FINAL",
+    "LOG",
+    "RUN",
+    "SPEC",
+    "CgroupPaths",
+    "CorruptRecordError",
+    "ExitRecord",
+    "FinalRecord",
+    "Found",
+    "RunRecord",
+    "SpecRecord",
+    "UsageRecord",
+    "dir_bytes",
+    "read_found",
+    "read_json",
+    "reserve",
+    "scan",
+    "set_aside",
+    "start_ticks",
+    "write_exit_if_missing",
+    "write_record",
+]
+
+SPEC = "spec.json"
+RUN = "run.json"
+EXIT = "exit.json"
+LOG = "output.log"
+FINAL = "final.json"
+CONTROL = "control.sock"
+# Where directories whose records cannot be read are moved, under the state dir.
+SET_ASIDE = "set-aside"
+_READ_SIZE = 16384
+# Room for an exit record: a few hundred bytes of JSON, with the error message.
+RESERVED_BYTES = 4096
+_FINAL_STATES = ("exited", "stopped", "failed")
+T = TypeVar("T")
+
+
+class CorruptRecordError(ValueError):
+    """A record exists but is not what this release writes; the message says what is wrong."""
+
+
+# ------------------------------------------------------------------ field checks
+def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise CorruptRecordError(f"{what} is not a JSON object")
+    if key not in data:
+        raise CorruptRecordError(f"{what} has no {key!r}")
+    value = data[key]
+    # bool is an int in Python; a record never means one by the other.
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind)):
+        raise CorruptRecordError(f"{what}: {key!r} is {type(value).__name__}, not the right type")
+    return value
+
+
+def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _opt(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if data.get(key) is None:
+        return None
+    return _get(data, key, kind, what)
+
+
+def _strings(value: object, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CorruptRecordError(f"{what} is not a list of strings")
+    return tuple(value)
+
+
+# ------------------------------------------------------------------ records
+class CgroupPaths(NamedTuple):
+    """A job's cgroup directories, by hierarchy ("cpu", "memory", ..., "unified"), as its
+    driver created them; recorded so a restarted server finds them whatever its settings."""
+
+    dirs: Mapping[str, str]
+
+    @property
+    def procs_files(self) -> tuple[str, ...]:
+        """What the job's first process writes "0" into, before exec, to join its cgroups
+        (each directory once: cpu and cpuacct may share one)."""
+        unique = dict.fromkeys(self.dirs.values())
+        return tuple(os.path.join(d, "cgroup.procs") for d in unique)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.dirs)
+
+    @classmethod
+    def from_json(cls, data: object) -> CgroupPaths:
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.startswith("/") for k, v in data.items()
+        ):
+            raise CorruptRecordError("spec.json: 'cgroup' is not a map of absolute paths")
+        return cls(dict(data))
+
+
+class SpecRecord(NamedTuple):
+    """spec.json: the job as created, and the supervisor's instructions.
+
+    ``spec`` and ``limits`` are the JSON of the runtime's ``JobSpec`` and resolved
+    ``Limits`` (validated again by the server when it builds those values); the supervisor
+    needs only ``argv``, ``env`` and ``cwd`` of it, typed here."""
+
+    id: str
+    created_ns: int
+    spec: Mapping[str, Any]
+    limits: Mapping[str, Any]
+    output_limit: int
+    uid: int
+    gid: int
+    hostname: str
+    namespaces: bool
+    boot_id: str
+    # Set before the launch is asked for: a server that dies from then on finds a job
+    # whose supervisor may be running.
+    launching: bool
+    cgroup: CgroupPaths | None
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return tuple(self.spec["argv"])
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.spec.get("env") or {})
+
+    @property
+    def cwd(self) -> str:
+        return str(self.spec.get("cwd") or "/")
+
+    @property
+    def owner(self) -> str:
+        return str(self.spec["owner"])
+
+    @property
+    def host_network(self) -> bool:
+        return bool(self.spec.get("host_network", False))
+
+    def to_json(self) -> dict[str, Any]:
+        data = self._asdict()
+        data["cgroup"] = self.cgroup.to_json() if self.cgroup is not None else None
+        data["spec"] = dict(self.spec)
+        data["limits"] = dict(self.limits)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SpecRecord:
+        """Raises CorruptRecordError: a field is missing or of the wrong type."""
+        what = "spec.json"
+        spec = _get(data, "spec", dict, what)
+        argv = _strings(spec.get("argv"), "spec.json: argv")
+        if not argv or not argv[0]:
+            raise CorruptRecordError("spec.json: argv is empty")
+        env = spec.get("env") or {}
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise CorruptRecordError("spec.json: env is not a map of strings")
+        _get(spec, "owner", str, "spec.json: spec")
+        if not isinstance(spec.get("cwd", "/"), str):
+            raise CorruptRecordError("spec.json: cwd is not a string")
+        cgroup = data.get("cgroup")
+        if cgroup is None and data.get("cgroup_procs"):
+            # Records of the release before typed records listed the procs files only.
+            procs = _strings(data["cgroup_procs"], "spec.json: cgroup_procs")
+            cgroup = {str(i): os.path.dirname(p) for i, p in enumerate(procs)}
+        return cls(
+            id=_get(data, "id", str, what),
+            created_ns=_get(data, "created_ns", int, what),
+            spec=spec,
+            limits=_get(data, "limits", dict, what),
+            output_limit=_get(data, "output_limit", int, what),
+            uid=_get(data, "uid", int, what),
+            gid=_get(data, "gid", int, what),
+            hostname=_get(data, "hostname", str, what),
+            namespaces=_get(data, "namespaces", bool, what),
+            boot_id=str(data.get("boot_id") or ""),
+            launching=bool(data.get("launching", False)),
+            cgroup=CgroupPaths.from_json(cgroup) if cgroup else None,
+        )
+
+
+class RunRecord(NamedTuple):
+    """run.json: where the running job is: the supervisor's pid and start time (to detect
+    pid reuse), the command's host pid, and when it started."""
+
+    supervisor_pid: int
+    supervisor_start_ticks: int
+    pid: int
+    started_ns: int
+
+    def to_json(self) -> dict[str, Any]:
+        return self._asdict()
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunRecord:
+        """Raises CorruptRecordError: a field is missing or of the wrong type."""
+        return cls(*(_get(data, name, int, "run record") for name in cls._fields))
+
+
+class ExitRecord(NamedTuple):
+    """exit.json: how the job ended. ``state`` is "exited", "stopped" or "failed"."""
+
+    state: str
+    exit_code: int | None
+    signal: int | None
+    error: str | None
+    ended_ns: int
+    output_truncated: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return self._asdict()
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ExitRecord:
+        """Raises CorruptRecordError: a field is missing or of the wrong type."""
+        what = "exit record"
+        state = _get(data, "state", str, what)
+        if state not in _FINAL_STATES:
+            raise CorruptRecordError(f"{what}: state {state!r} is not a final state")
+        return cls(
+            state=state,
+            exit_code=_opt(data, "exit_code", int, what),
+            signal=_opt(data, "signal", int, what),
+            error=_opt(data, "error", str, what),
+            ended_ns=_get(data, "ended_ns", int, what),
+            output_truncated=bool(data.get("output_truncated", False)),
+        )
+
+
+class UsageRecord(NamedTuple):
+    """Resources a job used, as recorded (the runtime's ``Usage`` without its import)."""
+
+    cpu_seconds: float
+    memory_bytes: int
+    memory_peak_bytes: int | None
+    io_read_bytes: int
+    io_write_bytes: int
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> UsageRecord:
+        what = "usage record"
+        return cls(
+            cpu_seconds=float(_get(data, "cpu_seconds", (int, float), what)),
+            memory_bytes=_get(data, "memory_bytes", int, what),
+            memory_peak_bytes=_opt(data, "memory_peak_bytes", int, what),
+            io_read_bytes=_get(data, "io_read_bytes", int, what),
+            io_write_bytes=_get(data, "io_write_bytes", int, what),
+        )
+
+
+class FinalRecord(NamedTuple):
+    """final.json: everything a restart needs of an ended job, in one file."""
+
+    run: RunRecord | None
+    exit: ExitRecord
+    usage: UsageRecord | None
+    oom_killed: bool
+    disk_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run": self.run.to_json() if self.run is not None else None,
+            "exit": self.exit.to_json(),
+            "usage": self.usage._asdict() if self.usage is not None else None,
+            "oom_killed": self.oom_killed,
+            "disk_bytes": self.disk_bytes,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FinalRecord:
+        """Raises CorruptRecordError: a field is missing or of the wrong type."""
+        run, usage = data.get("run"), data.get("usage")
+        return cls(
+            run=RunRecord.from_json(run) if run is not None else None,
+            exit=ExitRecord.from_json(_get(data, "exit", dict, "final.json")),
+            usage=UsageRecord.from_json(usage) if usage is not None else None,
+            oom_killed=bool(data.get("oom_killed", False)),
+            disk_bytes=int(data.get("disk_bytes", 0)),
+        )
+
+
+# ------------------------------------------------------------------ file I/O
+def write_json_atomic(dir_fd: int, name: str, data: dict[str, Any], *, durable: bool) -> None:
+    """Write ``name`` in the directory ``dir_fd`` so readers see the old file or the new one.
+
+    ``durable`` adds an fsync, for records that must survive a power loss; the hot start path
+    skips it, since a job whose host lost power is reported as lost anyway.
+
+    Raises:
+        OSError: the write failed (e.g. ENOSPC).
+    """
+    tmp = _tmp_name(name)
+    # No O_TRUNC: a temp file set aside by reserve() keeps its blocks, so the write needs no
+    # new space even on a full disk; the truncate after it only ever shrinks the file.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        body = json.dumps(data, separators=(",", ":")).encode()
+        if os.pwrite(fd, body, 0) != len(body):
+            raise OSError(errno.ENOSPC, f"short write of {name}")
+        os.ftruncate(fd, len(body))
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def write_record(directory: str, name: str, data: dict[str, Any], *, durable: bool = False) -> None:
+    """:func:`write_json_atomic` by path.
+
+    Raises:
+        OSError: the directory is gone or the write failed.
+    """
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        write_json_atomic(dir_fd, name, data, durable=durable)
+    finally:
+        os.close(dir_fd)
+
+
+def write_exit_if_missing(directory: str, record: ExitRecord) -> None:
+    """exit.json for a job that has no supervisor to write it; durable, as the supervisor's.
+
+    Raises:
+        OSError: the write failed.
+    """
+    if not os.path.exists(os.path.join(directory, EXIT)):
+        write_record(directory, EXIT, record.to_json(), durable=True)
+
+
+def _tmp_name(name: str) -> str:
+    return f".{name}.tmp"
+
+
+def reserve(dir_fd: int, name: str, size: int = RESERVED_BYTES) -> None:
+    """Set disk space aside now for a later :func:`write_json_atomic` of ``name``, so that
+    record can still be written once output has filled the disk. Best effort: a filesystem
+    without fallocate simply gets no reservation."""
+    fd = os.open(_tmp_name(name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        with contextlib.suppress(OSError):
+            os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+def start_ticks(pid_path: str) -> int:
+    """Field 22 of /proc/PID/stat: with the pid it names a process uniquely across reuse.
+
+    Raises:
+        OSError: the process is gone.
+    """
+    fd = os.open(f"{pid_path}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        stat = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    # The command name (field 2) may contain spaces and parentheses; split after the last ')'.
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """The JSON object at ``path``, or None if the file does not exist.
+
+    Raises:
+        CorruptRecordError: the file is not a JSON object.
+        OSError: it cannot be read.
+    """
+    # Raw fd reads, not open(): a restart reads two records per job, and the buffered file
+    # object's set-up cost three times the read itself (measured: docs/benchmarks.md (o)).
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        parts = [os.read(fd, _READ_SIZE)]
+        while len(parts[-1]) == _READ_SIZE:
+            parts.append(os.read(fd, _READ_SIZE))
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(b"".join(parts))
+    except ValueError as e:
+        raise CorruptRecordError(f"{os.path.basename(path)} is not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CorruptRecordError(f"{os.path.basename(path)} is not a JSON object")
+    return data
+
+
+def read_exit(directory: str) -> ExitRecord | None:
+    """exit.json, or None while the job has not ended.
+
+    Raises:
+        CorruptRecordError: it is not a valid exit record.
+    """
+    data = read_json(os.path.join(directory, EXIT))
+    return ExitRecord.from_json(data) if data is not None else None
+
+
+class Found(NamedTuple):
+    """One job directory as found on disk, every record validated."""
+
+    directory: str
+    spec: SpecRecord
+    run: RunRecord | None
+    exit: ExitRecord | None
+    final: FinalRecord | None
+
+
+def read_found(directory: str) -> Found | None:
+    """The records in ``directory``; None if it holds no spec (a create cut short before
+    its spec.json was renamed into place, so no job was ever reported to anyone).
+
+    Raises:
+        CorruptRecordError: a record is not valid.
+        OSError: the directory cannot be read.
+    """
+    data = read_json(os.path.join(directory, SPEC))
+    if data is None:
+        return None
+    spec = SpecRecord.from_json(data)
+    if spec.id != os.path.basename(directory):
+        raise CorruptRecordError(f"spec.json names job {spec.id!r}, not its directory's")
+    final_data = read_json(os.path.join(directory, FINAL))
+    if final_data is not None and final_data.get("exit") is not None:
+        # An ended job, recorded in full by the server that saw it end: two reads, not four.
+        final = FinalRecord.from_json(final_data)
+        return Found(directory, spec, final.run, final.exit, final)
+    # Exit first: a supervisor writes run.json before exit.json, so having read exit.json
+    # we cannot miss a run.json that exists.
+    exit_record = read_exit(directory)
+    run_data = read_json(os.path.join(directory, RUN))
+    run = RunRecord.from_json(run_data) if run_data is not None else None
+    return Found(directory, spec, run, exit_record, None)
+
+
+def scan(
+    jobs_dir: str, check: Callable[[Found], T]
+) -> tuple[list[tuple[Found, T]], list[str], list[tuple[str, str]]]:
+    """Every job directory under ``jobs_dir``: ((found, check(found)) for each job,
+    directories without a spec, and (directory, reason) for those whose records are
+    corrupt). ``check`` validates further (the server builds its typed spec there); a
+    ``ValueError`` from it marks the directory corrupt too.
+
+    Raises:
+        OSError: ``jobs_dir`` cannot be listed.
+    """
+    found: list[tuple[Found, T]] = []
+    empty: list[str] = []
+    corrupt: list[tuple[str, str]] = []
+    with os.scandir(jobs_dir) as entries:
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                job = read_found(entry.path)
+                extra = check(job) if job is not None else None
+            except (OSError, ValueError) as e:
+                corrupt.append((entry.path, str(e) or type(e).__name__))
+                continue
+            if job is None:
+                empty.append(entry.path)
+            elif extra is not None:
+                found.append((job, extra))
+    return found, empty, corrupt
+
+
+def set_aside(state_dir: str, directory: str, reason: str) -> str:
+    """Move a job directory whose records cannot be used to ``<state_dir>/set-aside/``,
+    with a ``REASON`` file, so the server starts without it and an operator can look.
+    Returns the new path.
+
+    Raises:
+        OSError: it could not be moved.
+    """
+    target_dir = os.path.join(state_dir, SET_ASIDE)
+    os.makedirs(target_dir, mode=0o700, exist_ok=True)
+    target = os.path.join(target_dir, os.path.basename(directory))
+    suffix = 0
+    while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(target_dir, f"{os.path.basename(directory)}.{suffix}")
+    os.rename(directory, target)
+    with contextlib.suppress(OSError):
+        fd = os.open(os.path.join(target, "REASON"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, reason.encode("utf-8", "replace") + b"\n")
+        finally:
+            os.close(fd)
+    return target
+
+
+def dir_bytes(directory: str) -> int:
+    """Disk taken by a job's directory (its files are all at the top level)."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total

@@ -1,0 +1,286 @@
+"""Launch and end bookkeeping: a job's directory and cgroup from its creation to its removal.
+
+The runtime facade decides *whether* (state, permissions); this module does the work:
+records, cgroups, the launch through the launcher, the watch on a running supervisor, and
+what a job's end leaves to do (final usage, final.json, cgroup removal, retention).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+
+from ._config import RuntimeConfig
+from ._errors import JobAlreadyStartedError, JobNotFoundError, LaunchError, StateDirError
+from ._job import Job
+from ._jobdir import (
+    FINAL,
+    SPEC,
+    ExitRecord,
+    FinalRecord,
+    SpecRecord,
+    dir_bytes,
+    read_exit,
+    write_exit_if_missing,
+    write_record,
+)
+from ._launch import Launched, Launcher, SupervisorHandle
+from ._notify import DirNotifier
+from ._observer import JobObserver
+from ._registry import Registry
+from ._spec import JobSpec, Limits
+from ._states import State
+from .cgroups import CgroupDriver, CgroupError
+
+__all__ = ["Lifecycle"]
+
+log = logging.getLogger("jobworker.runtime")
+
+
+def _failed(error: str) -> ExitRecord:
+    return ExitRecord(State.FAILED, None, None, error, time.time_ns(), output_truncated=False)
+
+
+class Lifecycle:
+    """The work behind creating, starting and ending jobs, and the tasks that do it."""
+
+    def __init__(  # noqa: PLR0913 - the runtime's parts, each used here
+        self,
+        config: RuntimeConfig,
+        *,
+        registry: Registry,
+        launcher: Launcher,
+        cgroups: CgroupDriver | None,
+        observer: JobObserver,
+        notifier: DirNotifier,
+        boot_id: str,
+    ) -> None:
+        self.config = config
+        self.jobs_dir = config.state_dir / "jobs"
+        self.registry = registry
+        self.launcher = launcher
+        self.cgroups = cgroups
+        self.observer = observer
+        self.notifier = notifier
+        self.boot_id = boot_id
+        # Watchers of running supervisors: cancelled at close (the jobs go on without us).
+        self.tasks: set[asyncio.Task[None]] = set()
+        # Removal of ended jobs' cgroups: awaited at close, so nothing is left half-done.
+        self.cleanups: set[asyncio.Task[None]] = set()
+        # Launches in flight: awaited first at close, as each may still start a watcher.
+        self.launches: set[asyncio.Task[None]] = set()
+        # Jobs whose end is being recorded: their cgroups are still needed (for usage).
+        self.ending: set[str] = set()
+        self.closed = False
+        # Called after each job's end has been dealt with (the retention pass).
+        self.after_end: Callable[[], Awaitable[object]] | None = None
+
+    def background(
+        self, coro: Coroutine[object, object, None], tasks: set[asyncio.Task[None]]
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    # ---------------------------------------------------------------- creating
+    def job_of(self, record: SpecRecord, directory: str) -> Job:
+        """The job a spec record describes (validated again as runtime values).
+
+        Raises:
+            InvalidSpecError: the record holds a spec or limits this release refuses.
+        """
+        spec = JobSpec.from_json(record.spec)
+        limits = Limits.from_json(record.limits)
+        enforced = record.cgroup is not None or (self.cgroups is not None and not record.launching)
+        job = Job(record, spec, limits, directory, self.observer, limits_enforced=enforced)
+        if record.cgroup is not None and self.cgroups is not None:
+            job.cgroup = self.cgroups.attach(record.cgroup)
+        return job
+
+    async def create(self, spec: JobSpec, limits: Limits, *, start: bool) -> Job:
+        """Record a new job (spec.json) and register it.
+
+        Raises:
+            StateDirError: the job cannot be recorded.
+        """
+        config = self.config
+        job_id = str(uuid.uuid4())
+        directory = str(self.jobs_dir / job_id)
+        user = config.user_for(spec.owner)
+        record = SpecRecord(
+            id=job_id,
+            created_ns=time.time_ns(),
+            spec=spec.to_json(),
+            limits=limits.to_json(),
+            output_limit=config.output_limit,
+            uid=user.uid,
+            gid=user.gid,
+            hostname=f"job-{job_id[:8]}",
+            namespaces=config.namespaces,
+            boot_id=self.boot_id,
+            # With ``start``, the start is on record from the first write: a server that
+            # dies before launching leaves a failed job, not one that looks never started.
+            launching=start,
+            cgroup=None,
+        )
+        try:
+            await asyncio.to_thread(_make_job_dir, directory, record)
+        except OSError as e:
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            raise StateDirError(
+                f"cannot record the job in {self.jobs_dir}: {e.strerror}; free space there,"
+                " delete ended jobs (jobctl rm) or lower the retention budget"
+            ) from e
+        job = Job(
+            record,
+            spec,
+            limits,
+            directory,
+            self.observer,
+            limits_enforced=self.cgroups is not None,
+        )
+        self.registry.add(job)
+        job.appeared()
+        return job
+
+    # ---------------------------------------------------------------- starting
+    async def start(self, job: Job) -> None:
+        """Launch ``job``; return once it runs or has failed to start.
+
+        Raises:
+            JobAlreadyStartedError: it has already been started.
+            JobNotFoundError: it was deleted meanwhile.
+            LaunchError: the launcher failed (the job is then failed).
+        """
+        # Once a launch begins it must be seen through: a caller that goes away mid-launch (a
+        # client disconnecting during CreateJob) would otherwise leave a running supervisor
+        # behind a job still marked "created", with nobody watching it. The launch runs as a
+        # task of its own, which close() awaits, and the caller only waits for it.
+        task = asyncio.get_running_loop().create_task(self._launch(job))
+        self.launches.add(task)
+        task.add_done_callback(self.launches.discard)
+        await asyncio.shield(task)
+
+    async def _launch(self, job: Job) -> None:
+        async with job.start_lock:
+            if job.gone:
+                raise JobNotFoundError(job.id)
+            if job.state is not State.CREATED:
+                raise JobAlreadyStartedError(
+                    f"job {job.id} has already been started (it is {job.state})"
+                )
+            try:
+                if self.cgroups is not None:
+                    # The job's first process joins these before exec: no unlimited window.
+                    job.cgroup = await asyncio.to_thread(self.cgroups.create, job.id, job.limits)
+                # On record before the launch: a server that dies from here on finds, at its
+                # next start, a job whose supervisor may be running (see _restore).
+                job.record = job.record._replace(
+                    launching=True,
+                    cgroup=job.cgroup.paths if job.cgroup is not None else None,
+                )
+                await asyncio.to_thread(write_record, job.dir, SPEC, job.record.to_json())
+                result = await self.launcher.launch(job.dir, self.config.launch_timeout)
+            except (LaunchError, CgroupError, OSError) as e:
+                await self.start_failed(job, str(e))
+                if isinstance(e, CgroupError | OSError):
+                    raise LaunchError(f"cannot start job {job.id}: {e}") from e
+                raise
+            if isinstance(result, Launched):
+                job.launched(result.run, result.supervisor)
+                self.background(self.watch(job, result.supervisor), self.tasks)
+            elif result.exit is not None:  # the supervisor recorded why (exit.json)
+                job.start_failed(result.exit)
+                self.background(self.finish(job), self.cleanups)
+            else:
+                await self.start_failed(job, result.error)
+
+    async def start_failed(self, job: Job, error: str) -> None:
+        """Record (exit.json, unless the supervisor wrote one) and show a failed start."""
+        record = _failed(error)
+        with contextlib.suppress(OSError):  # a full disk: the job is failed either way
+            await asyncio.to_thread(write_exit_if_missing, job.dir, record)
+        job.start_failed(record)
+        self.background(self.finish(job), self.cleanups)
+
+    # ---------------------------------------------------------------- ending
+    async def watch(self, job: Job, supervisor: SupervisorHandle) -> None:
+        """Wait for the job's supervisor to exit, then record the job's end."""
+        await supervisor.wait()
+        supervisor.close()
+        try:
+            record = await asyncio.to_thread(read_exit, job.dir)
+        except ValueError as e:
+            record = await self.record_lost(job, f"the job's exit record is unreadable: {e}")
+        if record is None:
+            # The supervisor died without a record (killed from outside). Its PID namespace
+            # died with it, so nothing of the job is left running.
+            record = await self.record_lost(
+                job, "the job's supervisor was killed; the job's processes were killed with it"
+            )
+        await self.end(job, record)
+
+    async def end(self, job: Job, record: ExitRecord) -> None:
+        """Show the job ended as ``record`` says, with its final usage and disk use, measured
+        now and recorded (final.json); then remove its cgroup."""
+        self.ending.add(job.id)
+        try:
+            final = await asyncio.to_thread(self._measure_final, job, record)
+            job.ended(final)
+        finally:
+            self.ending.discard(job.id)
+        self.background(self.finish(job), self.cleanups)
+
+    def _measure_final(self, job: Job, record: ExitRecord) -> FinalRecord:
+        """Final usage (from the job's cgroup) and disk use, recorded in final.json with the
+        run and exit records: everything a restart needs of an ended job, in one file."""
+        usage, oom = None, False
+        if job.cgroup is not None:
+            with contextlib.suppress(OSError):  # already removed: usage is no longer known
+                usage, oom = job.cgroup.usage().to_record(), job.cgroup.oom_killed()
+        final = FinalRecord(job.run, record, usage, oom, dir_bytes(job.dir))
+        with contextlib.suppress(OSError):
+            write_record(job.dir, FINAL, final.to_json())
+        return final
+
+    async def record_lost(self, job: Job, error: str) -> ExitRecord:
+        """Record that the job ended unseen, so every later start reports it the same way."""
+        record = _failed(error)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(write_exit_if_missing, job.dir, record)
+        with contextlib.suppress(OSError, ValueError):
+            return await asyncio.to_thread(read_exit, job.dir) or record
+        return record
+
+    async def finish(self, job: Job) -> None:
+        """After a job's end: remove its cgroup, then apply the disk budget."""
+        cgroup = job.cgroup
+        if cgroup is None and self.cgroups is not None:
+            # A server that died between creating the cgroup and recording it leaves one
+            # that only its id finds.
+            cgroup = self.cgroups.find(job.id)
+        if cgroup is not None:
+            with contextlib.suppress(CgroupError):
+                # Left for prune() at the next start-up; the job has ended either way.
+                await asyncio.to_thread(cgroup.remove, self.config.cgroup_remove_timeout)
+        if not self.closed and self.after_end is not None:
+            await self.after_end()
+
+    # ---------------------------------------------------------------- deleting
+    async def delete(self, job: Job) -> None:
+        """Forget the job and delete its directory (its cgroup goes with its end)."""
+        if not self.registry.discard(job):
+            return  # deleted meanwhile
+        job.deleted()
+        await asyncio.to_thread(shutil.rmtree, job.dir, True)
+
+
+def _make_job_dir(directory: str, record: SpecRecord) -> None:
+    os.mkdir(directory, 0o700)
+    write_record(directory, SPEC, record.to_json())

@@ -1,0 +1,75 @@
+"""Every job the runtime knows, by id and by owner.
+
+The owner index answers "whose job is this" and "how many jobs does this owner have" from
+memory, without touching the job's cgroup or directory, so authorization and quota checks
+cost the same for any id, known or not.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+from ._errors import JobNotFoundError
+from ._job import Job
+
+__all__ = ["Registry", "canonical_id"]
+
+
+def canonical_id(job_id: str) -> str | None:
+    """The canonical form of a job id, or None if it is not a UUID."""
+    try:
+        return str(uuid.UUID(job_id))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+class Registry:
+    """Jobs by id, and the ids of each owner's jobs."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._by_owner: dict[str, dict[str, Job]] = {}
+
+    def add(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        self._by_owner.setdefault(job.owner, {})[job.id] = job
+
+    def discard(self, job: Job) -> bool:
+        """Forget ``job``; False if it was not known (deleted meanwhile)."""
+        if self._jobs.pop(job.id, None) is None:
+            return False
+        mine = self._by_owner.get(job.owner)
+        if mine is not None:
+            mine.pop(job.id, None)
+            if not mine:
+                del self._by_owner[job.owner]
+        return True
+
+    def get(self, job_id: str) -> Job:
+        """Raises JobNotFoundError: no job has this id (or it is not an id at all)."""
+        canonical = canonical_id(job_id)
+        job = self._jobs.get(canonical) if canonical is not None else None
+        if job is None:
+            raise JobNotFoundError(str(job_id))
+        return job
+
+    def owner_of(self, job_id: str) -> str | None:
+        """The owner of the job ``job_id`` names, or None for no such job."""
+        canonical = canonical_id(job_id)
+        job = self._jobs.get(canonical) if canonical is not None else None
+        return job.owner if job is not None else None
+
+    def of(self, owner: str | None) -> list[Job]:
+        """``owner``'s jobs (everyone's for None), oldest first."""
+        jobs = list(
+            self._jobs.values() if owner is None else self._by_owner.get(owner, {}).values()
+        )
+        jobs.sort(key=lambda j: j.record.created_ns)
+        return jobs
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(list(self._jobs.values()))
+
+    def __len__(self) -> int:
+        return len(self._jobs)
