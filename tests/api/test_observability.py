@@ -181,3 +181,21 @@ async def test_json_log_lines(tmp_path: Path, pki: Pki) -> None:
     assert [(e["rpc"], e["user"], e["code"], e["job"]) for e in audit] == [
         ("GetJob", "alice", "NOT_FOUND", "0" * 32)
     ]
+
+
+async def test_deleting_a_created_job_is_no_failure(tmp_path: Path, pki: Pki) -> None:
+    async with serving(tmp_path, pki, metrics_listen="127.0.0.1:0") as running:
+        port = _port(running)
+        async with running.client() as stub:
+            job = await stub.CreateJob(
+                pb.CreateJobRequest(spec=pb.JobSpec(argv=["true"])), timeout=10
+            )
+            during = await _scrape(port)
+            await stub.RemoveJob(pb.JobRequest(id=job.id), timeout=10)
+            gone = stub.GetJob(pb.JobRequest(id=job.id), timeout=10)
+            assert await code_of(gone) == grpc.StatusCode.NOT_FOUND
+        after = await _scrape(port)
+    assert _value(during, "jobworker_jobs", state="created") == 1
+    assert _value(after, "jobworker_jobs", state="created") == 0
+    assert _value(after, "jobworker_jobs", state="failed") == 0
+    assert _value(after, "jobworker_job_ends_total", result="failed") == 0

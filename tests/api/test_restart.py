@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from jobworker.api._proto import jobworker_pb2 as pb
 
 from ..conftest import cgroup_dirs
-from .conftest import Pki
+from .conftest import Pki, serving
 from .test_network import Daemon, _reap_orphans, drain, stub_for
 
 pytestmark = pytest.mark.usefixtures("subreaper")
@@ -220,3 +221,19 @@ async def _check_consistent(
         else:
             assert done.state in (pb.JOB_STATE_EXITED, pb.JOB_STATE_FAILED), done
         verified.add(job.id)
+
+
+async def test_the_server_starts_past_a_corrupt_job_record(tmp_path: Path, pki: Pki) -> None:
+    """A record that parses but fails validation is set aside; jobworkerd still serves."""
+    job_id = "4f8a1c62-0000-4000-8000-000000000001"
+    bad = tmp_path / "state" / "jobs" / job_id
+    bad.mkdir(parents=True, mode=0o700)
+    (bad / "spec.json").write_text(
+        json.dumps(
+            {"id": job_id, "created_ns": 1, "spec": {"argv": [], "owner": "alice"}, "limits": {}}
+        )
+    )
+    async with serving(tmp_path, pki) as running, running.client("alice") as stub:
+        listed = await stub.ListJobs(pb.ListJobsRequest(), timeout=10)
+    assert list(listed.jobs) == []
+    assert (tmp_path / "state" / "set-aside" / job_id / "REASON").exists()

@@ -13,8 +13,9 @@ import ctypes
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -244,6 +245,44 @@ async def test_a_create_cut_short_leaves_nothing(restarts: Restarts, tmp_path: P
     rt = await restarts.open()
     assert await asyncio.wait_for(rt.jobs(), 10) == []
     assert not half.exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda spec: spec["spec"].update(argv=[]), "argv is empty"),
+        (lambda spec: spec.pop("created_ns"), "created_ns"),
+        (lambda spec: spec.update(uid="nobody"), "uid"),
+        (lambda spec: spec["limits"].update(pids=-5), "pids limit"),
+    ],
+)
+async def test_a_corrupt_job_record_is_set_aside_and_the_rest_start(
+    restarts: Restarts,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[dict[str, Any]], object],
+    reason: str,
+) -> None:
+    first = await restarts.open()
+    async with asyncio.timeout(60):
+        bad = await first.create(JobSpec(["echo", "bad"]))
+        good = await first.run(JobSpec(["echo", "good"]))
+        await first.wait(good.id)
+        await first.close()
+    spec_file = tmp_path / "state" / "jobs" / bad.id / "spec.json"
+    spec = json.loads(spec_file.read_text())
+    damage(spec)  # parses as JSON, fails validation: hand-edited, or an older release's
+    spec_file.write_text(json.dumps(spec))
+
+    second = await restarts.open()
+    ids = {s.id for s in await asyncio.wait_for(second.jobs(), 10)}
+    assert ids == {good.id}
+    moved = tmp_path / "state" / "set-aside" / bad.id
+    assert (moved / "spec.json").exists()
+    assert reason in (moved / "REASON").read_text()
+    assert not (tmp_path / "state" / "jobs" / bad.id).exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(moved) in w and reason in w for w in warnings), warnings
 
 
 async def test_remove_deletes_ended_jobs_and_refuses_running_ones(
