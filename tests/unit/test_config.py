@@ -96,6 +96,12 @@ root-jobs = "0:0"
 host_network_users = ["admin"]
 [metrics]
 listen = "127.0.0.1:9464"
+[cgroups]
+enabled = false
+subtree = "jobworker-test"
+parent = "/jobs.slice"
+[namespaces]
+enabled = false
 """,
     )
     assert config.listen == ("127.0.0.1:7000", "[::1]:7000")
@@ -125,6 +131,10 @@ listen = "127.0.0.1:9464"
     assert config.runtime.owner_run_as == {"alice": NOBODY, "root-jobs": RunAs(0, 0)}
     assert config.runtime.host_network_owners == frozenset({"admin"})
     assert config.metrics_listen == "127.0.0.1:9464"
+    assert not config.runtime.cgroups
+    assert config.runtime.cgroup_subtree == "jobworker-test"
+    assert config.runtime.cgroup_parent == "/jobs.slice"
+    assert not config.runtime.namespaces
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
@@ -188,6 +198,10 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ('[run_as]\nallow_root = "yes"\n', "run_as.allow_root: expected true or false, got 'yes'"),
         ("[run_as]\nowners = []\n", 'run_as.owners: expected a table of owner = "local user"'),
         ('[run_as.owners]\nbob = "?"\n', "run_as.owners: owner 'bob': there is no local user"),
+        ('[cgroups]\nsubtree = "a/b"\n', "cgroups.subtree: expected a single directory name"),
+        ('[cgroups]\nparent = "jobs"\n', "cgroups.parent: expected a path in the cgroup2 mount"),
+        ('[cgroups]\nenabled = "no"\n', "cgroups.enabled: expected true or false"),
+        ("[namespaces]\nenabled = 0\n", "namespaces.enabled: expected true or false"),
         ("[network]\nhost_network_users = [1]\n", "network.host_network_users: expected a list"),
         ('[metrics]\nlisten = "9464"\n', "metrics.listen: '9464' is not HOST:PORT"),
         ("[tls]\nca = 5\n", "tls.ca: expected a non-empty string, got 5"),

@@ -1,9 +1,10 @@
 """jobworkerd's settings: the TOML configuration file, every key with its default and its
 checks, and the command-line flags that override it.
 
-The table :data:`SCHEMA` is the single source: the parser walks it, ``jobworkerd
---print-default-config`` prints it as a commented file, and a test keeps docs/config.toml,
-the documented reference, equal to that output.
+One frozen dataclass per section (:class:`FileConfig`), each field carrying its parser,
+default and doc line, is the single source: the loader walks it (:data:`SCHEMA` is its
+view by table and key), ``jobworkerd --print-default-config`` prints it as a commented file,
+and a test keeps docs/config.toml, the documented reference, equal to that output.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import difflib
 import os
 import pwd
 import tomllib
+import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from .._units import UsageError, parse_duration, parse_size
-from ..runtime import NOBODY, InvalidSpecError, IOLimit, Limits, RunAs, RuntimeConfig
+from ..runtime import InvalidSpecError, IOLimit, Limits, RunAs, RuntimeConfig
 from ._auth import CertPool
 from ._tls import TlsFiles
 
@@ -26,7 +28,9 @@ __all__ = [
     "DEFAULT_PATH",
     "FLAG_KEYS",
     "SCHEMA",
+    "SECTIONS",
     "ConfigError",
+    "FileConfig",
     "ServerConfig",
     "ServiceLimits",
     "check_files",
@@ -200,7 +204,7 @@ def _user(value: Any, _: Path) -> RunAs:
     return RunAs(entry.pw_uid, entry.pw_gid)
 
 
-def _owners(value: Any, base: Path) -> dict[str, RunAs]:
+def _owners(value: Any, base: Path) -> Mapping[str, RunAs]:
     if not isinstance(value, dict):
         raise _BadValueError(f'expected a table of owner = "local user", got {value!r}')
     out = {}
@@ -209,7 +213,7 @@ def _owners(value: Any, base: Path) -> dict[str, RunAs]:
             out[owner] = _user(user, base)
         except _BadValueError as e:
             raise _BadValueError(f"owner {owner!r}: {e}") from None
-    return out
+    return types.MappingProxyType(out)
 
 
 _IO_KEYS = {"device": _string, "read_bps": _size, "write_bps": _size}
@@ -241,6 +245,24 @@ def _io(value: Any, base: Path) -> tuple[IOLimit, ...]:
     return tuple(limits)
 
 
+def _dir_name(value: Any, base: Path) -> str:
+    text = _string(value, base)
+    if "/" in text or text in {".", ".."}:
+        raise _BadValueError(f'expected a single directory name such as "jobworker", got {value!r}')
+    return text
+
+
+def _optional_cgroup(value: Any, base: Path) -> str | None:
+    if value == "":
+        return None
+    text = _string(value, base)
+    if not text.startswith("/"):
+        raise _BadValueError(
+            f'expected a path in the cgroup2 mount such as "/jobs.slice", got {value!r}'
+        )
+    return text
+
+
 def _cpus(value: Any, _: Path) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise _BadValueError(f"expected a positive number of CPUs such as 0.5 or 2, got {value!r}")
@@ -258,91 +280,200 @@ class Key:
     example: str = ""
 
 
-_LIMIT_KEYS = {
-    "cpus": Key(_cpus, "", "CPUs (a fraction is a share of one CPU's time)", "0.5"),
-    "memory": Key(_size, "", "memory; past it the job is OOM-killed", '"512M"'),
-    "pids": Key(_positive_int, "", "processes and threads", "256"),
-}
+def _setting(parse: Parse, default: str, doc: str, example: str = "") -> Any:
+    """A field of a section dataclass: its parser, its default (TOML text, parsed here) and
+    its doc line, from which the loader, ``--print-default-config`` and docs/config.toml
+    all come. Returns what ``dataclasses.field`` returns (typed Any by the stdlib, so the
+    field keeps the type its annotation declares)."""
+    value = parse(tomllib.loads(f"v = {default}")["v"], Path("/")) if default else None
+    return field(default_factory=lambda: value, metadata={"key": Key(parse, default, doc, example)})
 
+
+_CPUS = "CPUs (a fraction is a share of one CPU's time)"
+_MEMORY = "memory; past it the job is OOM-killed"
+_PIDS = "processes and threads"
+_FOR_DEFAULT = ", for jobs that do not ask"
+_FOR_MAX = ": the most a job may ask; unset: no cap"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSection:
+    listen: tuple[str, ...] = _setting(
+        _addresses, '["127.0.0.1:50051"]', "gRPC addresses, HOST:PORT"
+    )
+    state_dir: Path = _setting(_path, '"/var/lib/jobworker"', "jobs' records and output")
+    log_format: str = _setting(
+        _choice("text", "json"), '"text"', 'stderr log lines: "text" or "json"'
+    )
+    max_message_size: int = _setting(_size, '"4M"', "largest gRPC message either way")
+    shutdown_grace: float = _setting(
+        _duration, '"5s"', "on SIGTERM, how long open calls get before they are cut"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSection:
+    ca: Path | None = _setting(
+        _path, "", "CA certificate that signs clients (required, or --ca)", '"ca.pem"'
+    )
+    cert: Path | None = _setting(
+        _path, "", "the server's certificate (required, or --cert)", '"server.pem"'
+    )
+    key: Path | None = _setting(
+        _path, "", "the server's private key (required, or --key)", '"server.key"'
+    )
+    client_allowlist: Path | None = _setting(
+        _optional_path,
+        "",
+        "client-certificate SHA-256 fingerprints admitted, one per line; unset: any",
+        '"allowed.txt"',
+    )
+    client_revoked: Path | None = _setting(
+        _optional_path,
+        "",
+        "client-certificate SHA-256 fingerprints refused, one per line (SIGHUP reloads)",
+        '"revoked.txt"',
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultLimitsSection:
+    cpus: float | None = _setting(_cpus, "", _CPUS + _FOR_DEFAULT, "0.5")
+    memory: int | None = _setting(_size, "", _MEMORY + _FOR_DEFAULT, '"512M"')
+    pids: int | None = _setting(_positive_int, "", _PIDS + _FOR_DEFAULT, "256")
+    cpu_weight: int | None = _setting(
+        _positive_int, "", "CPU share against other jobs, 1-10000 (100: even)", "100"
+    )
+    io: tuple[IOLimit, ...] | None = _setting(
+        _io,
+        "",
+        "disk bandwidth per device (MAJ:MIN, see lsblk), for jobs that do not ask",
+        '[{ device = "8:0", read_bps = "50M", write_bps = "20M" }]',
+    )
+
+    def limits(self) -> Limits:
+        """Raises InvalidSpecError: a value is out of range."""
+        return Limits(
+            cpus=self.cpus,
+            cpu_weight=self.cpu_weight,
+            memory_bytes=self.memory,
+            pids=self.pids,
+            io=self.io or (),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MaxLimitsSection:
+    cpus: float | None = _setting(_cpus, "", _CPUS + _FOR_MAX, "0.5")
+    memory: int | None = _setting(_size, "", _MEMORY + _FOR_MAX, '"512M"')
+    pids: int | None = _setting(_positive_int, "", _PIDS + _FOR_MAX, "256")
+
+    def limits(self) -> Limits:
+        """Raises InvalidSpecError: a value is out of range."""
+        return Limits(cpus=self.cpus, memory_bytes=self.memory, pids=self.pids)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotasSection:
+    max_jobs_per_user: int = _setting(_positive_int, "100", "created or running jobs per user")
+    max_streams_per_user: int = _setting(
+        _positive_int, "64", "open output and watch streams per user"
+    )
+    max_output_per_job: int = _setting(
+        _size, '"1G"', 'output kept per job; past it: an "output truncated" note'
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSection:
+    max_age: float = _setting(_duration, '"7d"', "delete ended jobs this long after they ended")
+    max_size: int = _setting(
+        _size, '"10G"', "keep all jobs' output within this, deleting the oldest ended first"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RunAsSection:
+    default: RunAs = _setting(_user, '"nobody"', 'local user jobs run as: a name or "UID:GID"')
+    allow_root: bool = _setting(_bool, "false", "allow uid or gid 0 above")
+    owners: Mapping[str, RunAs] = _setting(
+        _owners, "{}", 'per job owner (client CN): { alice = "alice", ci = "1001:1001" }'
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSection:
+    host_network_users: frozenset[str] = _setting(
+        _names, "[]", "owners who may run jobs in the host's network (others: only lo)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupsSection:
+    enabled: bool = _setting(
+        _bool, "true", "one cgroup per job with its limits; false: limits are not enforced"
+    )
+    subtree: str = _setting(
+        _dir_name,
+        '"jobworker"',
+        "directory beneath the server's own cgroup that holds the jobs' cgroups",
+    )
+    parent: str | None = _setting(
+        _optional_cgroup,
+        "",
+        "cgroup v2 only: the cgroup (path in the cgroup2 mount) to use instead of our own",
+        '"/jobworker.slice"',
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NamespacesSection:
+    enabled: bool = _setting(
+        _bool,
+        "true",
+        "mount, UTS, IPC, network and cgroup namespaces per job (the PID one always)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSection:
+    listen: str | None = _setting(
+        _optional_address,
+        "",
+        "Prometheus endpoint HOST:PORT (plain HTTP: keep it on loopback); unset: off",
+        '"127.0.0.1:9464"',
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FileConfig:
+    """The configuration file, one typed section per table."""
+
+    server: ServerSection = field(default_factory=ServerSection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    limits_default: DefaultLimitsSection = field(default_factory=DefaultLimitsSection)
+    limits_max: MaxLimitsSection = field(default_factory=MaxLimitsSection)
+    quotas: QuotasSection = field(default_factory=QuotasSection)
+    retention: RetentionSection = field(default_factory=RetentionSection)
+    run_as: RunAsSection = field(default_factory=RunAsSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+    cgroups: CgroupsSection = field(default_factory=CgroupsSection)
+    namespaces: NamespacesSection = field(default_factory=NamespacesSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+
+def _table(name: str) -> str:
+    """A FileConfig field's TOML table: limits_default -> limits.default."""
+    return name.replace("limits_", "limits.")
+
+
+_HINTS = get_type_hints(FileConfig)
+# Table -> its section class, in file order.
+SECTIONS: dict[str, type[Any]] = {_table(f.name): _HINTS[f.name] for f in fields(FileConfig)}
+# Table -> key -> how it is read and documented: what the loader walks and the reference
+# file shows.
 SCHEMA: dict[str, dict[str, Key]] = {
-    "server": {
-        "listen": Key(_addresses, '["127.0.0.1:50051"]', "gRPC addresses, HOST:PORT"),
-        "state_dir": Key(_path, '"/var/lib/jobworker"', "jobs' records and output"),
-        "log_format": Key(_choice("text", "json"), '"text"', 'stderr log lines: "text" or "json"'),
-        "max_message_size": Key(_size, '"4M"', "largest gRPC message either way"),
-        "shutdown_grace": Key(
-            _duration, '"5s"', "on SIGTERM, how long open calls get before they are cut"
-        ),
-    },
-    "tls": {
-        "ca": Key(_path, "", "CA certificate that signs clients (required, or --ca)", '"ca.pem"'),
-        "cert": Key(_path, "", "the server's certificate (required, or --cert)", '"server.pem"'),
-        "key": Key(_path, "", "the server's private key (required, or --key)", '"server.key"'),
-        "client_allowlist": Key(
-            _optional_path,
-            "",
-            "client-certificate SHA-256 fingerprints admitted, one per line; unset: any",
-            '"allowed.txt"',
-        ),
-        "client_revoked": Key(
-            _optional_path,
-            "",
-            "client-certificate SHA-256 fingerprints refused, one per line (SIGHUP reloads)",
-            '"revoked.txt"',
-        ),
-    },
-    "limits.default": {
-        **{
-            name: Key(key.parse, "", f"{key.doc}, for jobs that do not ask", key.example)
-            for name, key in _LIMIT_KEYS.items()
-        },
-        "cpu_weight": Key(
-            _positive_int, "", "CPU share against other jobs, 1-10000 (100: even)", "100"
-        ),
-        "io": Key(
-            _io,
-            "",
-            "disk bandwidth per device (MAJ:MIN, see lsblk), for jobs that do not ask",
-            '[{ device = "8:0", read_bps = "50M", write_bps = "20M" }]',
-        ),
-    },
-    "limits.max": {
-        name: Key(key.parse, "", f"{key.doc}: the most a job may ask; unset: no cap", key.example)
-        for name, key in _LIMIT_KEYS.items()
-    },
-    "quotas": {
-        "max_jobs_per_user": Key(_positive_int, "100", "created or running jobs per user"),
-        "max_streams_per_user": Key(_positive_int, "64", "open output and watch streams per user"),
-        "max_output_per_job": Key(
-            _size, '"1G"', 'output kept per job; past it: an "output truncated" note'
-        ),
-    },
-    "retention": {
-        "max_age": Key(_duration, '"7d"', "delete ended jobs this long after they ended"),
-        "max_size": Key(
-            _size, '"10G"', "keep all jobs' output within this, deleting the oldest ended first"
-        ),
-    },
-    "run_as": {
-        "default": Key(_user, '"nobody"', 'local user jobs run as: a name or "UID:GID"'),
-        "allow_root": Key(_bool, "false", "allow uid or gid 0 above"),
-        "owners": Key(
-            _owners, "{}", 'per job owner (client CN): { alice = "alice", ci = "1001:1001" }'
-        ),
-    },
-    "network": {
-        "host_network_users": Key(
-            _names, "[]", "owners who may run jobs in the host's network (others: only lo)"
-        ),
-    },
-    "metrics": {
-        "listen": Key(
-            _optional_address,
-            "",
-            "Prometheus endpoint HOST:PORT (plain HTTP: keep it on loopback); unset: off",
-            '"127.0.0.1:9464"',
-        ),
-    },
+    table: {f.name: f.metadata["key"] for f in fields(cls)} for table, cls in SECTIONS.items()
 }
 
 # Command-line flag -> the key it overrides.
@@ -355,14 +486,6 @@ FLAG_KEYS = {
     "key": "tls.key",
     "metrics_listen": "metrics.listen",
 }
-
-
-def _default(dotted: str) -> Any:
-    section, _, name = dotted.rpartition(".")
-    key = SCHEMA[section][name]
-    if not key.default:
-        return None
-    return key.parse(tomllib.loads(f"v = {key.default}")["v"], Path("/"))
 
 
 def _suggest(word: str, known: list[str]) -> str:
@@ -421,30 +544,36 @@ def _walk_section(
             problems.append(f"{section}.{name}: {e}")
 
 
-def _limits(values: Mapping[str, Any], section: str) -> Limits:
-    get = values.get
-    return Limits(
-        cpus=get(f"{section}.cpus"),
-        cpu_weight=get(f"{section}.cpu_weight"),
-        memory_bytes=get(f"{section}.memory"),
-        pids=get(f"{section}.pids"),
-        io=get(f"{section}.io") or (),
-    )
+def _sections(values: Mapping[str, Any]) -> FileConfig:
+    """The typed file: each section built from the keys present, defaults for the rest."""
+    built: dict[str, Any] = {}
+    for f in fields(FileConfig):
+        table = _table(f.name)
+        present = {
+            name: values[f"{table}.{name}"] for name in SCHEMA[table] if f"{table}.{name}" in values
+        }
+        built[f.name] = SECTIONS[table](**present)
+    return FileConfig(**built)
 
 
-def _build(values: Mapping[str, Any], problems: list[str]) -> ServerConfig | None:
-    def get(dotted: str) -> Any:
-        return values[dotted] if dotted in values else _default(dotted)
-
-    for dotted, flag in (("tls.ca", "--ca"), ("tls.cert", "--cert"), ("tls.key", "--key")):
-        if get(dotted) is None:
-            problems.append(f"{dotted} is not set; set it in the config file or give {flag} FILE")
+def _build(file: FileConfig, problems: list[str]) -> ServerConfig | None:
+    tls = file.tls
+    for name, value, flag in (
+        ("tls.ca", tls.ca, "--ca"),
+        ("tls.cert", tls.cert, "--cert"),
+        ("tls.key", tls.key, "--key"),
+    ):
+        if value is None:
+            problems.append(f"{name} is not set; set it in the config file or give {flag} FILE")
     limits: dict[str, Limits] = {}
-    for section in ("limits.default", "limits.max"):
+    for table, section in (
+        ("limits.default", file.limits_default),
+        ("limits.max", file.limits_max),
+    ):
         try:
-            limits[section] = _limits(values, section)
+            limits[table] = section.limits()
         except InvalidSpecError as e:
-            problems.append(f"{section}: {e}")
+            problems.append(f"{table}: {e}")
     if len(limits) == 2:
         try:
             limits["limits.default"].resolve(Limits(), limits["limits.max"])
@@ -452,35 +581,39 @@ def _build(values: Mapping[str, Any], problems: list[str]) -> ServerConfig | Non
             problems.append(f"limits.default: {e}")
     try:
         runtime = RuntimeConfig(
-            state_dir=get("server.state_dir"),
-            output_limit=get("quotas.max_output_per_job"),
+            state_dir=file.server.state_dir,
+            output_limit=file.quotas.max_output_per_job,
             default_limits=limits.get("limits.default", Limits()),
             max_limits=limits.get("limits.max", Limits()),
-            run_as=get("run_as.default") or NOBODY,
-            owner_run_as=get("run_as.owners"),
-            allow_root=get("run_as.allow_root"),
-            host_network_owners=get("network.host_network_users"),
-            retention_seconds=get("retention.max_age"),
-            retention_bytes=get("retention.max_size"),
+            run_as=file.run_as.default,
+            owner_run_as=file.run_as.owners,
+            allow_root=file.run_as.allow_root,
+            host_network_owners=file.network.host_network_users,
+            retention_seconds=file.retention.max_age,
+            retention_bytes=file.retention.max_size,
+            cgroups=file.cgroups.enabled,
+            cgroup_subtree=file.cgroups.subtree,
+            cgroup_parent=file.cgroups.parent,
+            namespaces=file.namespaces.enabled,
         )
     except InvalidSpecError as e:
         problems.append(f"run_as: {e}" if "run-as" in str(e) else str(e))
         return None
-    if problems:
+    if problems or tls.ca is None or tls.cert is None or tls.key is None:
         return None
     return ServerConfig(
-        tls=TlsFiles(get("tls.ca"), get("tls.cert"), get("tls.key")),
+        tls=TlsFiles(tls.ca, tls.cert, tls.key),
         runtime=runtime,
-        listen=get("server.listen"),
-        pool=CertPool(get("tls.client_allowlist"), get("tls.client_revoked")),
+        listen=file.server.listen,
+        pool=CertPool(tls.client_allowlist, tls.client_revoked),
         limits=ServiceLimits(
-            max_active_jobs_per_user=get("quotas.max_jobs_per_user"),
-            max_streams_per_user=get("quotas.max_streams_per_user"),
+            max_active_jobs_per_user=file.quotas.max_jobs_per_user,
+            max_streams_per_user=file.quotas.max_streams_per_user,
         ),
-        max_message_bytes=get("server.max_message_size"),
-        shutdown_grace=get("server.shutdown_grace"),
-        log_format=get("server.log_format"),
-        metrics_listen=get("metrics.listen"),
+        max_message_bytes=file.server.max_message_size,
+        shutdown_grace=file.server.shutdown_grace,
+        log_format=file.server.log_format,
+        metrics_listen=file.metrics.listen,
     )
 
 
@@ -518,7 +651,7 @@ def load_config(
             values[FLAG_KEYS[flag]] = SCHEMA[section][name].parse(raw, here)
         except _BadValueError as e:
             problems.append(f"--{flag.replace('_', '-')}: {e}")
-    config = _build(values, problems)
+    config = _build(_sections(values), problems)
     if config is None:
         raise ConfigError(source if data or path else "jobworkerd", problems)
     return config

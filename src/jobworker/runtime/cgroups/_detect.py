@@ -77,7 +77,7 @@ def detect(
         return Layout("hybrid" if unified else "v1", unified, v1)
     if unified is None:
         raise CgroupError(
-            "no cgroup hierarchy is mounted; mount cgroup2 on /sys/fs/cgroup, or disable "
-            "cgroups in the configuration (limits are then not enforced)"
+            "no cgroup hierarchy is mounted; mount cgroup2 on /sys/fs/cgroup, or set [cgroups] "
+            "enabled = false in the configuration (limits are then not enforced)"
         )
     return Layout("v2", unified, {})

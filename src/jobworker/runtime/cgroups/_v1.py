@@ -37,7 +37,8 @@ class V1Driver:
         if missing:
             raise CgroupError(
                 f"cgroup v1 controller(s) {', '.join(missing)} are not mounted; mount them "
-                "under /sys/fs/cgroup or disable cgroups (limits are then not enforced)"
+                "under /sys/fs/cgroup, or set [cgroups] enabled = false in the configuration "
+                "(limits are then not enforced)"
             )
         self._kind = layout.kind
         self._bases = {c: os.path.join(layout.v1[c].own_dir, subtree) for c in REQUIRED}

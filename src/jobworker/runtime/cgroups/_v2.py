@@ -38,7 +38,8 @@ def _enable(directory: str, controllers: tuple[str, ...]) -> None:
         raise CgroupError(
             f"cgroup controller(s) {', '.join(missing)} are not available in {directory}; "
             "enable them in the parent's cgroup.subtree_control (with systemd: Delegate=yes "
-            "in the unit), or disable cgroups (limits are then not enforced)"
+            "in the unit), or set [cgroups] enabled = false in the configuration (limits are "
+            "then not enforced)"
         )
     enabled = (read_text(f"{directory}/cgroup.subtree_control") or "").split()
     todo = " ".join(f"+{c}" for c in controllers if c not in enabled)
@@ -81,7 +82,7 @@ class V2Driver:
             raise CgroupError(
                 f"cgroup {self._parent} also holds processes jobworker did not start "
                 f"({', '.join(others[:5])}); give jobworker a cgroup of its own (systemd: "
-                "Delegate=yes) or set the cgroup parent"
+                "Delegate=yes) or set [cgroups] parent in the configuration"
             )
         leaf = os.path.join(self._parent, LEAF)
         os.makedirs(leaf, mode=0o755, exist_ok=True)
