@@ -413,7 +413,7 @@ async def test_cli_imports_no_grpc_until_a_command_needs_it() -> None:
     # What every command loads before running itself or handing over to a keeper.
     code = (
         "import sys, jobworker.cli.__main__ as m, jobworker.cli._config, "
-        "jobworker.cli._control; m.parser();"
+        "jobworker.cli._control, jobworker.cli._parser; m.parser();"
         "heavy = [x for x in ('grpc', 'google.protobuf', 'rich', 'cryptography', 'asyncio', "
         "'ssl', 'tomllib', 'dataclasses', 'subprocess') "
         "if x in sys.modules]; print(heavy)"

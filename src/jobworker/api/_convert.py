@@ -6,6 +6,7 @@ import datetime as dt
 import math
 import uuid
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..runtime import InvalidSpecError, IOLimit, JobSpec, JobStatus, Limits, State, Stream, Usage
@@ -41,8 +42,11 @@ def job_id(raw: str) -> str:
     return str(parsed)
 
 
-def _optional(message: object, field: str) -> int | None:
-    return getattr(message, field) if message.HasField(field) else None  # type: ignore[attr-defined]
+def _optional(message: Message, field: str) -> int | None:
+    if not message.HasField(field):
+        return None
+    value = getattr(message, field)
+    return int(value)
 
 
 def limits_from_pb(limits: pb.Limits) -> Limits:

@@ -169,7 +169,7 @@ class Server:
         try:
             self.service.auth.reload()
         except (OSError, ValueError) as e:
-            log.error("keeping the previous client certificate lists: %s", e)  # noqa: TRY400
+            log.error("keeping the previous client certificate lists: %s", e)  # noqa: TRY400 - an operator's file error, not a bug: no traceback
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting calls, end open streams after ``grace`` s, close the runtime.

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TypeVar
 
 import jobworker.api  # noqa: F401  # isort: skip  (TLS 1.3 only: before grpc)
 import grpc
+from google.protobuf.message import Message
 
 from ..api._tls import TlsError, TlsFiles
 from ..api.client import JobServiceStub, connect, pb
 from ._config import Target
 
-__all__ = ["CliError", "Session", "session"]
+__all__ = ["CliError", "Session", "explain", "pick", "session"]
 
 MIN_PREFIX = 4
+M = TypeVar("M", bound=Message)
 
 
 class CliError(Exception):
     """Exit status 1 with this one-line message on stderr."""
 
 
-def explain(error: grpc.aio.AioRpcError, target: Target) -> CliError:  # noqa: PLR0911
+def explain(error: grpc.aio.AioRpcError, target: Target) -> CliError:  # noqa: PLR0911 - one return per diagnosis
     """One line naming the problem and what to check."""
     code, details = error.code(), error.details() or ""
     if code is grpc.StatusCode.UNAVAILABLE:
@@ -60,14 +62,24 @@ class Session:
         self.stub = JobServiceStub(channel)
         self.target = target
 
-    async def call(self, method: str, request: Any, *, waits: bool = False) -> Any:
-        """A unary call; ``waits`` for calls that last as long as the job (wait, stop)."""
+    async def call(
+        self, method: str, reply: type[M], request: Message, *, waits: bool = False
+    ) -> M:
+        """The unary RPC ``method``, whose reply is a ``reply``; ``waits`` for calls that last
+        as long as the job (wait, stop).
+
+        Raises:
+            CliError: the call failed (one line saying what to check).
+        """
         try:
-            return await getattr(self.stub, method)(
+            response = await getattr(self.stub, method)(
                 request, timeout=None if waits else self.target.timeout
             )
         except grpc.aio.AioRpcError as e:
             raise explain(e, self.target) from None
+        if not isinstance(response, reply):
+            raise CliError(f"the server answered {method} with an unexpected message")
+        return response
 
     async def resolve(self, ref: str) -> str:
         """A full job id from an id or a unique prefix of at least 4 characters.
@@ -79,7 +91,7 @@ class Session:
             return ref
         if len(ref) < MIN_PREFIX:
             raise CliError(f"job id prefix {ref!r} is too short: give at least 4 characters")
-        jobs = await self.call("ListJobs", pb.ListJobsRequest())
+        jobs = await self.call("ListJobs", pb.ListJobsResponse, pb.ListJobsRequest())
         return pick(ref, [j.id for j in jobs.jobs])
 
 

@@ -8,6 +8,7 @@ their own: a terminal or pipe that is slow to drain stalls only its own command.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterator
@@ -16,7 +17,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import concurrent.futures
 
-# asyncio is imported where it is needed: `jobctl --help` must not pay for it.
 
 __all__ = ["Io"]
 
@@ -74,8 +74,6 @@ class Io:
         if self.writer is None:
             _write_all(fd, data)
         else:
-            import asyncio  # noqa: PLC0415 - loaded by then: the keeper runs on it
-
             await asyncio.get_running_loop().run_in_executor(self.writer, _write_all, fd, data)
 
     def interrupt(self) -> None:

@@ -10,18 +10,24 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._io import Io
 
-__all__ = ["exit_status_of", "job_json", "json_text", "status_text", "table_text"]
+__all__ = ["exit_status_of", "job_json", "json_text", "rfc3339", "status_text", "table_text"]
 
 _STATES = {1: "created", 2: "running", 3: "exited", 4: "stopped", 5: "failed"}
 # A job that could not be started exits like a shell's "command not found".
 FAILED_EXIT = 127
 
 
+def rfc3339(ns: int, *, digits: str = "microseconds") -> str:
+    """A time in nanoseconds since the epoch, as RFC 3339 in UTC ("...Z")."""
+    seconds, rest = divmod(ns, 1_000_000_000)
+    when = dt.datetime.fromtimestamp(seconds, tz=dt.UTC) + dt.timedelta(microseconds=rest // 1000)
+    return when.isoformat(timespec=digits).replace("+00:00", "Z")
+
+
 def _time(ts: Any) -> str | None:
     if not ts.seconds and not ts.nanos:
         return None
-    when: dt.datetime = ts.ToDatetime(tzinfo=dt.UTC)
-    return when.isoformat().replace("+00:00", "Z")
+    return rfc3339(ts.ToNanoseconds(), digits="auto")
 
 
 def _opt(msg: Any, field: str) -> Any:
@@ -103,7 +109,7 @@ def _result(job: dict[str, Any]) -> str:
 def table_text(jobs: list[dict[str, Any]], io: Io) -> str:
     """Aligned columns with relative times; color only on a terminal, never with NO_COLOR."""
     from rich.console import Console  # noqa: PLC0415 - rich costs ~50 ms; only tables need it
-    from rich.table import Table  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415 - as above
 
     now = dt.datetime.now(dt.UTC)
     rows = [

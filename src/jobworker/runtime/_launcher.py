@@ -67,7 +67,7 @@ def _intermediate(server: socket.socket, job_dir: str, report: socket.socket) ->
 def _supervisor_main(job_dir: str, report: socket.socket) -> NoReturn:
     try:
         run_supervisor(job_dir, report)
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:  # noqa: BLE001 - any failure must reach the server as a report
         _send_error(report, f"job supervisor failed: {e!r}")
     os._exit(1)
 

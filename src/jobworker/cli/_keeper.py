@@ -1,0 +1,219 @@
+"""The connection keeper process (see ``_control`` for what it is and how jobctl uses it).
+
+    python -m jobworker.cli._keeper TARGET_JSON SOCKET_PATH READY_FD
+
+It holds one mutual-TLS channel to the server and runs each forwarded command
+(``_commands``) over it, writing straight to the descriptors the front end passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .._aio import wait_fd
+from .._peer import peer_uid
+from .._units import UsageError, parse_duration
+from ..api._tls import TlsError, TlsFiles
+from ..api.client import connect
+from ._commands import run_command
+from ._config import Target
+from ._control import INTERRUPT, LENGTH, MAX_REQUEST, READY, STATUS, connect_keeper
+from ._io import Io
+from ._parser import parser
+
+__all__ = ["main"]
+
+
+class _Request:
+    """One forwarded command: its argv and the facts of the terminal it came from."""
+
+    __slots__ = ("argv", "columns", "no_color", "out_tty")
+
+    def __init__(self, data: object) -> None:
+        """Raises TypeError: not a request the front end sends."""
+        if not isinstance(data, dict) or not isinstance(data.get("argv"), list):
+            raise TypeError("malformed request")
+        self.argv: list[str] = [str(a) for a in data["argv"]]
+        columns = data.get("columns")
+        self.columns: int | None = columns if isinstance(columns, int) else None
+        self.out_tty = bool(data.get("out_tty"))
+        self.no_color = bool(data.get("no_color"))
+
+
+async def _receive(sock: socket.socket) -> tuple[_Request, list[int]]:
+    """The request and its two descriptors.
+
+    Raises:
+        ValueError: a malformed request.
+    """
+    data, fds = b"", []
+    while len(data) < LENGTH.size or len(data) < LENGTH.size + LENGTH.unpack_from(data)[0]:
+        if len(data) >= LENGTH.size and LENGTH.unpack_from(data)[0] > MAX_REQUEST:
+            raise ValueError("request too large")
+        await wait_fd(sock.fileno())
+        chunk, got, _flags, _addr = socket.recv_fds(sock, 65536, 2)
+        fds += got
+        if not chunk:
+            raise ValueError("connection closed mid-request")
+        data += chunk
+    if len(fds) != 2:
+        raise ValueError("expected stdout and stderr descriptors")
+    return _Request(json.loads(data[LENGTH.size :])), fds
+
+
+class _Keeper:
+    def __init__(self, target: Target, persist: float) -> None:
+        self.target = target
+        self.persist = persist
+        self.active = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        # The one connection every command shares (set by serve).
+        self.channel: grpc.aio.Channel | None = None
+
+    async def handle(self, sock: socket.socket) -> None:
+        if peer_uid(sock) != os.getuid():
+            return
+        request, fds = await _receive(sock)
+        writer = concurrent.futures.ThreadPoolExecutor(1, "jobctl-write")
+        io = Io(
+            fds[0],
+            fds[1],
+            out_tty=request.out_tty,
+            columns=request.columns,
+            no_color=request.no_color,
+            writer=writer,
+        )
+        try:
+            args = parser().parse_args(request.argv)
+            target = self.target._replace(timeout=parse_duration(args.timeout, "--timeout"))
+            command = asyncio.ensure_future(run_command(args, target, io, self.channel))
+            listen = asyncio.ensure_future(self._listen(sock, io))
+            await asyncio.wait({command, listen}, return_when=asyncio.FIRST_COMPLETED)
+            if not command.done():
+                # The jobctl that asked went away: so does its command.
+                command.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await command
+                return
+            listen.cancel()
+            # Before the socket closes: its fd number is reused by the next connection,
+            # whose reader the cancelled listener would otherwise remove.
+            with contextlib.suppress(asyncio.CancelledError):
+                await listen
+            status = command.result()
+        except (UsageError, SystemExit):
+            status = 2
+        finally:
+            writer.shutdown(wait=False)
+            for fd in fds:
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            sock.sendall(STATUS.pack(status))
+
+    async def _listen(self, sock: socket.socket, io: Io) -> None:
+        """Ctrl+C bytes from the jobctl that asked, until it hangs up."""
+        while True:
+            await wait_fd(sock.fileno())
+            data = sock.recv(64)
+            if not data:
+                return
+            for _ in range(data.count(INTERRUPT)):
+                io.interrupt()
+
+    async def serve(self, listener: socket.socket) -> None:
+        """Answer requests until none came and none ran for ``persist`` seconds."""
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+        target = self.target
+        # Any: asyncio types sock_accept's address as Any.
+        accept: asyncio.Future[tuple[socket.socket, Any]] | None = None
+        async with connect(target.server, TlsFiles(target.ca, target.cert, target.key)) as ch:
+            self.channel = ch
+            while True:
+                if accept is None:
+                    accept = asyncio.ensure_future(loop.sock_accept(listener))
+                if self.idle.is_set():
+                    done, _ = await asyncio.wait({accept}, timeout=self.persist)
+                    if not done:
+                        accept.cancel()
+                        return
+                else:
+                    # Any: the two futures' results differ, and asyncio.wait takes one type.
+                    idle: asyncio.Future[Any] = asyncio.ensure_future(self.idle.wait())
+                    await asyncio.wait({accept, idle}, return_when=asyncio.FIRST_COMPLETED)
+                    idle.cancel()
+                if accept.done():
+                    conn, _ = accept.result()
+                    accept = None
+                    # Counted before the task runs, so an idle check never misses it.
+                    self.active += 1
+                    self.idle.clear()
+                    task = asyncio.ensure_future(self._run(conn))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+
+    async def _run(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                conn.setblocking(False)
+                await self.handle(conn)
+        except (OSError, ValueError, TypeError):
+            pass  # a malformed or vanished client: only its own command is affected
+        finally:
+            self.active -= 1
+            if not self.active:
+                self.idle.set()
+
+
+def _keep(target: Target, path: Path, ready_fd: int) -> None:
+    try:
+        TlsFiles(target.ca, target.cert, target.key).read()
+    except TlsError:
+        # The front end runs the command itself then, and says clearly what is wrong.
+        os.write(ready_fd, b"X")
+        return
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(str(path))
+    except OSError:
+        # Another keeper won the race: it serves the same target.
+        os.write(ready_fd, READY if connect_keeper(path) else b"X")
+        return
+    listener.listen(64)
+    listener.setblocking(False)
+    mine = path.stat().st_ino
+    os.write(ready_fd, READY)
+    os.close(ready_fd)
+    # Colours follow each request's NO_COLOR, not the environment this keeper started in.
+    os.environ.pop("NO_COLOR", None)
+    try:
+        asyncio.run(_Keeper(target, target.control_persist).serve(listener))
+    finally:
+        with contextlib.suppress(OSError):
+            if path.stat().st_ino == mine:
+                path.unlink()
+        listener.close()
+
+
+def main() -> None:
+    fields = json.loads(sys.argv[1])
+    for name in ("ca", "cert", "key"):
+        fields[name] = Path(fields[name])
+    _keep(Target(**fields), Path(sys.argv[2]), int(sys.argv[3]))
+    # Writer threads blocked on a reader that never drains must not hold the exit up.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
