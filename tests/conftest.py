@@ -6,6 +6,7 @@ from __future__ import annotations
 import jobworker.api  # noqa: F401  # isort: skip
 
 import asyncio
+import getpass
 import os
 import shutil
 import tempfile
@@ -16,11 +17,26 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from jobworker.runtime import Runtime, RuntimeConfig, State
+from jobworker.runtime import Bind, Runtime, RuntimeConfig, State
 from jobworker.runtime.cgroups import detect
 
 IN_V2VM = os.environ.get("V2VM") == "1"
 CGROUP2 = "/sys/fs/cgroup"
+REPO = Path(__file__).resolve().parents[1]
+# Where public_dir makes directories jobs may write: shown to every test job, writable.
+PUBLIC_BASE = Path(tempfile.gettempdir()) / f"jobworker-tests-public-{os.getpid()}"
+# pytest's own temporary directories, shown read-only (tests put scripts there).
+PYTEST_TMP = Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}"
+# What the sandbox of every test job shows of the host beyond its read-only root: this
+# checkout (the interpreter of py() jobs may live in it), pytest's and public_dir's
+# directories. Tests of the sandbox itself pass their own owner_paths.
+TEST_PATHS = {
+    "*": (
+        Bind(str(REPO), writable=False),
+        Bind(str(PYTEST_TMP), writable=False),
+        Bind(str(PUBLIC_BASE), writable=True),
+    ),
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:  # noqa: ARG001 - pytest hook signature
@@ -62,6 +78,7 @@ def make_config(state_dir: Path, **kw: object) -> RuntimeConfig:
     """A config with a cgroup subtree of the test's own, so tests never share cgroups."""
     kw.setdefault("cgroup_subtree", f"jobworker-test-{uuid.uuid4().hex[:8]}")
     kw.setdefault("default_grace", 5.0)
+    kw.setdefault("owner_paths", TEST_PATHS)
     return RuntimeConfig(state_dir=state_dir, **kw)  # type: ignore[arg-type]
 
 
@@ -85,11 +102,19 @@ async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
         assert cgroup_dirs(config.cgroup_subtree) == [], "the runtime left cgroups behind"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def public_base() -> Iterator[None]:
+    PUBLIC_BASE.mkdir(mode=0o755, exist_ok=True)
+    yield
+    shutil.rmtree(PUBLIC_BASE, ignore_errors=True)
+
+
 @pytest.fixture
 def public_dir() -> Iterator[Path]:
     """A directory that jobs (running as nobody) can enter and read; pytest's tmp dirs are
     private to root."""
-    path = Path(tempfile.mkdtemp(prefix="jobworker-test-"))
+    PUBLIC_BASE.mkdir(mode=0o755, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="jobworker-test-", dir=PUBLIC_BASE))
     path.chmod(0o755)
     try:
         yield path

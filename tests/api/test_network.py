@@ -25,6 +25,7 @@ from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
 from jobworker.api.client import connect, stream_output
 from jobworker.api.server import ServiceLimits
 
+from ..conftest import TEST_PATHS
 from ..runtime.helpers import PY
 from .conftest import Pki, Running, serving
 
@@ -100,8 +101,15 @@ async def test_cancelled_stream_frees_server_resources(api: Running) -> None:
 
 # ------------------------------------------------------------------ a real jobworkerd process
 def jobworkerd_argv(pki: Pki, listen: str, state: Path) -> list[str]:
+    """jobworkerd on ``state``, with a config file beside it showing test jobs the host
+    paths the test suite uses (see conftest.TEST_PATHS)."""
+    config = state.parent / f"{state.name}.toml"
+    shown = ", ".join(f'"{b.path}:{"rw" if b.writable else "ro"}"' for b in TEST_PATHS["*"])
+    config.write_text(f'[sandbox]\npaths = {{ "*" = [{shown}] }}\n')
     return [
         JOBWORKERD,
+        "--config",
+        str(config),
         "--listen",
         listen,
         "--state-dir",

@@ -13,6 +13,7 @@ import pytest
 from asyncinotify import Inotify, Mask
 
 from jobworker.runtime import (
+    InvalidSpecError,
     JobAlreadyStartedError,
     JobNotFoundError,
     JobNotRunningError,
@@ -66,12 +67,18 @@ async def test_non_executable_file_fails_with_os_error(runtime: Runtime, tmp_pat
     assert str(script) in (job.error or "")
 
 
-async def test_missing_workdir_fails_with_reason(runtime: Runtime) -> None:
+async def test_missing_workdir_fails_with_reason(runtime: Runtime, public_dir: Path) -> None:
+    missing = str(public_dir / "no" / "such" / "dir")  # inside a path the job is shown
     async with asyncio.timeout(30):
-        job = await runtime.run(JobSpec(["/bin/true"], cwd="/no/such/dir"))
+        job = await runtime.run(JobSpec(["/bin/true"], cwd=missing))
     assert job.state is State.FAILED
-    assert "working directory '/no/such/dir'" in (job.error or "")
+    assert f"working directory {missing!r}" in (job.error or "")
     assert "No such file or directory" in (job.error or "")
+
+
+async def test_a_workdir_the_job_cannot_see_is_refused_up_front(runtime: Runtime) -> None:
+    with pytest.raises(InvalidSpecError, match="'/no/such/dir' does not exist inside the job"):
+        await runtime.run(JobSpec(["/bin/true"], cwd="/no/such/dir"))
 
 
 async def test_env_and_cwd_are_honoured(runtime: Runtime, public_dir: Path) -> None:

@@ -88,7 +88,10 @@ async def test_job_sees_its_own_namespaces(runtime: Runtime) -> None:
 
 async def test_job_runs_unprivileged(runtime: Runtime) -> None:
     report = await _probe(runtime)
-    assert (report["uid"], report["gid"], report["groups"]) == (65534, 65534, [])
+    # A uid:gid of its own (systemd DynamicUser-like), no supplementary groups.
+    assert report["uid"] == report["gid"]
+    assert 1_900_000_000 <= int(str(report["uid"])) <= 1_900_065_535
+    assert report["groups"] in ([], [report["gid"]])
     assert report["no_new_privs"] == "1"
     assert report["cgroup_files_visible"] is False
     assert report["can_open_init_ns"] is False  # cannot setns() back out
@@ -114,7 +117,14 @@ print(any(" " + target + " " in line for line in open("/proc/self/mountinfo")))
 
 
 async def test_mount_inside_job_is_invisible_on_host(tmp_path: Path, public_dir: Path) -> None:
-    config = make_config(tmp_path / "state", owner_run_as={"admin": RunAs(0, 0)}, allow_root=True)
+    # Without the sandbox: inside it, even uid 0 has no capability and seccomp refuses
+    # mount(2) (tests/runtime/test_sandbox.py).
+    config = make_config(
+        tmp_path / "state",
+        owner_run_as={"admin": RunAs(0, 0)},
+        allow_root=True,
+        sandbox=False,
+    )
     target = str(public_dir)
     async with asyncio.timeout(30), await Runtime.open(config) as rt:
         job = await rt.run(py(MOUNT_TMPFS, owner="admin", env={"TARGET": target}))
@@ -131,9 +141,9 @@ async def test_root_needs_allow_root(tmp_path: Path) -> None:
         make_config(tmp_path, owner_run_as={"admin": RunAs(0, 0)})
 
 
-async def test_namespace_setup_failure_is_a_failed_job(runtime: Runtime) -> None:
-    # uid 65534 cannot chdir into a root-only directory: the reason reaches the status.
-    private = Path(os.environ.get("TMPDIR", "/tmp")) / f"jw-private-{os.getpid()}"
+async def test_namespace_setup_failure_is_a_failed_job(runtime: Runtime, public_dir: Path) -> None:
+    # The job's user cannot chdir into a root-only directory: the reason reaches the status.
+    private = public_dir / f"jw-private-{os.getpid()}"
     private.mkdir(mode=0o700, exist_ok=True)
     try:
         async with asyncio.timeout(30):

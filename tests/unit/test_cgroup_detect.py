@@ -59,5 +59,7 @@ def test_container_with_its_own_cgroup_root(tmp_path: Path) -> None:
 
 
 def test_no_cgroups_mounted_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(CgroupError, match=r"no cgroup hierarchy is mounted.*\[cgroups\] enabled = false"):
+    with pytest.raises(
+        CgroupError, match=r"no cgroup hierarchy is mounted.*\[cgroups\] enabled = false"
+    ):
         run(tmp_path, "22 1 0:21 / /proc rw - proc proc rw\n", "0::/\n")

@@ -16,7 +16,7 @@ from jobworker.api._config import (
     default_config_text,
     load_config,
 )
-from jobworker.runtime import NOBODY, IOLimit, Limits, RunAs
+from jobworker.runtime import NOBODY, Bind, IOLimit, Limits, RunAs
 
 JOBWORKERD = str(Path(sys.executable).parent / "jobworkerd")
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +43,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.runtime.retention_seconds == 7 * 86400
     assert config.runtime.retention_bytes == 10 << 30
     assert config.runtime.output_limit == 1 << 30
-    assert config.runtime.run_as == NOBODY
+    assert config.runtime.run_as is None  # a uid of its own per job
+    assert config.runtime.uid_range == (1_900_000_000, 1_900_065_535)
+    assert config.runtime.sandbox
     assert config.runtime.default_limits == Limits()
     assert config.limits.max_active_jobs_per_user == 100
     assert config.limits.max_streams_per_user == 64
@@ -102,6 +104,14 @@ subtree = "jobworker-test"
 parent = "/jobs.slice"
 [namespaces]
 enabled = false
+[sandbox]
+enabled = false
+uid_range = "2000000000-2000000999"
+paths = { "*" = ["/srv/data:ro"], alice = ["/srv/alice:rw"] }
+hide = ["/srv/secret"]
+seccomp_optional = ["ci"]
+[images]
+alpine = "/var/lib/jobworker/images/alpine"
 """,
     )
     assert config.listen == ("127.0.0.1:7000", "[::1]:7000")
@@ -135,6 +145,17 @@ enabled = false
     assert config.runtime.cgroup_subtree == "jobworker-test"
     assert config.runtime.cgroup_parent == "/jobs.slice"
     assert not config.runtime.namespaces
+    assert not config.runtime.sandbox
+    assert config.runtime.uid_range == (2_000_000_000, 2_000_000_999)
+    assert config.runtime.binds_for("alice") == (
+        Bind("/srv/data", writable=False),
+        Bind("/srv/alice", writable=True),
+    )
+    assert config.runtime.binds_for("bob") == (Bind("/srv/data", writable=False),)
+    assert "/srv/secret" in config.runtime.hide_paths
+    assert "/etc/pki" in config.runtime.hide_paths  # the TLS files' directory
+    assert config.runtime.seccomp_optional_owners == frozenset({"ci"})
+    assert config.runtime.images == {"alpine": "/var/lib/jobworker/images/alpine"}
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
@@ -202,6 +223,13 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ('[cgroups]\nparent = "jobs"\n', "cgroups.parent: expected a path in the cgroup2 mount"),
         ('[cgroups]\nenabled = "no"\n', "cgroups.enabled: expected true or false"),
         ("[namespaces]\nenabled = 0\n", "namespaces.enabled: expected true or false"),
+        ('[sandbox]\nuid_range = "5-1"\n', "uid range 5-1 must lie within"),
+        ('[sandbox]\nuid_range = "1-x"\n', "sandbox.uid_range: expected a range such as"),
+        ('[sandbox]\nuid_range = "60000-70000"\n', "holds existing accounts (nobody"),
+        ('[sandbox]\npaths = { a = ["/x:rx"] }\n', "'/x:rx' is not PATH:ro or PATH:rw"),
+        ('[sandbox]\npaths = { a = ["x:ro"] }\n', "'x' must be an absolute path"),
+        ("[sandbox]\nhide = [1]\n", "sandbox.hide: expected a list of absolute paths"),
+        ('[images]\nalpine = "rel"\n', '[images]: expected a table of name = "/absolute/dir"'),
         ("[network]\nhost_network_users = [1]\n", "network.host_network_users: expected a list"),
         ('[metrics]\nlisten = "9464"\n', "metrics.listen: '9464' is not HOST:PORT"),
         ("[tls]\nca = 5\n", "tls.ca: expected a non-empty string, got 5"),
@@ -253,7 +281,7 @@ def test_reference_file_is_current_and_parses_to_the_defaults(tmp_path: Path) ->
     assert reference == default_config_text(), "regenerate: jobworkerd --print-default-config"
     for section, keys in SCHEMA.items():
         assert f"[{section}]" in reference
-        for name in keys:
+        for name in keys if section != "images" else ():
             assert f"{name} =" in reference
     flags = {"ca": "/a", "cert": "/b", "key": "/c"}
     assert _load(tmp_path, reference, **flags) == load_config(None, flags)

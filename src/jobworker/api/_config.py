@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .._units import UsageError, parse_duration, parse_size
-from ..runtime import InvalidSpecError, IOLimit, Limits, RunAs, RuntimeConfig
+from ..runtime import Bind, InvalidSpecError, IOLimit, Limits, RunAs, RuntimeConfig
 from ._auth import CertPool
 from ._tls import TlsFiles
 
@@ -202,6 +202,53 @@ def _user(value: Any, _: Path) -> RunAs:
             f'there is no local user {value!r}; create it or write "UID:GID"'
         ) from None
     return RunAs(entry.pw_uid, entry.pw_gid)
+
+
+def _optional_user(value: Any, base: Path) -> RunAs | None:
+    return None if value == "" else _user(value, base)
+
+
+def _uid_range(value: Any, _: Path) -> tuple[int, int]:
+    first, sep, last = str(value).partition("-")
+    if not (isinstance(value, str) and sep and first.isdigit() and last.isdigit()):
+        raise _BadValueError(f'expected a range such as "1900000000-1900065535", got {value!r}')
+    return int(first), int(last)
+
+
+def _binds(value: Any, _: Path) -> Mapping[str, tuple[Bind, ...]]:
+    shape = 'a table such as { "*" = ["/srv/data:ro"], alice = ["/srv/alice:rw"] }'
+    if not isinstance(value, dict):
+        raise _BadValueError(f"expected {shape}, got {value!r}")
+    out: dict[str, tuple[Bind, ...]] = {}
+    for owner, paths in value.items():
+        if not isinstance(paths, list):
+            raise _BadValueError(f"owner {owner!r}: expected a list of PATH:ro or PATH:rw")
+        binds = []
+        for item in paths:
+            path, sep, mode = str(item).rpartition(":")
+            if not isinstance(item, str) or not sep or mode not in ("ro", "rw"):
+                raise _BadValueError(f"owner {owner!r}: {item!r} is not PATH:ro or PATH:rw")
+            if not path.startswith("/") or path == "/":
+                raise _BadValueError(f"owner {owner!r}: {path!r} must be an absolute path, not /")
+            binds.append(Bind(os.path.normpath(path), mode == "rw"))
+        out[owner] = tuple(binds)
+    return types.MappingProxyType(out)
+
+
+def _images(value: Any, _: Path) -> Mapping[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v.startswith("/") for k, v in value.items()
+    ):
+        raise _BadValueError(f'expected a table of name = "/absolute/dir", got {value!r}')
+    return types.MappingProxyType(dict(value))
+
+
+def _paths(value: Any, _: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and v.startswith("/") for v in value
+    ):
+        raise _BadValueError(f'expected a list of absolute paths such as ["/srv"], got {value!r}')
+    return tuple(value)
 
 
 def _owners(value: Any, base: Path) -> Mapping[str, RunAs]:
@@ -394,7 +441,12 @@ class RetentionSection:
 
 @dataclass(frozen=True, slots=True)
 class RunAsSection:
-    default: RunAs = _setting(_user, '"nobody"', 'local user jobs run as: a name or "UID:GID"')
+    default: RunAs | None = _setting(
+        _optional_user,
+        "",
+        'one local user for every job: a name or "UID:GID"; unset: a uid of its own per job',
+        '"nobody"',
+    )
     allow_root: bool = _setting(_bool, "false", "allow uid or gid 0 above")
     owners: Mapping[str, RunAs] = _setting(
         _owners, "{}", 'per job owner (client CN): { alice = "alice", ci = "1001:1001" }'
@@ -423,6 +475,41 @@ class CgroupsSection:
         "",
         "cgroup v2 only: the cgroup (path in the cgroup2 mount) to use instead of our own",
         '"/jobworker.slice"',
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSection:
+    enabled: bool = _setting(
+        _bool,
+        "true",
+        "read-only host, private /tmp, /dev, /proc, no capabilities, seccomp (needs namespaces)",
+    )
+    uid_range: tuple[int, int] = _setting(
+        _uid_range,
+        '"1900000000-1900065535"',
+        "uids (and gids) given to jobs, one per job; must hold no user of /etc/passwd",
+    )
+    paths: Mapping[str, tuple[Bind, ...]] = _setting(
+        _binds,
+        "{}",
+        "host paths shown to an owner's jobs (\"*\": everyone's), PATH:ro or PATH:rw",
+    )
+    hide: tuple[str, ...] = _setting(
+        _paths, "[]", "host paths shown empty (the state, config and TLS dirs always are)"
+    )
+    seccomp_optional: frozenset[str] = _setting(
+        _names, "[]", "owners who may run jobs without the seccomp filter (--seccomp unconfined)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ImagesSection:
+    roots: Mapping[str, str] | None = _setting(
+        _images,
+        "",
+        "root filesystems jobs may pick (--image NAME): name = directory of an unpacked distro",
+        '{ alpine = "/var/lib/jobworker/images/alpine" }',
     )
 
 
@@ -459,6 +546,8 @@ class FileConfig:
     network: NetworkSection = field(default_factory=NetworkSection)
     cgroups: CgroupsSection = field(default_factory=CgroupsSection)
     namespaces: NamespacesSection = field(default_factory=NamespacesSection)
+    sandbox: SandboxSection = field(default_factory=SandboxSection)
+    images: ImagesSection = field(default_factory=ImagesSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
 
 
@@ -493,6 +582,9 @@ def _suggest(word: str, known: list[str]) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
+_FREE_TABLE = "images"
+
+
 def _walk(data: Mapping[str, Any], base: Path) -> tuple[dict[str, Any], list[str]]:
     """Dotted key -> parsed value for each key present, and a line per problem."""
     values: dict[str, Any] = {}
@@ -507,6 +599,13 @@ def _walk(data: Mapping[str, Any], base: Path) -> tuple[dict[str, Any], list[str
             continue
         if not isinstance(table, dict):
             problems.append(f"{top} must be a table ([{top}]), not a value")
+            continue
+        if top == _FREE_TABLE:
+            # [images] is name = directory, any names: the whole table is its one value.
+            try:
+                values[f"{top}.roots"] = _images(table, base)
+            except _BadValueError as e:
+                problems.append(f"[{top}]: {e}")
             continue
         # [limits] holds only the [limits.default] and [limits.max] tables.
         subtables = [s.split(".", 1)[1] for s in sections if s.startswith(f"{top}.")]
@@ -556,6 +655,13 @@ def _sections(values: Mapping[str, Any]) -> FileConfig:
     return FileConfig(**built)
 
 
+def _private_dirs(file: FileConfig) -> tuple[str, ...]:
+    """The server's own directories no job may see: its TLS files' and its config's."""
+    dirs = {str(p.parent) for p in (file.tls.ca, file.tls.cert, file.tls.key) if p is not None}
+    dirs.add(str(DEFAULT_PATH.parent))
+    return tuple(sorted(d for d in dirs if d != "/"))
+
+
 def _build(file: FileConfig, problems: list[str]) -> ServerConfig | None:
     tls = file.tls
     for name, value, flag in (
@@ -595,6 +701,12 @@ def _build(file: FileConfig, problems: list[str]) -> ServerConfig | None:
             cgroup_subtree=file.cgroups.subtree,
             cgroup_parent=file.cgroups.parent,
             namespaces=file.namespaces.enabled,
+            sandbox=file.sandbox.enabled,
+            uid_range=file.sandbox.uid_range,
+            owner_paths=file.sandbox.paths,
+            hide_paths=(*file.sandbox.hide, *_private_dirs(file)),
+            seccomp_optional_owners=file.sandbox.seccomp_optional,
+            images=file.images.roots or {},
         )
     except InvalidSpecError as e:
         problems.append(f"run_as: {e}" if "run-as" in str(e) else str(e))
@@ -693,6 +805,10 @@ def default_config_text() -> str:
     ]
     for section, keys in SCHEMA.items():
         lines += ["", f"[{section}]"]
+        if section == _FREE_TABLE:
+            key = keys["roots"]
+            lines += [f"# {key.doc}", '# alpine = "/var/lib/jobworker/images/alpine"']
+            continue
         for name, key in keys.items():
             lines.append(f"# {key.doc}")
             lines.append(f"{name} = {key.default}" if key.default else f"# {name} = {key.example}")

@@ -83,7 +83,7 @@ def spec_from_pb(spec: pb.JobSpec, owner: str) -> JobSpec:
     return JobSpec(
         argv=tuple(spec.argv),
         env=dict(spec.env),
-        cwd=spec.workdir or "/",
+        cwd=spec.workdir or None,
         owner=owner,
         limits=limits_from_pb(spec.limits),
         host_network=spec.host_network,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
@@ -299,9 +298,6 @@ class JobService:
 
     async def _create(self, spec: pb.JobSpec, who: Identity, *, start: bool) -> JobStatus:
         runtime_spec = spec_from_pb(spec, who.name)
-        workdir = runtime_spec.cwd
-        if not await asyncio.to_thread(os.path.isdir, workdir):
-            raise InvalidSpecError(f"working directory {workdir!r} does not exist on the server")
         active = sum(1 for s in await self.runtime.jobs(owner=who.name) if not s.state.is_final)
         if active >= self._limits.max_active_jobs_per_user:
             raise ApiError(

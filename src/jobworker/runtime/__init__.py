@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         RuntimeClosedError,
         StateDirError,
     )
+    from ._jobdir import Bind
     from ._logformat import Stream
     from ._observer import JobObserver
     from ._output import Chunk
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 _WHERE = {
     "NOBODY": "_config",
+    "Bind": "_jobdir",
     "CgroupError": "cgroups",
     "NotPermittedError": "_errors",
     "RunAs": "_config",
@@ -67,6 +69,7 @@ _WHERE = {
 
 __all__ = [
     "NOBODY",
+    "Bind",
     "CgroupError",
     "Chunk",
     "IOLimit",

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._errors import InvalidSpecError
+from ._jobdir import Bind
 from ._protocol import DEFAULT_GRACE_S
 from ._spec import Limits
+from ._uids import DEFAULT_UID_RANGE, check_range
 
-__all__ = ["NOBODY", "RunAs", "RuntimeConfig"]
+__all__ = ["ALL_OWNERS", "DEFAULT_TMP_BYTES", "NOBODY", "Bind", "RunAs", "RuntimeConfig"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +24,12 @@ class RunAs:
 
 
 NOBODY = RunAs(65534, 65534)
+# The owner key of ``owner_paths`` that applies to every owner.
+ALL_OWNERS = "*"
+# A job's private writable places (/tmp, /var/tmp, /dev/shm, /run/lock, /work) together,
+# when neither the job nor the server's defaults say: a tmpfs needs a size, and the
+# kernel's own default (half the RAM) would let one job pin half the host's memory.
+DEFAULT_TMP_BYTES = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +43,19 @@ class RuntimeConfig:
     Isolation: ``cgroups`` puts each job in its own cgroup under ``cgroup_subtree`` beneath
     the server's own cgroup (or ``cgroup_parent`` on cgroup v2); turning it off runs jobs
     without limits, and their status says so. ``default_limits`` fill what a spec leaves
-    unset; ``max_limits`` cap what a spec may ask. Jobs run as ``run_as`` (default nobody),
+    unset; ``max_limits`` cap what a spec may ask. Each job runs as a uid:gid of its own
+    from ``uid_range`` (as systemd's DynamicUser=), or as ``run_as`` for every job if set,
     or as ``owner_run_as[owner]``; uid 0 only with ``allow_root``. Only owners in
     ``host_network_owners`` may ask for the host's network instead of an empty one.
     ``namespaces`` off skips the mount, UTS, IPC, network and cgroup namespaces (to measure
     what they cost, or to debug); the PID namespace stays, as stop relies on it.
+
+    Sandbox (``sandbox``, on by default, needs ``namespaces``): each job gets a read-only
+    view of the host (or of one of ``images``, name -> directory), private writable places,
+    a private /dev, masked /proc and /sys, no capabilities and a seccomp filter (see
+    ``_rootfs`` and ``_seccomp``). ``hide_paths`` are shown empty (the state dir always
+    is); ``owner_paths`` are shown to an owner (or every owner, ``"*"``) at the same path;
+    owners in ``seccomp_optional_owners`` may ask for no seccomp filter.
 
     Retention: ended jobs and their output are deleted once ``retention_seconds`` have
     passed since they ended, and, oldest first, while all jobs together take more than
@@ -59,7 +75,8 @@ class RuntimeConfig:
     cgroup_parent: str | None = None
     default_limits: Limits = field(default_factory=Limits)
     max_limits: Limits = field(default_factory=Limits)
-    run_as: RunAs = NOBODY
+    run_as: RunAs | None = None
+    uid_range: tuple[int, int] = DEFAULT_UID_RANGE
     owner_run_as: Mapping[str, RunAs] = field(default_factory=dict)
     allow_root: bool = False
     host_network_owners: frozenset[str] = frozenset()
@@ -68,6 +85,11 @@ class RuntimeConfig:
     retention_seconds: float = 7 * 24 * 3600.0
     retention_bytes: int = 10 << 30
     retention_interval: float = 60.0
+    sandbox: bool = True
+    hide_paths: tuple[str, ...] = ()
+    owner_paths: Mapping[str, tuple[Bind, ...]] = field(default_factory=dict)
+    seccomp_optional_owners: frozenset[str] = frozenset()
+    images: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.output_limit < 1:
@@ -83,7 +105,24 @@ class RuntimeConfig:
             raise InvalidSpecError(
                 f"cgroup subtree name {subtree!r} must be a single directory name"
             )
-        for who, user in [("default", self.run_as), *self.owner_run_as.items()]:
+        self._check_users()
+        self._check_sandbox()
+
+    def _check_sandbox(self) -> None:
+        if self.sandbox and not self.namespaces:
+            raise InvalidSpecError("the sandbox needs namespaces; turn both off, or neither")
+        for path in (*self.hide_paths, *(b.path for bs in self.owner_paths.values() for b in bs)):
+            if not path.startswith("/"):
+                raise InvalidSpecError(f"sandbox path {path!r} is not absolute")
+        for name, path in self.images.items():
+            if not name or not path.startswith("/"):
+                raise InvalidSpecError(f"image {name!r}: {path!r} is not an absolute directory")
+
+    def _check_users(self) -> None:
+        if self.run_as is None:
+            check_range(*self.uid_range)
+        users = [("default", self.run_as)] if self.run_as is not None else []
+        for who, user in [*users, *self.owner_run_as.items()]:
             if min(user.uid, user.gid) < 0:
                 raise InvalidSpecError(f"run-as user for {who} has a negative uid or gid")
             if 0 in (user.uid, user.gid) and not self.allow_root:
@@ -91,5 +130,10 @@ class RuntimeConfig:
                     f"run-as user for {who} is root (uid or gid 0); set allow_root to permit it"
                 )
 
-    def user_for(self, owner: str) -> RunAs:
+    def user_for(self, owner: str) -> RunAs | None:
+        """Who ``owner``'s jobs run as; None: a uid of each job's own."""
         return self.owner_run_as.get(owner, self.run_as)
+
+    def binds_for(self, owner: str) -> tuple[Bind, ...]:
+        """The host paths shown to ``owner``'s jobs."""
+        return (*self.owner_paths.get(ALL_OWNERS, ()), *self.owner_paths.get(owner, ()))

@@ -37,14 +37,17 @@ __all__ = [
     "EXIT",
     "FINAL",
     "LOG",
+    "NEW_ROOT",
     "RUN",
     "SPEC",
+    "Bind",
     "CgroupPaths",
     "CorruptRecordError",
     "ExitRecord",
     "FinalRecord",
     "Found",
     "RunRecord",
+    "SandboxRecord",
     "SpecRecord",
     "UsageRecord",
     "dir_bytes",
@@ -64,6 +67,8 @@ EXIT = "exit.json"
 LOG = "output.log"
 FINAL = "final.json"
 CONTROL = "control.sock"
+# The empty directory a sandboxed job's root is built on, in its own mount namespace.
+NEW_ROOT = "root"
 # Where directories whose records cannot be read are moved, under the state dir.
 SET_ASIDE = "set-aside"
 _READ_SIZE = 16384
@@ -132,6 +137,52 @@ class CgroupPaths(NamedTuple):
         return cls(dict(data))
 
 
+class Bind(NamedTuple):
+    """A host path shown inside a job at the same path, read-only or writable."""
+
+    path: str
+    writable: bool
+
+
+class SandboxRecord(NamedTuple):
+    """How a job is walled in (see ``_rootfs``): its root (an image directory, or None for
+    the host's root, read-only), the size of its private writable places, the host paths it
+    must not see and those it is shown, whether the seccomp filter applies, and whether to
+    mount a cgroup2 view of its own cgroup (cgroup v2 only)."""
+
+    image: str | None
+    image_name: str | None
+    tmp_bytes: int
+    hide: tuple[str, ...]
+    binds: tuple[Bind, ...]
+    seccomp: bool
+    cgroup2: bool
+
+    def to_json(self) -> dict[str, Any]:
+        data = self._asdict()
+        data["binds"] = [list(b) for b in self.binds]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SandboxRecord:
+        """Raises CorruptRecordError: a field is missing or of the wrong type."""
+        what = "spec.json: sandbox"
+        binds = data.get("binds") or []
+        if not isinstance(binds, list) or not all(
+            isinstance(b, list) and len(b) == 2 and isinstance(b[0], str) for b in binds
+        ):
+            raise CorruptRecordError(f"{what}: binds is not a list of [path, writable]")
+        return cls(
+            image=_opt(data, "image", str, what),
+            image_name=_opt(data, "image_name", str, what),
+            tmp_bytes=_get(data, "tmp_bytes", int, what),
+            hide=_strings(data.get("hide") or [], f"{what}: hide"),
+            binds=tuple(Bind(str(b[0]), bool(b[1])) for b in binds),
+            seccomp=_get(data, "seccomp", bool, what),
+            cgroup2=bool(data.get("cgroup2", False)),
+        )
+
+
 class SpecRecord(NamedTuple):
     """spec.json: the job as created, and the supervisor's instructions.
 
@@ -153,6 +204,8 @@ class SpecRecord(NamedTuple):
     # whose supervisor may be running.
     launching: bool
     cgroup: CgroupPaths | None
+    # None: not sandboxed (namespaces off, or a record of an earlier release).
+    sandbox: SandboxRecord | None = None
 
     @property
     def argv(self) -> tuple[str, ...]:
@@ -177,6 +230,7 @@ class SpecRecord(NamedTuple):
     def to_json(self) -> dict[str, Any]:
         data = self._asdict()
         data["cgroup"] = self.cgroup.to_json() if self.cgroup is not None else None
+        data["sandbox"] = self.sandbox.to_json() if self.sandbox is not None else None
         data["spec"] = dict(self.spec)
         data["limits"] = dict(self.limits)
         return data
@@ -215,6 +269,7 @@ class SpecRecord(NamedTuple):
             boot_id=str(data.get("boot_id") or ""),
             launching=bool(data.get("launching", False)),
             cgroup=CgroupPaths.from_json(cgroup) if cgroup else None,
+            sandbox=SandboxRecord.from_json(data["sandbox"]) if data.get("sandbox") else None,
         )
 
 

@@ -30,8 +30,9 @@ from typing import NoReturn
 from ._jobdir import ExitRecord, RunRecord, SpecRecord, start_ticks
 from ._linux import CLONE_NEWPID, PR_SET_CHILD_SUBREAPER, prctl, unshare
 from ._logformat import HEADER, Stream
-from ._preexec import DEFAULT_PATH, job_env, which
+from ._preexec import DEFAULT_PATH, job_env, set_seccomp_filter, which
 from ._protocol import Control, Reply, Report
+from ._seccomp import build_filter
 from ._supervisor import run_supervisor
 
 __all__ = ["main"]
@@ -124,6 +125,7 @@ def main() -> None:
     # PID 1 that may not reap. It exits when the server's socket closes instead.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    set_seccomp_filter(build_filter())
     _warm_up()
     # Everything imported so far is shared copy-on-write with every supervisor; freezing keeps
     # the garbage collector from touching (and so copying) those pages in each of them.

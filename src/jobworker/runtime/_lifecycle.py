@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 
-from ._config import RuntimeConfig
+from ._config import DEFAULT_TMP_BYTES, RuntimeConfig
 from ._errors import JobAlreadyStartedError, JobNotFoundError, LaunchError, StateDirError
 from ._job import Job
 from ._jobdir import (
@@ -24,6 +24,7 @@ from ._jobdir import (
     SPEC,
     ExitRecord,
     FinalRecord,
+    SandboxRecord,
     SpecRecord,
     dir_bytes,
     read_exit,
@@ -36,6 +37,7 @@ from ._observer import JobObserver
 from ._registry import Registry
 from ._spec import JobSpec, Limits
 from ._states import State
+from ._uids import UidAllocator
 from .cgroups import CgroupDriver, CgroupError
 
 __all__ = ["Lifecycle"]
@@ -69,6 +71,7 @@ class Lifecycle:
         self.observer = observer
         self.notifier = notifier
         self.boot_id = boot_id
+        self.uids = UidAllocator(*config.uid_range, str(config.state_dir))
         # Watchers of running supervisors: cancelled at close (the jobs go on without us).
         self.tasks: set[asyncio.Task[None]] = set()
         # Removal of ended jobs' cgroups: awaited at close, so nothing is left half-done.
@@ -119,8 +122,9 @@ class Lifecycle:
             spec=spec.to_json(),
             limits=limits.to_json(),
             output_limit=config.output_limit,
-            uid=user.uid,
-            gid=user.gid,
+            # -1: a uid of the job's own, taken when it starts.
+            uid=user.uid if user is not None else -1,
+            gid=user.gid if user is not None else -1,
             hostname=f"job-{job_id[:8]}",
             namespaces=config.namespaces,
             boot_id=self.boot_id,
@@ -175,15 +179,20 @@ class Lifecycle:
                 raise JobAlreadyStartedError(
                     f"job {job.id} has already been started (it is {job.state})"
                 )
+            record = job.record
+            if record.uid < 0:
+                uid = self.uids.take(job.id)
+                record = record._replace(uid=uid, gid=uid)
             try:
                 if self.cgroups is not None:
                     # The job's first process joins these before exec: no unlimited window.
                     job.cgroup = await asyncio.to_thread(self.cgroups.create, job.id, job.limits)
                 # On record before the launch: a server that dies from here on finds, at its
                 # next start, a job whose supervisor may be running (see _restore).
-                job.record = job.record._replace(
+                job.record = record._replace(
                     launching=True,
                     cgroup=job.cgroup.paths if job.cgroup is not None else None,
+                    sandbox=self._sandbox(job, record.uid),
                 )
                 await asyncio.to_thread(write_record, job.dir, SPEC, job.record.to_json())
                 result = await self.launcher.launch(job.dir, self.config.launch_timeout)
@@ -200,6 +209,21 @@ class Lifecycle:
                 self.background(self.finish(job), self.cleanups)
             else:
                 await self.start_failed(job, result.error)
+
+    def _sandbox(self, job: Job, uid: int) -> SandboxRecord | None:
+        config = self.config
+        if not (config.sandbox and config.namespaces):
+            return None
+        spec = job.spec
+        return SandboxRecord(
+            image=config.images[spec.image] if spec.image is not None else None,
+            image_name=spec.image,
+            tmp_bytes=job.limits.tmp_bytes or DEFAULT_TMP_BYTES,
+            hide=(str(config.state_dir), *config.hide_paths),
+            binds=config.binds_for(spec.owner),
+            seccomp=spec.seccomp,
+            cgroup2=self.cgroups is not None and self.cgroups.kind == "v2" and uid >= 0,
+        )
 
     async def start_failed(self, job: Job, error: str) -> None:
         """Record (exit.json, unless the supervisor wrote one) and show a failed start."""
@@ -265,10 +289,15 @@ class Lifecycle:
             # A server that died between creating the cgroup and recording it leaves one
             # that only its id finds.
             cgroup = self.cgroups.find(job.id)
+        empty = True
         if cgroup is not None:
-            with contextlib.suppress(CgroupError):
-                # Left for prune() at the next start-up; the job has ended either way.
-                await asyncio.to_thread(cgroup.remove, self.config.cgroup_remove_timeout)
+            try:
+                empty = await asyncio.to_thread(cgroup.remove, self.config.cgroup_remove_timeout)
+            except CgroupError:
+                empty = False  # left for prune() at the next start-up
+        if empty:
+            # Nothing the job started remains: its uid may serve another job.
+            self.uids.give_back(job.record.uid)
         if not self.closed and self.after_end is not None:
             await self.after_end()
 

@@ -19,18 +19,31 @@ __all__ = [
     "CLONE_NEWNS",
     "CLONE_NEWPID",
     "CLONE_NEWUTS",
+    "MS_BIND",
     "MS_NODEV",
     "MS_NOEXEC",
     "MS_NOSUID",
     "MS_PRIVATE",
     "MS_RDONLY",
     "MS_REC",
+    "MS_REMOUNT",
+    "MS_UNBINDABLE",
+    "PR_CAPBSET_DROP",
+    "PR_CAP_AMBIENT",
+    "PR_CAP_AMBIENT_CLEAR_ALL",
     "PR_SET_CHILD_SUBREAPER",
     "PR_SET_NO_NEW_PRIVS",
+    "PR_SET_SECUREBITS",
+    "SECBITS_LOCKED_NOROOT",
+    "load_seccomp",
     "loopback_up",
     "mount",
+    "pivot_root",
     "prctl",
+    "prctl5",
+    "read_only_tree",
     "sethostname",
+    "umount",
     "unshare",
 ]
 
@@ -45,11 +58,33 @@ MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_MOVE = 0x2000
 MS_REC = 0x4000
+MS_UNBINDABLE = 0x20000
 MS_PRIVATE = 0x40000
+MNT_DETACH = 0x2
 
+PR_CAPBSET_DROP = 24
+PR_SET_SECUREBITS = 28
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+# capabilities(7): NOROOT (uid 0 gains no capability at exec) | NOROOT_LOCKED |
+# NO_SETUID_FIXUP_LOCKED (the fix-up that clears capabilities on setuid stays ON) |
+# KEEP_CAPS_LOCKED (keep-caps stays OFF) | NO_CAP_AMBIENT_RAISE | its lock. Never set
+# NO_SETUID_FIXUP or KEEP_CAPS themselves: either would keep capabilities across setuid.
+SECBITS_LOCKED_NOROOT = 0x01 | 0x02 | 0x08 | 0x20 | 0x40 | 0x80
+
+_SYS_MOUNT_SETATTR = 442  # the same number on x86_64 and the generic table (arm64)
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+_AT_FDCWD = -100
+_AT_RECURSIVE = 0x8000
+_MOUNT_ATTR_RDONLY = 0x1
 
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
@@ -77,6 +112,25 @@ _libc.mount.argtypes = [
 _libc.mount.restype = ctypes.c_int
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.sethostname.restype = ctypes.c_int
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.umount2.restype = ctypes.c_int
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = (
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    )
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (
+        ("len", ctypes.c_ushort),
+        ("filter", ctypes.c_void_p),
+    )
 
 
 def _check(ret: int, what: str) -> None:
@@ -104,8 +158,10 @@ def prctl(option: int, arg: int, what: str) -> None:
     _check(_libc.prctl(option, arg, 0, 0, 0), f"prctl({what})")
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
-    """mount(2) without data.
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    """mount(2).
 
     Raises:
         OSError: the kernel refused (e.g. EPERM outside a new mount namespace as non-root).
@@ -116,10 +172,73 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int) -> No
             target.encode(),
             fstype.encode() if fstype is not None else None,
             flags,
-            None,
+            data.encode() if data is not None else None,
         ),
-        f"mount {fstype or 'flags'} on {target}",
+        f"mount {fstype or source or 'flags'} on {target}",
     )
+
+
+def umount(target: str) -> None:
+    """umount2(2) with MNT_DETACH.
+
+    Raises:
+        OSError: the kernel refused.
+    """
+    _check(_libc.umount2(target.encode(), MNT_DETACH), f"umount {target}")
+
+
+def read_only_tree(path: str) -> None:
+    """Make the mount at ``path`` and every mount beneath it read-only, in one call
+    (mount_setattr(2) with AT_RECURSIVE, Linux 5.12+), like systemd's ProtectSystem=strict.
+
+    Raises:
+        OSError: the kernel refused, or has no mount_setattr.
+    """
+    attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+    ret = _libc.syscall(
+        _SYS_MOUNT_SETATTR,
+        ctypes.c_int(_AT_FDCWD),
+        path.encode(),
+        ctypes.c_uint(_AT_RECURSIVE),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    _check(0 if ret == 0 else -1, f"mount_setattr({path}, read-only, recursive)")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """pivot_root(2) (libc has no wrapper).
+
+    Raises:
+        OSError: the kernel refused.
+    """
+    number = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is None:
+        raise OSError(0, f"pivot_root: no syscall number known for {os.uname().machine}")
+    ret = _libc.syscall(number, new_root.encode(), put_old.encode())
+    _check(0 if ret == 0 else -1, "pivot_root")
+
+
+def prctl5(option: int, arg2: int, arg3: int, what: str) -> None:
+    """prctl(2) with two arguments.
+
+    Raises:
+        OSError: the kernel refused the option.
+    """
+    _check(_libc.prctl(option, arg2, arg3, 0, 0), f"prctl({what})")
+
+
+def load_seccomp(bpf: bytes) -> None:
+    """Install the classic-BPF seccomp program ``bpf`` (8 bytes per instruction) on this
+    thread; needs no_new_privs (or CAP_SYS_ADMIN).
+
+    Raises:
+        OSError: the kernel refused the filter.
+    """
+    buffer = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _SockFprog(len(bpf) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    ret = _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0)
+    _check(ret, "prctl(PR_SET_SECCOMP)")
 
 
 def sethostname(name: str) -> None:

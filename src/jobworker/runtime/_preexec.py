@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 from typing import NoReturn
 
@@ -29,25 +30,55 @@ from ._linux import (
     MS_PRIVATE,
     MS_RDONLY,
     MS_REC,
+    PR_CAP_AMBIENT,
+    PR_CAP_AMBIENT_CLEAR_ALL,
+    PR_CAPBSET_DROP,
     PR_SET_NO_NEW_PRIVS,
+    PR_SET_SECUREBITS,
+    SECBITS_LOCKED_NOROOT,
+    load_seccomp,
     loopback_up,
     mount,
     prctl,
+    prctl5,
     sethostname,
     unshare,
 )
+from ._rootfs import build_root
 
-__all__ = ["DEFAULT_PATH", "ExecError", "exec_command", "job_env", "resolve"]
+__all__ = [
+    "DEFAULT_PATH",
+    "ExecError",
+    "exec_command",
+    "job_env",
+    "resolve",
+    "seccomp_filter",
+    "set_seccomp_filter",
+]
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The seccomp program every sandboxed job loads: built once by the launcher before it forks
+# (``_seccomp.build_filter``), shared copy-on-write with every supervisor.
+_SECCOMP_BPF: list[bytes] = []
+
+
+def set_seccomp_filter(bpf: bytes) -> None:
+    _SECCOMP_BPF[:] = [bpf]
+
+
+def seccomp_filter() -> bytes:
+    """Raises ExecError: the launcher built none (a bug: it builds one at start)."""
+    if not _SECCOMP_BPF:
+        raise ExecError("the seccomp filter was not built; the job cannot start safely")
+    return _SECCOMP_BPF[0]
 
 
 class ExecError(Exception):
     """The command cannot be started; the message is the reason, for the user."""
 
 
-def job_env(spec_env: dict[str, str], job_id: str) -> dict[str, str]:
-    env = {"PATH": DEFAULT_PATH, "HOME": "/", "LANG": "C.UTF-8", "JOBWORKER_JOB_ID": job_id}
+def job_env(spec_env: dict[str, str], job_id: str, home: str = "/") -> dict[str, str]:
+    env = {"PATH": DEFAULT_PATH, "HOME": home, "LANG": "C.UTF-8", "JOBWORKER_JOB_ID": job_id}
     env.update(spec_env)
     return env
 
@@ -79,23 +110,53 @@ def resolve(argv0: str, env: dict[str, str]) -> str:
     return found
 
 
-def _enter_namespaces(spec: SpecRecord) -> None:
+def _enter_namespaces(spec: SpecRecord, new_root: str) -> None:
     flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP
     unshare(flags | (0 if spec.host_network else CLONE_NEWNET), "mount, UTS, IPC, cgroup, net")
     # Nothing mounted from here on may propagate back to the host.
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-    # A /proc of the job's PID namespace: ps shows only the job's processes.
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    if spec.sandbox is not None:
+        build_root(new_root, spec.sandbox, spec.uid, spec.gid, own_network=not spec.host_network)
+    else:
+        # A /proc of the job's PID namespace: ps shows only the job's processes.
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        if not spec.host_network:
+            # sysfs shows the network devices of the namespace that mounts it; also hides
+            # the host's cgroup files. Read-only.
+            mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     if not spec.host_network:
-        # sysfs shows the network devices of the namespace that mounts it; also hides the
-        # host's cgroup files. Read-only.
-        mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         loopback_up()
     sethostname(spec.hostname)
 
 
-def _isolate(spec: SpecRecord) -> None:
-    """Join the job's cgroups, enter its own namespaces, drop privileges (in that order).
+def _cap_last() -> int:
+    fd = os.open("/proc/sys/kernel/cap_last_cap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return int(os.read(fd, 32))
+    finally:
+        os.close(fd)
+
+
+def _drop_privileges(spec: SpecRecord, last_cap: int) -> None:
+    """Sandboxed, no capability can come back, even for a job mapped to uid 0: the
+    bounding and ambient sets emptied and the securebits locked (while we still hold
+    CAP_SETPCAP). Then the job's own uid and gid with no supplementary groups,
+    no_new_privs, no core dumps."""
+    if spec.sandbox is not None:
+        for cap in range(last_cap + 1):
+            prctl(PR_CAPBSET_DROP, cap, "PR_CAPBSET_DROP")
+        prctl5(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, "PR_CAP_AMBIENT_CLEAR_ALL")
+        prctl(PR_SET_SECUREBITS, SECBITS_LOCKED_NOROOT, "PR_SET_SECUREBITS")
+    os.setgroups([])
+    os.setgid(spec.gid)
+    os.setuid(spec.uid)
+    prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _isolate(spec: SpecRecord, new_root: str) -> None:
+    """Join the job's cgroups, enter its own namespaces and root, drop privileges (in that
+    order: the cgroup first, so the job's tmpfs pages and every process are counted).
 
     "0" names the writing process: its host pid would mean nothing here, inside the job's
     PID namespace.
@@ -107,19 +168,19 @@ def _isolate(spec: SpecRecord) -> None:
                 os.write(fd, b"0")
             finally:
                 os.close(fd)
+    last_cap = _cap_last()  # read while the host's /proc is still there
     if spec.namespaces:
-        _enter_namespaces(spec)
-    os.setgroups([])
-    os.setgid(spec.gid)
-    os.setuid(spec.uid)
-    prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+        _enter_namespaces(spec, new_root)
+    _drop_privileges(spec, last_cap)
 
 
 def exec_command(
-    exe: str, spec: SpecRecord, env: dict[str, str], stdio: tuple[int, int], status_w: int
+    spec: SpecRecord, env: dict[str, str], stdio: tuple[int, int], status_w: int, new_root: str
 ) -> NoReturn:
     """In the forked child: stdio (``stdio`` = stdout and stderr write ends), signals,
-    isolation, cwd, then exec. Never returns; a failure is written to ``status_w``."""
+    isolation, cwd, the seccomp filter, then exec. Never returns; a failure is written to
+    ``status_w``. The executable is looked up in the job's PATH after the job's root is in
+    place and as the job's user, so it is the job's own view that decides."""
     stage = "set up the job's process"
     try:
         os.setsid()
@@ -136,12 +197,18 @@ def exec_command(
             with contextlib.suppress(OSError, ValueError):
                 signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        stage = "isolate the job (cgroups, namespaces, user)"
-        _isolate(spec)
+        stage = "isolate the job (cgroups, namespaces, root, user)"
+        _isolate(spec, new_root)
+        exe = resolve(spec.argv[0], env)
         stage = f"change to working directory {spec.cwd!r}"
         os.chdir(spec.cwd)
+        if spec.sandbox is not None and spec.sandbox.seccomp:
+            stage = "install the seccomp filter"
+            load_seccomp(seccomp_filter())
         stage = f"execute {exe!r}"
         os.execve(exe, spec.argv, env)  # noqa: S606 - exec'ing the user's argv, no shell, is the job
+    except ExecError as e:
+        message = str(e)
     except OSError as e:
         message = f"cannot {stage}: {e.strerror}"
     except BaseException as e:  # noqa: BLE001 - anything here must become a report, not a trace

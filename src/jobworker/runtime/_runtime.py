@@ -37,6 +37,8 @@ from ._protocol import Control, Outcome, Verb
 from ._registry import Registry
 from ._restore import boot_id, restore
 from ._retention import prune_ended, retention_loop
+from ._rootfs import PRIVATE_DIRS, WORKDIR
+from ._seccomp import build_filter
 from ._spec import JobSpec
 from ._states import State
 from ._status import JobStatus, Usage
@@ -102,6 +104,18 @@ class Runtime:
             cgroups = await asyncio.to_thread(
                 open_driver, config.cgroup_subtree, config.cgroup_parent
             )
+        for name, path in config.images.items():
+            if not await asyncio.to_thread(os.path.isdir, path):
+                raise InvalidSpecError(f"image {name!r}: {path} is not a directory")
+        if config.sandbox and config.namespaces:
+            # Here, with a clear error, rather than in the launcher, which builds its own.
+            try:
+                await asyncio.to_thread(build_filter)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise InvalidSpecError(
+                    f"cannot build the seccomp filter ({e}); install libseccomp2, or turn "
+                    "the sandbox off"
+                ) from e
         runtime = cls(config, Launcher.spawn(), cgroups, observer or NullObserver())
         life = runtime._life
         try:
@@ -222,16 +236,70 @@ class Runtime:
             raise NotPermittedError(
                 f"owner {spec.owner!r} may not use the host network (server configuration)"
             )
+        spec = await asyncio.to_thread(self._place, spec)
         limits = spec.limits.resolve(config.default_limits, config.max_limits)
         if limits.io and self._cgroups is not None:
             try:
-                limits = replace(limits, io=await asyncio.to_thread(resolve_io, limits, spec.cwd))
+                io = await asyncio.to_thread(resolve_io, limits, self._io_path(spec))
             except CgroupError as e:
                 raise InvalidSpecError(str(e)) from e
+            limits = replace(limits, io=io)
         job = await self._life.create(spec, limits, start=start)
         if start:
             await self._life.start(job)
         return job.status
+
+    @property
+    def sandboxed(self) -> bool:
+        return self._config.sandbox and self._config.namespaces
+
+    def _visible(self, spec: JobSpec, path: str) -> bool:
+        """Whether ``path`` lies in a place a sandboxed job of ``spec.owner`` can see."""
+        places = [WORKDIR, *PRIVATE_DIRS, *(b.path for b in self._config.binds_for(spec.owner))]
+        return any(_within(path, p) for p in places)
+
+    def _io_path(self, spec: JobSpec) -> str:
+        """Where an IO limit without a device applies: the working directory's disk, or for
+        one in the job's private tmpfs, the root disk."""
+        cwd = spec.cwd or "/"
+        if self.sandboxed and not any(
+            cwd == b.path or cwd.startswith(b.path + "/")
+            for b in self._config.binds_for(spec.owner)
+        ):
+            return "/"
+        return cwd
+
+    def _place(self, spec: JobSpec) -> JobSpec:
+        """``spec`` with its image, seccomp choice and working directory checked, and the
+        working directory decided (blocks: checks the host's directories).
+
+        Raises:
+            InvalidSpecError: an unknown image, or a working directory the job cannot see.
+            NotPermittedError: the owner may not turn the seccomp filter off.
+        """
+        config = self._config
+        if spec.image is not None and spec.image not in config.images:
+            known = ", ".join(sorted(config.images)) or "none are configured"
+            raise InvalidSpecError(f"unknown image {spec.image!r}; the server's images: {known}")
+        if not spec.seccomp and spec.owner not in config.seccomp_optional_owners:
+            raise NotPermittedError(
+                f"owner {spec.owner!r} may not run jobs without the seccomp filter (server "
+                "configuration: [sandbox] seccomp_optional)"
+            )
+        if not self.sandboxed:
+            if spec.image is not None:
+                raise InvalidSpecError("images need the sandbox, which this server has off")
+            cwd = spec.cwd or "/"
+            if not os.path.isdir(cwd):
+                raise InvalidSpecError(f"working directory {cwd!r} does not exist on the server")
+            return replace(spec, cwd=cwd)
+        cwd = spec.cwd or WORKDIR
+        if not self._visible(spec, cwd):
+            raise InvalidSpecError(
+                f"working directory {cwd!r} does not exist inside the job; use {WORKDIR} (the "
+                "default, private), /tmp, or a path the server shows your jobs"
+            )
+        return replace(spec, cwd=cwd)
 
     async def run(self, spec: JobSpec) -> JobStatus:
         """Create and start a job in one call; see :meth:`create`."""
@@ -435,6 +503,10 @@ class Runtime:
                 yield
         finally:
             job.remove_waiter(event)
+
+
+def _within(path: str, place: str) -> bool:
+    return path == place or path.startswith(place.rstrip("/") + "/")
 
 
 def _live_usages(jobs: list[Job]) -> dict[str, Usage]:

@@ -85,6 +85,8 @@ class Limits:
     memory_bytes: int | None = None
     pids: int | None = None
     io: tuple[IOLimit, ...] = ()
+    # The job's private writable places (/tmp, /var/tmp, /dev/shm, /run/lock, /work) together.
+    tmp_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.cpus is not None and not (
@@ -97,6 +99,8 @@ class Limits:
             raise InvalidSpecError("memory limit must be at least 1 MiB")
         if self.pids is not None and self.pids < 1:
             raise InvalidSpecError("pids limit must be at least 1")
+        if self.tmp_bytes is not None and self.tmp_bytes < 1024 * 1024:
+            raise InvalidSpecError("tmp size must be at least 1 MiB")
         object.__setattr__(self, "io", tuple(self.io))
 
     def resolve(self, defaults: Limits, maxima: Limits) -> Limits:
@@ -110,7 +114,12 @@ class Limits:
             InvalidSpecError: a requested limit is above the server's maximum.
         """
         values: dict[str, Any] = {}
-        for name, unit in (("cpus", "CPUs"), ("memory_bytes", "bytes"), ("pids", "tasks")):
+        for name, unit in (
+            ("cpus", "CPUs"),
+            ("memory_bytes", "bytes"),
+            ("pids", "tasks"),
+            ("tmp_bytes", "bytes"),
+        ):
             value = getattr(self, name)
             if value is None:
                 value = getattr(defaults, name)
@@ -119,7 +128,7 @@ class Limits:
                 if value is None:
                     value = cap
                 elif value > cap:
-                    label = name.removesuffix("_bytes")
+                    label = {"memory_bytes": "memory", "tmp_bytes": "tmp size"}.get(name, name)
                     raise InvalidSpecError(
                         f"{label} limit {_amount(value, unit)} is above the server maximum of "
                         f"{_amount(cap, unit)}; ask for at most that"
@@ -134,6 +143,7 @@ class Limits:
             "cpu_weight": self.cpu_weight,
             "memory_bytes": self.memory_bytes,
             "pids": self.pids,
+            "tmp_bytes": self.tmp_bytes,
             "io": [
                 {
                     "device": io.device,
@@ -154,6 +164,7 @@ class Limits:
             memory_bytes=data.get("memory_bytes"),
             pids=data.get("pids"),
             io=tuple(IOLimit(**io) for io in data.get("io", ())),
+            tmp_bytes=data.get("tmp_bytes"),
         )
 
 
@@ -163,7 +174,10 @@ class JobSpec:
 
     ``argv`` is executed directly (never through a shell); ``argv[0]`` is looked up in the job's
     PATH unless it contains a slash. ``env`` is added to a minimal default environment (PATH,
-    HOME, LANG), never to the server's own. ``cwd`` must be absolute.
+    HOME, LANG), never to the server's own. ``cwd`` must be absolute; None is the job's
+    private working directory (/job) when it is sandboxed, else /. ``image`` names one of
+    the server's root filesystems (None: the host's, read-only). ``seccomp`` False asks for
+    no seccomp filter, which the server grants only to owners its configuration names.
 
     Raises:
         InvalidSpecError: on construction, naming the bad field.
@@ -171,10 +185,12 @@ class JobSpec:
 
     argv: Sequence[str]
     env: Mapping[str, str] = field(default_factory=dict)
-    cwd: str = "/"
+    cwd: str | None = None
     owner: str = "local"
     limits: Limits = field(default_factory=Limits)
     host_network: bool = False
+    image: str | None = None
+    seccomp: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.argv, str | bytes) or not isinstance(self.argv, Sequence):
@@ -191,9 +207,14 @@ class JobSpec:
             raise InvalidSpecError(
                 f"argv and env together exceed {MAX_ARGV_ENV_BYTES} bytes; pass data in a file"
             )
-        cwd = _check_text(self.cwd, "working directory")
-        if not cwd.startswith("/"):
-            raise InvalidSpecError(f"working directory {cwd!r} is not absolute; start it with /")
+        if self.cwd is not None:
+            cwd = _check_text(self.cwd, "working directory")
+            if not cwd.startswith("/"):
+                raise InvalidSpecError(
+                    f"working directory {cwd!r} is not absolute; start it with /"
+                )
+        if self.image is not None and not _check_text(self.image, "image").isprintable():
+            raise InvalidSpecError("image must be the name of one of the server's images")
         owner = _check_text(self.owner, "owner")
         if not owner or len(owner) > MAX_OWNER_CHARS or not owner.isprintable():
             raise InvalidSpecError("owner must be 1-256 printable characters")
@@ -210,6 +231,8 @@ class JobSpec:
             "owner": self.owner,
             "limits": self.limits.to_json(),
             "host_network": self.host_network,
+            "image": self.image,
+            "seccomp": self.seccomp,
         }
 
     @classmethod
@@ -221,4 +244,6 @@ class JobSpec:
             owner=data.get("owner", "local"),
             limits=Limits.from_json(data.get("limits", {})),
             host_network=bool(data.get("host_network", False)),
+            image=data.get("image"),
+            seccomp=bool(data.get("seccomp", True)),
         )

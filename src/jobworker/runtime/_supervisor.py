@@ -36,6 +36,7 @@ from .._peer import peer_uid
 from ._jobdir import (
     CONTROL,
     EXIT,
+    NEW_ROOT,
     RUN,
     SPEC,
     ExitRecord,
@@ -48,8 +49,9 @@ from ._jobdir import (
 )
 from ._logformat import Stream
 from ._logwriter import LogWriter
-from ._preexec import ExecError, exec_command, job_env, resolve
+from ._preexec import ExecError, exec_command, job_env
 from ._protocol import DEFAULT_GRACE_S, Control, Outcome, Reply, Report, Verb
+from ._rootfs import WORKDIR
 
 __all__ = ["Phase", "run_supervisor"]
 
@@ -122,8 +124,12 @@ class _Supervisor:
         Raises:
             ExecError: the command could not be started (the text names the OS error).
         """
-        env = job_env(self.spec.env, self.spec.id)
-        exe = resolve(self.spec.argv[0], env)
+        home = WORKDIR if self.spec.sandbox is not None else "/"
+        env = job_env(self.spec.env, self.spec.id, home)
+        # The empty mount point the job's root is built on (never seen by anyone else).
+        new_root = os.path.abspath(NEW_ROOT)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(new_root, 0o700)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         for fd in (out_r, err_r):
@@ -132,7 +138,7 @@ class _Supervisor:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
-            exec_command(exe, self.spec, env, (out_w, err_w), status_w)
+            exec_command(self.spec, env, (out_w, err_w), status_w, new_root)
         os.close(out_w)
         os.close(err_w)
         os.close(status_w)
