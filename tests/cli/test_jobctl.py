@@ -41,8 +41,10 @@ JSON_KEYS = {
     "started_at",
     "ended_at",
     "limits",
+    "sandbox",
     "usage",
 }
+SANDBOX_KEYS = {"uid", "gid", "root", "seccomp", "tmp_bytes"}
 USAGE_KEYS = {"cpu_seconds", "memory_bytes", "memory_peak_bytes", "io_read_bytes", "io_write_bytes"}
 
 
@@ -130,6 +132,9 @@ async def test_start_status_logs_stop_wait(cli: Cli) -> None:
     data = json.loads(status.text)
     assert set(data) == JSON_KEYS
     assert set(data["usage"]) == USAGE_KEYS
+    assert set(data["sandbox"]) == SANDBOX_KEYS
+    assert data["sandbox"]["root"] == "host, read-only"
+    assert data["sandbox"]["seccomp"] is True
     assert data["state"] == "running"
     assert data["limits"]["memory_bytes"] == 64 << 20
     assert data["created_at"].endswith("Z")

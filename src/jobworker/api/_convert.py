@@ -9,7 +9,17 @@ import uuid
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ..runtime import InvalidSpecError, IOLimit, JobSpec, JobStatus, Limits, State, Stream, Usage
+from ..runtime import (
+    InvalidSpecError,
+    IOLimit,
+    JobSpec,
+    JobStatus,
+    Limits,
+    SandboxInfo,
+    State,
+    Stream,
+    Usage,
+)
 from ._proto import jobworker_pb2 as pb
 
 __all__ = ["job_id", "job_to_pb", "limits_to_pb", "spec_from_pb"]
@@ -71,6 +81,7 @@ def limits_from_pb(limits: pb.Limits) -> Limits:
         memory_bytes=_optional(limits, "memory_bytes"),
         pids=_optional(limits, "pids"),
         io=io,
+        tmp_bytes=_optional(limits, "tmp_bytes"),
     )
 
 
@@ -87,6 +98,8 @@ def spec_from_pb(spec: pb.JobSpec, owner: str) -> JobSpec:
         owner=owner,
         limits=limits_from_pb(spec.limits),
         host_network=spec.host_network,
+        image=spec.image or None,
+        seccomp=not spec.seccomp_unconfined,
     )
 
 
@@ -119,7 +132,21 @@ def limits_to_pb(limits: Limits) -> pb.Limits:
         out.memory_bytes = limits.memory_bytes
     if limits.pids is not None:
         out.pids = min(limits.pids, _MAX_U32)
+    if limits.tmp_bytes is not None:
+        out.tmp_bytes = limits.tmp_bytes
     return out
+
+
+def _sandbox_to_pb(sandbox: SandboxInfo | None) -> pb.Sandbox | None:
+    if sandbox is None:
+        return None
+    return pb.Sandbox(
+        uid=sandbox.uid,
+        gid=sandbox.gid,
+        root=sandbox.image or "host, read-only",
+        seccomp=sandbox.seccomp,
+        tmp_bytes=sandbox.tmp_bytes,
+    )
 
 
 def _usage_to_pb(usage: Usage | None) -> pb.Usage | None:
@@ -152,4 +179,5 @@ def job_to_pb(status: JobStatus) -> pb.Job:
         limits=limits_to_pb(status.limits),
         limits_enforced=status.limits_enforced,
         usage=_usage_to_pb(status.usage),
+        sandbox=_sandbox_to_pb(status.sandbox),
     )

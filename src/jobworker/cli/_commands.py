@@ -37,6 +37,18 @@ def _spec(args: argparse.Namespace) -> pb.JobSpec:
         if not sep or not key:
             raise UsageError(f"--env {item!r} is not KEY=VALUE")
         env[key] = value
+    return pb.JobSpec(
+        argv=cmd,
+        env=env,
+        workdir=args.workdir,
+        limits=_limits(args),
+        host_network=args.network == "host",
+        image=args.image or "",
+        seccomp_unconfined=args.seccomp == "unconfined",
+    )
+
+
+def _limits(args: argparse.Namespace) -> pb.Limits:
     limits = pb.Limits()
     if args.cpus is not None:
         limits.cpus = args.cpus
@@ -44,18 +56,14 @@ def _spec(args: argparse.Namespace) -> pb.JobSpec:
         limits.memory_bytes = parse_size(args.memory, "--memory")
     if args.pids is not None:
         limits.pids = args.pids
+    if args.tmp_size is not None:
+        limits.tmp_bytes = parse_size(args.tmp_size, "--tmp-size")
     for option, field in ((args.io_read_bps, "read_bps"), (args.io_write_bps, "write_bps")):
         for item in option:
             device, sep, rate = item.rpartition("=")
             io = limits.io.add(device=device if sep else "")
             setattr(io, field, parse_size(rate, f"IO rate in {item!r}"))
-    return pb.JobSpec(
-        argv=cmd,
-        env=env,
-        workdir=args.workdir,
-        limits=limits,
-        host_network=args.network == "host",
-    )
+    return limits
 
 
 async def _follow(

@@ -5,9 +5,10 @@ from __future__ import annotations
 __all__ = ["SCRIPTS"]
 
 COMMANDS = {
-    "run": "--rm --cpus --memory --pids --io-read-bps --io-write-bps --env --workdir --network",
-    "start": "-f -q --json --cpus --memory --pids --io-read-bps --io-write-bps --env --workdir "
-    "--network",
+    "run": "--rm --cpus --memory --pids --tmp-size --image --seccomp --io-read-bps --io-write-bps "
+    "--env --workdir --network",
+    "start": "-f -q --json --cpus --memory --pids --tmp-size --image --seccomp --io-read-bps "
+    "--io-write-bps --env --workdir --network",
     "status": "--json",
     "logs": "-f --follow --stdout --stderr --timestamps",
     "stop": "--grace",

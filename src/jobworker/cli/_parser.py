@@ -17,10 +17,22 @@ def _limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=float, help="CPU quota, e.g. 0.5")
     p.add_argument("--memory", help="memory limit, e.g. 256M")
     p.add_argument("--pids", type=int, help="maximum number of processes")
+    p.add_argument(
+        "--tmp-size", help="private /tmp, /var/tmp, /dev/shm and /job together, e.g. 512M"
+    )
+    p.add_argument("--image", help="one of the server's root filesystems (default: the host's)")
+    p.add_argument(
+        "--seccomp",
+        choices=["default", "unconfined"],
+        default="default",
+        help="unconfined: no seccomp filter (only where the server's configuration allows)",
+    )
     p.add_argument("--io-read-bps", action="append", default=[], metavar="DEV=RATE")
     p.add_argument("--io-write-bps", action="append", default=[], metavar="DEV=RATE")
     p.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--workdir", "-w", default="/", help="absolute working directory")
+    p.add_argument(
+        "--workdir", "-w", default="", help="absolute working directory (default: private /job)"
+    )
     p.add_argument("--network", choices=["none", "host"], default="none")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARG...]")
 

@@ -53,6 +53,7 @@ def job_json(job: Any) -> dict[str, Any]:
             "cpus": _opt(limits, "cpus"),
             "memory_bytes": _opt(limits, "memory_bytes"),
             "pids": _opt(limits, "pids"),
+            "tmp_bytes": _opt(limits, "tmp_bytes"),
             "io": [
                 {
                     "device": io.device or None,
@@ -63,6 +64,15 @@ def job_json(job: Any) -> dict[str, Any]:
             ],
             "enforced": job.limits_enforced,
         },
+        "sandbox": {
+            "uid": job.sandbox.uid,
+            "gid": job.sandbox.gid,
+            "root": job.sandbox.root,
+            "seccomp": job.sandbox.seccomp,
+            "tmp_bytes": job.sandbox.tmp_bytes,
+        }
+        if job.HasField("sandbox")
+        else None,
         "usage": {
             "cpu_seconds": job.usage.cpu_seconds,
             "memory_bytes": job.usage.memory_bytes,
@@ -157,6 +167,16 @@ def _bytes(value: int | None) -> str:
     return f"{value} B"
 
 
+def _sandbox_text(sandbox: dict[str, Any] | None) -> str:
+    if sandbox is None:
+        return "-"
+    seccomp = "seccomp on" if sandbox["seccomp"] else "seccomp off"
+    return (
+        f"uid {sandbox['uid']}, gid {sandbox['gid']}, root {sandbox['root']}, {seccomp}, "
+        f"private tmp {_bytes(sandbox['tmp_bytes'])}"
+    )
+
+
 def status_text(job: dict[str, Any]) -> str:
     now = dt.datetime.now(dt.UTC)
     usage = job["usage"]
@@ -172,6 +192,7 @@ def status_text(job: dict[str, Any]) -> str:
         ("cpu", f"{usage['cpu_seconds']:.2f} s"),
         ("memory", f"{_bytes(usage['memory_bytes'])} (peak {_bytes(usage['memory_peak_bytes'])})"),
         ("io", f"read {_bytes(usage['io_read_bytes'])}, written {_bytes(usage['io_write_bytes'])}"),
+        ("sandbox", _sandbox_text(job["sandbox"])),
     ]
     width = max(len(k) for k, _ in rows)
     return "".join(f"{key:<{width}}  {value}\n" for key, value in rows)

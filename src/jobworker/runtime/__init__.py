@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ._runtime import Runtime
     from ._spec import IOLimit, JobSpec, Limits
     from ._states import State
-    from ._status import JobStatus, Usage
+    from ._status import JobStatus, SandboxInfo, Usage
     from .cgroups import CgroupError
 
 _WHERE = {
@@ -44,6 +44,7 @@ _WHERE = {
     "NotPermittedError": "_errors",
     "RunAs": "_config",
     "Usage": "_status",
+    "SandboxInfo": "_status",
     "Chunk": "_output",
     "IOLimit": "_spec",
     "InvalidSpecError": "_errors",
@@ -91,6 +92,7 @@ __all__ = [
     "Runtime",
     "RuntimeClosedError",
     "RuntimeConfig",
+    "SandboxInfo",
     "State",
     "StateDirError",
     "Stream",

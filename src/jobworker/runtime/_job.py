@@ -15,7 +15,7 @@ from ._launch import SupervisorHandle
 from ._observer import JobObserver
 from ._spec import JobSpec, Limits
 from ._states import State
-from ._status import JobStatus, Usage, from_ns
+from ._status import JobStatus, SandboxInfo, Usage, from_ns
 from .cgroups import JobCgroup
 
 __all__ = ["Job"]
@@ -91,6 +91,18 @@ class Job:
     def remove_waiter(self, event: asyncio.Event) -> None:
         self._waiters.discard(event)
 
+    def _sandbox(self) -> SandboxInfo | None:
+        sandbox = self.record.sandbox
+        if sandbox is None:
+            return None
+        return SandboxInfo(
+            uid=self.record.uid,
+            gid=self.record.gid,
+            image=sandbox.image_name,
+            seccomp=sandbox.seccomp,
+            tmp_bytes=sandbox.tmp_bytes,
+        )
+
     # ------------------------------------------------------------ the one writer
     def _apply(self, status: JobStatus, *, fresh_history: bool = False) -> None:
         before = self._status if self._announced else None
@@ -117,7 +129,7 @@ class Job:
         """Its command runs (created -> running)."""
         self.run = run
         self.supervisor = supervisor
-        self._apply(self._status.started(run.started_ns, run.pid or None))
+        self._apply(self._status.started(run.started_ns, run.pid or None, self._sandbox()))
 
     def start_failed(self, record: ExitRecord) -> None:
         """Its command could not start (created -> failed)."""
@@ -140,7 +152,8 @@ class Job:
         is None when it has ended meanwhile and its end is about to be recorded."""
         self.run = run
         self.supervisor = supervisor
-        self._apply(self._status.started(run.started_ns, run.pid or None), fresh_history=True)
+        status = self._status.started(run.started_ns, run.pid or None, self._sandbox())
+        self._apply(status, fresh_history=True)
 
     def restored(self, final: FinalRecord) -> None:
         """Found ended after a restart: appears in its final state (one status, as a
@@ -149,7 +162,7 @@ class Job:
         self.disk_bytes = final.disk_bytes
         status = self._status
         if final.run is not None:
-            status = status.started(final.run.started_ns, final.run.pid or None)
+            status = status.started(final.run.started_ns, final.run.pid or None, self._sandbox())
         usage = Usage.from_record(final.usage) if final.usage is not None else None
         self._apply(
             status.ended(final.exit, usage, oom_killed=final.oom_killed), fresh_history=True

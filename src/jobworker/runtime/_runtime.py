@@ -417,6 +417,12 @@ class Runtime:
         finally:
             job.remove_waiter(changed)
 
+    async def settled(self) -> None:
+        """Return once every job end seen so far has been dealt with: cgroups removed,
+        uids given back, retention applied."""
+        while self._life.cleanups:
+            await asyncio.gather(*list(self._life.cleanups), return_exceptions=True)
+
     # ---------------------------------------------------------------- retention
     async def remove(self, job_id: str) -> None:
         """Delete an ended (or never started) job and its output.

@@ -13,7 +13,7 @@ from ._jobdir import ExitRecord, UsageRecord
 from ._spec import Limits
 from ._states import State, transition
 
-__all__ = ["JobStatus", "Usage", "from_ns"]
+__all__ = ["JobStatus", "SandboxInfo", "Usage", "from_ns"]
 
 
 def from_ns(ns: int) -> datetime:
@@ -48,6 +48,19 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class SandboxInfo:
+    """How a started job is walled in: its own uid and gid, its root (an image's name, or
+    None for the host's, read-only), whether the seccomp filter applies, and the size of
+    its private writable places."""
+
+    uid: int
+    gid: int
+    image: str | None
+    seccomp: bool
+    tmp_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class JobStatus:
     """A job's state at one moment.
 
@@ -72,6 +85,7 @@ class JobStatus:
     limits: Limits
     limits_enforced: bool = True
     usage: Usage | None = None
+    sandbox: SandboxInfo | None = None
 
     def describe_end(self) -> str:
         """How the job ended, in words: "exited with code 0", "stopped (killed by signal 15)"."""
@@ -83,7 +97,7 @@ class JobStatus:
         return f"{how} with code {self.exit_code}"
 
     # ------------------------------------------------------------ transitions
-    def started(self, started_ns: int, pid: int | None) -> JobStatus:
+    def started(self, started_ns: int, pid: int | None, sandbox: SandboxInfo | None) -> JobStatus:
         """created -> running.
 
         Raises:
@@ -94,6 +108,7 @@ class JobStatus:
             state=transition(self.state, State.RUNNING),
             started_at=from_ns(started_ns),
             pid=pid,
+            sandbox=sandbox,
         )
 
     def ended(self, record: ExitRecord, usage: Usage | None, *, oom_killed: bool) -> JobStatus:

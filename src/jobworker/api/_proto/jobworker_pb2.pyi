@@ -186,6 +186,7 @@ class Limits(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     PIDS_FIELD_NUMBER: _builtins.int
     IO_FIELD_NUMBER: _builtins.int
+    TMP_BYTES_FIELD_NUMBER: _builtins.int
     cpus: _builtins.float
     """CPU quota in CPUs: 0.5 is half of one core."""
     cpu_weight: _builtins.int
@@ -194,6 +195,10 @@ class Limits(_message.Message):
     """Memory limit in bytes (swap is not allowed on top)."""
     pids: _builtins.int
     """Maximum number of processes and threads."""
+    tmp_bytes: _builtins.int
+    """Size in bytes of the job's private writable places together (/tmp, /var/tmp,
+    /dev/shm, /run/lock and /job), which count against its memory.
+    """
     @_builtins.property
     def io(self) -> _containers.RepeatedCompositeFieldContainer[Global___IOLimit]:
         """Disk IO limits, one per device."""
@@ -206,10 +211,11 @@ class Limits(_message.Message):
         memory_bytes: _builtins.int | None = ...,
         pids: _builtins.int | None = ...,
         io: _abc.Iterable[Global___IOLimit] | None = ...,
+        tmp_bytes: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cpu_weight", b"_cpu_weight", "_cpus", b"_cpus", "_memory_bytes", b"_memory_bytes", "_pids", b"_pids", "cpu_weight", b"cpu_weight", "cpus", b"cpus", "memory_bytes", b"memory_bytes", "pids", b"pids"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cpu_weight", b"_cpu_weight", "_cpus", b"_cpus", "_memory_bytes", b"_memory_bytes", "_pids", b"_pids", "_tmp_bytes", b"_tmp_bytes", "cpu_weight", b"cpu_weight", "cpus", b"cpus", "memory_bytes", b"memory_bytes", "pids", b"pids", "tmp_bytes", b"tmp_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cpu_weight", b"_cpu_weight", "_cpus", b"_cpus", "_memory_bytes", b"_memory_bytes", "_pids", b"_pids", "cpu_weight", b"cpu_weight", "cpus", b"cpus", "io", b"io", "memory_bytes", b"memory_bytes", "pids", b"pids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cpu_weight", b"_cpu_weight", "_cpus", b"_cpus", "_memory_bytes", b"_memory_bytes", "_pids", b"_pids", "_tmp_bytes", b"_tmp_bytes", "cpu_weight", b"cpu_weight", "cpus", b"cpus", "io", b"io", "memory_bytes", b"memory_bytes", "pids", b"pids", "tmp_bytes", b"tmp_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cpu_weight: _TypeAlias = _typing.Literal["cpu_weight"]  # noqa: Y015
     _WhichOneofArgType__cpu_weight: _TypeAlias = _typing.Literal["_cpu_weight", b"_cpu_weight"]  # noqa: Y015
@@ -219,6 +225,8 @@ class Limits(_message.Message):
     _WhichOneofArgType__memory_bytes: _TypeAlias = _typing.Literal["_memory_bytes", b"_memory_bytes"]  # noqa: Y015
     _WhichOneofReturnType__pids: _TypeAlias = _typing.Literal["pids"]  # noqa: Y015
     _WhichOneofArgType__pids: _TypeAlias = _typing.Literal["_pids", b"_pids"]  # noqa: Y015
+    _WhichOneofReturnType__tmp_bytes: _TypeAlias = _typing.Literal["tmp_bytes"]  # noqa: Y015
+    _WhichOneofArgType__tmp_bytes: _TypeAlias = _typing.Literal["_tmp_bytes", b"_tmp_bytes"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_weight) -> _WhichOneofReturnType__cpu_weight | None: ...
     @_typing.overload
@@ -227,6 +235,8 @@ class Limits(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_bytes) -> _WhichOneofReturnType__memory_bytes | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__pids) -> _WhichOneofReturnType__pids | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tmp_bytes) -> _WhichOneofReturnType__tmp_bytes | None: ...
 
 Global___Limits: _TypeAlias = Limits  # noqa: Y015
 
@@ -261,10 +271,19 @@ class JobSpec(_message.Message):
     WORKDIR_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     HOST_NETWORK_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    SECCOMP_UNCONFINED_FIELD_NUMBER: _builtins.int
     workdir: _builtins.str
-    """Absolute working directory; empty means "/"."""
+    """Absolute working directory; empty means the job's private /job (or "/" where the
+    server runs jobs without its sandbox). Sandboxed, it must lie in /job, /tmp, /var/tmp,
+    /dev/shm, /run/lock or a path the server shows the caller's jobs.
+    """
     host_network: _builtins.bool
     """Use the host's network instead of an empty one (only where the server allows it)."""
+    image: _builtins.str
+    """The name of one of the server's root filesystems; empty: the host's, read-only."""
+    seccomp_unconfined: _builtins.bool
+    """Run without the seccomp filter (only owners the server's configuration names)."""
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The command and its arguments, executed directly (never through a shell)."""
@@ -285,14 +304,54 @@ class JobSpec(_message.Message):
         workdir: _builtins.str = ...,
         limits: Global___Limits | None = ...,
         host_network: _builtins.bool = ...,
+        image: _builtins.str = ...,
+        seccomp_unconfined: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "env", b"env", "host_network", b"host_network", "limits", b"limits", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "env", b"env", "host_network", b"host_network", "image", b"image", "limits", b"limits", "seccomp_unconfined", b"seccomp_unconfined", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class Sandbox(_message.Message):
+    """How a job is walled in."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UID_FIELD_NUMBER: _builtins.int
+    GID_FIELD_NUMBER: _builtins.int
+    ROOT_FIELD_NUMBER: _builtins.int
+    SECCOMP_FIELD_NUMBER: _builtins.int
+    TMP_BYTES_FIELD_NUMBER: _builtins.int
+    uid: _builtins.int
+    """The job's own uid on the host."""
+    gid: _builtins.int
+    """The job's own gid on the host."""
+    root: _builtins.str
+    """Its root filesystem: an image's name, or "host, read-only"."""
+    seccomp: _builtins.bool
+    """True when the seccomp filter applies."""
+    tmp_bytes: _builtins.int
+    """Size in bytes of its private writable places together."""
+    def __init__(
+        self,
+        *,
+        uid: _builtins.int = ...,
+        gid: _builtins.int = ...,
+        root: _builtins.str = ...,
+        seccomp: _builtins.bool = ...,
+        tmp_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gid", b"gid", "root", b"root", "seccomp", b"seccomp", "tmp_bytes", b"tmp_bytes", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Sandbox: _TypeAlias = Sandbox  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):
@@ -356,6 +415,7 @@ class Job(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     LIMITS_ENFORCED_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    SANDBOX_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The job's id, a UUID."""
     owner: _builtins.str
@@ -400,6 +460,10 @@ class Job(_message.Message):
     def usage(self) -> Global___Usage:
         """Resource usage; live while it runs, final once it ended."""
 
+    @_builtins.property
+    def sandbox(self) -> Global___Sandbox:
+        """Its sandbox, once started (unset where the server runs jobs without one)."""
+
     def __init__(
         self,
         *,
@@ -419,10 +483,11 @@ class Job(_message.Message):
         limits: Global___Limits | None = ...,
         limits_enforced: _builtins.bool = ...,
         usage: Global___Usage | None = ...,
+        sandbox: Global___Sandbox | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "created_at", b"created_at", "ended_at", b"ended_at", "exit_code", b"exit_code", "limits", b"limits", "pid", b"pid", "signal", b"signal", "started_at", b"started_at", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "created_at", b"created_at", "ended_at", b"ended_at", "exit_code", b"exit_code", "limits", b"limits", "pid", b"pid", "sandbox", b"sandbox", "signal", b"signal", "started_at", b"started_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "argv", b"argv", "created_at", b"created_at", "ended_at", b"ended_at", "error", b"error", "exit_code", b"exit_code", "id", b"id", "limits", b"limits", "limits_enforced", b"limits_enforced", "oom_killed", b"oom_killed", "output_truncated", b"output_truncated", "owner", b"owner", "pid", b"pid", "signal", b"signal", "started_at", b"started_at", "state", b"state", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "argv", b"argv", "created_at", b"created_at", "ended_at", b"ended_at", "error", b"error", "exit_code", b"exit_code", "id", b"id", "limits", b"limits", "limits_enforced", b"limits_enforced", "oom_killed", b"oom_killed", "output_truncated", b"output_truncated", "owner", b"owner", "pid", b"pid", "sandbox", b"sandbox", "signal", b"signal", "started_at", b"started_at", "state", b"state", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015

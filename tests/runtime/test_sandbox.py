@@ -1,0 +1,431 @@
+"""The tenant sandbox, tried as hostile tenants would: real jobs, real mounts, real seccomp.
+
+Jobs here run the host's own programs (/bin/sh, /usr/bin/python3), which the read-only host
+view shows, so nothing depends on where this checkout lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from jobworker.runtime import (
+    Bind,
+    InvalidSpecError,
+    JobSpec,
+    Limits,
+    NotPermittedError,
+    RunAs,
+    Runtime,
+    State,
+)
+from jobworker.runtime.cgroups import detect
+
+from ..conftest import make_config
+from .helpers import collect, joined, read_until
+
+HOST_PY = "/usr/bin/python3"
+MIB = 1 << 20
+
+
+def _host_py(code: str, **kw: object) -> JobSpec:
+    return JobSpec([HOST_PY, "-c", textwrap.dedent(code)], **kw)  # type: ignore[arg-type]
+
+
+def _mounts() -> set[str]:
+    """The host's mount points (this process's mount namespace)."""
+    return {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+
+
+def _world_writable_dirs() -> list[str]:
+    """The host's world-writable directories, found now (3 levels down, one filesystem
+    walk that skips the kernel's pseudo filesystems)."""
+    found = []
+    skip = {"/proc", "/sys", "/dev/pts", "/run/user"}
+    for top in ("/tmp", "/var", "/dev", "/run", "/srv", "/opt", "/home", "/mnt", "/media"):
+        base_depth = top.count("/")
+        for root, dirs, _files in os.walk(top):
+            if root in skip or root.count("/") - base_depth >= 3:
+                dirs[:] = []
+                continue
+            try:
+                mode = os.lstat(root).st_mode
+            except OSError:
+                continue
+            if stat.S_ISDIR(mode) and mode & stat.S_IWOTH:
+                found.append(root)
+    return sorted(set(found))
+
+
+@pytest_asyncio.fixture
+async def sandboxed(tmp_path: Path) -> AsyncIterator[Runtime]:
+    """A runtime whose jobs see nothing of the host's beyond its read-only root."""
+    config = make_config(tmp_path / "state", owner_paths={})
+    async with asyncio.timeout(60):
+        rt = await Runtime.open(config)
+    try:
+        yield rt
+    finally:
+        async with asyncio.timeout(60):
+            for status in await rt.jobs():
+                if status.state is State.RUNNING:
+                    await rt.stop(status.id, grace=0)
+            await rt.close()
+
+
+# Writes a marker into every place given, then stops itself until SIGCONT; then reports
+# every marker it can see in those places, and its uid.
+MATRIX = r"""
+me=$1; shift
+for d in "$@" /tmp /var/tmp /dev/shm /run/lock /job "$HOME"; do
+  if (echo "$me" > "$d/marker-$me") 2>/dev/null; then echo "wrote $d"; fi
+done
+echo written
+kill -STOP $$
+for d in "$@" /tmp /var/tmp /dev/shm /run/lock /job; do
+  for f in "$d"/marker-*; do
+    [ -e "$f" ] && echo "seen $f $(cat "$f" 2>&1)"
+  done
+done
+echo "uid $(id -u) gid $(id -g) groups $(id -G)"
+"""
+
+
+async def test_two_tenants_cannot_reach_each_other_or_the_host(sandboxed: Runtime) -> None:
+    rt = sandboxed
+    places = _world_writable_dirs()
+    assert "/tmp" in places
+    mounts_before = _mounts()
+    async with asyncio.timeout(60):
+        jobs = {
+            owner: await rt.run(
+                JobSpec(["/bin/sh", "-c", MATRIX, "sh", owner, *places], owner=owner)
+            )
+            for owner in ("alice", "bob")
+        }
+        for job in jobs.values():
+            await read_until(rt, job.id, b"written")
+        for job in jobs.values():
+            await rt.signal(job.id, signal.SIGCONT)
+        finals = {owner: await rt.wait(job.id) for owner, job in jobs.items()}
+        out = {o: joined(await collect(rt, j.id)).decode() for o, j in jobs.items()}
+        await rt.settled()
+    for owner, other in (("alice", "bob"), ("bob", "alice")):
+        assert finals[owner].state is State.EXITED, out[owner]
+        assert "wrote /tmp" in out[owner]  # its own private /tmp is writable...
+        assert f"marker-{other}" not in out[owner]  # ...and holds nothing of the other's
+    for place in places:
+        for owner in ("alice", "bob"):
+            assert not os.path.exists(f"{place}/marker-{owner}"), f"{owner} wrote {place}"
+    sandboxes = {o: f.sandbox for o, f in finals.items()}
+    assert sandboxes["alice"] is not None
+    assert sandboxes["bob"] is not None
+    assert sandboxes["alice"].uid != sandboxes["bob"].uid
+    assert 0 not in (sandboxes["alice"].uid, sandboxes["bob"].uid)
+    for owner, box in sandboxes.items():
+        assert box is not None
+        assert f"uid {box.uid} gid {box.gid} groups {box.gid}\n" in out[owner]
+    # Both uids are free again, and no tmpfs or other mount is left on the host.
+    assert rt._life.uids.in_use == 0  # noqa: SLF001 - the allocator's own count
+    assert _mounts() == mounts_before
+
+
+SECCOMP_PROBE = r"""
+import ctypes, errno, json, os, threading
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+NR = {  # x86_64
+    "unshare": 272, "setns": 308, "mount": 165, "umount2": 166, "pivot_root": 155,
+    "keyctl": 250, "add_key": 248, "request_key": 249, "bpf": 321, "perf_event_open": 298,
+    "userfaultfd": 323, "io_uring_setup": 425, "kexec_load": 246, "init_module": 175,
+    "finit_module": 313, "delete_module": 176, "reboot": 169, "swapon": 167, "acct": 163,
+    "quotactl": 179, "settimeofday": 164, "clock_settime": 227, "open_by_handle_at": 304,
+    "name_to_handle_at": 303, "iopl": 172, "ioperm": 173, "open_tree": 428, "fsopen": 430,
+    "move_mount": 429, "mount_setattr": 442,
+}
+ARGS = {"unshare": (0x10000000,), "setns": (0, 0)}
+result = {}
+for name, nr in NR.items():
+    ret = libc.syscall(nr, *ARGS.get(name, (0, 0, 0, 0, 0)))
+    result[name] = errno.errorcode.get(ctypes.get_errno(), "0") if ret == -1 else "ok"
+ret = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)  # clone(CLONE_NEWUSER|SIGCHLD)
+result["clone_newuser"] = errno.errorcode.get(ctypes.get_errno(), "0") if ret == -1 else "ok"
+ret = libc.syscall(435, 0, 0)  # clone3
+result["clone3"] = errno.errorcode.get(ctypes.get_errno(), "0") if ret == -1 else "ok"
+ret = libc.personality(0x0040000)  # ADDR_NO_RANDOMIZE
+result["personality_aslr_off"] = errno.errorcode.get(ctypes.get_errno()) if ret == -1 else "ok"
+result["personality_query"] = "ok" if libc.personality(0xFFFFFFFF) != -1 else "refused"
+status = dict(l.split(":", 1) for l in open("/proc/self/status"))
+KEYS = ("Seccomp", "CapBnd", "CapEff", "CapAmb", "CapPrm", "NoNewPrivs")
+result["status"] = {k: status[k].strip() for k in KEYS}
+t = threading.Thread(target=lambda: result.__setitem__("thread", "ran"))
+t.start(); t.join()
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+result["fork"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers are x86_64's")
+@pytest.mark.parametrize("owner", ["tenant", "root-mapped"])
+async def test_seccomp_and_capabilities(tmp_path: Path, owner: str) -> None:
+    config = make_config(
+        tmp_path / "state",
+        owner_paths={},
+        owner_run_as={"root-mapped": RunAs(0, 0)},
+        allow_root=True,
+    )
+    async with asyncio.timeout(60), await Runtime.open(config) as rt:
+        job = await rt.run(_host_py(SECCOMP_PROBE, owner=owner))
+        final = await rt.wait(job.id)
+        out = joined(await collect(rt, job.id))
+    assert final.exit_code == 0, out
+    result = json.loads(out)
+    assert result["status"]["Seccomp"] == "2"
+    assert result["status"]["NoNewPrivs"] == "1"
+    for caps in ("CapBnd", "CapEff", "CapAmb", "CapPrm"):
+        assert int(result["status"][caps], 16) == 0, (caps, result["status"])
+    denied = {k: v for k, v in result.items() if k not in ("status", "thread", "fork")}
+    expected = dict.fromkeys(denied, "EPERM")
+    expected["clone3"] = "ENOSYS"
+    expected["personality_query"] = "ok"
+    assert denied == expected
+    assert result["thread"] == "ran"
+    assert result["fork"] == 7
+
+
+ORDINARY = r"""
+set -e
+cd /job
+printf 'int main(void){return 0;}\n' > /tmp/t.c
+gcc -o /tmp/t /tmp/t.c && /tmp/t && echo compiled
+git init -q repo && echo git-ok
+ls /usr/bin > /dev/null && sort /etc/passwd | head -1 > /dev/null && echo coreutils-ok
+python3 -c 'import threading as t; x=t.Thread(target=print, args=("threads-ok",)); x.start()'
+"""
+
+
+@pytest.mark.skipif(
+    not (shutil.which("gcc") and shutil.which("git")), reason="needs gcc and git (./dev installs)"
+)
+async def test_ordinary_programs_run_in_the_sandbox(sandboxed: Runtime) -> None:
+    async with asyncio.timeout(120):
+        job = await sandboxed.run(JobSpec(["/bin/sh", "-c", ORDINARY]))
+        final = await sandboxed.wait(job.id)
+        out = joined(await collect(sandboxed, job.id))
+    assert final.exit_code == 0, out
+    assert out.split() == [b"compiled", b"git-ok", b"coreutils-ok", b"threads-ok"]
+
+
+PROC_SYS = r"""
+import json, os
+r = {}
+for name in ("kcore", "keys", "timer_list", "sched_debug"):
+    p = "/proc/" + name
+    r[name] = open(p, "rb").read(64) if os.path.exists(p) else b""
+r = {k: v.decode() for k, v in r.items()}
+r["acpi"] = os.listdir("/proc/acpi") if os.path.isdir("/proc/acpi") else []
+opts = {}
+for line in open("/proc/self/mountinfo"):
+    fields = line.split()
+    opts[fields[4]] = fields[5].split(",")
+for p in ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/sys", "/", "/usr"):
+    r["ro " + p] = "ro" in opts.get(p, ["ro"])
+r["cgroup"] = sorted(os.listdir("/sys/fs/cgroup"))
+procs = "/sys/fs/cgroup/cgroup.procs"
+r["cgroup_procs"] = open(procs).read().split() if os.path.exists(procs) else None
+r["home"] = os.listdir("/home")
+r["root"] = os.listdir("/root")
+r["run_user"] = os.listdir("/run/user") if os.path.isdir("/run/user") else []
+r["dev"] = sorted(os.listdir("/dev"))
+print(json.dumps(r))
+"""
+
+
+async def test_proc_sys_and_dev_are_narrowed(sandboxed: Runtime) -> None:
+    async with asyncio.timeout(60):
+        job = await sandboxed.run(_host_py(PROC_SYS))
+        final = await sandboxed.wait(job.id)
+        out = joined(await collect(sandboxed, job.id))
+    assert final.exit_code == 0, out
+    r = json.loads(out)
+    for name in ("kcore", "keys", "timer_list", "sched_debug"):
+        assert r[name] == "", name
+    assert r["acpi"] == []
+    for path in ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/sys", "/", "/usr"):
+        assert r["ro " + path], f"{path} is writable"
+    if detect().kind == "v2":
+        # A cgroup2 view rooted at the job's own cgroup: only its processes.
+        assert "cgroup.procs" in r["cgroup"]
+        assert r["cgroup_procs"]
+        assert all(int(p) < 10 for p in r["cgroup_procs"])
+    else:
+        assert r["cgroup"] == []
+    assert r["home"] == []
+    assert r["root"] == []
+    assert r["run_user"] == []
+    devices = ["fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin"]
+    assert r["dev"] == sorted([*devices, "stdout", "tty", "urandom", "zero"])
+
+
+async def test_the_disk_is_bounded_by_the_tmp_size(sandboxed: Runtime, tmp_path: Path) -> None:
+    free_before = shutil.disk_usage(tmp_path).free
+    limits = Limits(memory_bytes=256 * MIB, tmp_bytes=100 * MIB)
+    script = "dd if=/dev/zero of=/tmp/fill bs=1M count=2048 2>&1; ls -l /tmp/fill"
+    async with asyncio.timeout(120):
+        job = await sandboxed.run(JobSpec(["/bin/sh", "-c", script], limits=limits))
+        final = await sandboxed.wait(job.id)
+        out = joined(await collect(sandboxed, job.id)).decode()
+    assert final.exit_code == 0, out
+    assert "No space left on device" in out or final.oom_killed
+    assert final.sandbox is not None
+    assert final.sandbox.tmp_bytes == 100 * MIB
+    # Nothing of it reached the host's disk.
+    assert free_before - shutil.disk_usage(tmp_path).free < 50 * MIB
+
+
+HIDDEN = r"""
+for p in "$STATE" "$SECRETS" /home /root; do echo "$p: $(ls -A "$p" 2>&1 | tr '\n' ' ')"; done
+cat "$SECRETS/server.key" 2>&1 | head -1
+echo x > /srv-ro/new 2>&1 || echo ro-refused
+echo x > /srv-rw/new && echo rw-ok
+cat /srv-ro/data
+"""
+
+
+async def test_hidden_and_exposed_paths(public_dir: Path) -> None:
+    # All in a directory the job is shown and may enter, so only the sandbox hides them.
+    secrets = public_dir / "tls"
+    secrets.mkdir(mode=0o755)
+    (secrets / "server.key").write_text("PRIVATE KEY\n")
+    (secrets / "server.key").chmod(0o644)
+    shown_ro, shown_rw = Path(f"/srv-ro-{os.getpid()}"), Path(f"/srv-rw-{os.getpid()}")
+    for d in (shown_ro, shown_rw):
+        d.mkdir(mode=0o777)
+        d.chmod(0o777)
+    (shown_ro / "data").write_text("shared data\n")
+    state = public_dir / "state"
+    config = make_config(
+        state,
+        hide_paths=(str(secrets),),
+        owner_paths={
+            "*": (Bind(str(public_dir), writable=False),),
+            "alice": (Bind(str(shown_ro), writable=False), Bind(str(shown_rw), writable=True)),
+        },
+    )
+    script = HIDDEN.replace("/srv-ro", str(shown_ro)).replace("/srv-rw", str(shown_rw))
+    try:
+        async with asyncio.timeout(60), await Runtime.open(config) as rt:
+            env = {"STATE": str(state), "SECRETS": str(secrets)}
+            job = await rt.run(JobSpec(["/bin/sh", "-c", script], env=env, owner="alice"))
+            final = await rt.wait(job.id)
+            out = joined(await collect(rt, job.id)).decode()
+            with pytest.raises(InvalidSpecError, match="does not exist inside the job"):
+                await rt.run(JobSpec(["true"], cwd=str(shown_rw), owner="bob"))
+        assert final.exit_code == 0, out
+        lines = out.splitlines()
+        assert lines[:4] == [f"{state}: ", f"{secrets}: ", "/home: ", "/root: "]
+        assert "PRIVATE KEY" not in out
+        assert "ro-refused" in out
+        assert "rw-ok" in out
+        assert "shared data" in out
+        assert (shown_rw / "new").read_text() == "x\n"
+        assert not (shown_ro / "new").exists()
+    finally:
+        shutil.rmtree(shown_ro)
+        shutil.rmtree(shown_rw)
+
+
+@pytest.fixture
+def busybox_image(tmp_path: Path) -> Path:
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("needs busybox-static (./dev installs it)")
+    root = tmp_path / "image"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(busybox, root / "bin" / "busybox")
+    # Relative links: `busybox --install -s` would point them at this host path.
+    applets = subprocess.run([busybox, "--list"], check=True, capture_output=True, text=True)
+    for applet in applets.stdout.split():
+        if applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+    for name in ("etc", "var", "run"):
+        (root / name).mkdir()
+    (root / "etc" / "image-release").write_text("busybox test image\n")
+    root.chmod(0o755)
+    return root
+
+
+async def test_a_busybox_image(tmp_path: Path, busybox_image: Path) -> None:
+    config = make_config(tmp_path / "state", images={"busybox": str(busybox_image)})
+    async with asyncio.timeout(60), await Runtime.open(config) as rt:
+        job = await rt.run(
+            JobSpec(
+                ["/bin/sh", "-c", "ls /; cat /etc/image-release; ls /usr 2>&1"], image="busybox"
+            )
+        )
+        final = await rt.wait(job.id)
+        out = joined(await collect(rt, job.id)).decode()
+        with pytest.raises(
+            InvalidSpecError, match="unknown image 'alpine'; the server's images: busybox"
+        ):
+            await rt.run(JobSpec(["true"], image="alpine"))
+    assert "busybox test image" in out, final
+    listed = out.split("busybox test image")[0].split()
+    assert "bin" in listed
+    assert "usr" not in listed  # the host's /usr is not there
+    assert final.sandbox is not None
+    assert final.sandbox.image == "busybox"
+
+
+async def test_seccomp_can_be_turned_off_only_where_configured(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path / "state", owner_paths={}, seccomp_optional_owners=frozenset({"ci"})
+    )
+    async with asyncio.timeout(60), await Runtime.open(config) as rt:
+        with pytest.raises(NotPermittedError, match="without the seccomp filter"):
+            await rt.run(JobSpec(["true"], owner="dev", seccomp=False))
+        job = await rt.run(
+            JobSpec(["grep", "Seccomp:", "/proc/self/status"], owner="ci", seccomp=False)
+        )
+        await rt.wait(job.id)
+        out = joined(await collect(rt, job.id))
+    assert out.split() == [b"Seccomp:", b"0"]
+
+
+async def test_uids_and_walls_survive_a_restart(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "state", owner_paths={})
+    async with asyncio.timeout(60):
+        first = await Runtime.open(config)
+        job = await first.run(JobSpec(["/bin/sh", "-c", "echo ready; exec sleep 600"]))
+        await read_until(first, job.id, b"ready")
+        await first.close()
+        second = await Runtime.open(config)
+        try:
+            status = await second.status(job.id)
+            assert status.state is State.RUNNING
+            assert status.sandbox == job.sandbox
+            assert second._life.uids.in_use == 1  # noqa: SLF001 - its uid stays taken
+            other = await second.run(JobSpec(["id", "-u"]))
+            await second.wait(other.id)
+            assert other.sandbox is not None
+            assert job.sandbox is not None
+            assert other.sandbox.uid != job.sandbox.uid
+            final = await second.stop(job.id, grace=0)
+            assert final.state is State.STOPPED
+        finally:
+            await second.close()
+    assert second._life.uids.in_use == 0  # noqa: SLF001
