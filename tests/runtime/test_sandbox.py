@@ -428,4 +428,8 @@ async def test_uids_and_walls_survive_a_restart(tmp_path: Path) -> None:
             assert final.state is State.STOPPED
         finally:
             await second.close()
+            # The first runtime's launcher stayed for its running job; it goes once the
+            # job has ended.
+            for rt in (first, second):
+                await asyncio.to_thread(rt._launcher._proc.wait, 30)  # noqa: SLF001
     assert second._life.uids.in_use == 0  # noqa: SLF001

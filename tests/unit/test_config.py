@@ -76,11 +76,13 @@ cpus = 0.5
 cpu_weight = 50
 memory = "256M"
 pids = 64
+tmp_size = "128M"
 io = [{ device = "8:0", read_bps = "10M", write_iops = 100 }]
 [limits.max]
 cpus = 2
 memory = "1G"
 pids = 1000
+tmp_size = "1G"
 [quotas]
 max_jobs_per_user = 5
 max_streams_per_user = 6
@@ -129,8 +131,11 @@ alpine = "/var/lib/jobworker/images/alpine"
         memory_bytes=256 << 20,
         pids=64,
         io=(IOLimit(device="8:0", read_bps=10 << 20, write_iops=100),),
+        tmp_bytes=128 << 20,
     )
-    assert config.runtime.max_limits == Limits(cpus=2, memory_bytes=1 << 30, pids=1000)
+    assert config.runtime.max_limits == Limits(
+        cpus=2, memory_bytes=1 << 30, pids=1000, tmp_bytes=1 << 30
+    )
     assert config.limits.max_active_jobs_per_user == 5
     assert config.limits.max_streams_per_user == 6
     assert config.runtime.output_limit == 1 << 20

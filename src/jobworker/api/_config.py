@@ -339,6 +339,7 @@ def _setting(parse: Parse, default: str, doc: str, example: str = "") -> Any:
 _CPUS = "CPUs (a fraction is a share of one CPU's time)"
 _MEMORY = "memory; past it the job is OOM-killed"
 _PIDS = "processes and threads"
+_TMP = "private /tmp, /var/tmp, /dev/shm, /run/lock and /job together (counted as memory)"
 _FOR_DEFAULT = ", for jobs that do not ask"
 _FOR_MAX = ": the most a job may ask; unset: no cap"
 
@@ -388,6 +389,7 @@ class DefaultLimitsSection:
     cpus: float | None = _setting(_cpus, "", _CPUS + _FOR_DEFAULT, "0.5")
     memory: int | None = _setting(_size, "", _MEMORY + _FOR_DEFAULT, '"512M"')
     pids: int | None = _setting(_positive_int, "", _PIDS + _FOR_DEFAULT, "256")
+    tmp_size: int | None = _setting(_size, "", _TMP + _FOR_DEFAULT + " (unset: 256M)", '"512M"')
     cpu_weight: int | None = _setting(
         _positive_int, "", "CPU share against other jobs, 1-10000 (100: even)", "100"
     )
@@ -406,6 +408,7 @@ class DefaultLimitsSection:
             memory_bytes=self.memory,
             pids=self.pids,
             io=self.io or (),
+            tmp_bytes=self.tmp_size,
         )
 
 
@@ -414,10 +417,13 @@ class MaxLimitsSection:
     cpus: float | None = _setting(_cpus, "", _CPUS + _FOR_MAX, "0.5")
     memory: int | None = _setting(_size, "", _MEMORY + _FOR_MAX, '"512M"')
     pids: int | None = _setting(_positive_int, "", _PIDS + _FOR_MAX, "256")
+    tmp_size: int | None = _setting(_size, "", _TMP + _FOR_MAX, '"4G"')
 
     def limits(self) -> Limits:
         """Raises InvalidSpecError: a value is out of range."""
-        return Limits(cpus=self.cpus, memory_bytes=self.memory, pids=self.pids)
+        return Limits(
+            cpus=self.cpus, memory_bytes=self.memory, pids=self.pids, tmp_bytes=self.tmp_size
+        )
 
 
 @dataclass(frozen=True, slots=True)
