@@ -125,7 +125,8 @@ async def test_io_write_limit_throttles_direct_writes(tmp_path: Path, public_dir
         target, cwd = IO_DEVICE, "/"
         major_minor = os.environ["V2VM_DISK_MAJMIN"]
         limits = Limits(io=(IOLimit(major_minor, write_bps=rate),))
-        kw = {"owner_run_as": {"root": RunAs(0, 0)}, "allow_root": True}
+        # The raw disk: only outside the sandbox, whose /dev has no block devices.
+        kw = {"owner_run_as": {"root": RunAs(0, 0)}, "allow_root": True, "sandbox": False}
         owner = "root"
     else:
         target, cwd = str(public_dir / "io.bin"), str(public_dir)
@@ -208,7 +209,9 @@ async def test_a_clean_close_removes_job_cgroups_a_removal_left(tmp_path: Path) 
 
 @pytest.mark.slow
 async def test_1000_jobs_leave_no_cgroup_behind(tmp_path: Path) -> None:
-    config = make_config(tmp_path / "state")
+    # Cgroup cleanup at scale, without the sandbox's thirty mounts per job: under the v2
+    # VM's emulation those alone outlast the suite's budget (their cost is bench row (e')).
+    config = make_config(tmp_path / "state", sandbox=False)
     async with asyncio.timeout(300), await Runtime.open(config) as rt:
         for _ in range(10):
             batch = await asyncio.gather(*(rt.run(JobSpec(["/bin/true"])) for _ in range(100)))
