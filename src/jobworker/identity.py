@@ -110,6 +110,15 @@ def identity_from_pem(pem: bytes) -> Identity:
         ext = cert.extensions.get_extension_for_oid(ROLE_OID)
     except x509.ExtensionNotFound:
         role = Role.USER
+    except x509.DuplicateExtension as e:
+        # Two role extensions (or two of any extension): which role would be meant is
+        # exactly what must not be guessed.
+        raise IdentityError(
+            f"the certificate carries an extension twice ({e.oid.dotted_string}); "
+            "issue it again with one role",
+            name,
+            digest,
+        ) from None
     else:
         value = ext.value
         if not isinstance(value, x509.UnrecognizedExtension):

@@ -7,7 +7,10 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -100,12 +103,24 @@ async def test_cancelled_stream_frees_server_resources(api: Running) -> None:
 
 
 # ------------------------------------------------------------------ a real jobworkerd process
-def jobworkerd_argv(pki: Pki, listen: str, state: Path) -> list[str]:
-    """jobworkerd on ``state``, with a config file beside it showing test jobs the host
-    paths the test suite uses (see conftest.TEST_PATHS)."""
+def subtree_for(state: Path) -> str:
+    """The cgroup subtree of the test servers on ``state``: their own, never the default
+    one a jobworkerd of the host (the systemd unit, a demo) may hold; the same for every
+    restart on that state dir."""
+    return "jobworker-test-" + hashlib.sha256(str(state).encode()).hexdigest()[:8]
+
+
+def jobworkerd_argv(pki: Pki, listen: str, state: Path, server: str = "") -> list[str]:
+    """jobworkerd on ``state``, with a config file beside it: a cgroup subtree of its own,
+    the host paths the test suite shows its jobs (see conftest.TEST_PATHS), and ``server``
+    as the body of its [server] table."""
     config = state.parent / f"{state.name}.toml"
     shown = ", ".join(f'"{b.path}:{"rw" if b.writable else "ro"}"' for b in TEST_PATHS["*"])
-    config.write_text(f'[sandbox]\npaths = {{ "*" = [{shown}] }}\n')
+    config.write_text(
+        f"[server]\n{server}\n"
+        f'[cgroups]\nsubtree = "{subtree_for(state)}"\n'
+        f'[sandbox]\npaths = {{ "*" = [{shown}] }}\n'
+    )
     return [
         JOBWORKERD,
         "--config",
@@ -124,10 +139,10 @@ def jobworkerd_argv(pki: Pki, listen: str, state: Path) -> list[str]:
 
 
 class Daemon:
-    def __init__(self, tmp_path: Path, pki: Pki, *extra: str) -> None:
+    def __init__(self, tmp_path: Path, pki: Pki, *extra: str, server: str = "") -> None:
         self.state = tmp_path / "state"
         self.proc = subprocess.Popen(
-            [*jobworkerd_argv(pki, "127.0.0.1:0", self.state), *extra],
+            [*jobworkerd_argv(pki, "127.0.0.1:0", self.state, server), *extra],
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -183,8 +198,8 @@ def _reap_orphans() -> None:
 
 
 @contextlib.asynccontextmanager
-async def daemon(tmp_path: Path, pki: Pki, *extra: str) -> AsyncIterator[Daemon]:
-    d = Daemon(tmp_path, pki, *extra)
+async def daemon(tmp_path: Path, pki: Pki, *extra: str, server: str = "") -> AsyncIterator[Daemon]:
+    d = Daemon(tmp_path, pki, *extra, server=server)
     try:
         await asyncio.wait_for(asyncio.to_thread(d.wait_ready), 60)
         yield d
@@ -299,3 +314,56 @@ async def test_health_and_reflection_are_served(api: Running) -> None:
         names = [s.name async for r in responses for s in r.list_services_response.service]
     assert "jobworker.v1.JobService" in names
     assert "grpc.health.v1.Health" in names
+
+
+async def test_a_flood_of_silent_connections_does_not_stop_service(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """300 connections that never finish a handshake, against a server with 256 fds: the
+    server closes them after its handshake timeout, caps how many it holds, and a real
+    client is served meanwhile; a job that ends during the flood is recorded."""
+    server = 'handshake_timeout = "1s"\nmax_connections = 100'
+    async with daemon(tmp_path, pki, server=server) as d:
+        resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, (256, 256))
+        channel, stub = stub_for(pki, d.port)
+        async with channel:
+            job = await stub.CreateJob(
+                pb.CreateJobRequest(spec=pb.JobSpec(argv=["sleep", "1"]), start=True), timeout=10
+            )
+            silent = []
+            try:
+                for _ in range(300):
+                    sock = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+                    sock.setblocking(False)
+                    silent.append(sock)
+                # Served despite the flood (the server drops the silent ones within 1 s).
+                final = await stub.WaitJob(pb.JobRequest(id=job.id), timeout=30)
+                listed = await stub.ListJobs(pb.ListJobsRequest(), timeout=30)
+                # Every silent connection is closed by the server: EOF on each.
+                closed = await asyncio.wait_for(asyncio.to_thread(_all_closed, silent), 30)
+            finally:
+                for sock in silent:
+                    sock.close()
+    assert final.state == pb.JOB_STATE_EXITED
+    assert [j.id for j in listed.jobs] == [job.id]
+    assert closed == len(silent)
+    assert "Task exception was never retrieved" not in "".join(d.log)
+
+
+def _all_closed(socks: list[socket.socket]) -> int:
+    """Wait (select) until the peer has closed every socket; return how many."""
+    pending = set(socks)
+    while pending:
+        readable, _, _ = select.select(list(pending), [], [], 30)
+        if not readable:
+            break
+        for sock in readable:
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                pending.discard(sock)
+    return len(socks) - len(pending)

@@ -14,7 +14,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from jobworker.api._logs import TextFormatter
 from jobworker.api._proto import jobworker_pb2 as pb
+from jobworker.api.client import connect
 from jobworker.identity import fingerprint
 
 from ..runtime.helpers import PY
@@ -199,3 +201,48 @@ async def test_deleting_a_created_job_is_no_failure(tmp_path: Path, pki: Pki) ->
     assert _value(after, "jobworker_jobs", state="created") == 0
     assert _value(after, "jobworker_jobs", state="failed") == 0
     assert _value(after, "jobworker_job_ends_total", result="failed") == 0
+
+
+async def test_audit_lines_cannot_be_forged_and_carry_the_command(
+    tmp_path: Path, pki: Pki, audit_lines: list[logging.LogRecord]
+) -> None:
+    """Control characters a client sends (in an id, in argv) are escaped in the text audit
+    log: one record stays one printable line. CreateJob's line carries its argv."""
+    async with serving(tmp_path, pki) as running, running.client("alice") as stub:
+        forged = "x\x0bfake=1\x00\n2026 INFO jobworker.audit: rpc GetJob OK user=admin"
+        assert await code_of(stub.GetJob(pb.JobRequest(id=forged), timeout=10)) == (
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
+        spec = pb.JobSpec(argv=["echo", "\x1b]0;pwned\x07", "two words"])
+        await stub.CreateJob(pb.CreateJobRequest(spec=spec), timeout=10)
+    formatter = TextFormatter()
+    lines = [formatter.format(r) for r in audit_lines]
+    for line in lines:
+        assert line.isprintable(), line
+    get = next(line for line in lines if "rpc GetJob" in line)
+    assert "\\x0b" in get or "\\u000b" in get
+    create = next(line for line in lines if "rpc CreateJob" in line)
+    assert "argv=" in create
+    assert "pwned" in create
+    assert "\\x1b" in create or "\\u001b" in create
+
+
+async def test_an_unparseable_request_is_invalid_argument_and_audited(
+    tmp_path: Path, pki: Pki, audit_lines: list[logging.LogRecord]
+) -> None:
+    async with (
+        serving(tmp_path, pki) as running,
+        connect(f"127.0.0.1:{running.port}", running.pki.files("alice")) as ch,
+    ):
+        garbage = ch.unary_unary(
+            "/jobworker.v1.JobService/GetJob",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await garbage(b"\xff\xff\xff\xff", timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid JobRequest message" in (caught.value.details() or "")
+    audited = [r for r in audit_lines if r.getMessage() == "rpc GetJob INVALID_ARGUMENT"]
+    assert audited
+    assert getattr(audited[0], "fields", {})["user"] == "alice"

@@ -20,7 +20,7 @@ from jobworker.api._proto import jobworker_pb2 as pb
 
 from ..conftest import cgroup_dirs
 from .conftest import Pki, serving
-from .test_network import Daemon, _reap_orphans, drain, stub_for
+from .test_network import Daemon, _reap_orphans, drain, stub_for, subtree_for
 
 pytestmark = pytest.mark.usefixtures("subreaper")
 
@@ -188,7 +188,7 @@ async def test_crash_consistency_under_random_kill_9(tmp_path: Path, pki: Pki) -
         d.proc.terminate()
         assert await asyncio.wait_for(asyncio.to_thread(d.proc.wait), 30) == 0
         await asyncio.wait_for(asyncio.to_thread(_reap_orphans), 30)
-        assert cgroup_dirs("jobworker") == []
+        assert cgroup_dirs(subtree_for(d.state)) == []
 
 
 async def _burst(stub: object, rng: random.Random, acknowledged: dict[str, bytes]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
+from jobworker.api._config import host_limits
 from jobworker.api._proto import jobworker_pb2 as pb
 from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
 from jobworker.api.server import ServiceLimits
@@ -219,6 +221,65 @@ async def test_server_caps_are_resource_exhausted(tmp_path: Path, pki: Pki) -> N
             await code_of(bob.CreateJob(pb.CreateJobRequest(spec=big), timeout=10))
             == grpc.StatusCode.RESOURCE_EXHAUSTED
         )
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        (pb.Limits(cpus=1e9), "cpus limit 1e+09 CPUs is above the server maximum"),
+        (pb.Limits(cpus=64), "cpus limit 64 CPUs is above the server maximum"),
+        (pb.Limits(pids=4294967295), "pids limit 4294967295 tasks is above the server maximum"),
+        (pb.Limits(memory_bytes=1 << 40), "memory limit 1Ti (1099511627776 bytes) is above"),
+    ],
+)
+async def test_values_the_host_cannot_honour_are_refused_before_anything_is_made(
+    tmp_path: Path, pki: Pki, limits: pb.Limits, message: str
+) -> None:
+    """With the shipped defaults (maxima from the host's size): INVALID_ARGUMENT naming the
+    allowed range, no job created, and no server internals (cgroup paths) in the words."""
+    _, maxima = host_limits()
+    runtime = {"max_limits": maxima}
+    async with serving(tmp_path, pki, runtime=runtime) as running, running.client() as stub:
+        spec = pb.JobSpec(argv=["true"], limits=limits)
+        code, details = await details_of(
+            stub.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
+        )
+        listed = await stub.ListJobs(pb.ListJobsRequest(), timeout=10)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in details
+    assert "ask for at most" in details
+    assert "/sys/fs/cgroup" not in details
+    assert list(listed.jobs) == []
+
+
+async def test_the_shipped_defaults_limit_every_job(tmp_path: Path, pki: Pki) -> None:
+    defaults, _ = host_limits()
+    runtime = {"default_limits": defaults}
+    async with serving(tmp_path, pki, runtime=runtime) as running, running.client() as stub:
+        job = await stub.CreateJob(
+            pb.CreateJobRequest(spec=pb.JobSpec(argv=["true"]), start=True), timeout=10
+        )
+    assert job.limits.pids == 1024
+    assert job.limits.cpus >= 1
+    assert 0 < job.limits.memory_bytes <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+async def test_the_jobs_quota_holds_under_a_burst_of_concurrent_creates(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """400 concurrent CreateJob calls from one user against a quota of 20: exactly 20
+    jobs exist, and every other call is RESOURCE_EXHAUSTED."""
+    limits = ServiceLimits(max_active_jobs_per_user=20)
+    async with serving(tmp_path, pki, limits=limits) as running, running.client("alice") as stub:
+        calls = [
+            stub.CreateJob(pb.CreateJobRequest(spec=SLEEP, start=True), timeout=60)
+            for _ in range(400)
+        ]
+        codes = await asyncio.gather(*(code_of(c) for c in calls))
+        listed = await stub.ListJobs(pb.ListJobsRequest(), timeout=10)
+    assert codes.count(grpc.StatusCode.OK) == 20
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 380
+    assert len([j for j in listed.jobs if j.state == pb.JOB_STATE_RUNNING]) == 20
 
 
 async def test_host_network_is_permission_denied_unless_allowed(tmp_path: Path, pki: Pki) -> None:

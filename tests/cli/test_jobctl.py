@@ -20,10 +20,10 @@ import pytest_asyncio
 from cryptography import x509
 
 from jobworker.api._auth import CertPool
-from jobworker.certs import issue_client, make_ca, save
+from jobworker.certs import issue_client, make_ca, make_dev_pki, save
 from jobworker.cli._client import CliError, pick
 from jobworker.cli._completion import COMMANDS
-from jobworker.identity import fingerprint
+from jobworker.identity import Role, fingerprint
 
 from ..api.conftest import Pki, Running, serving
 
@@ -490,3 +490,33 @@ async def test_global_flags_owner_filter_and_human_status(cli: Cli, tmp_path: Pa
     human = await cli("status", job[:8])
     assert f"id       {job}" in human.text
     assert "state    running" in human.text
+
+
+async def test_terminal_sequences_in_argv_are_escaped_in_human_output(cli: Cli) -> None:
+    """An argv that carries a terminal control sequence (here: set the window title) is
+    shown escaped by ls and status; --json keeps it exact."""
+    hostile = "\x1b]0;pwned\x07[red]x"
+    start = await cli("start", "-q", "--", "echo", hostile)
+    assert start.code == 0
+    job_id = start.text.strip()
+    listed = await cli("ls", "-a")
+    status = await cli("status", job_id)
+    exact = json.loads((await cli("status", job_id, "--json")).text)
+    for shown in (listed.text, status.text):
+        assert "\x1b" not in shown
+        assert "\x07" not in shown
+        assert "\\x1b]0;pwned\\x07[red]x" in shown
+    assert exact["argv"] == ["echo", hostile]
+
+
+async def test_a_tls_failure_is_one_line_without_grpc_core_noise(cli: Cli, tmp_path: Path) -> None:
+    """A client certificate from another CA: jobctl's own line, and nothing of gRPC core's
+    (its "E1201 ... ssl_transport_security.cc" lines) on stderr."""
+    other = make_dev_pki(tmp_path / "other", {"alice": Role.USER})
+    env = {"JOBWORKER_CERT": str(other / "alice.pem"), "JOBWORKER_KEY": str(other / "alice.key")}
+    result = await cli("ls", env=env)
+    assert result.code == 1
+    lines = result.err.splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("jobctl: ")
+    assert ".cc:" not in result.err

@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 
 from jobworker.runtime import (
+    CgroupError,
     JobNotFoundError,
     JobRunningError,
     JobSpec,
@@ -344,6 +345,38 @@ async def test_retention_deletes_oldest_ended_jobs_first_never_running_ones(
         await r.cleanup()
 
 
+@pytest.mark.parametrize("per_owner", [None, 3 << 19])
+async def test_one_owners_output_never_deletes_another_owners_history(
+    tmp_path: Path, per_owner: int | None
+) -> None:
+    """A 3 MiB budget: bob's one ended 1 MiB job stays while alice's 1 MiB jobs pile up;
+    alice's own oldest go (by the global cap, or by a per-owner budget of 1.5 MiB)."""
+    config = make_config(
+        tmp_path / "state", retention_bytes=3 << 20, retention_bytes_per_owner=per_owner
+    )
+    r = Restarts(config)
+    try:
+        rt = await r.open()
+        async with asyncio.timeout(60):
+            big = "import os; os.write(1, b'x' * (1 << 20))"
+            bobs = await rt.run(py(big, owner="bob"))
+            await rt.wait(bobs.id)
+            alices = []
+            for _ in range(4):
+                job = await rt.run(py(big, owner="alice"))
+                alices.append((await rt.wait(job.id)).id)
+            await rt.settled()
+            await rt.prune_ended()
+            left = {s.id for s in await rt.jobs()}
+    finally:
+        await r.cleanup()
+    assert bobs.id in left
+    assert alices[0] not in left
+    assert alices[-1] in left
+    if per_owner is not None:
+        assert left == {bobs.id, alices[-1]}
+
+
 async def test_disk_full_truncates_output_keeps_the_job_and_the_runtime(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
@@ -370,7 +403,7 @@ async def test_disk_full_truncates_output_keeps_the_job_and_the_runtime(tmp_path
                 with contextlib.suppress(OSError), filler.open("wb", buffering=0) as f:
                     while True:
                         f.write(b"f" * 4096)
-                with pytest.raises(StateDirError, match="No space left on device; free space"):
+                with pytest.raises(StateDirError, match="No space left on device; the server"):
                     await rt.run(JobSpec(["true"]))
                 # Space freed, jobs run again.
                 filler.unlink()
@@ -413,3 +446,22 @@ async def test_leftover_cgroups_are_pruned_at_start(restarts: Restarts) -> None:
     await restarts.open()
     assert all(not os.path.exists(os.path.join(b, leftover)) for b in bases)
     assert all(os.path.exists(os.path.join(b, sleeper.id)) for b in bases)
+
+
+async def test_two_servers_cannot_share_a_state_dir_or_a_subtree(tmp_path: Path) -> None:
+    """A second runtime on the same state dir, or on the same cgroup subtree, refuses to
+    open and names the holder; the first keeps working."""
+    config = make_config(tmp_path / "state")
+    async with asyncio.timeout(60), await Runtime.open(config) as first:
+        with pytest.raises(StateDirError, match=rf"another jobworkerd \(pid {os.getpid()}\)"):
+            await Runtime.open(config)
+        other_dir = make_config(tmp_path / "other", cgroup_subtree=config.cgroup_subtree)
+        with pytest.raises(
+            CgroupError, match=rf"in use by another jobworkerd \(pid {os.getpid()}\)"
+        ):
+            await Runtime.open(other_dir)
+        job = await first.run(JobSpec(["true"]))
+        assert (await first.wait(job.id)).exit_code == 0
+    # Released at close: the next one opens.
+    async with asyncio.timeout(60), await Runtime.open(config) as again:
+        assert [s.id for s in await again.jobs()] == [job.id]

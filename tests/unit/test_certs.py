@@ -9,12 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from jobworker.identity import Role, fingerprint, identity_from_pem
+from jobworker.certs import issue_client, load, make_dev_pki
+from jobworker.identity import (
+    ROLE_OID,
+    IdentityError,
+    Role,
+    encode_role,
+    fingerprint,
+    identity_from_pem,
+)
 
 CERTS = str(Path(sys.executable).parent / "jobworker-certs")
 
@@ -96,3 +105,74 @@ def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "bob.key exists" in result.stderr
     assert (pki / "ca.key").read_bytes() == key
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    """One DER TLV."""
+    n = len(body)
+    if n < 0x80:
+        return bytes([tag, n]) + body
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(raw)]) + raw + body
+
+
+def _tlv(data: bytes, at: int) -> tuple[int, int, int]:
+    """(tag, start of the value, end of the TLV) of the DER element at ``at``."""
+    tag, first = data[at], data[at + 1]
+    if first < 0x80:
+        return tag, at + 2, at + 2 + first
+    size = first & 0x7F
+    length = int.from_bytes(data[at + 2 : at + 2 + size], "big")
+    return tag, at + 2 + size, at + 2 + size + length
+
+
+def _with_role_twice(tmp_path: Path) -> bytes:
+    """A client certificate whose role extension appears twice, signed by the CA: the kind
+    cryptography's builder refuses to make, so the extension is doubled in the DER."""
+    make_dev_pki(tmp_path / "pki", {"alice": Role.USER})
+    ca = load(tmp_path / "pki" / "ca")
+    cert = issue_client(ca, "mallory", Role.ADMIN).cert
+    der = cert.public_bytes(serialization.Encoding.DER)
+    _, cert_body, _ = _tlv(der, 0)
+    _, tbs_body, tbs_end = _tlv(der, cert_body)
+    tbs = der[tbs_body:tbs_end]
+    sigalg = der[tbs_end : _tlv(der, tbs_end)[2]]
+    oid = x509.ObjectIdentifier(ROLE_OID.dotted_string)
+    role_ext = _der(0x30, _der(0x06, _oid_body(oid)) + _der(0x04, encode_role(Role.ADMIN)))
+    assert tbs.endswith(role_ext), "the role extension is expected last"
+    # Walk to the [3] extensions element (the last of the TBS), and rebuild it doubled.
+    at = 0
+    while True:
+        tag, body, end = _tlv(tbs, at)
+        if tag == 0xA3:
+            break
+        at = end
+    _, seq_body, seq_end = _tlv(tbs, body)
+    extensions = tbs[seq_body:seq_end] + role_ext
+    new_tbs = _der(0x30, tbs[:at] + _der(0xA3, _der(0x30, extensions)))
+    signature = ca.key.sign(new_tbs, ec.ECDSA(hashes.SHA256()))
+    doubled = _der(0x30, new_tbs + sigalg + _der(0x03, b"\x00" + signature))
+    return x509.load_der_x509_certificate(doubled).public_bytes(serialization.Encoding.PEM)
+
+
+def _oid_body(oid: x509.ObjectIdentifier) -> bytes:
+    parts = [int(p) for p in oid.dotted_string.split(".")]
+    out = bytes([parts[0] * 40 + parts[1]])
+    for part in parts[2:]:
+        chunk = [part & 0x7F]
+        rest = part >> 7
+        while rest:
+            chunk.append(0x80 | (rest & 0x7F))
+            rest >>= 7
+        out += bytes(reversed(chunk))
+    return out
+
+
+def test_a_certificate_with_two_role_extensions_is_refused_with_its_fingerprint(
+    tmp_path: Path,
+) -> None:
+    pem = _with_role_twice(tmp_path)
+    with pytest.raises(IdentityError, match="extension twice") as caught:
+        identity_from_pem(pem)
+    assert caught.value.subject == "mallory"
+    assert caught.value.fingerprint == fingerprint(x509.load_pem_x509_certificate(pem))

@@ -16,6 +16,8 @@ from jobworker.api._config import (
     default_config_text,
     load_config,
 )
+from jobworker.certs import make_dev_pki
+from jobworker.identity import Role
 from jobworker.runtime import NOBODY, Bind, IOLimit, Limits, RunAs
 
 JOBWORKERD = str(Path(sys.executable).parent / "jobworkerd")
@@ -292,9 +294,13 @@ def test_reference_file_is_current_and_parses_to_the_defaults(tmp_path: Path) ->
     assert _load(tmp_path, reference, **flags) == load_config(None, flags)
 
 
+def _dev_pki(tmp_path: Path) -> None:
+    """ca.pem, server.pem, server.key and client files in ``tmp_path``."""
+    make_dev_pki(tmp_path, {"alice": Role.USER})
+
+
 def test_check_config_command(tmp_path: Path) -> None:
-    for name in ("ca.pem", "server.pem", "server.key"):
-        (tmp_path / name).write_text("")
+    _dev_pki(tmp_path)
     good = tmp_path / "good.toml"
     good.write_text(TLS + f'[server]\nstate_dir = "{tmp_path}/state"\n')
     result = subprocess.run(
@@ -325,3 +331,59 @@ def test_check_config_command(tmp_path: Path) -> None:
             "[quotas]: max_jobs_per_user, max_streams_per_user, max_output_per_job"
         ),
     ]
+
+
+def _check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "check.toml"
+    config.write_text(text)
+    return subprocess.run(
+        [JOBWORKERD, "--check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_config_loads_the_tls_material_as_the_server_will(tmp_path: Path) -> None:
+    """What used to pass --check-config and then fail at start: each gets its own line."""
+    _dev_pki(tmp_path)
+    other = tmp_path / "other"
+    make_dev_pki(other, {"bob": Role.USER})
+    (tmp_path / "not-pem.pem").write_text("hello\n")
+    cases = {
+        # A key that is not the certificate's (the start failed with "port in use").
+        '[tls]\nca = "ca.pem"\ncert = "server.pem"\nkey = "alice.key"\n': ("is not the key of"),
+        # A client certificate in the server's place.
+        '[tls]\nca = "ca.pem"\ncert = "alice.pem"\nkey = "alice.key"\n': (
+            "is not a server certificate"
+        ),
+        # A CA file that is not PEM.
+        '[tls]\nca = "not-pem.pem"\ncert = "server.pem"\nkey = "server.key"\n': (
+            "holds no PEM certificate"
+        ),
+        # A server certificate from another CA.
+        '[tls]\nca = "ca.pem"\ncert = "other/server.pem"\nkey = "other/server.key"\n': (
+            "is not signed by the CA"
+        ),
+    }
+    for text, problem in cases.items():
+        result = _check(tmp_path, text + f'[server]\nstate_dir = "{tmp_path}/state"\n')
+        assert result.returncode == 1, text
+        assert problem in result.stderr, (text, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_check_config_without_any_file_is_not_ok(tmp_path: Path) -> None:
+    if Path("/etc/jobworker/config.toml").exists():
+        pytest.skip("this host has a jobworkerd configuration of its own")
+    result = subprocess.run(
+        [JOBWORKERD, "--check-config", "--ca", "a", "--cert", "b", "--key", "c"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "no configuration file at /etc/jobworker/config.toml" in result.stderr

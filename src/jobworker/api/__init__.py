@@ -14,6 +14,8 @@ TLS12_BLOCKING_CIPHERS = "ECDHE-PSK-CHACHA20-POLY1305"
 os.environ["GRPC_SSL_CIPHER_SUITES"] = TLS12_BLOCKING_CIPHERS
 # grpcio's fork handlers crash forked children; nothing of ours forks a gRPC process.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
-# gRPC core logs every refused handshake (each TLS 1.2 attempt, the start-up self-check) at
-# INFO on stderr; the server's own log says what matters.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# gRPC core prints its own lines on stderr ("E1201 ... ssl_transport_security.cc" for every
+# refused handshake, "add_port.cc" for a port in use), which users of jobctl and operators
+# reading the server's log should not have to decode: both say what matters in one line of
+# their own (jobctl's explain(), the server's StartupError and log).
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")

@@ -22,7 +22,7 @@ from typing import Any, get_type_hints
 from .._units import UsageError, parse_duration, parse_size
 from ..runtime import Bind, InvalidSpecError, IOLimit, Limits, RunAs, RuntimeConfig
 from ._auth import CertPool
-from ._tls import TlsFiles
+from ._tls import TlsFiles, check_server_material
 
 __all__ = [
     "DEFAULT_PATH",
@@ -73,6 +73,8 @@ class ServerConfig:
     log_format: str = "text"
     # HOST:PORT of the Prometheus endpoint; None: no endpoint.
     metrics_listen: str | None = None
+    handshake_timeout: float = 5.0
+    max_connections: int = 1000
 
 
 class _BadValueError(Exception):
@@ -341,7 +343,7 @@ _MEMORY = "memory; past it the job is OOM-killed"
 _PIDS = "processes and threads"
 _TMP = "private /tmp, /var/tmp, /dev/shm, /run/lock and /job together (counted as memory)"
 _FOR_DEFAULT = ", for jobs that do not ask"
-_FOR_MAX = ": the most a job may ask; unset: no cap"
+_FOR_MAX = ": the most a job may ask"
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +358,16 @@ class ServerSection:
     max_message_size: int = _setting(_size, '"4M"', "largest gRPC message either way")
     shutdown_grace: float = _setting(
         _duration, '"5s"', "on SIGTERM, how long open calls get before they are cut"
+    )
+    handshake_timeout: float = _setting(
+        _duration,
+        '"5s"',
+        "a connection that has not finished its TLS handshake by then is closed",
+    )
+    max_connections: int = _setting(
+        _positive_int,
+        "1000",
+        "open connections at most (keep it below the fd limit, LimitNOFILE)",
     )
 
 
@@ -386,9 +398,13 @@ class TlsSection:
 
 @dataclass(frozen=True, slots=True)
 class DefaultLimitsSection:
-    cpus: float | None = _setting(_cpus, "", _CPUS + _FOR_DEFAULT, "0.5")
-    memory: int | None = _setting(_size, "", _MEMORY + _FOR_DEFAULT, '"512M"')
-    pids: int | None = _setting(_positive_int, "", _PIDS + _FOR_DEFAULT, "256")
+    cpus: float | None = _setting(
+        _cpus, "", _CPUS + _FOR_DEFAULT + " (unset: half the host's, at least 1)", "0.5"
+    )
+    memory: int | None = _setting(
+        _size, "", _MEMORY + _FOR_DEFAULT + " (unset: a quarter of the host's)", '"512M"'
+    )
+    pids: int | None = _setting(_positive_int, "", _PIDS + _FOR_DEFAULT + " (unset: 1024)", "256")
     tmp_size: int | None = _setting(_size, "", _TMP + _FOR_DEFAULT + " (unset: 256M)", '"512M"')
     cpu_weight: int | None = _setting(
         _positive_int, "", "CPU share against other jobs, 1-10000 (100: even)", "100"
@@ -414,10 +430,12 @@ class DefaultLimitsSection:
 
 @dataclass(frozen=True, slots=True)
 class MaxLimitsSection:
-    cpus: float | None = _setting(_cpus, "", _CPUS + _FOR_MAX, "0.5")
-    memory: int | None = _setting(_size, "", _MEMORY + _FOR_MAX, '"512M"')
-    pids: int | None = _setting(_positive_int, "", _PIDS + _FOR_MAX, "256")
-    tmp_size: int | None = _setting(_size, "", _TMP + _FOR_MAX, '"4G"')
+    cpus: float | None = _setting(_cpus, "", _CPUS + _FOR_MAX + " (unset: the host's)", "2")
+    memory: int | None = _setting(_size, "", _MEMORY + _FOR_MAX + " (unset: the host's)", '"8G"')
+    pids: int | None = _setting(_positive_int, "", _PIDS + _FOR_MAX + " (unset: 32768)", "4096")
+    tmp_size: int | None = _setting(
+        _size, "", _TMP + _FOR_MAX + " (unset: the host's memory)", '"4G"'
+    )
 
     def limits(self) -> Limits:
         """Raises InvalidSpecError: a value is out of range."""
@@ -441,7 +459,13 @@ class QuotasSection:
 class RetentionSection:
     max_age: float = _setting(_duration, '"7d"', "delete ended jobs this long after they ended")
     max_size: int = _setting(
-        _size, '"10G"', "keep all jobs' output within this, deleting the oldest ended first"
+        _size,
+        '"10G"',
+        "all jobs' output together; past it, the oldest ended job of the owner who takes the "
+        "most goes first",
+    )
+    max_size_per_owner: int | None = _setting(
+        _size, "", "one owner's jobs' output; past it, that owner's oldest ended jobs go", '"2G"'
     )
 
 
@@ -668,6 +692,35 @@ def _private_dirs(file: FileConfig) -> tuple[str, ...]:
     return tuple(sorted(d for d in dirs if d != "/"))
 
 
+# Defaults that contain a careless or hostile job without hurting ordinary work, and maxima
+# no request may pass, derived from the host where that makes sense (see docs/security.md).
+_DEFAULT_PIDS = 1024
+_MAX_PIDS = 32768
+
+
+def host_limits() -> tuple[Limits, Limits]:
+    """(defaults, maxima) for what the configuration leaves unset: by default a job gets
+    1,024 tasks, a quarter of the host's memory and half its CPUs (at least one); no job may
+    ask for more than the host has (CPUs, memory) or 32,768 tasks."""
+    cpus = float(os.cpu_count() or 1)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    defaults = Limits(cpus=max(1.0, cpus / 2), memory_bytes=memory // 4, pids=_DEFAULT_PIDS)
+    maxima = Limits(cpus=cpus, memory_bytes=memory, pids=_MAX_PIDS, tmp_bytes=memory)
+    return defaults, maxima
+
+
+def _filled(limits: Limits, host: Limits) -> Limits:
+    """``limits`` with what it leaves unset taken from ``host``."""
+    return Limits(
+        cpus=limits.cpus if limits.cpus is not None else host.cpus,
+        cpu_weight=limits.cpu_weight,
+        memory_bytes=limits.memory_bytes if limits.memory_bytes is not None else host.memory_bytes,
+        pids=limits.pids if limits.pids is not None else host.pids,
+        io=limits.io,
+        tmp_bytes=limits.tmp_bytes if limits.tmp_bytes is not None else host.tmp_bytes,
+    )
+
+
 def _build(file: FileConfig, problems: list[str]) -> ServerConfig | None:
     tls = file.tls
     for name, value, flag in (
@@ -703,6 +756,7 @@ def _build(file: FileConfig, problems: list[str]) -> ServerConfig | None:
             host_network_owners=file.network.host_network_users,
             retention_seconds=file.retention.max_age,
             retention_bytes=file.retention.max_size,
+            retention_bytes_per_owner=file.retention.max_size_per_owner,
             cgroups=file.cgroups.enabled,
             cgroup_subtree=file.cgroups.subtree,
             cgroup_parent=file.cgroups.parent,
@@ -732,6 +786,8 @@ def _build(file: FileConfig, problems: list[str]) -> ServerConfig | None:
         shutdown_grace=file.server.shutdown_grace,
         log_format=file.server.log_format,
         metrics_listen=file.metrics.listen,
+        handshake_timeout=file.server.handshake_timeout,
+        max_connections=file.server.max_connections,
     )
 
 
@@ -779,13 +835,17 @@ def check_files(config: ServerConfig) -> list[str]:
     """What ``--check-config`` adds to parsing: the files named must be readable, the
     fingerprint lists well formed, the state dir usable."""
     problems = []
+    unreadable = False
     for what, file in (
         ("tls.ca", config.tls.ca),
         ("tls.cert", config.tls.cert),
         ("tls.key", config.tls.key),
     ):
         if not os.access(file, os.R_OK):
+            unreadable = True
             problems.append(f"{what}: cannot read {file}; check the path and its permissions")
+    if not unreadable:
+        problems += check_server_material(config.tls)
     try:
         config.pool.load()
     except OSError as e:

@@ -18,6 +18,7 @@ from ..runtime import (
     JobworkerError,
     LaunchError,
     NotPermittedError,
+    QuotaError,
     RuntimeClosedError,
     StateDirError,
 )
@@ -51,6 +52,7 @@ CODES: dict[type[Exception], grpc.StatusCode | None] = {
     LaunchError: grpc.StatusCode.UNAVAILABLE,
     RuntimeClosedError: grpc.StatusCode.UNAVAILABLE,
     StateDirError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    QuotaError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     # The runtime wraps cgroup failures of a launch in LaunchError; a bare one is a bug.
     CgroupError: None,
     InvalidTransitionError: None,

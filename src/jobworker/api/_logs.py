@@ -12,6 +12,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from .._text import escape
+
 __all__ = ["AUDIT", "configure"]
 
 AUDIT = logging.getLogger("jobworker.audit")
@@ -28,11 +30,12 @@ def _time(record: logging.LogRecord) -> str:
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_time(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        line = f"{_time(record)} {record.levelname} {record.name}: {escape(record.getMessage())}"
         for key, value in _fields(record).items():
             text = str(value)
-            # Quote what would break the key=value split (spaces, quotes, empties).
-            if not text or any(c in text for c in ' "=\n'):
+            # Quote what would break the key=value split (spaces, quotes, empties) or the
+            # line (any character that is not printable: json escapes them all).
+            if not text or not text.isprintable() or any(c in text for c in ' "='):
                 text = json.dumps(text)
             line += f" {key}={text}"
         if record.exc_info:

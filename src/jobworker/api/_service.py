@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ..identity import Identity
 from ..runtime import InvalidSpecError, JobStatus, Runtime
@@ -78,14 +80,15 @@ class NoMetrics:
 class _Call:
     """One RPC, for its audit line and its count: who, from where, what, which job."""
 
-    __slots__ = ("job", "method", "metrics", "peer", "started", "who")
+    __slots__ = ("argv", "job", "method", "metrics", "peer", "started", "who")
 
     def __init__(self, method: str, request: Any, context: Any, metrics: ServiceMetrics) -> None:
         self.method = method
         # Read now: grpcio crashes (SIGSEGV) reading the peer of a call the client cancelled.
         self.peer: str = context.peer()
         self.metrics = metrics
-        self.job: str = getattr(request, "id", "")
+        self.job: str = str(getattr(request, "id", ""))[:_MAX_AUDITED]
+        self.argv = _argv_of(request)
         self.who: Identity | None = None
         self.started = time.perf_counter()
 
@@ -105,9 +108,51 @@ class _Call:
             "code": name,
             "ms": round((time.perf_counter() - self.started) * 1000, 2),
         }
+        if self.argv:
+            fields["argv"] = self.argv
         if message:
             fields["error"] = message
         AUDIT.info("rpc %s %s", self.method, name, extra={"fields": fields})
+
+
+# The most of one client-chosen value an audit line carries (argv, a malformed id).
+_MAX_AUDITED = 512
+
+
+def _argv_of(request: object) -> str:
+    """A CreateJob's command for its audit line: argv joined by spaces (each arg quoted as
+    JSON when it needs it), cut at _MAX_AUDITED characters; the formatter escapes it."""
+    spec = getattr(request, "spec", None)
+    argv = list(getattr(spec, "argv", ())) if spec is not None else []
+    text = " ".join(a if a and a.isprintable() and " " not in a else json.dumps(a) for a in argv)
+    return text if len(text) <= _MAX_AUDITED else text[:_MAX_AUDITED] + "..."
+
+
+class Malformed:
+    """A request body that did not parse as its message (the deserializer's stand-in, so
+    the handler can refuse it with INVALID_ARGUMENT and audit it, instead of gRPC's
+    UNKNOWN and a traceback)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _check_parsed(request: object) -> None:
+    """Raises InvalidSpecError: the request body did not parse."""
+    if isinstance(request, Malformed):
+        raise InvalidSpecError(request.reason)
+
+
+def _lenient(parse: Callable[[bytes], object], name: str) -> Callable[[bytes], object]:
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(data)
+        except DecodeError as e:
+            return Malformed(f"the request is not a valid {name} message ({e}); check the client")
+
+    return deserialize
 
 
 def _job_of(response: object) -> str:
@@ -133,6 +178,7 @@ def _unary_rpc(
         call = _Call(name, request, context, self.metrics)
         try:
             call.who = self.auth.identify(context)
+            _check_parsed(request)
             response = await body(self, request, call.who)
         except asyncio.CancelledError:
             call.done(grpc.StatusCode.CANCELLED, "the client went away")
@@ -159,6 +205,7 @@ def _stream_rpc(
         call = _Call(name, request, context, self.metrics)
         try:
             call.who = self.auth.identify(context)
+            _check_parsed(request)
             with self._stream_slot(call.who):
                 async with contextlib.aclosing(body(self, request, call.who)) as items:
                     async for item in _until_shutdown(self.shutting_down, items):
@@ -298,17 +345,11 @@ class JobService:
 
     async def _create(self, spec: pb.JobSpec, who: Identity, *, start: bool) -> JobStatus:
         runtime_spec = spec_from_pb(spec, who.name)
-        active = sum(1 for s in await self.runtime.jobs(owner=who.name) if not s.state.is_final)
-        if active >= self._limits.max_active_jobs_per_user:
-            raise ApiError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{who.name} already has {active} jobs created or running (the server's "
-                "limit); stop or wait for some first",
-            )
+        cap = self._limits.max_active_jobs_per_user
         if not start:
-            return await self.runtime.create(runtime_spec)
+            return await self.runtime.create(runtime_spec, max_active=cap)
         started = time.perf_counter()
-        status = await self.runtime.create(runtime_spec, start=True)
+        status = await self.runtime.create(runtime_spec, start=True, max_active=cap)
         self.metrics.job_start(time.perf_counter() - started, status)
         return status
 
@@ -455,7 +496,7 @@ def add_to_server(service: JobService, server: grpc.aio.Server) -> None:
         response = getattr(pb, method.output_type.name)
         handlers[method.name] = make(
             getattr(service, method.name),
-            request_deserializer=request.FromString,
+            request_deserializer=_lenient(request.FromString, method.input_type.name),
             response_serializer=None
             if method.name in _PRESERIALIZED
             else response.SerializeToString,

@@ -5,15 +5,21 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 __all__ = [
     "MAX_FRAME_BYTES",
     "TlsError",
     "TlsFiles",
+    "check_server_material",
     "check_tls13_only",
     "client_credentials",
     "server_credentials",
@@ -58,6 +64,67 @@ class TlsFiles:
             except OSError as e:
                 raise TlsError(f"cannot read the {what} {path}: {e.strerror}") from e
         return out[0], out[1], out[2]
+
+
+def check_server_material(files: TlsFiles, now: float | None = None) -> list[str]:
+    """Every problem with the server's TLS files, loaded as the server will load them: one
+    line each, naming the setting, the file and what to do.
+
+    Without this, a key that does not match its certificate makes gRPC refuse to bind with
+    a misleading "port in use", and a client certificate in the server's place only fails
+    at each client's handshake.
+    """
+    problems = []
+    try:
+        ca_pem, cert_pem, key_pem = files.read()
+    except TlsError as e:
+        return [str(e)]
+    try:
+        cas = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        cas = []
+        problems.append(f"tls.ca: {files.ca} holds no PEM certificate; give the CA's ca.pem")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return [*problems, f"tls.cert: {files.cert} is not a PEM certificate"]
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        return [
+            *problems,
+            f"tls.key: {files.key} is not an unencrypted PEM private key",
+        ]
+    public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*public) != cert.public_key().public_bytes(*public):
+        problems.append(
+            f"tls.key: {files.key} is not the key of {files.cert}; give the key made with "
+            "that certificate (jobworker-certs init writes server.pem and server.key)"
+        )
+    with contextlib.suppress(x509.ExtensionNotFound):
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if ExtendedKeyUsageOID.SERVER_AUTH not in usage:
+            problems.append(
+                f"tls.cert: {files.cert} is not a server certificate (it is for clients: no "
+                "serverAuth usage); give the server's certificate"
+            )
+    when = time.time() if now is None else now
+    if cert.not_valid_after_utc.timestamp() < when:
+        problems.append(f"tls.cert: {files.cert} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    if cas and not any(_issued_by(cert, ca) for ca in cas):
+        problems.append(
+            f"tls.cert: {files.cert} is not signed by the CA in {files.ca}; clients that "
+            "trust that CA will refuse the server"
+        )
+    return problems
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:

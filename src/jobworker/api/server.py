@@ -47,7 +47,13 @@ from ._service import JobService, add_to_server
 
 if TYPE_CHECKING:
     from ._metrics import Metrics
-from ._tls import MAX_FRAME_BYTES, TlsError, check_tls13_only, server_credentials
+from ._tls import (
+    MAX_FRAME_BYTES,
+    TlsError,
+    check_server_material,
+    check_tls13_only,
+    server_credentials,
+)
 
 __all__ = ["Server", "ServerConfig", "ServiceLimits", "StartupError", "main"]
 
@@ -115,6 +121,9 @@ class Server:
         Raises:
             StartupError: a problem the operator must fix (message says what).
         """
+        problems = check_server_material(config.tls)
+        if problems:
+            raise StartupError("; ".join(problems))
         try:
             credentials = server_credentials(config.tls)
             auth = Authenticator(config.pool)
@@ -137,6 +146,11 @@ class Server:
                 # Without this a second server could share the port instead of failing.
                 ("grpc.so_reuseport", 0),
                 ("grpc.http2.max_frame_size", MAX_FRAME_BYTES),
+                # gRPC holds a connection that never finishes its handshake for 120 s by
+                # default, and accepts any number: a flood of silent sockets then uses up
+                # the fds and stops service (issue 20, measured at a 256-fd limit).
+                ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout * 1000)),
+                ("grpc.max_allowed_incoming_connections", config.max_connections),
             ]
         )
         add_to_server(service, server)
@@ -235,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.check_config:
         problems = check_files(config)
+        if args.config is None and not DEFAULT_PATH.exists():
+            problems.insert(
+                0, f"no configuration file at {DEFAULT_PATH}; give --config FILE to check one"
+            )
         for problem in problems:
             print(f"{args.config or DEFAULT_PATH}: {problem}", file=sys.stderr)
         if problems:

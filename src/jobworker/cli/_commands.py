@@ -15,6 +15,7 @@ import sys
 import grpc
 
 from .._allocator import keep_large_buffers
+from .._text import escape
 from .._units import UsageError, parse_duration, parse_signal, parse_size
 from ..api.client import pb, stream_output
 from ._client import CliError, Session, explain, session
@@ -116,7 +117,7 @@ async def _dispatch(  # noqa: C901, PLR0911, PLR0912 - one branch per command, a
                 "CreateJob", pb.Job, pb.CreateJobRequest(spec=_spec(args), start=True)
             )
             if job.state == pb.JOB_STATE_FAILED:
-                await io.say(f"jobctl: job {job.id} failed to start: {job.error}\n")
+                await io.say(f"jobctl: job {job.id} failed to start: {escape(job.error)}\n")
                 return exit_status_of(job)  # 127, like a shell's "command not found"
             if args.command == "run" or args.follow:
                 remove = getattr(args, "rm", False)
@@ -228,10 +229,10 @@ async def run_command(
         await io.say("jobctl: interrupted\n")
         return 130
     except UsageError as e:
-        await io.say(f"jobctl: {e}\n")
+        await io.say(f"jobctl: {escape(str(e))}\n")
         return 2
     except CliError as e:
-        await io.say(f"jobctl: {e}\n")
+        await io.say(f"jobctl: {escape(str(e))}\n")
         return 1
     except BrokenPipeError:
         # The reader went away (jobctl logs JOB | head): not an error of ours.

@@ -7,6 +7,8 @@ import io as io_module
 import json
 from typing import TYPE_CHECKING, Any
 
+from .._text import escape
+
 if TYPE_CHECKING:
     from ._io import Io
 
@@ -120,16 +122,17 @@ def table_text(jobs: list[dict[str, Any]], io: Io) -> str:
     """Aligned columns with relative times; color only on a terminal, never with NO_COLOR."""
     from rich.console import Console  # noqa: PLC0415 - rich costs ~50 ms; only tables need it
     from rich.table import Table  # noqa: PLC0415 - as above
+    from rich.text import Text  # noqa: PLC0415 - as above
 
     now = dt.datetime.now(dt.UTC)
     rows = [
         (
             job["id"][:12],
-            job["owner"],
+            escape(job["owner"]),
             job["state"],
             _result(job),
             _ago(job["created_at"], now),
-            " ".join(job["argv"]),
+            _command(job["argv"]),
         )
         for job in jobs
     ]
@@ -143,8 +146,12 @@ def table_text(jobs: list[dict[str, Any]], io: Io) -> str:
     colors = {"running": "green", "failed": "red", "stopped": "yellow"}
     for row in rows:
         state = row[2]
+        # Text(), not a markup string: a command such as "[red]x" is shown, not styled.
         table.add_row(
-            *row[:2], f"[{colors[state]}]{state}[/]" if state in colors else state, *row[3:]
+            Text(row[0]),
+            Text(row[1]),
+            Text(state, style=colors.get(state, "")),
+            *(Text(cell) for cell in row[3:]),
         )
     text = io_module.StringIO()
     console = Console(
@@ -156,6 +163,12 @@ def table_text(jobs: list[dict[str, Any]], io: Io) -> str:
     )
     console.print(table)
     return text.getvalue()
+
+
+def _command(argv: list[str]) -> str:
+    """argv for a person: joined by spaces, every control character escaped (an argv may
+    carry terminal sequences meant for whoever lists it, an admin included)."""
+    return " ".join(escape(arg) for arg in argv)
 
 
 def _bytes(value: int | None) -> str:
@@ -182,10 +195,10 @@ def status_text(job: dict[str, Any]) -> str:
     usage = job["usage"]
     rows = [
         ("id", job["id"]),
-        ("owner", job["owner"]),
-        ("command", " ".join(job["argv"])),
+        ("owner", escape(job["owner"])),
+        ("command", _command(job["argv"])),
         ("state", job["state"] + (f" ({_result(job)})" if _result(job) else "")),
-        ("error", job["error"] or "-"),
+        ("error", escape(job["error"] or "-")),
         ("created", f"{job['created_at']} ({_ago(job['created_at'], now)})"),
         ("started", job["started_at"] or "-"),
         ("ended", job["ended_at"] or "-"),

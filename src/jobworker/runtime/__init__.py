@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         JobworkerError,
         LaunchError,
         NotPermittedError,
+        QuotaError,
         RuntimeClosedError,
         StateDirError,
     )
@@ -42,6 +43,7 @@ _WHERE = {
     "Bind": "_jobdir",
     "CgroupError": "cgroups",
     "NotPermittedError": "_errors",
+    "QuotaError": "_errors",
     "RunAs": "_config",
     "Usage": "_status",
     "SandboxInfo": "_status",
@@ -88,6 +90,7 @@ __all__ = [
     "LaunchError",
     "Limits",
     "NotPermittedError",
+    "QuotaError",
     "RunAs",
     "Runtime",
     "RuntimeClosedError",

@@ -58,9 +58,11 @@ class RuntimeConfig:
     owners in ``seccomp_optional_owners`` may ask for no seccomp filter.
 
     Retention: ended jobs and their output are deleted once ``retention_seconds`` have
-    passed since they ended, and, oldest first, while all jobs together take more than
-    ``retention_bytes`` of disk; checked every ``retention_interval`` seconds and at start.
-    Running and created jobs are never deleted.
+    passed since they ended; oldest first while an owner's jobs take more than
+    ``retention_bytes_per_owner``; and, as a last resort while all jobs together take more
+    than ``retention_bytes``, the oldest of the owner who takes the most (``_retention``).
+    Checked every ``retention_interval`` seconds and at start. Running and created jobs
+    are never deleted.
 
     Raises:
         InvalidSpecError: on construction, naming the bad setting.
@@ -84,6 +86,7 @@ class RuntimeConfig:
     namespaces: bool = True
     retention_seconds: float = 7 * 24 * 3600.0
     retention_bytes: int = 10 << 30
+    retention_bytes_per_owner: int | None = None
     retention_interval: float = 60.0
     sandbox: bool = True
     hide_paths: tuple[str, ...] = ()

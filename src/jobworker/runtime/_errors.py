@@ -13,6 +13,7 @@ __all__ = [
     "JobworkerError",
     "LaunchError",
     "NotPermittedError",
+    "QuotaError",
     "RuntimeClosedError",
     "StateDirError",
 ]
@@ -60,6 +61,10 @@ class LaunchError(JobworkerError):
 
 class NotPermittedError(JobworkerError):
     """The server's configuration does not allow this for this owner (e.g. host network)."""
+
+
+class QuotaError(JobworkerError):
+    """A per-owner cap of the server's is reached (e.g. jobs created or running)."""
 
 
 class RuntimeClosedError(JobworkerError):

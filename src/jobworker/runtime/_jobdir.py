@@ -69,6 +69,8 @@ FINAL = "final.json"
 CONTROL = "control.sock"
 # The empty directory a sandboxed job's root is built on, in its own mount namespace.
 NEW_ROOT = "root"
+# The state dir's lock file (flock, held by the one server using the state dir).
+LOCK_FILE = "jobworkerd.lock"
 # Where directories whose records cannot be read are moved, under the state dir.
 SET_ASIDE = "set-aside"
 _READ_SIZE = 16384

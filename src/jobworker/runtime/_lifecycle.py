@@ -17,7 +17,13 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 
 from ._config import DEFAULT_TMP_BYTES, RuntimeConfig
-from ._errors import JobAlreadyStartedError, JobNotFoundError, LaunchError, StateDirError
+from ._errors import (
+    JobAlreadyStartedError,
+    JobNotFoundError,
+    LaunchError,
+    QuotaError,
+    StateDirError,
+)
 from ._job import Job
 from ._jobdir import (
     FINAL,
@@ -81,8 +87,12 @@ class Lifecycle:
         # Jobs whose end is being recorded: their cgroups are still needed (for usage).
         self.ending: set[str] = set()
         self.closed = False
-        # Called after each job's end has been dealt with (the retention pass).
+        # Called after jobs' ends have been dealt with (the retention pass), coalesced: a
+        # burst of ends (1,000 jobs stopped at once) runs it a few times, not once each,
+        # since each pass measures every running job's directory.
         self.after_end: Callable[[], Awaitable[object]] | None = None
+        self._after_end_again = False
+        self._after_end_task: asyncio.Task[None] | None = None
 
     def background(
         self, coro: Coroutine[object, object, None], tasks: set[asyncio.Task[None]]
@@ -106,13 +116,26 @@ class Lifecycle:
             job.cgroup = self.cgroups.attach(record.cgroup)
         return job
 
-    async def create(self, spec: JobSpec, limits: Limits, *, start: bool) -> Job:
+    async def create(
+        self, spec: JobSpec, limits: Limits, *, start: bool, max_active: int | None = None
+    ) -> Job:
         """Record a new job (spec.json) and register it.
 
+        The quota check and the reservation are one step (no await between them), so a
+        burst of concurrent creates cannot overshoot ``max_active``.
+
         Raises:
+            QuotaError: the owner already has ``max_active`` jobs created or running.
             StateDirError: the job cannot be recorded.
         """
         config = self.config
+        if max_active is not None:
+            active = self.registry.active(spec.owner)
+            if active >= max_active:
+                raise QuotaError(
+                    f"{spec.owner} already has {active} jobs created or running (the "
+                    "server's limit); stop or wait for some first"
+                )
         job_id = str(uuid.uuid4())
         directory = str(self.jobs_dir / job_id)
         user = config.user_for(spec.owner)
@@ -133,14 +156,6 @@ class Lifecycle:
             launching=start,
             cgroup=None,
         )
-        try:
-            await asyncio.to_thread(_make_job_dir, directory, record)
-        except OSError as e:
-            await asyncio.to_thread(shutil.rmtree, directory, True)
-            raise StateDirError(
-                f"cannot record the job in {self.jobs_dir}: {e.strerror}; free space there,"
-                " delete ended jobs (jobctl rm) or lower the retention budget"
-            ) from e
         job = Job(
             record,
             spec,
@@ -149,7 +164,17 @@ class Lifecycle:
             self.observer,
             limits_enforced=self.cgroups is not None,
         )
+        # Registered before the first await: the reservation the quota check counts.
         self.registry.add(job)
+        try:
+            await asyncio.to_thread(_make_job_dir, directory, record)
+        except OSError as e:
+            self.registry.discard(job)
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            raise StateDirError(
+                f"cannot record the job: {e.strerror}; the server's state disk is full or "
+                "unwritable. Delete ended jobs (jobctl rm), or ask the operator to free space"
+            ) from e
         job.appeared()
         return job
 
@@ -298,8 +323,28 @@ class Lifecycle:
         if empty:
             # Nothing the job started remains: its uid may serve another job.
             self.uids.give_back(job.record.uid)
-        if not self.closed and self.after_end is not None:
-            await self.after_end()
+        self._after_ends()
+
+    def _after_ends(self) -> None:
+        """Run the after-end pass soon: now if none runs, else once more when it is done."""
+        if self.closed or self.after_end is None:
+            return
+        if self._after_end_task is not None and not self._after_end_task.done():
+            self._after_end_again = True
+            return
+        self._after_end_task = asyncio.get_running_loop().create_task(self._run_after_ends())
+        self.cleanups.add(self._after_end_task)
+        self._after_end_task.add_done_callback(self.cleanups.discard)
+
+    async def _run_after_ends(self) -> None:
+        while self.after_end is not None and not self.closed:
+            self._after_end_again = False
+            try:
+                await self.after_end()
+            except OSError as e:
+                log.warning("retention pass failed: %s", e)
+            if not self._after_end_again:
+                return
 
     # ---------------------------------------------------------------- deleting
     async def delete(self, job: Job) -> None:

@@ -60,6 +60,10 @@ class Registry:
         job = self._jobs.get(canonical) if canonical is not None else None
         return job.owner if job is not None else None
 
+    def active(self, owner: str) -> int:
+        """How many of ``owner``'s jobs are created or running (their quota)."""
+        return sum(1 for job in self._by_owner.get(owner, {}).values() if not job.state.is_final)
+
     def of(self, owner: str | None) -> list[Job]:
         """``owner``'s jobs (everyone's for None), oldest first."""
         jobs = list(

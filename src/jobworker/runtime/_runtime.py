@@ -24,11 +24,13 @@ from ._errors import (
     JobRunningError,
     NotPermittedError,
     RuntimeClosedError,
+    StateDirError,
 )
 from ._job import Job
-from ._jobdir import LOG
+from ._jobdir import LOCK_FILE, LOG
 from ._launch import Launcher, SupervisorHandle
 from ._lifecycle import Lifecycle
+from ._locks import LockHeldError, lock_exclusive
 from ._logformat import Stream
 from ._notify import DirNotifier
 from ._observer import JobObserver, NullObserver
@@ -84,6 +86,8 @@ class Runtime:
         self._life.after_end = self.prune_ended
         # Log reads go to their own small pool, so many followers cannot starve other work.
         self._readers = concurrent.futures.ThreadPoolExecutor(4, "jobworker-log")
+        # The flock on the state dir, held while open (see _lock_state_dir).
+        self._state_lock = -1
 
     @classmethod
     async def open(cls, config: RuntimeConfig, observer: JobObserver | None = None) -> Runtime:
@@ -97,26 +101,23 @@ class Runtime:
         """
         jobs_dir = config.state_dir / "jobs"
         await asyncio.to_thread(jobs_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
+        lock = _lock_state_dir(config)
         cgroups = None
-        if config.cgroups:
-            # Before the launcher exists: on cgroup v2 the server may move itself into a leaf,
-            # and the launcher (and every supervisor) must start there too.
-            cgroups = await asyncio.to_thread(
-                open_driver, config.cgroup_subtree, config.cgroup_parent
-            )
-        for name, path in config.images.items():
-            if not await asyncio.to_thread(os.path.isdir, path):
-                raise InvalidSpecError(f"image {name!r}: {path} is not a directory")
-        if config.sandbox and config.namespaces:
-            # Here, with a clear error, rather than in the launcher, which builds its own.
-            try:
-                await asyncio.to_thread(build_filter)
-            except (OSError, ValueError, RuntimeError) as e:
-                raise InvalidSpecError(
-                    f"cannot build the seccomp filter ({e}); install libseccomp2, or turn "
-                    "the sandbox off"
-                ) from e
+        try:
+            if config.cgroups:
+                # Before the launcher exists: on cgroup v2 the server may move itself into a
+                # leaf, and the launcher (and every supervisor) must start there too.
+                cgroups = await asyncio.to_thread(
+                    open_driver, config.cgroup_subtree, config.cgroup_parent
+                )
+            await _check_startable(config)
+        except BaseException:
+            if cgroups is not None:
+                cgroups.release()
+            os.close(lock)
+            raise
         runtime = cls(config, Launcher.spawn(), cgroups, observer or NullObserver())
+        runtime._state_lock = lock
         life = runtime._life
         try:
             await restore(life)
@@ -154,9 +155,14 @@ class Runtime:
                 job.supervisor.close()
         await self._notifier.close()
         await self._launcher.close(jobs_running=running)
-        if self._cgroups is not None and not running:
-            await asyncio.to_thread(self._cgroups.close, self._config.cgroup_remove_timeout)
+        if self._cgroups is not None:
+            if not running:
+                await asyncio.to_thread(self._cgroups.close, self._config.cgroup_remove_timeout)
+            self._cgroups.release()
         self._readers.shutdown(wait=True)
+        if self._state_lock >= 0:
+            os.close(self._state_lock)
+            self._state_lock = -1
 
     @property
     def cgroup_kind(self) -> str | None:
@@ -214,15 +220,19 @@ class Runtime:
         ]
 
     # ---------------------------------------------------------------- lifecycle
-    async def create(self, spec: JobSpec, *, start: bool = False) -> JobStatus:
+    async def create(
+        self, spec: JobSpec, *, start: bool = False, max_active: int | None = None
+    ) -> JobStatus:
         """Create a job (state ``created``); with ``start``, start it too.
 
-        The server's default limits fill what ``spec`` leaves unset.
+        The server's default limits fill what ``spec`` leaves unset. ``max_active`` caps the
+        owner's jobs created or running, checked and reserved in one step.
 
         Raises:
             InvalidSpecError: ``spec`` is not a JobSpec, or asks for a limit above the
                 server's maximum or for an IO device that does not exist.
             NotPermittedError: the owner may not use the host network.
+            QuotaError: the owner already has ``max_active`` jobs created or running.
             RuntimeClosedError: the runtime is closed.
             StateDirError: the job cannot be recorded (e.g. the state disk is full).
             LaunchError: with ``start``, the launcher failed (not the command: a command
@@ -244,7 +254,7 @@ class Runtime:
             except CgroupError as e:
                 raise InvalidSpecError(str(e)) from e
             limits = replace(limits, io=io)
-        job = await self._life.create(spec, limits, start=start)
+        job = await self._life.create(spec, limits, start=start, max_active=max_active)
         if start:
             await self._life.start(job)
         return job.status
@@ -509,6 +519,43 @@ class Runtime:
                 yield
         finally:
             job.remove_waiter(event)
+
+
+def _lock_state_dir(config: RuntimeConfig) -> int:
+    """An exclusive lock on the state dir: two servers on one would both serve, steer and
+    stop the same jobs.
+
+    Raises:
+        StateDirError: another process holds it (the message names its pid).
+    """
+    try:
+        return lock_exclusive(str(config.state_dir / LOCK_FILE))
+    except LockHeldError as e:
+        who = f"jobworkerd (pid {e.pid})" if e.pid else "jobworkerd"
+        raise StateDirError(
+            f"another {who} is using the state dir {config.state_dir}; stop it, or give "
+            "this server a state dir of its own (--state-dir)"
+        ) from None
+
+
+async def _check_startable(config: RuntimeConfig) -> None:
+    """What the configuration asks of this host, checked with a clear error at start-up.
+
+    Raises:
+        InvalidSpecError: an image directory is missing, or no seccomp filter can be built.
+    """
+    for name, path in config.images.items():
+        if not await asyncio.to_thread(os.path.isdir, path):
+            raise InvalidSpecError(f"[images] {name}: {path} is not a directory")
+    if config.sandbox and config.namespaces:
+        # Here, with a clear error, rather than in the launcher, which builds its own.
+        try:
+            await asyncio.to_thread(build_filter)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise InvalidSpecError(
+                f"cannot build the seccomp filter ({e}); install libseccomp2, or set "
+                "[sandbox] enabled = false"
+            ) from e
 
 
 def _within(path: str, place: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Protocol
 from asyncinotify import Inotify, Mask
 
 from .._jobdir import CgroupPaths
+from .._locks import LockHeldError, lock_exclusive
 from .._spec import IOLimit, Limits
 from .._status import Usage
 from ._files import CgroupError, read_keyed, read_text
@@ -26,6 +27,7 @@ __all__ = [
     "JobCgroup",
     "backoff",
     "block_device_of",
+    "lock_subtree",
     "remove_dirs",
     "wait_unpopulated",
 ]
@@ -108,6 +110,30 @@ class CgroupDriver(Protocol):
         for any still emptying), then our subtree. Whatever cannot go stays for the next
         start-up's :meth:`prune`."""
         ...
+
+    def release(self) -> None:
+        """Let go of the subtree's lock (after :meth:`close`, or leaving jobs running)."""
+        ...
+
+
+def lock_subtree(base: str, subtree: str) -> int:
+    """An exclusive lock on our subtree's directory, held while the server runs: a second
+    server on the same subtree would prune, and at its clean shutdown remove, the first
+    one's job cgroups.
+
+    Raises:
+        CgroupError: another process holds it (the message names its pid).
+    """
+    try:
+        return lock_exclusive(base, directory=True)
+    except LockHeldError as e:
+        who = f"jobworkerd (pid {e.pid})" if e.pid else "jobworkerd"
+        raise CgroupError(
+            f"the cgroup subtree {subtree!r} is in use by another {who}; give this server "
+            "a subtree of its own ([cgroups] subtree in the configuration)"
+        ) from None
+    except OSError as e:
+        raise CgroupError(f"cannot open the cgroup subtree {subtree!r}: {e.strerror}") from e
 
 
 def block_device_of(path: str) -> str:

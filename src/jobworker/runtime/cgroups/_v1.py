@@ -16,6 +16,7 @@ from .._status import Usage
 from ._base import (
     CPU_PERIOD_US,
     job_dirs,
+    lock_subtree,
     remove_all,
     remove_dirs,
     wait_unpopulated,
@@ -53,6 +54,8 @@ class V1Driver:
                     f"cannot create {base}: {e.strerror}; jobworker needs write access to its "
                     "own cgroup (run as root, or delegate the cgroup to it)"
                 ) from e
+        # One hierarchy's directory stands for the subtree in all of them.
+        self._lock = lock_subtree(self._bases["pids"], subtree)
 
     @property
     def kind(self) -> str:
@@ -115,6 +118,11 @@ class V1Driver:
         for base in self._all_bases():
             with contextlib.suppress(OSError):
                 os.rmdir(base)
+
+    def release(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
 
 def _apply(dirs: dict[str, str], limits: Limits) -> None:

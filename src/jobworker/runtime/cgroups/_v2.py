@@ -19,6 +19,7 @@ from .._status import Usage
 from ._base import (
     CPU_PERIOD_US,
     job_dirs,
+    lock_subtree,
     remove_all,
     remove_dirs,
     wait_unpopulated,
@@ -61,8 +62,16 @@ class V2Driver:
             self._move_into_leaf()
             _enable(parent, REQUIRED)
             os.makedirs(self._base, mode=0o755, exist_ok=True)
+        except OSError as e:
+            raise CgroupError(
+                f"cannot set up cgroups under {parent}: {e.strerror}; jobworker needs write "
+                "access to its own cgroup (run as root, or Delegate=yes under systemd)"
+            ) from e
+        self._lock = lock_subtree(self._base, subtree)
+        try:
             _enable(self._base, REQUIRED)
         except OSError as e:
+            self.release()
             raise CgroupError(
                 f"cannot set up cgroups under {parent}: {e.strerror}; jobworker needs write "
                 "access to its own cgroup (run as root, or Delegate=yes under systemd)"
@@ -125,6 +134,11 @@ class V2Driver:
         remove_all([self.find(job_id) for job_id in job_dirs(self._base)], timeout)
         with contextlib.suppress(OSError):
             os.rmdir(self._base)
+
+    def release(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
 
 def _apply(directory: str, limits: Limits) -> None:
