@@ -229,7 +229,7 @@ async def test_server_caps_are_resource_exhausted(tmp_path: Path, pki: Pki) -> N
         (pb.Limits(cpus=1e9), "cpus limit 1e+09 CPUs is above the server maximum"),
         (pb.Limits(cpus=64), "cpus limit 64 CPUs is above the server maximum"),
         (pb.Limits(pids=4294967295), "pids limit 4294967295 tasks is above the server maximum"),
-        (pb.Limits(memory_bytes=1 << 40), "memory limit 1Ti (1099511627776 bytes) is above"),
+        (pb.Limits(memory_bytes=1 << 40), "memory limit 1024Gi (1099511627776 bytes) is above"),
     ],
 )
 async def test_values_the_host_cannot_honour_are_refused_before_anything_is_made(

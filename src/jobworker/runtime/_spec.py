@@ -73,7 +73,7 @@ def _amount(value: float, unit: str) -> str:
         for power, suffix in ((3, "G"), (2, "M"), (1, "K")):
             if value >= 1024**power:
                 return f"{value / 1024**power:.4g}{suffix}i ({value} bytes)"
-    return f"{value:g} {unit}"
+    return f"{value} {unit}" if isinstance(value, int) else f"{value:g} {unit}"
 
 
 @dataclass(frozen=True, slots=True)
