@@ -20,7 +20,7 @@ import pytest_asyncio
 from cryptography import x509
 
 from jobworker.api._auth import CertPool
-from jobworker.certs import issue_client, make_ca, make_dev_pki, save
+from jobworker.certs import issue_client, issue_server, load, make_ca, make_dev_pki, save
 from jobworker.cli._client import CliError, pick
 from jobworker.cli._completion import COMMANDS
 from jobworker.identity import Role, fingerprint
@@ -520,3 +520,38 @@ async def test_a_tls_failure_is_one_line_without_grpc_core_noise(cli: Cli, tmp_p
     assert len(lines) == 1, result.err
     assert lines[0].startswith("jobctl: ")
     assert ".cc:" not in result.err
+
+
+async def test_tls_failures_are_diagnosed_not_guessed(cli: Cli, tmp_path: Path) -> None:
+    """A wrong key, an expired certificate and a server from another CA each get their own
+    line, found by looking at the files and at what the server presents."""
+    d = cli.running.pki.dir
+    wrong_key = await cli("ls", env={"JOBWORKER_KEY": str(d / "bob.key")})
+    assert wrong_key.code == 1
+    assert f"the key {d / 'bob.key'} is not the key of your certificate" in wrong_key.err
+
+    ca = load(d / "ca")
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
+    save(issue_client(ca, "alice", days=1, now=past), d / "stale")
+    expired = await cli(
+        "ls", env={"JOBWORKER_CERT": str(d / "stale.pem"), "JOBWORKER_KEY": str(d / "stale.key")}
+    )
+    assert expired.code == 1
+    assert f"your certificate {d / 'stale.pem'} expired on" in expired.err
+
+    other = make_dev_pki(tmp_path / "other", {"alice": Role.USER})
+    foreign = await cli("ls", env={"JOBWORKER_CA": str(other / "ca.pem")})
+    assert foreign.code == 1
+    assert f"the server's certificate is not signed by the CA in {other / 'ca.pem'}" in foreign.err
+
+
+async def test_a_server_name_missing_from_its_certificate_is_named(
+    tmp_path: Path, pki: Pki
+) -> None:
+    save(issue_server(load(pki.dir / "ca"), ["example.internal"], []), pki.dir / "server")
+    async with serving(tmp_path, pki) as running:
+        result = await Cli(running, cli_env(running, "alice", tmp_path))("ls")
+    assert result.code == 1
+    assert "the server's certificate does not name 127.0.0.1 (it names example.internal)" in (
+        result.err
+    )

@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 from ..api._tls import TlsError, TlsFiles
 from ..api.client import JobServiceStub, connect, pb
 from ._config import Target
+from ._tlsdiag import diagnose
 
 __all__ = ["CliError", "Session", "explain", "pick", "session"]
 
@@ -40,6 +41,9 @@ def explain(error: grpc.aio.AioRpcError, target: Target) -> CliError:  # noqa: P
                 "JOBWORKER_SERVER"
             )
         if "handshake" in low or "socket closed" in low or "ssl" in low or "tls" in low:
+            found = diagnose(target)
+            if found is not None:
+                return CliError(found)
             return CliError(
                 f"the TLS handshake with {target.server} failed: check that the server's "
                 f"certificate is signed by {target.ca}, and that {target.cert} is signed by "
