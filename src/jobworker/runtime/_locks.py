@@ -51,10 +51,21 @@ def lock_exclusive(path: str, *, directory: bool = False) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        pid = holder_of(fd)
+        pid = holder_of(fd) or (None if directory else _pid_in(fd))
         os.close(fd)
         raise LockHeldError(pid) from None
     except BaseException:
         os.close(fd)
         raise
+    if not directory:
+        # For filesystems whose locks /proc/locks does not list (9p, NFS): the holder's pid.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def _pid_in(fd: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).decode().strip())
+    return None

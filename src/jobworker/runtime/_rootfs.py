@@ -182,8 +182,10 @@ def _sys(new: str, *, own_network: bool, cgroup2: bool) -> None:
     cgroup_dir = os.path.join(sys_dir, "fs", "cgroup")
     if not os.path.isdir(cgroup_dir):
         return
-    if cgroup2:
+    if cgroup2 and own_network:
         # The job's cgroup namespace is rooted at its own cgroup: this shows only that.
+        # (Over the host's /sys bound for a host-network job, the kernel refuses a new
+        # cgroup2 mount with EBUSY: such a job sees an empty directory instead.)
         mount("cgroup2", cgroup_dir, "cgroup2", _NODEV | MS_NOEXEC | MS_RDONLY)
     else:
         _empty_read_only(cgroup_dir)
