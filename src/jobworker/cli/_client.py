@@ -40,7 +40,7 @@ def explain(error: grpc.aio.AioRpcError, target: Target) -> CliError:  # noqa: P
                 f"cannot resolve the server name in {target.server!r}: check --server or "
                 "JOBWORKER_SERVER"
             )
-        if "handshake" in low or "socket closed" in low or "ssl" in low or "tls" in low:
+        if any(word in low for word in ("handshake", "socket closed", "ssl", "tls", "verif")):
             found = diagnose(target)
             if found is not None:
                 return CliError(found)
