@@ -36,6 +36,7 @@ JSON_KEYS = {
     "exit_code",
     "signal",
     "oom_killed",
+    "pids_limited",
     "error",
     "created_at",
     "started_at",

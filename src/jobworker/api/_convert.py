@@ -180,4 +180,5 @@ def job_to_pb(status: JobStatus) -> pb.Job:
         limits_enforced=status.limits_enforced,
         usage=_usage_to_pb(status.usage),
         sandbox=_sandbox_to_pb(status.sandbox),
+        pids_limited=status.pids_limited,
     )

@@ -47,6 +47,7 @@ def job_json(job: Any) -> dict[str, Any]:
         "exit_code": _opt(job, "exit_code"),
         "signal": _opt(job, "signal"),
         "oom_killed": job.oom_killed,
+        "pids_limited": job.pids_limited,
         "error": job.error or None,
         "created_at": _time(job.created_at),
         "started_at": _time(job.started_at),
@@ -112,7 +113,11 @@ def _result(job: dict[str, Any]) -> str:
     if job["state"] == "failed":
         return "failed"
     if job["signal"] is not None:
-        return f"signal {job['signal']}" + (" (OOM)" if job["oom_killed"] else "")
+        return (
+            f"signal {job['signal']}"
+            + (" (OOM)" if job["oom_killed"] else "")
+            + (" (pids limit hit)" if job.get("pids_limited") else "")
+        )
     if job["exit_code"] is not None:
         return f"exit {job['exit_code']}"
     return ""
@@ -180,6 +185,21 @@ def _bytes(value: int | None) -> str:
     return f"{value} B"
 
 
+def _limits_text(limits: dict[str, Any]) -> str:
+    parts = []
+    if limits["cpus"] is not None:
+        parts.append(f"cpus {limits['cpus']:g}")
+    if limits["memory_bytes"] is not None:
+        parts.append(f"memory {_bytes(limits['memory_bytes'])}")
+    if limits["pids"] is not None:
+        parts.append(f"pids {limits['pids']}")
+    if limits.get("tmp_bytes") is not None:
+        parts.append(f"tmp {_bytes(limits['tmp_bytes'])}")
+    parts += [f"io {io['device'] or 'workdir disk'}" for io in limits["io"]]
+    text = ", ".join(parts) or "none"
+    return text if limits["enforced"] else f"{text} (NOT enforced: the server runs without cgroups)"
+
+
 def _sandbox_text(sandbox: dict[str, Any] | None) -> str:
     if sandbox is None:
         return "-"
@@ -205,6 +225,7 @@ def status_text(job: dict[str, Any]) -> str:
         ("cpu", f"{usage['cpu_seconds']:.2f} s"),
         ("memory", f"{_bytes(usage['memory_bytes'])} (peak {_bytes(usage['memory_peak_bytes'])})"),
         ("io", f"read {_bytes(usage['io_read_bytes'])}, written {_bytes(usage['io_write_bytes'])}"),
+        ("limits", _limits_text(job["limits"])),
         ("sandbox", _sandbox_text(job["sandbox"])),
     ]
     width = max(len(k) for k, _ in rows)

@@ -139,7 +139,11 @@ class Job:
         """Its command ended, as ``final`` records (running -> exited/stopped/failed)."""
         self.disk_bytes = final.disk_bytes
         usage = Usage.from_record(final.usage) if final.usage is not None else None
-        self._apply(self._status.ended(final.exit, usage, oom_killed=final.oom_killed))
+        self._apply(
+            self._status.ended(
+                final.exit, usage, oom_killed=final.oom_killed, pids_limited=final.pids_limited
+            )
+        )
 
     def lost(self, record: ExitRecord) -> None:
         """It ended unseen and unrecorded (its supervisor vanished, or a launch in flight
@@ -164,9 +168,10 @@ class Job:
         if final.run is not None:
             status = status.started(final.run.started_ns, final.run.pid or None, self._sandbox())
         usage = Usage.from_record(final.usage) if final.usage is not None else None
-        self._apply(
-            status.ended(final.exit, usage, oom_killed=final.oom_killed), fresh_history=True
+        ended = status.ended(
+            final.exit, usage, oom_killed=final.oom_killed, pids_limited=final.pids_limited
         )
+        self._apply(ended, fresh_history=True)
 
     def deleted(self) -> None:
         """It is deleted: the observer forgets it, and anyone waiting wakes to find it gone."""

@@ -352,6 +352,8 @@ class FinalRecord(NamedTuple):
     usage: UsageRecord | None
     oom_killed: bool
     disk_bytes: int
+    # A fork failed for the job's pids limit at least once (pids.events "max").
+    pids_limited: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -360,6 +362,7 @@ class FinalRecord(NamedTuple):
             "usage": self.usage._asdict() if self.usage is not None else None,
             "oom_killed": self.oom_killed,
             "disk_bytes": self.disk_bytes,
+            "pids_limited": self.pids_limited,
         }
 
     @classmethod
@@ -372,6 +375,7 @@ class FinalRecord(NamedTuple):
             usage=UsageRecord.from_json(usage) if usage is not None else None,
             oom_killed=bool(data.get("oom_killed", False)),
             disk_bytes=int(data.get("disk_bytes", 0)),
+            pids_limited=bool(data.get("pids_limited", False)),
         )
 
 

@@ -222,9 +222,18 @@ class Lifecycle:
                 await asyncio.to_thread(write_record, job.dir, SPEC, job.record.to_json())
                 result = await self.launcher.launch(job.dir, self.config.launch_timeout)
             except (LaunchError, CgroupError, OSError) as e:
-                await self.start_failed(job, str(e))
+                # The detail (a host cgroup path, an errno) goes to the server's log; the
+                # caller and the job's status get what they can act on.
+                log.error("cannot start job %s: %s", job.id, e)
+                if isinstance(e, CgroupError):
+                    reason = "the server could not set up the job's cgroup (see its log)"
+                elif isinstance(e, OSError):
+                    reason = f"the server could not record the job's start ({e.strerror})"
+                else:
+                    reason = str(e)
+                await self.start_failed(job, reason)
                 if isinstance(e, CgroupError | OSError):
-                    raise LaunchError(f"cannot start job {job.id}: {e}") from e
+                    raise LaunchError(f"cannot start job {job.id}: {reason}") from e
                 raise
             if isinstance(result, Launched):
                 job.launched(result.run, result.supervisor)
@@ -289,11 +298,12 @@ class Lifecycle:
     def _measure_final(self, job: Job, record: ExitRecord) -> FinalRecord:
         """Final usage (from the job's cgroup) and disk use, recorded in final.json with the
         run and exit records: everything a restart needs of an ended job, in one file."""
-        usage, oom = None, False
+        usage, oom, pids = None, False, False
         if job.cgroup is not None:
             with contextlib.suppress(OSError):  # already removed: usage is no longer known
                 usage, oom = job.cgroup.usage().to_record(), job.cgroup.oom_killed()
-        final = FinalRecord(job.run, record, usage, oom, dir_bytes(job.dir))
+                pids = job.cgroup.pids_limited()
+        final = FinalRecord(job.run, record, usage, oom, dir_bytes(job.dir), pids)
         with contextlib.suppress(OSError):
             write_record(job.dir, FINAL, final.to_json())
         return final

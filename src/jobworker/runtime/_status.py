@@ -86,6 +86,8 @@ class JobStatus:
     limits_enforced: bool = True
     usage: Usage | None = None
     sandbox: SandboxInfo | None = None
+    # A fork failed for the job's pids limit at least once (known at its end).
+    pids_limited: bool = False
 
     def describe_end(self) -> str:
         """How the job ended, in words: "exited with code 0", "stopped (killed by signal 15)"."""
@@ -111,7 +113,14 @@ class JobStatus:
             sandbox=sandbox,
         )
 
-    def ended(self, record: ExitRecord, usage: Usage | None, *, oom_killed: bool) -> JobStatus:
+    def ended(
+        self,
+        record: ExitRecord,
+        usage: Usage | None,
+        *,
+        oom_killed: bool,
+        pids_limited: bool = False,
+    ) -> JobStatus:
         """-> the final state ``record`` names, with what the end is known by.
 
         Raises:
@@ -122,6 +131,7 @@ class JobStatus:
             state=transition(self.state, State(record.state)),
             usage=usage,
             oom_killed=oom_killed,
+            pids_limited=pids_limited,
             exit_code=record.exit_code,
             signal=record.signal,
             error=record.error,

@@ -56,6 +56,10 @@ class JobCgroup(Protocol):
         """Whether the kernel's OOM killer killed a process of the job."""
         ...
 
+    def pids_limited(self) -> bool:
+        """Whether a fork of the job failed for its pids limit (pids.events ``max``)."""
+        ...
+
     def kill(self) -> bool:
         """SIGKILL every process of the job at once through ``cgroup.kill`` (cgroup2, kernel
         5.14+); False where that is not available.

@@ -187,6 +187,9 @@ class V1Cgroup:
         oom = read_keyed(f"{self.dirs['memory']}/memory.oom_control")
         return oom.get("oom_kill", 0) > 0
 
+    def pids_limited(self) -> bool:
+        return read_keyed(f"{self.dirs['pids']}/pids.events").get("max", 0) > 0
+
     def kill(self) -> bool:
         # On a hybrid host the job's cgroup2 directory has cgroup.kill even without
         # controllers; pure v1 has none (the PID namespace does the job there).

@@ -199,6 +199,9 @@ class V2Cgroup:
     def oom_killed(self) -> bool:
         return read_keyed(f"{self._dir}/memory.events").get("oom_kill", 0) > 0
 
+    def pids_limited(self) -> bool:
+        return read_keyed(f"{self._dir}/pids.events").get("max", 0) > 0
+
     def kill(self) -> bool:
         path = f"{self._dir}/cgroup.kill"
         if not os.path.exists(path):
