@@ -97,8 +97,8 @@ class Launcher:
         self._send_lock = asyncio.Lock()
 
     @classmethod
-    def spawn(cls) -> Launcher:
-        """Start the launcher process.
+    def spawn(cls, seccomp_bpf: bytes = b"") -> Launcher:
+        """Start the launcher process, handing it the jobs' seccomp program (if any).
 
         Raises:
             LaunchError: it could not be started.
@@ -108,7 +108,13 @@ class Launcher:
             # subprocess forks and execs in C with nothing in between, which is safe even in
             # a threaded process: no Python runs in the child before exec, and no shell.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "jobworker.runtime._launcher", str(theirs.fileno())],
+                [
+                    sys.executable,
+                    "-m",
+                    "jobworker.runtime._launcher",
+                    str(theirs.fileno()),
+                    *([seccomp_bpf.hex()] if seccomp_bpf else []),
+                ],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

@@ -11,7 +11,7 @@ exited are re-parented here and reaped by the kernel, so none becomes a zombie e
 host's PID 1 does not reap. When the server goes away, the launcher keeps doing that until its
 last supervisor has ended, then exits.
 
-Run as ``python -m jobworker.runtime._launcher FD``.
+Run as ``python -m jobworker.runtime._launcher FD [SECCOMP_BPF_HEX]``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from ._linux import CLONE_NEWPID, PR_SET_CHILD_SUBREAPER, prctl, unshare
 from ._logformat import HEADER, Stream
 from ._preexec import DEFAULT_PATH, job_env, set_seccomp_filter, which
 from ._protocol import Control, Reply, Report
-from ._seccomp import build_filter
 from ._supervisor import run_supervisor
 
 __all__ = ["main"]
@@ -116,8 +115,9 @@ def _warm_up() -> None:
                 os.close(fd)
 
 
-def main() -> None:
-    server = socket.socket(fileno=int(sys.argv[1]))
+def _prepare() -> None:
+    """Become the reaper of every supervisor, ignore the server's signals, take the
+    seccomp program, warm up and freeze what every supervisor will share."""
     prctl(PR_SET_CHILD_SUBREAPER, 1, "PR_SET_CHILD_SUBREAPER")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     # A signal aimed at the server's process group (Ctrl+C, `timeout`, a terminal hangup)
@@ -125,11 +125,20 @@ def main() -> None:
     # PID 1 that may not reap. It exits when the server's socket closes instead.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
-    set_seccomp_filter(build_filter())
+    # The seccomp program, built by the server (hex in argv): building it here would load
+    # libseccomp and its binding into the process every supervisor is forked from, which
+    # measured +0.4 MiB per idle job (docs/benchmarks.md (d)).
+    if len(sys.argv) > 2:
+        set_seccomp_filter(bytes.fromhex(sys.argv[2]))
     _warm_up()
     # Everything imported so far is shared copy-on-write with every supervisor; freezing keeps
     # the garbage collector from touching (and so copying) those pages in each of them.
     gc.freeze()
+
+
+def main() -> None:
+    server = socket.socket(fileno=int(sys.argv[1]))
+    _prepare()
     while True:
         try:
             msg, fds, _flags, _addr = socket.recv_fds(server, MAX_REQUEST, 1)

@@ -222,15 +222,7 @@ class Lifecycle:
                 await asyncio.to_thread(write_record, job.dir, SPEC, job.record.to_json())
                 result = await self.launcher.launch(job.dir, self.config.launch_timeout)
             except (LaunchError, CgroupError, OSError) as e:
-                # The detail (a host cgroup path, an errno) goes to the server's log; the
-                # caller and the job's status get what they can act on.
-                log.error("cannot start job %s: %s", job.id, e)
-                if isinstance(e, CgroupError):
-                    reason = "the server could not set up the job's cgroup (see its log)"
-                elif isinstance(e, OSError):
-                    reason = f"the server could not record the job's start ({e.strerror})"
-                else:
-                    reason = str(e)
+                reason = _launch_failure(job, e)
                 await self.start_failed(job, reason)
                 if isinstance(e, CgroupError | OSError):
                     raise LaunchError(f"cannot start job {job.id}: {reason}") from e
@@ -363,6 +355,17 @@ class Lifecycle:
             return  # deleted meanwhile
         job.deleted()
         await asyncio.to_thread(shutil.rmtree, job.dir, True)
+
+
+def _launch_failure(job: Job, error: Exception) -> str:
+    """What the caller and the job's status are told of a failed launch: the detail (a host
+    cgroup path, an errno) goes to the server's log only."""
+    log.error("cannot start job %s: %s", job.id, error, exc_info=error)
+    if isinstance(error, CgroupError):
+        return "the server could not set up the job's cgroup (see its log)"
+    if isinstance(error, OSError):
+        return f"the server could not record the job's start ({error.strerror})"
+    return str(error)
 
 
 def _make_job_dir(directory: str, record: SpecRecord) -> None:

@@ -110,13 +110,13 @@ class Runtime:
                 cgroups = await asyncio.to_thread(
                     open_driver, config.cgroup_subtree, config.cgroup_parent
                 )
-            await _check_startable(config)
+            bpf = await _check_startable(config)
         except BaseException:
             if cgroups is not None:
                 cgroups.release()
             os.close(lock)
             raise
-        runtime = cls(config, Launcher.spawn(), cgroups, observer or NullObserver())
+        runtime = cls(config, Launcher.spawn(bpf), cgroups, observer or NullObserver())
         runtime._state_lock = lock
         life = runtime._life
         try:
@@ -538,8 +538,9 @@ def _lock_state_dir(config: RuntimeConfig) -> int:
         ) from None
 
 
-async def _check_startable(config: RuntimeConfig) -> None:
-    """What the configuration asks of this host, checked with a clear error at start-up.
+async def _check_startable(config: RuntimeConfig) -> bytes:
+    """What the configuration asks of this host, checked with a clear error at start-up;
+    returns the jobs' seccomp program (empty without the sandbox).
 
     Raises:
         InvalidSpecError: an image directory is missing, or no seccomp filter can be built.
@@ -547,15 +548,16 @@ async def _check_startable(config: RuntimeConfig) -> None:
     for name, path in config.images.items():
         if not await asyncio.to_thread(os.path.isdir, path):
             raise InvalidSpecError(f"[images] {name}: {path} is not a directory")
-    if config.sandbox and config.namespaces:
-        # Here, with a clear error, rather than in the launcher, which builds its own.
-        try:
-            await asyncio.to_thread(build_filter)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise InvalidSpecError(
-                f"cannot build the seccomp filter ({e}); install libseccomp2, or set "
-                "[sandbox] enabled = false"
-            ) from e
+    if not (config.sandbox and config.namespaces):
+        return b""
+    # Here, with a clear error: the launcher gets the program ready-made.
+    try:
+        return await asyncio.to_thread(build_filter)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InvalidSpecError(
+            f"cannot build the seccomp filter ({e}); install libseccomp2, or set "
+            "[sandbox] enabled = false"
+        ) from e
 
 
 def _within(path: str, place: str) -> bool:

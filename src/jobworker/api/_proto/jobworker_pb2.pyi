@@ -416,6 +416,7 @@ class Job(_message.Message):
     LIMITS_ENFORCED_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     SANDBOX_FIELD_NUMBER: _builtins.int
+    PIDS_LIMITED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The job's id, a UUID."""
     owner: _builtins.str
@@ -436,6 +437,8 @@ class Job(_message.Message):
     """True when its output exceeded the server's cap and the rest was discarded."""
     limits_enforced: _builtins.bool
     """False when the server runs without cgroups: the limits are then not enforced."""
+    pids_limited: _builtins.bool
+    """True when a fork of the job failed for its pids limit (known once it has ended)."""
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The command."""
@@ -484,10 +487,11 @@ class Job(_message.Message):
         limits_enforced: _builtins.bool = ...,
         usage: Global___Usage | None = ...,
         sandbox: Global___Sandbox | None = ...,
+        pids_limited: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "created_at", b"created_at", "ended_at", b"ended_at", "exit_code", b"exit_code", "limits", b"limits", "pid", b"pid", "sandbox", b"sandbox", "signal", b"signal", "started_at", b"started_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "argv", b"argv", "created_at", b"created_at", "ended_at", b"ended_at", "error", b"error", "exit_code", b"exit_code", "id", b"id", "limits", b"limits", "limits_enforced", b"limits_enforced", "oom_killed", b"oom_killed", "output_truncated", b"output_truncated", "owner", b"owner", "pid", b"pid", "sandbox", b"sandbox", "signal", b"signal", "started_at", b"started_at", "state", b"state", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "argv", b"argv", "created_at", b"created_at", "ended_at", b"ended_at", "error", b"error", "exit_code", b"exit_code", "id", b"id", "limits", b"limits", "limits_enforced", b"limits_enforced", "oom_killed", b"oom_killed", "output_truncated", b"output_truncated", "owner", b"owner", "pid", b"pid", "pids_limited", b"pids_limited", "sandbox", b"sandbox", "signal", b"signal", "started_at", b"started_at", "state", b"state", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
