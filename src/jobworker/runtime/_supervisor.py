@@ -128,8 +128,9 @@ class _Supervisor:
         env = job_env(self.spec.env, self.spec.id, home)
         # The empty mount point the job's root is built on (never seen by anyone else).
         new_root = os.path.abspath(NEW_ROOT)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(new_root, 0o700)
+        if self.spec.sandbox is not None:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(new_root, 0o700)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         for fd in (out_r, err_r):
