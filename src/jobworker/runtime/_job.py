@@ -164,14 +164,16 @@ class Job:
         watcher arriving now would see it)."""
         self.run = final.run
         self.disk_bytes = final.disk_bytes
-        status = self._status
-        if final.run is not None:
-            status = status.started(final.run.started_ns, final.run.pid or None, self._sandbox())
-        usage = Usage.from_record(final.usage) if final.usage is not None else None
-        ended = status.ended(
-            final.exit, usage, oom_killed=final.oom_killed, pids_limited=final.pids_limited
+        run = final.run
+        status = self._status.restored(
+            (run.started_ns, run.pid or None) if run is not None else None,
+            self._sandbox() if run is not None else None,
+            final.exit,
+            Usage.from_record(final.usage) if final.usage is not None else None,
+            oom_killed=final.oom_killed,
+            pids_limited=final.pids_limited,
         )
-        self._apply(ended, fresh_history=True)
+        self._apply(status, fresh_history=True)
 
     def deleted(self) -> None:
         """It is deleted: the observer forgets it, and anyone waiting wakes to find it gone."""
