@@ -208,10 +208,15 @@ class Runtime:
     async def jobs(self, owner: str | None = None) -> list[JobStatus]:
         """All jobs, or those of ``owner``, oldest first, with usage as :meth:`status`."""
         jobs = self._registry.of(owner)
-        running = [j for j in jobs if j.state is State.RUNNING and j.cgroup is not None]
-        usages = {}
-        if running:
-            usages = await asyncio.to_thread(_live_usages, running)
+        statuses = [j.status for j in jobs]
+        running = [
+            j
+            for j, s in zip(jobs, statuses, strict=True)
+            if s.state is State.RUNNING and j.cgroup is not None
+        ]
+        if not running:
+            return statuses
+        usages = await asyncio.to_thread(_live_usages, running)
         return [
             j.status.with_usage(usages[j.id])
             if j.id in usages and j.state is State.RUNNING
