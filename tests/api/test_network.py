@@ -28,7 +28,7 @@ from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
 from jobworker.api.client import connect, stream_output
 from jobworker.api.server import ServiceLimits
 
-from ..conftest import TEST_PATHS
+from ..conftest import TEST_PATHS, cgroup_dirs
 from ..runtime.helpers import PY
 from .conftest import Pki, Running, serving
 
@@ -344,6 +344,11 @@ async def test_a_flood_of_silent_connections_does_not_stop_service(
             finally:
                 for sock in silent:
                     sock.close()
+        # A clean stop after the flood: the end of the job that ended during it was dealt
+        # with in full (its cgroup removed, and with it the server's subtree).
+        d.proc.terminate()
+        assert await asyncio.wait_for(asyncio.to_thread(d.proc.wait), 30) == 0
+    assert cgroup_dirs(subtree_for(d.state)) == []
     assert final.state == pb.JOB_STATE_EXITED
     assert [j.id for j in listed.jobs] == [job.id]
     assert closed == len(silent)
