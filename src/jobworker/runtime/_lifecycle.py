@@ -204,10 +204,12 @@ class Lifecycle:
                 raise JobAlreadyStartedError(
                     f"job {job.id} has already been started (it is {job.state})"
                 )
-            record = job.record
-            if record.uid < 0:
+            if job.record.uid < 0:
                 uid = self.uids.take(job.id)
-                record = record._replace(uid=uid, gid=uid)
+                # On the job at once: a launch that fails from here on gives it back at
+                # the job's end (finish).
+                job.record = job.record._replace(uid=uid, gid=uid)
+            record = job.record
             try:
                 if self.cgroups is not None:
                     # The job's first process joins these before exec: no unlimited window.
