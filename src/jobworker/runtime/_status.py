@@ -126,17 +126,15 @@ class JobStatus:
         Raises:
             InvalidTransitionError: the machine does not allow that end from here.
         """
-        return replace(
-            self,
-            state=transition(self.state, State(record.state)),
+        return self._final(
+            self.state,
+            record,
             usage=usage,
             oom_killed=oom_killed,
             pids_limited=pids_limited,
-            exit_code=record.exit_code,
-            signal=record.signal,
-            error=record.error,
-            ended_at=from_ns(record.ended_ns),
-            output_truncated=record.output_truncated,
+            started_at=self.started_at,
+            pid=self.pid,
+            sandbox=self.sandbox,
         )
 
     def restored(  # noqa: PLR0913 - every field a job's end is known by
@@ -156,14 +154,36 @@ class JobStatus:
         Raises:
             InvalidTransitionError: the machine does not allow that path.
         """
-        state = self.state
-        if started is not None:
-            state = transition(state, State.RUNNING)
+        state = self.state if started is None else transition(self.state, State.RUNNING)
+        return self._final(
+            state,
+            record,
+            usage=usage,
+            oom_killed=oom_killed,
+            pids_limited=pids_limited,
+            started_at=from_ns(started[0]) if started is not None else None,
+            pid=started[1] if started is not None else None,
+            sandbox=sandbox if started is not None else None,
+        )
+
+    def _final(  # noqa: PLR0913 - the one place a final status is built, field by field
+        self,
+        state: State,
+        record: ExitRecord,
+        *,
+        usage: Usage | None,
+        oom_killed: bool,
+        pids_limited: bool,
+        started_at: datetime | None,
+        pid: int | None,
+        sandbox: SandboxInfo | None,
+    ) -> JobStatus:
+        """From ``state``, the end ``record`` names (through the state machine)."""
         return replace(
             self,
             state=transition(state, State(record.state)),
-            started_at=from_ns(started[0]) if started is not None else None,
-            pid=started[1] if started is not None else None,
+            started_at=started_at,
+            pid=pid,
             sandbox=sandbox,
             usage=usage,
             oom_killed=oom_killed,
