@@ -22,6 +22,11 @@ class LockHeldError(Exception):
         super().__init__(f"held by pid {pid}" if pid else "held by another process")
         self.pid = pid
 
+    @property
+    def holder(self) -> str:
+        """The holder, for a message: "jobworkerd (pid N)", or "jobworkerd" unknown."""
+        return f"jobworkerd (pid {self.pid})" if self.pid else "jobworkerd"
+
 
 def holder_of(fd: int) -> int | None:
     """The pid holding a flock on the file open at ``fd`` (from /proc/locks), if any."""

@@ -536,9 +536,8 @@ def _lock_state_dir(config: RuntimeConfig) -> int:
     try:
         return lock_exclusive(str(config.state_dir / LOCK_FILE))
     except LockHeldError as e:
-        who = f"jobworkerd (pid {e.pid})" if e.pid else "jobworkerd"
         raise StateDirError(
-            f"another {who} is using the state dir {config.state_dir}; stop it, or give "
+            f"another {e.holder} is using the state dir {config.state_dir}; stop it, or give "
             "this server a state dir of its own (--state-dir)"
         ) from None
 

@@ -131,9 +131,8 @@ def lock_subtree(base: str, subtree: str) -> int:
     try:
         return lock_exclusive(base, directory=True)
     except LockHeldError as e:
-        who = f"jobworkerd (pid {e.pid})" if e.pid else "jobworkerd"
         raise CgroupError(
-            f"the cgroup subtree {subtree!r} is in use by another {who}; give this server "
+            f"the cgroup subtree {subtree!r} is in use by another {e.holder}; give this server "
             "a subtree of its own ([cgroups] subtree in the configuration)"
         ) from None
     except OSError as e:
