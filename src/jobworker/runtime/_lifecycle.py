@@ -77,7 +77,7 @@ class Lifecycle:
         self.observer = observer
         self.notifier = notifier
         self.boot_id = boot_id
-        self.uids = UidAllocator(*config.uid_range, str(config.state_dir))
+        self.uids = UidAllocator(*config.uid_range)
         # Watchers of running supervisors: cancelled at close (the jobs go on without us).
         self.tasks: set[asyncio.Task[None]] = set()
         # Removal of ended jobs' cgroups: awaited at close, so nothing is left half-done.

@@ -93,6 +93,7 @@ async def restore(life: Lifecycle) -> None:
     found.sort(key=lambda pair: pair[0].spec.created_ns)
     for record, job in found:
         life.registry.add(job)
+        life.uids.seen(job.record.uid)
         if record.exit is None and record.final is None:
             # Running, or starting: its uid is still its own.
             life.uids.keep(job.record.uid, job.id)

@@ -6,9 +6,11 @@ have a process share one: a uid is taken at create and given back once the job h
 and its cgroup is empty (nothing it started remains). The ids of jobs that are still
 running are recorded in their spec.json, so a restarted server takes them again.
 
-Ids are handed out round-robin from a cursor kept in the state dir, not lowest-free first:
-a file a job left behind where it could write (a writable path an operator exposed) stays
-that job's for as long as possible before the number comes round again.
+Ids are handed out round-robin, not lowest-free first: a file a job left behind where it
+could write (a writable path an operator exposed) stays that job's for as long as possible
+before the number comes round again. The cursor is not stored: a restart derives it from
+the job records it reads back (just past the newest job's uid), so taking an id costs no
+I/O on the launch path.
 
 The default range, 1,900,000,000-1,900,065,535, sits beside systemd's (docs/security.md):
 above its container ranges (systemd-nspawn's 524,288-1,878,982,656, 64Ki each) and below
@@ -18,9 +20,7 @@ its foreign-image range (2,147,352,576-2,147,418,111), far from its dynamic serv
 
 from __future__ import annotations
 
-import contextlib
 import grp
-import os
 import pwd
 
 from ._errors import InvalidSpecError, NotPermittedError
@@ -28,7 +28,6 @@ from ._errors import InvalidSpecError, NotPermittedError
 __all__ = ["DEFAULT_UID_RANGE", "UidAllocator", "check_range"]
 
 DEFAULT_UID_RANGE = (1_900_000_000, 1_900_065_535)
-_CURSOR = "uid-cursor"
 
 
 def check_range(first: int, last: int) -> None:
@@ -51,17 +50,11 @@ def check_range(first: int, last: int) -> None:
 class UidAllocator:
     """Hands out ids of ``[first, last]`` to jobs, one per job."""
 
-    def __init__(self, first: int, last: int, state_dir: str) -> None:
+    def __init__(self, first: int, last: int) -> None:
         self._first = first
         self._last = last
-        self._path = os.path.join(state_dir, _CURSOR)
         self._taken: dict[int, str] = {}
         self._next = first
-        with contextlib.suppress(OSError, ValueError):
-            with open(self._path) as f:
-                saved = int(f.read().strip())
-            if first <= saved <= last:
-                self._next = saved
 
     def __contains__(self, uid: int) -> bool:
         return self._first <= uid <= self._last
@@ -82,9 +75,17 @@ class UidAllocator:
         while uid in self._taken:
             uid = self._first if uid == self._last else uid + 1
         self._taken[uid] = job_id
-        self._next = self._first if uid == self._last else uid + 1
-        self._save()
+        self._after(uid)
         return uid
+
+    def _after(self, uid: int) -> None:
+        self._next = self._first if uid == self._last else uid + 1
+
+    def seen(self, uid: int) -> None:
+        """A job record read back after a restart ran as ``uid``: called in creation
+        order, this leaves the cursor just past the newest job's uid."""
+        if uid in self:
+            self._after(uid)
 
     def keep(self, uid: int, job_id: str) -> None:
         """Mark ``uid`` in use by a job found running (or still ending) after a restart."""
@@ -97,11 +98,3 @@ class UidAllocator:
     @property
     def in_use(self) -> int:
         return len(self._taken)
-
-    def _save(self) -> None:
-        # Best effort: losing the cursor only means ids come round again sooner.
-        with contextlib.suppress(OSError):
-            tmp = f"{self._path}.tmp"
-            with open(tmp, "w") as f:
-                f.write(str(self._next))
-            os.replace(tmp, self._path)
