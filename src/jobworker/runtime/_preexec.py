@@ -212,7 +212,10 @@ def exec_command(
     except OSError as e:
         message = f"cannot {stage}: {e.strerror}"
     except BaseException as e:  # noqa: BLE001 - anything here must become a report, not a trace
-        message = f"cannot {stage}: {e!r}"
+        message = f"cannot {stage}: {e}"
+    # The job's root is built in the server's state dir; a failing mount names its target
+    # there. The user sees the path as the job would (".../root/sys" -> "/sys").
+    message = message.replace(new_root, "")
     with contextlib.suppress(OSError):
         os.write(status_w, b"E" + message.encode())
     os._exit(127)
