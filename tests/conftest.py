@@ -6,6 +6,7 @@ from __future__ import annotations
 import jobworker.api  # noqa: F401  # isort: skip
 
 import asyncio
+import contextlib
 import getpass
 import os
 import shutil
@@ -82,11 +83,10 @@ def make_config(state_dir: Path, **kw: object) -> RuntimeConfig:
     return RuntimeConfig(state_dir=state_dir, **kw)  # type: ignore[arg-type]
 
 
-@pytest_asyncio.fixture
-async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
-    """A runtime whose jobs are all ended (SIGKILL), whose launcher is gone and whose cgroup
-    subtree is removed afterwards."""
-    config = make_config(tmp_path / "state")
+@contextlib.asynccontextmanager
+async def opened(config: RuntimeConfig) -> AsyncIterator[Runtime]:
+    """A runtime on ``config`` whose jobs are all ended (SIGKILL), whose launcher is gone
+    and whose cgroup subtree is removed afterwards."""
     async with asyncio.timeout(60):
         rt = await Runtime.open(config)
     try:
@@ -100,6 +100,13 @@ async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
             await rt.close()
         assert launcher.poll() is not None, "the launcher outlived a runtime with no jobs"
         assert cgroup_dirs(config.cgroup_subtree) == [], "the runtime left cgroups behind"
+
+
+@pytest_asyncio.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
+    """A runtime of the test's own (see :func:`opened`)."""
+    async with opened(make_config(tmp_path / "state")) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -32,7 +32,7 @@ from jobworker.runtime import (
 )
 from jobworker.runtime.cgroups import detect
 
-from ..conftest import make_config
+from ..conftest import make_config, opened
 from .helpers import collect, joined, read_until
 
 HOST_PY = "/usr/bin/python3"
@@ -71,17 +71,8 @@ def _world_writable_dirs() -> list[str]:
 @pytest_asyncio.fixture
 async def sandboxed(tmp_path: Path) -> AsyncIterator[Runtime]:
     """A runtime whose jobs see nothing of the host's beyond its read-only root."""
-    config = make_config(tmp_path / "state", owner_paths={})
-    async with asyncio.timeout(60):
-        rt = await Runtime.open(config)
-    try:
+    async with opened(make_config(tmp_path / "state", owner_paths={})) as rt:
         yield rt
-    finally:
-        async with asyncio.timeout(60):
-            for status in await rt.jobs():
-                if status.state is State.RUNNING:
-                    await rt.stop(status.id, grace=0)
-            await rt.close()
 
 
 # Writes a marker into every place given, then stops itself until SIGCONT; then reports
