@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import TypeVar
@@ -25,8 +26,22 @@ class CliError(Exception):
     """Exit status 1 with this one-line message on stderr."""
 
 
-def explain(error: grpc.aio.AioRpcError, target: Target) -> CliError:  # noqa: PLR0911 - one return per diagnosis
-    """One line naming the problem and what to check."""
+def _tls_failure(error: grpc.aio.AioRpcError) -> bool:
+    low = (error.details() or "").lower()
+    return error.code() is grpc.StatusCode.UNAVAILABLE and any(
+        word in low for word in ("handshake", "socket closed", "ssl", "tls", "verif")
+    )
+
+
+async def explain(error: grpc.aio.AioRpcError, target: Target) -> CliError:
+    """One line naming the problem and what to check. A TLS failure is looked into (the
+    files, and what the server presents), in a thread: it may take a connection attempt,
+    and the event loop may be a connection keeper's, serving other commands."""
+    found = await asyncio.to_thread(diagnose, target) if _tls_failure(error) else None
+    return CliError(found) if found is not None else _explain(error, target)
+
+
+def _explain(error: grpc.aio.AioRpcError, target: Target) -> CliError:  # noqa: PLR0911 - one return per diagnosis
     code, details = error.code(), error.details() or ""
     if code is grpc.StatusCode.UNAVAILABLE:
         low = details.lower()
@@ -40,10 +55,7 @@ def explain(error: grpc.aio.AioRpcError, target: Target) -> CliError:  # noqa: P
                 f"cannot resolve the server name in {target.server!r}: check --server or "
                 "JOBWORKER_SERVER"
             )
-        if any(word in low for word in ("handshake", "socket closed", "ssl", "tls", "verif")):
-            found = diagnose(target)
-            if found is not None:
-                return CliError(found)
+        if _tls_failure(error):
             return CliError(
                 f"the TLS handshake with {target.server} failed: check that the server's "
                 f"certificate is signed by {target.ca}, and that {target.cert} is signed by "
@@ -80,7 +92,7 @@ class Session:
                 request, timeout=None if waits else self.target.timeout
             )
         except grpc.aio.AioRpcError as e:
-            raise explain(e, self.target) from None
+            raise await explain(e, self.target) from None
         if not isinstance(response, reply):
             raise CliError(f"the server answered {method} with an unexpected message")
         return response

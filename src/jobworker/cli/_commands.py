@@ -201,7 +201,7 @@ async def _logs(s: Session, args: argparse.Namespace, io: Io) -> int:
                 text = b"".join(stamp + line for line in bytes(data).splitlines(keepends=True))
             await (io.out(text) if stream == pb.STREAM_STDOUT else io.err(text))
     except grpc.aio.AioRpcError as e:
-        raise explain(e, s.target) from None
+        raise await explain(e, s.target) from None
     return 0
 
 
