@@ -81,17 +81,32 @@ def spawn_anchor(n: int) -> list[float]:
     return samples
 
 
+async def start_once(rt: Runtime, limits: Limits | None = None) -> float:
+    t0 = time.perf_counter()
+    job = await rt.create(JobSpec(["/bin/echo", "hi"], limits=limits or Limits()))
+    async with contextlib.aclosing(rt.output(job.id, follow=True)) as chunks:
+        await rt.start(job.id)
+        await anext(chunks)
+        took = time.perf_counter() - t0
+    await rt.wait(job.id)
+    return took
+
+
 async def start_latency(rt: Runtime, n: int, limits: Limits | None = None) -> list[float]:
-    samples = []
+    return [await start_once(rt, limits) for _ in range(n)]
+
+
+async def start_latency_pair(
+    a: Runtime, b: Runtime, n: int, limits: Limits
+) -> tuple[list[float], list[float]]:
+    """Start latencies of two runtimes, alternating job by job, so that the host's load
+    drifting during the run weighs on both alike (a difference of 2 ms is the target)."""
+    first: list[float] = []
+    second: list[float] = []
     for _ in range(n):
-        t0 = time.perf_counter()
-        job = await rt.create(JobSpec(["/bin/echo", "hi"], limits=limits or Limits()))
-        async with contextlib.aclosing(rt.output(job.id, follow=True)) as chunks:
-            await rt.start(job.id)
-            await anext(chunks)
-            samples.append(time.perf_counter() - t0)
-        await rt.wait(job.id)
-    return samples
+        first.append(await start_once(a, limits))
+        second.append(await start_once(b, limits))
+    return first, second
 
 
 # (b) ----------------------------------------------------------------------------
@@ -272,8 +287,9 @@ async def measure(args: argparse.Namespace) -> list[Row]:
         isolated = RuntimeConfig(
             state_dir=Path(state) / "isolated", cgroup_subtree="jw-bench", sandbox=False
         )
-        async with await Runtime.open(isolated) as rt:
-            iso = await start_latency(rt, args.n, limits)
+        sandboxed = RuntimeConfig(state_dir=Path(state) / "sandboxed", cgroup_subtree="jw-bench-s")
+        async with await Runtime.open(isolated) as rt, await Runtime.open(sandboxed) as box_rt:
+            iso, box = await start_latency_pair(rt, box_rt, args.n, limits)
         delta = statistics.median(iso) - statistics.median(ours)
         rows.append(
             Row(
@@ -285,9 +301,7 @@ async def measure(args: argparse.Namespace) -> list[Row]:
                 delta <= 0.005,
             )
         )
-        sandboxed = RuntimeConfig(state_dir=Path(state) / "sandboxed", cgroup_subtree="jw-bench")
         async with await Runtime.open(sandboxed) as rt:
-            box = await start_latency(rt, args.n, limits)
             delta = statistics.median(box) - statistics.median(iso)
             rows.append(
                 Row(

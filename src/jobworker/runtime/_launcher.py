@@ -32,6 +32,7 @@ from ._linux import CLONE_NEWPID, PR_SET_CHILD_SUBREAPER, prctl, unshare
 from ._logformat import HEADER, Stream
 from ._preexec import DEFAULT_PATH, job_env, set_seccomp_filter, which
 from ._protocol import Control, Reply, Report
+from ._rootfs import plan_tree
 from ._supervisor import run_supervisor
 
 __all__ = ["main"]
@@ -131,6 +132,9 @@ def _prepare() -> None:
     if len(sys.argv) > 2:
         set_seccomp_filter(bytes.fromhex(sys.argv[2]))
     _warm_up()
+    # Made once here, shared by every job on the host's root (see _rootfs._trees).
+    with contextlib.suppress(OSError):
+        plan_tree("/")
     # Everything imported so far is shared copy-on-write with every supervisor; freezing keeps
     # the garbage collector from touching (and so copying) those pages in each of them.
     gc.freeze()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from typing import NamedTuple
 
 from ._jobdir import SandboxRecord
 from ._linux import (
@@ -43,7 +44,7 @@ from ._linux import (
     umount,
 )
 
-__all__ = ["PRIVATE_DIRS", "WORKDIR", "build_root"]
+__all__ = ["PRIVATE_DIRS", "WORKDIR", "build_root", "plan_tree"]
 
 WORKDIR = "/job"
 # Where the private writable places appear, and their directory in the private tmpfs.
@@ -60,118 +61,175 @@ _EMPTY_PLACES = ("/home", "/root", "/run/user")
 # empty directory bound over whatever must look empty (no tmpfs per empty place).
 _PRIVATE = "/.private"
 _EMPTY = "/.empty"
-_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-# runc's defaults (libcontainer/specconv): hidden, and read-only.
+# The device numbers are fixed by the kernel's ABI (Documentation/admin-guide/devices.txt),
+# so no stat of the host's /dev is needed.
+_DEVICES = (
+    ("null", os.makedev(1, 3)),
+    ("zero", os.makedev(1, 5)),
+    ("full", os.makedev(1, 7)),
+    ("random", os.makedev(1, 8)),
+    ("urandom", os.makedev(1, 9)),
+    ("tty", os.makedev(5, 0)),
+)
+# runc's defaults (libcontainer/specconv): hidden, and read-only. Whether each is a
+# directory is fixed by the kernel; whether it exists depends on its modules (asound, scsi)
+# and version, so it is not cached: a mount that finds nothing there is skipped.
 _PROC_MASKED = (
-    "acpi",
-    "asound",
-    "interrupts",
-    "kcore",
-    "keys",
-    "latency_stats",
-    "timer_list",
-    "timer_stats",
-    "sched_debug",
-    "scsi",
+    ("acpi", True),
+    ("asound", True),
+    ("interrupts", False),
+    ("kcore", False),
+    ("keys", False),
+    ("latency_stats", False),
+    ("timer_list", False),
+    ("timer_stats", False),
+    ("sched_debug", False),
+    ("scsi", True),
 )
 _PROC_READ_ONLY = ("bus", "fs", "irq", "sys", "sysrq-trigger")
 _SYS_MASKED = ("firmware", "devices/virtual/powercap")
 _NODEV = MS_NOSUID | MS_NODEV
 
 
-def _under(new: str, path: str) -> str:
-    return new + path
+class _Tree(NamedTuple):
+    """The top level of a root filesystem, as of its directory's modification time."""
+
+    mtime_ns: int
+    dirs: tuple[str, ...]
+    links: tuple[tuple[str, str], ...]
+
+
+# One entry per root filesystem, filled by the launcher before it forks (plan_tree), so
+# that a job's pre-exec step makes no stat of the tree: listing and stat-ing it measured a
+# quarter of the sandbox's cost (docs/benchmarks.md (e')).
+_trees: dict[str, _Tree] = {}
+
+
+def plan_tree(source_root: str) -> _Tree:
+    """What the top level of ``source_root`` holds, from the cache while the directory is
+    unchanged (adding, removing or replacing an entry changes its modification time).
+
+    Raises:
+        OSError: ``source_root`` cannot be read.
+    """
+    mtime = os.stat(source_root).st_mtime_ns
+    cached = _trees.get(source_root)
+    if cached is not None and cached.mtime_ns == mtime:
+        return cached
+    dirs, links = [], []
+    with os.scandir(source_root) as entries:
+        for entry in entries:
+            if entry.name in _FRESH:
+                continue
+            if entry.is_symlink():
+                links.append((entry.name, os.readlink(entry.path)))
+            elif entry.is_dir():
+                dirs.append(entry.name)
+    tree = _Tree(mtime, tuple(sorted(dirs)), tuple(sorted(links)))
+    _trees[source_root] = tree
+    return tree
 
 
 def _bind(source: str, target: str, *, recursive: bool = True) -> None:
     mount(source, target, None, MS_BIND | (MS_REC if recursive else 0))
 
 
-def _read_only_bind(source: str, target: str) -> None:
-    """A bind that is read-only however its source is mounted (two calls, no superblock)."""
-    mount(source, target, None, MS_BIND)
-    mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
+def _bind_if_there(source: str, target: str) -> bool:
+    """A bind, or nothing when the source or the target does not exist (a kernel without
+    that /proc file, an image without /run/lock): one call instead of a stat and a call."""
+    try:
+        _bind(source, target, recursive=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _read_only_bind(target: str) -> None:
+    """``target`` bound onto itself, read-only however its source is mounted (two calls,
+    no superblock); nothing if it does not exist."""
+    if _bind_if_there(target, target):
+        mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
 
 
 def _host_tree(new: str, source_root: str) -> None:
-    """A bind of each top-level entry of ``source_root`` (symlinks copied), made read-only
-    later, all at once."""
-    for name in sorted(os.listdir(source_root)):
-        if name in _FRESH:
-            continue
-        source = os.path.join(source_root, name)
-        target = _under(new, "/" + name)
-        if os.path.islink(source):
-            os.symlink(os.readlink(source), target)
-        elif os.path.isdir(source):
-            os.mkdir(target, 0o755)
-            _bind(source, target)
+    """A bind of each top-level directory of ``source_root``, and a copy of each symlink,
+    made read-only later, all at once."""
+    tree = plan_tree(source_root)
+    for name, target in tree.links:
+        os.symlink(target, f"{new}/{name}")
+    for name in tree.dirs:
+        os.mkdir(f"{new}/{name}", 0o755)
+        _bind(f"{source_root.rstrip('/')}/{name}", f"{new}/{name}")
 
 
 def _private(new: str, uid: int, gid: int, tmp_bytes: int) -> None:
     """One private tmpfs for every writable place; bound where each appears."""
-    stage = _under(new, _PRIVATE)
+    stage = new + _PRIVATE
     mount("tmpfs", stage, "tmpfs", _NODEV, f"size={tmp_bytes},mode=0755")
     for name in PRIVATE_DIRS.values():
-        os.mkdir(os.path.join(stage, name), 0o1777)
-        os.chmod(os.path.join(stage, name), 0o1777)  # mkdir's mode passes through umask
-    work = os.path.join(stage, "work")
+        os.mkdir(f"{stage}/{name}", 0o1777)
+    work = f"{stage}/work"
     os.mkdir(work, 0o700)
     os.chown(work, uid, gid)
-    _bind(work, _under(new, WORKDIR), recursive=False)
+    _bind(work, new + WORKDIR, recursive=False)
     for where, name in PRIVATE_DIRS.items():
-        target = _under(new, where)
         # /dev/shm is bound once /dev exists; a minimal image may have no /run/lock.
-        if where != "/dev/shm" and os.path.isdir(target):
-            _bind(os.path.join(stage, name), target, recursive=False)
+        if where != "/dev/shm":
+            _bind_if_there(f"{stage}/{name}", new + where)
 
 
 def _dev(new: str) -> None:
-    dev = _under(new, "/dev")
+    dev = new + "/dev"
     mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
-    for name in _DEVICES:
-        # mknod with the host's device numbers, not a bind per device: a mount call costs
-        # several times a mknod (docs/benchmarks.md (e')).
-        target = os.path.join(dev, name)
-        os.mknod(target, stat.S_IFCHR | 0o666, os.stat(f"/dev/{name}").st_rdev)
-        os.chmod(target, 0o666)  # mknod's mode passes through umask
-    pts = os.path.join(dev, "pts")
-    os.mkdir(pts, 0o755)
-    mount("devpts", pts, "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
-    os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
-    os.mkdir(os.path.join(dev, "shm"), 0o1777)
-    _bind(_under(new, _PRIVATE + "/shm"), os.path.join(dev, "shm"), recursive=False)
+    for name, rdev in _DEVICES:
+        # mknod, not a bind per device: a mount call costs several times a mknod
+        # (docs/benchmarks.md (e')).
+        os.mknod(f"{dev}/{name}", stat.S_IFCHR | 0o666, rdev)
+    os.mkdir(f"{dev}/pts", 0o755)
+    mount(
+        "devpts",
+        f"{dev}/pts",
+        "devpts",
+        MS_NOSUID | MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )
+    os.symlink("pts/ptmx", f"{dev}/ptmx")
+    os.mkdir(f"{dev}/shm", 0o1777)
+    _bind(f"{new}{_PRIVATE}/shm", f"{dev}/shm", recursive=False)
     for name, target in (
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ):
-        os.symlink(target, os.path.join(dev, name))
+        os.symlink(target, f"{dev}/{name}")
 
 
-def _mask(new: str, target: str) -> None:
+def _mask(new: str, target: str, *, is_dir: bool) -> None:
     """Hide a directory behind the empty, read-only tmpfs, or a file behind /dev/null
-    (where writes go nowhere, as runc does): one bind each."""
+    (where writes go nowhere, as runc does): one bind each, nothing if it is not there."""
+    _bind_if_there(new + _EMPTY if is_dir else "/dev/null", target)
+
+
+def _mask_any(new: str, target: str) -> None:
+    """``_mask``, for a path whose kind is not known in advance (an operator's)."""
     if os.path.isdir(target):
-        _bind(_under(new, _EMPTY), target, recursive=False)
+        _mask(new, target, is_dir=True)
     elif os.path.exists(target):
-        _bind("/dev/null", target, recursive=False)
+        _mask(new, target, is_dir=False)
 
 
 def _proc(new: str) -> None:
-    proc = _under(new, "/proc")
+    proc = new + "/proc"
     mount("proc", proc, "proc", _NODEV | MS_NOEXEC)
-    for name in _PROC_MASKED:
-        _mask(new, os.path.join(proc, name))
+    for name, is_dir in _PROC_MASKED:
+        _mask(new, f"{proc}/{name}", is_dir=is_dir)
     for name in _PROC_READ_ONLY:
-        target = os.path.join(proc, name)
-        if os.path.exists(target):
-            _read_only_bind(target, target)
+        _read_only_bind(f"{proc}/{name}")
 
 
 def _sys(new: str, *, own_network: bool, cgroup2: bool) -> None:
-    sys_dir = _under(new, "/sys")
+    sys_dir = new + "/sys"
     if own_network:
         # sysfs shows the network devices of the namespace that mounts it.
         mount("sysfs", sys_dir, "sysfs", _NODEV | MS_NOEXEC | MS_RDONLY)
@@ -179,17 +237,16 @@ def _sys(new: str, *, own_network: bool, cgroup2: bool) -> None:
         _bind("/sys", sys_dir)
         read_only_tree(sys_dir)
     for name in _SYS_MASKED:
-        _mask(new, os.path.join(sys_dir, name))
-    cgroup_dir = os.path.join(sys_dir, "fs", "cgroup")
-    if not os.path.isdir(cgroup_dir):
-        return
+        _mask(new, f"{sys_dir}/{name}", is_dir=True)
+    cgroup_dir = f"{sys_dir}/fs/cgroup"
     if cgroup2 and own_network:
         # The job's cgroup namespace is rooted at its own cgroup: this shows only that.
         # (Over the host's /sys bound for a host-network job, the kernel refuses a new
         # cgroup2 mount with EBUSY: such a job sees an empty directory instead.)
-        mount("cgroup2", cgroup_dir, "cgroup2", _NODEV | MS_NOEXEC | MS_RDONLY)
+        with contextlib.suppress(FileNotFoundError):
+            mount("cgroup2", cgroup_dir, "cgroup2", _NODEV | MS_NOEXEC | MS_RDONLY)
     else:
-        _mask(new, cgroup_dir)
+        _mask(new, cgroup_dir, is_dir=True)
 
 
 def build_root(new: str, sandbox: SandboxRecord, uid: int, gid: int, *, own_network: bool) -> None:
@@ -205,34 +262,13 @@ def build_root(new: str, sandbox: SandboxRecord, uid: int, gid: int, *, own_netw
     Raises:
         OSError: a mount failed (the job then fails to start, with the reason).
     """
-    mount("tmpfs", new, "tmpfs", _NODEV, "size=1m,mode=0755")
-    # The new root lies in the state dir, which a shown path may contain: unbindable, so
-    # no recursive bind below copies it into itself.
-    mount(None, new, None, MS_UNBINDABLE)
-    for path in ("/dev", "/proc", "/sys", "/home", "/root", "/tmp", WORKDIR, _PRIVATE, _EMPTY):
-        os.mkdir(_under(new, path), 0o755)
-    # One small empty tmpfs, bound over every place that must look empty (the new root
-    # itself cannot be a bind's source: it is unbindable).
-    # Read-only at the superblock: every bind of it is read-only too, in one call each.
-    mount(
-        "tmpfs", _under(new, _EMPTY), "tmpfs", _NODEV | MS_NOEXEC | MS_RDONLY, "size=4k,mode=0755"
-    )
-    _host_tree(new, sandbox.image or "/")
-    for path in _EMPTY_PLACES:
-        _mask(new, _under(new, path))
-    read_only_tree(new)
-    _private(new, uid, gid, sandbox.tmp_bytes)
-    for bind in sandbox.binds:
-        if os.path.exists(bind.path) and _show(new, bind.path) and not bind.writable:
-            read_only_tree(_under(new, bind.path))
-    # After the binds: a hidden path inside a shown one stays hidden.
-    for path in sandbox.hide:
-        _mask(new, _under(new, path))
-    _dev(new)
-    _proc(new)
-    _sys(new, own_network=own_network, cgroup2=sandbox.cgroup2)
-    umount(_under(new, _PRIVATE))
-    umount(_under(new, _EMPTY))
+    # Modes as given, without the umask (no chmod after each mkdir); the job gets the
+    # umask back.
+    umask = os.umask(0)
+    try:
+        _build(new, sandbox, uid, gid, own_network=own_network)
+    finally:
+        os.umask(umask)
     # pivot_root(".", "."): the old root ends up stacked under the new one, and is detached
     # at once (runc does the same); no directory for it is needed.
     os.chdir(new)
@@ -241,10 +277,39 @@ def build_root(new: str, sandbox: SandboxRecord, uid: int, gid: int, *, own_netw
     os.chdir("/")
 
 
+def _build(new: str, sandbox: SandboxRecord, uid: int, gid: int, *, own_network: bool) -> None:
+    mount("tmpfs", new, "tmpfs", _NODEV, "size=1m,mode=0755")
+    # The new root lies in the state dir, which a shown path may contain: unbindable, so
+    # no recursive bind below copies it into itself.
+    mount(None, new, None, MS_UNBINDABLE)
+    for path in ("/dev", "/proc", "/sys", "/home", "/root", "/tmp", WORKDIR, _PRIVATE, _EMPTY):
+        os.mkdir(new + path, 0o755)
+    # One small empty tmpfs, bound over every place that must look empty (the new root
+    # itself cannot be a bind's source: it is unbindable).
+    # Read-only at the superblock: every bind of it is read-only too, in one call each.
+    mount("tmpfs", new + _EMPTY, "tmpfs", _NODEV | MS_NOEXEC | MS_RDONLY, "size=4k,mode=0755")
+    _host_tree(new, sandbox.image or "/")
+    for path in _EMPTY_PLACES:
+        _mask(new, new + path, is_dir=True)
+    read_only_tree(new)
+    _private(new, uid, gid, sandbox.tmp_bytes)
+    for bind in sandbox.binds:
+        if os.path.exists(bind.path) and _show(new, bind.path) and not bind.writable:
+            read_only_tree(new + bind.path)
+    # After the binds: a hidden path inside a shown one stays hidden.
+    for path in sandbox.hide:
+        _mask_any(new, new + path)
+    _dev(new)
+    _proc(new)
+    _sys(new, own_network=own_network, cgroup2=sandbox.cgroup2)
+    umount(new + _PRIVATE)
+    umount(new + _EMPTY)
+
+
 def _show(new: str, path: str) -> bool:
     """Bind the host's ``path`` at the same place in the new root, if a place for it can
     be made (inside a read-only host directory it must exist already); whether it was."""
-    target = _under(new, path)
+    target = new + path
     if os.path.isdir(path) and not os.path.isdir(target):
         with contextlib.suppress(OSError):
             os.makedirs(target, 0o755)
