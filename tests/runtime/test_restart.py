@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import json
 import os
 import signal
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -305,6 +307,29 @@ async def test_remove_deletes_ended_jobs_and_refuses_running_ones(
     assert not (tmp_path / "state" / "jobs" / done.id).exists()
     with pytest.raises(JobNotFoundError):
         await rt.status(done.id)
+
+
+async def test_a_removed_job_is_freed_without_the_cycle_collector(restarts: Restarts) -> None:
+    """jobworkerd freezes what is alive after start-up (gc.freeze): a job read back then
+    must still be freed when it is removed, so it may hold no reference cycle."""
+    rt = await restarts.open()
+    async with asyncio.timeout(60):
+        done = await rt.run(JobSpec(["echo", "hi"]))
+        await rt.wait(done.id)
+        await rt.close()
+        rt = await restarts.open()
+        fresh = await rt.run(JobSpec(["echo", "hi"]))
+        await rt.wait(fresh.id)
+        jobs = [weakref.ref(rt._get(i)) for i in (done.id, fresh.id)]  # noqa: SLF001
+        gc.disable()
+        try:
+            for job_id in (done.id, fresh.id):
+                await rt.remove(job_id)
+            # Tasks that handled the job's end may still hold it until they are collected.
+            await rt.settled()
+            assert [ref() for ref in jobs] == [None, None]
+        finally:
+            gc.enable()
 
 
 async def test_retention_deletes_oldest_ended_jobs_first_never_running_ones(
