@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ctypes
 
-__all__ = ["keep_large_buffers"]
+__all__ = ["keep_large_buffers", "release_free_memory"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -36,3 +36,17 @@ def keep_large_buffers() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
     )
+
+
+def release_free_memory() -> None:
+    """Hand the free pages of every malloc arena back to the kernel (glibc's
+    ``malloc_trim(0)``), e.g. once the streams that used them have ended: with the
+    thresholds above, glibc itself never would, and the server kept 7.2 GB after 1,000
+    followers had gone (issue 15). Takes the arenas' locks, so it may take some
+    milliseconds: call it from a worker thread. Nothing where the C library is not glibc.
+    """
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
+        trim(0)

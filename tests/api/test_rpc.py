@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from pathlib import Path
@@ -339,3 +340,34 @@ async def test_unexpected_error_is_internal_with_a_reference(
     logged = [r for r in caplog.records if reference in r.getMessage()]
     assert logged
     assert logged[0].exc_info is not None
+
+
+async def test_a_client_going_away_mid_stream_logs_nothing_above_debug(
+    api: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A follower that stops reading and then cancels leaves the server blocked sending
+    to it; the cancel is normal and must log nothing above debug (gRPC logs it at ERROR
+    with a traceback otherwise)."""
+    endless = pb.JobSpec(argv=[PY, "-c", "import os\nwhile True: os.write(1, b'x' * 65536)"])
+    caplog.set_level(logging.DEBUG)
+    async with api.client("alice") as stub, api.client("alice") as reader:
+        job = await stub.CreateJob(pb.CreateJobRequest(spec=endless, start=True), timeout=10)
+        for _ in range(3):
+            call = stub.StreamOutput(pb.OutputRequest(id=job.id, follow=True), timeout=60)
+            await asyncio.wait_for(call.read(), 10)  # streaming; then never read again
+            # While another follower reads 16 MiB, the server fills this one's window
+            # (at most a few MiB) and then waits to send.
+            read = 0
+            other = reader.StreamOutput(pb.OutputRequest(id=job.id, follow=True), timeout=60)
+            async with asyncio.timeout(30):
+                async for reply in other:
+                    read += sum(len(c.data) for c in reply.chunks)
+                    if read >= 16 << 20:
+                        break
+            other.cancel()
+            call.cancel()
+        async with asyncio.timeout(30):
+            await api.server.runtime.no_output_readers()
+        await stub.StopJob(pb.StopJobRequest(id=job.id, grace_seconds=0), timeout=10)
+    loud = [r for r in caplog.records if r.levelno > logging.DEBUG and r.name.startswith("grpc")]
+    assert loud == [], [r.getMessage() for r in loud]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from jobworker.runtime import Stream
 from jobworker.runtime._logformat import HEADER, MAGIC
-from jobworker.runtime._output import LOOKAHEAD, _read_batch
+from jobworker.runtime._output import BATCH, LOOKAHEAD, _read_batch
 
 BOTH = frozenset({Stream.STDOUT, Stream.STDERR, Stream.SYSTEM})
 
@@ -23,7 +23,7 @@ def read_all(path: Path, streams: frozenset[Stream]) -> tuple[list[tuple[Stream,
         out: list[tuple[Stream, bytes]] = []
         offset = len(MAGIC)
         while True:
-            chunks, new = _read_batch(fd, offset, streams)
+            chunks, new = _read_batch(fd, offset, streams, BATCH)
             out += [(c.stream, c.data) for c in chunks]
             if new == offset:
                 return out, offset

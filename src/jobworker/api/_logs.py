@@ -14,7 +14,7 @@ from typing import Any
 
 from .._text import escape
 
-__all__ = ["AUDIT", "configure"]
+__all__ = ["AUDIT", "configure", "quiet_client_departures"]
 
 AUDIT = logging.getLogger("jobworker.audit")
 
@@ -66,3 +66,26 @@ def configure(log_format: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+
+
+class _DepartureFilter(logging.Filter):
+    """gRPC logs at ERROR, with a traceback, every send that fails because the client
+    cancelled or went away while the server was blocked sending to it (a slow follower
+    pressing Ctrl+C). That is normal: it becomes a DEBUG line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("ExecuteBatchError raised in core"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+            # A logger's filters run before its level check: drop it here unless DEBUG
+            # lines are wanted at all.
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_DEPARTURES = _DepartureFilter()
+
+
+def quiet_client_departures() -> None:
+    """Install the filter above on gRPC's logger (idempotent)."""
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_DEPARTURES)

@@ -43,6 +43,7 @@ from ._config import (
     split_address,
 )
 from ._logs import configure as configure_logging
+from ._logs import quiet_client_departures
 from ._proto import jobworker_pb2 as pb
 from ._service import JobService, add_to_server
 
@@ -122,6 +123,7 @@ class Server:
         Raises:
             StartupError: a problem the operator must fix (message says what).
         """
+        quiet_client_departures()
         problems = check_server_material(config.tls)
         if problems:
             raise StartupError("; ".join(problems))

@@ -39,6 +39,8 @@ class RuntimeConfig:
     ``state_dir`` holds one directory per job (spec, output log, exit record).
     ``output_limit`` caps each job's logged output in bytes; past it the log gets an
     "output truncated" note and the rest is discarded while the job keeps running.
+    ``output_buffer_bytes`` is what all readers of output together may hold in their
+    batches (``_output.ReadBudget``).
 
     Isolation: ``cgroups`` puts each job in its own cgroup under ``cgroup_subtree`` beneath
     the server's own cgroup (or ``cgroup_parent`` on cgroup v2); turning it off runs jobs
@@ -70,6 +72,7 @@ class RuntimeConfig:
 
     state_dir: Path
     output_limit: int = 1 << 30
+    output_buffer_bytes: int = 256 << 20
     default_grace: float = DEFAULT_GRACE_S
     launch_timeout: float = 60.0
     cgroups: bool = True
@@ -97,6 +100,8 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.output_limit < 1:
             raise InvalidSpecError("output_limit must be at least 1 byte")
+        if self.output_buffer_bytes < 1 << 20:
+            raise InvalidSpecError("output_buffer_bytes must be at least 1 MiB")
         if self.retention_seconds < 0 or self.retention_bytes < 0:
             raise InvalidSpecError("retention age and size must not be negative")
         if self.retention_interval <= 0:

@@ -11,15 +11,19 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 
 from ._logformat import HEADER, MAGIC, Stream
 
-__all__ = ["Batch", "Chunk", "read_log"]
+__all__ = ["Batch", "Chunk", "ReadBudget", "read_log"]
 
 LOOKAHEAD = 16 * 1024
+# The most one reader reads per batch, alone: big batches are what make one follower fast
+# (docs/benchmarks.md (b), (i)).
 BATCH = 4 * 1024 * 1024
+# The least, however many readers there are: below this the per-message costs dominate.
+LEAST_BATCH = 64 * 1024
 # Up to this many unread bytes are parsed on the event loop itself: a follower's reads are
 # mostly a few lines just appended, so in the page cache, and a hop to a worker thread would
 # cost more than the read (with 100 followers the hops queue up: measured p99 20 ms -> see
@@ -39,10 +43,48 @@ class Chunk:
 Batch = list[Chunk]
 
 
-def _read_batch(fd: int, offset: int, streams: frozenset[Stream]) -> tuple[list[Chunk], int]:
+class ReadBudget:
+    """The bytes every reader of every log may hold at once, shared out evenly.
+
+    Each reader holds its batch, and the API layer an encoded copy of it and gRPC one more
+    while a slow client drains it: at a fixed 4 MiB per batch, 1,000 followers of one job
+    took the server to 8.5 GB (issue 15). So a reader's batch is ``total`` divided among
+    the readers there are, between LEAST_BATCH and BATCH: one follower still reads 4 MiB
+    at a time, a thousand read 256 KiB each. ``on_idle`` runs when the last reader goes
+    (the server hands the freed memory back to the kernel then).
+    """
+
+    def __init__(self, total: int, on_idle: Callable[[], None] | None = None) -> None:
+        self.total = total
+        self.readers = 0
+        # Set while no reader exists.
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._on_idle = on_idle
+
+    def batch_bytes(self) -> int:
+        return max(LEAST_BATCH, min(BATCH, self.total // max(1, self.readers)))
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[None]:
+        self.readers += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.readers -= 1
+            if self.readers == 0:
+                self.idle.set()
+                if self._on_idle is not None:
+                    self._on_idle()
+
+
+def _read_batch(
+    fd: int, offset: int, streams: frozenset[Stream], limit: int
+) -> tuple[list[Chunk], int]:
     """Parse the complete records from ``offset`` on; return them and the offset after them.
 
-    Runs in a worker thread and reads up to about BATCH bytes per call. Small records are
+    Runs in a worker thread and reads up to about ``limit`` bytes per call. Small records are
     sliced out of a LOOKAHEAD-sized read; a record that does not fit gets its body read
     exactly, straight into its own bytes object, so big output is copied once. A record
     still being written (incomplete at EOF) is left for the next call, and records of
@@ -51,7 +93,7 @@ def _read_batch(fd: int, offset: int, streams: frozenset[Stream]) -> tuple[list[
     chunks: list[Chunk] = []
     start = offset
     size = HEADER.size
-    while offset - start < BATCH:
+    while offset - start < limit:
         head = os.pread(fd, LOOKAHEAD, offset)
         pos = 0
         while pos + size <= len(head):
@@ -83,11 +125,16 @@ class _LogReader:
     """One open log fd and the position of the next record."""
 
     def __init__(
-        self, path: str, streams: frozenset[Stream], executor: concurrent.futures.Executor
+        self,
+        path: str,
+        streams: frozenset[Stream],
+        executor: concurrent.futures.Executor,
+        budget: ReadBudget,
     ) -> None:
         self._path = path
         self._streams = streams | {Stream.SYSTEM}
         self._executor = executor
+        self._budget = budget
         self._fd = -1
         self._offset = len(MAGIC)
         self._inflight: concurrent.futures.Future[tuple[list[Chunk], int]] | None = None
@@ -100,11 +147,12 @@ class _LogReader:
             except FileNotFoundError:
                 return None  # the job has not started, so it has written nothing yet
         unread = os.fstat(self._fd).st_size - self._offset
+        limit = self._budget.batch_bytes()
         if unread <= INLINE_READ:
-            chunks, offset = _read_batch(self._fd, self._offset, self._streams)
+            chunks, offset = _read_batch(self._fd, self._offset, self._streams, limit)
         else:
             self._inflight = self._executor.submit(
-                _read_batch, self._fd, self._offset, self._streams
+                _read_batch, self._fd, self._offset, self._streams, limit
             )
             chunks, offset = await asyncio.wrap_future(self._inflight)
             self._inflight = None
@@ -144,6 +192,7 @@ async def read_log(  # noqa: PLR0913 - each argument is one independent knob
     has_ended: Callable[[], bool],
     subscribe: Callable[[asyncio.Event], contextlib.AbstractContextManager[None]],
     executor: concurrent.futures.Executor,
+    budget: ReadBudget,
 ) -> AsyncGenerator[list[Chunk], None]:
     """Yield the log's chunks from the start, in batches of what one read found (so small
     writes can travel together without waiting for more); with ``follow``, until the job has
@@ -151,11 +200,12 @@ async def read_log(  # noqa: PLR0913 - each argument is one independent knob
 
     ``has_ended`` tells whether the job is over (then everything is in the log).
     ``subscribe(event)`` arranges for ``event`` to be set on any change to the log or the job.
+    ``budget`` sizes each batch.
     """
-    reader = _LogReader(path, streams, executor)
+    reader = _LogReader(path, streams, executor, budget)
     wake = asyncio.Event()
     try:
-        with subscribe(wake) if follow else contextlib.nullcontext():
+        with budget.reader(), subscribe(wake) if follow else contextlib.nullcontext():
             while True:
                 # Read the state before the log: if the job had ended by now, everything it
                 # wrote is in the log, and reading to EOF below gets all of it.

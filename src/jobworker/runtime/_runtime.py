@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, Iterator
 from dataclasses import replace
 from typing import Self
 
+from .._allocator import release_free_memory
 from ._config import RuntimeConfig
 from ._errors import (
     InvalidSpecError,
@@ -34,7 +35,7 @@ from ._locks import LockHeldError, lock_exclusive
 from ._logformat import Stream
 from ._notify import DirNotifier
 from ._observer import JobObserver, NullObserver
-from ._output import Batch, Chunk, read_log
+from ._output import Batch, Chunk, ReadBudget, read_log
 from ._protocol import Control, Outcome, Verb
 from ._registry import Registry
 from ._restore import boot_id, restore
@@ -86,6 +87,7 @@ class Runtime:
         self._life.after_end = self.prune_ended
         # Log reads go to their own small pool, so many followers cannot starve other work.
         self._readers = concurrent.futures.ThreadPoolExecutor(4, "jobworker-log")
+        self._read_budget = ReadBudget(config.output_buffer_bytes, self._readers_gone)
         # The flock on the state dir, held while open (see _lock_state_dir).
         self._state_lock = -1
 
@@ -514,7 +516,24 @@ class Runtime:
             has_ended=lambda: job.state.is_final or job.gone,
             subscribe=lambda event: self._subscribe(job, event),
             executor=self._readers,
+            budget=self._read_budget,
         )
+
+    @property
+    def output_readers(self) -> int:
+        """How many output readers (followers or not) are open now."""
+        return self._read_budget.readers
+
+    async def no_output_readers(self) -> None:
+        """Return once no output reader is open (e.g. every stream a client cancelled has
+        ended on the server's side too)."""
+        await self._read_budget.idle.wait()
+
+    def _readers_gone(self) -> None:
+        # What the readers' batches, and the messages made of them, took: back to the
+        # kernel (docs/architecture.md, "Output to many followers").
+        with contextlib.suppress(RuntimeError):  # the pool is shut down: the runtime closed
+            self._readers.submit(release_free_memory)
 
     @contextlib.contextmanager
     def _subscribe(self, job: Job, event: asyncio.Event) -> Iterator[None]:
