@@ -72,7 +72,7 @@ class RuntimeConfig:
 
     state_dir: Path
     output_limit: int = 1 << 30
-    output_buffer_bytes: int = 256 << 20
+    output_buffer_bytes: int = 128 << 20
     default_grace: float = DEFAULT_GRACE_S
     launch_timeout: float = 60.0
     cgroups: bool = True

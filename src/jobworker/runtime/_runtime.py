@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import os
 import signal as signal_module
 from collections.abc import AsyncGenerator, Iterator
@@ -531,7 +532,10 @@ class Runtime:
 
     def _readers_gone(self) -> None:
         # What the readers' batches, and the messages made of them, took: back to the
-        # kernel (docs/architecture.md, "Output to many followers").
+        # kernel (docs/architecture.md, "Output to many followers"). Collected first: a
+        # finished stream's objects sit in reference cycles (gRPC's call state, its
+        # tasks), holding their last messages, until the cycle collector runs.
+        gc.collect()
         with contextlib.suppress(RuntimeError):  # the pool is shut down: the runtime closed
             self._readers.submit(release_free_memory)
 
