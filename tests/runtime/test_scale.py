@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
+import threading
+from typing import Any
 
-from jobworker.runtime import JobSpec, Runtime, State
+import pytest
+
+from jobworker.runtime import CgroupError, JobSpec, Runtime, State
 
 from .helpers import children_of, zombies_of
 
@@ -32,3 +37,72 @@ async def test_500_concurrent_launches_all_start(runtime: Runtime) -> None:
         assert {s.state for s in started} == {State.RUNNING}
         finals = await asyncio.gather(*(runtime.stop(s.id, grace=0) for s in started))
     assert {f.state for f in finals} == {State.STOPPED}
+
+
+async def test_create_status_and_listing_read_no_cgroup_file(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quota, authorization and listing come from memory: with running and ended jobs
+    around, creating a job, asking whose a job is and listing read no cgroup file (a
+    create used to read the usage of every job of its owner, issue 15)."""
+    async with asyncio.timeout(60):
+        running = [await runtime.run(JobSpec(["sleep", "600"])) for _ in range(5)]
+        ended = await runtime.run(JobSpec(["true"]))
+        await runtime.wait(ended.id)
+        await runtime.settled()  # its cgroup removed: that reads cgroup files, rightly
+        opened: list[str] = []
+        real_open, real_os_open = builtins.open, os.open
+
+        def counting_open(path: Any, *args: Any, **kw: Any) -> Any:
+            opened.append(str(path))
+            return real_open(path, *args, **kw)
+
+        def counting_os_open(path: Any, *args: Any, **kw: Any) -> int:
+            opened.append(str(path))
+            return real_os_open(path, *args, **kw)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(builtins, "open", counting_open)
+            patch.setattr(os, "open", counting_os_open)
+            created = await runtime.create(JobSpec(["true"]), max_active=100)
+            assert runtime.owner_of(running[0].id) == "local"
+            await runtime.status(ended.id)
+            listed = await runtime.jobs()
+        assert len(listed) == 7
+        assert [p for p in opened if p.startswith("/sys/fs/cgroup")] == []
+        assert opened, "the counter saw no file opened at all (the create writes spec.json)"
+        await runtime.remove(created.id)
+        for job in running:
+            await runtime.stop(job.id, grace=0)
+
+
+async def test_ends_are_handled_while_cgroup_removals_lag(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cgroup the kernel is slow to let go of (an injected fault: busy until released)
+    must not hold up other jobs' ends and creates: more lagging removals than the worker
+    threads there are, and another job still stops, and a new one is still created."""
+    driver = runtime._cgroups  # noqa: SLF001 - the fault goes into the driver's job cgroups
+    assert driver is not None
+    cgroup_class = type(driver.find("x"))
+    real_remove = cgroup_class.remove
+    released = threading.Event()
+    stuck: set[str] = set()
+
+    def lagging_remove(self: Any, timeout: float) -> bool:
+        if released.is_set() or not any(i in str(self.paths) for i in stuck):
+            return real_remove(self, timeout)
+        released.wait(timeout)  # what a blocking wait for the kernel would do
+        raise CgroupError("cgroup busy (injected)")
+
+    monkeypatch.setattr(cgroup_class, "remove", lagging_remove)
+    async with asyncio.timeout(60):
+        lagging = [await runtime.run(JobSpec(["sleep", "600"])) for _ in range(12)]
+        stuck.update(j.id for j in lagging)
+        await asyncio.gather(*(runtime.stop(j.id, grace=0) for j in lagging))
+        other = await runtime.run(JobSpec(["sleep", "600"]))
+        assert (await runtime.stop(other.id, grace=0)).state is State.STOPPED
+        created = await runtime.create(JobSpec(["true"]))
+        assert created.state is State.CREATED
+        released.set()
+        await runtime.settled()

@@ -9,6 +9,7 @@ through :meth:`Job._apply`, the one place the status and its history are written
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from ._jobdir import ExitRecord, FinalRecord, RunRecord, SpecRecord
 from ._launch import SupervisorHandle
@@ -71,6 +72,8 @@ class Job:
         self._waiters: set[asyncio.Event] = set()
         self._observer = observer
         self._announced = False
+        # Called once, when the job reaches a final state (the registry's active count).
+        self.on_final: Callable[[Job], None] | None = None
 
     @property
     def status(self) -> JobStatus:
@@ -106,6 +109,7 @@ class Job:
     # ------------------------------------------------------------ the one writer
     def _apply(self, status: JobStatus, *, fresh_history: bool = False) -> None:
         before = self._status if self._announced else None
+        ends = status.state.is_final and not self._status.state.is_final
         self._status = status
         if fresh_history:
             self.history = [status]
@@ -115,6 +119,8 @@ class Job:
         self._observer.job_changed(before, status)
         if status.state.is_final:
             self.ended_event.set()
+        if ends and self.on_final is not None:
+            self.on_final(self)
         for event in self._waiters:
             event.set()
 

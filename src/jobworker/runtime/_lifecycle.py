@@ -44,11 +44,15 @@ from ._registry import Registry
 from ._spec import JobSpec, Limits
 from ._states import State
 from ._uids import UidAllocator
-from .cgroups import CgroupDriver, CgroupError
+from .cgroups import CgroupDriver, CgroupError, JobCgroup
 
 __all__ = ["Lifecycle"]
 
 log = logging.getLogger("jobworker.runtime")
+
+# Between tries to remove a job's cgroup: doubling from the first delay to the cap.
+_REMOVE_FIRST_S = 0.005
+_REMOVE_CAP_S = 0.25
 
 
 def _failed(error: str) -> ExitRecord:
@@ -320,14 +324,32 @@ class Lifecycle:
             cgroup = self.cgroups.find(job.id)
         empty = True
         if cgroup is not None:
-            try:
-                empty = await asyncio.to_thread(cgroup.remove, self.config.cgroup_remove_timeout)
-            except CgroupError:
-                empty = False  # left for prune() at the next start-up
+            empty = await self._remove_cgroup(cgroup)
         if empty:
             # Nothing the job started remains: its uid may serve another job.
             self.uids.give_back(job.record.uid)
         self._after_ends()
+
+    async def _remove_cgroup(self, cgroup: JobCgroup) -> bool:
+        """Remove the job's cgroup once it has emptied, within ``cgroup_remove_timeout``;
+        False if it would not go (left for prune() at the next start-up).
+
+        Each try takes a worker thread for a moment only; the waits between tries are on
+        the event loop. A blocking wait per job held a thread for as long as the kernel
+        lagged (v1 hierarchies stay busy up to a second after their last task left), so
+        1,000 stops at once queued behind a few removals (issue 15).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.cgroup_remove_timeout
+        delay = _REMOVE_FIRST_S
+        while True:
+            with contextlib.suppress(CgroupError):  # still busy: try again
+                if await asyncio.to_thread(cgroup.remove, 0.0):
+                    return True
+            if loop.time() + delay > deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, _REMOVE_CAP_S)
 
     def _after_ends(self) -> None:
         """Run the after-end pass soon: now if none runs, else once more when it is done."""

@@ -30,21 +30,40 @@ class Registry:
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         self._by_owner: dict[str, dict[str, Job]] = {}
+        # Each owner's jobs created or running: counted as jobs come, end and go, so the
+        # quota check costs the same with 10 or 10,000 ended jobs (issue 15).
+        self._active: dict[str, int] = {}
 
     def add(self, job: Job) -> None:
         self._jobs[job.id] = job
         self._by_owner.setdefault(job.owner, {})[job.id] = job
+        if not job.state.is_final:
+            self._count(job.owner, 1)
+        job.on_final = self._ended
 
     def discard(self, job: Job) -> bool:
         """Forget ``job``; False if it was not known (deleted meanwhile)."""
         if self._jobs.pop(job.id, None) is None:
             return False
+        job.on_final = None
+        if not job.state.is_final:
+            self._count(job.owner, -1)
         mine = self._by_owner.get(job.owner)
         if mine is not None:
             mine.pop(job.id, None)
             if not mine:
                 del self._by_owner[job.owner]
         return True
+
+    def _ended(self, job: Job) -> None:
+        self._count(job.owner, -1)
+
+    def _count(self, owner: str, change: int) -> None:
+        count = self._active.get(owner, 0) + change
+        if count:
+            self._active[owner] = count
+        else:
+            self._active.pop(owner, None)
 
     def get(self, job_id: str) -> Job:
         """Raises JobNotFoundError: no job has this id (or it is not an id at all)."""
@@ -62,7 +81,7 @@ class Registry:
 
     def active(self, owner: str) -> int:
         """How many of ``owner``'s jobs are created or running (their quota)."""
-        return sum(1 for job in self._by_owner.get(owner, {}).values() if not job.state.is_final)
+        return self._active.get(owner, 0)
 
     def of(self, owner: str | None) -> list[Job]:
         """``owner``'s jobs (everyone's for None), oldest first: the order they were added
