@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -345,7 +346,152 @@ async def readers_of_an_ended_job(
     )
 
 
-async def measure(followers: int = 1000) -> list[Row]:
+# ------------------------------------------------------------------ per-job costs
+async def start_once(stub: pb_grpc.JobServiceStub, argv: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    job = await stub.CreateJob(
+        pb.CreateJobRequest(spec=pb.JobSpec(argv=argv), start=True), timeout=60
+    )
+    return time.perf_counter() - t0, job.id
+
+
+def job_cgroups(subtree: str, groups: list[Path]) -> int:
+    """How many job cgroups the server with ``subtree`` still has, in every hierarchy."""
+    layout = detect()
+    parents = [Path(h.own_dir) for h in layout.v1.values()] + groups
+    if layout.unified is not None:
+        parents.append(Path(layout.unified.own_dir))
+    count = 0
+    for parent in parents:
+        with contextlib.suppress(FileNotFoundError):
+            count += sum(1 for e in os.scandir(parent / subtree) if e.is_dir())
+    return count
+
+
+def _when_gone(subtree: str, groups: list[Path], t0: float) -> float:
+    """Seconds from ``t0`` until the server has no job cgroup left (the kernel tells no one
+    of a cgroup's removal: looked at every 50 ms, a measurement, at most 60 s)."""
+    while job_cgroups(subtree, groups) and time.perf_counter() - t0 < 60:
+        time.sleep(0.05)
+    return time.perf_counter() - t0
+
+
+async def churn(chans: list[grpc.aio.Channel], jobs: int) -> list[float]:
+    """``jobs`` `true` jobs run to their end from 8 clients; jobs/s of each thousand."""
+    done: list[float] = []
+    left = iter(range(jobs))
+
+    async def client(channel: grpc.aio.Channel) -> None:
+        stub = pb_grpc.JobServiceStub(channel)
+        for _ in left:
+            _took, job_id = await start_once(stub, ["true"])
+            await stub.WaitJob(pb.JobRequest(id=job_id), timeout=60)
+            done.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(chans[i]) for i in range(8)))
+    marks = [t0, *done[999::1000]]
+    return [1000 / (b - a) for a, b in itertools.pairwise(marks)]
+
+
+async def per_job_costs(  # noqa: PLR0913 - the server, and where its cgroups are
+    port: int, pki: Path, pid: int, subtree: str, groups: list[Path], churned: int
+) -> list[Row]:
+    chans = channels(port, pki, 8)
+    try:
+        stub = pb_grpc.JobServiceStub(chans[0])
+        rows = []
+        # Start latency as one owner's running jobs pile up to 1,000.
+        at: dict[int, list[float]] = {1: [], 100: [], 1000: []}
+        running = []
+        for n in range(1, 1001):
+            took, job_id = await start_once(stub, ["sleep", "3600"])
+            running.append(job_id)
+            for mark, samples in at.items():
+                if mark - 10 < n <= mark + 10 if mark > 1 else n <= 20:
+                    samples.append(took)
+        base = pct(at[1], 0.5)
+        for mark, samples in at.items():
+            rows.append(
+                Row(
+                    f"(r) start with {mark:,} running jobs of the owner, p50 / p99",
+                    f"{pct(samples, 0.5) * 1e3:.1f} / {pct(samples, 0.99) * 1e3:.1f} ms",
+                    f"{base * 1e3:.1f} ms (at 1)",
+                    f"{pct(samples, 0.5) / base:.2f}x",
+                    "p50 <= 1.5x the p50 at 1",
+                    pct(samples, 0.5) <= 1.5 * base,
+                )
+            )
+        # All of them stopped at once.
+        t0 = time.perf_counter()
+        stopped = await asyncio.gather(
+            *(
+                pb_grpc.JobServiceStub(chans[i % 8]).StopJob(
+                    pb.StopJobRequest(id=job_id), timeout=120
+                )
+                for i, job_id in enumerate(running)
+            )
+        )
+        all_stopped = time.perf_counter() - t0
+        cgroups_gone = await asyncio.to_thread(_when_gone, subtree, groups, t0)
+        states = {pb.JobState.Name(s.state) for s in stopped}
+        rows.append(
+            Row(
+                "(s) 1,000 StopJob at once on `sleep` jobs: all stopped, all cgroups gone",
+                f"{all_stopped:.2f} s, {cgroups_gone:.2f} s",
+                "15.8 s, 19 s (before, issue 15)",
+                "-",
+                "<= 3 s, <= 5 s",
+                all_stopped <= 3 and cgroups_gone <= 5 and states == {"JOB_STATE_STOPPED"},
+            )
+        )
+        for job_id in running:
+            await stub.RemoveJob(pb.JobRequest(id=job_id), timeout=30)
+        if not churned:
+            return rows
+        # Churn, twice: 10,000 ended jobs of the owner by the end.
+        idle = rss_bytes(pid)
+        first = await churn(chans, churned)
+        rss = rss_bytes(pid)
+        rows.append(
+            Row(
+                "(t) churn of 5,000 `true` jobs from 8 clients: jobs/s, first / last 1,000",
+                f"{first[0]:.0f} / {first[-1]:.0f}",
+                "55 -> 21 (before, issue 15)",
+                f"{first[-1] / first[0]:.2f}",
+                "last >= 0.8x first",
+                first[-1] >= 0.8 * first[0],
+            )
+        )
+        rows.append(
+            Row(
+                "(t) server RSS growth over 5,000 ended jobs",
+                f"{(rss - idle) / MIB:.0f} MiB ({(rss - idle) / 5000 / 1024:.1f} KiB a job)",
+                "-",
+                "-",
+                "recorded",
+                True,
+            )
+        )
+        await churn(chans, churned)
+        samples = [(await start_once(stub, ["true"]))[0] for _ in range(50)]
+        rows.append(
+            Row(
+                "(r) start with 10,000 ended jobs of the owner, p50 / p99",
+                f"{pct(samples, 0.5) * 1e3:.1f} / {pct(samples, 0.99) * 1e3:.1f} ms",
+                f"{base * 1e3:.1f} ms (at 1)",
+                f"{pct(samples, 0.5) / base:.2f}x",
+                "p50 <= 1.5x the p50 at 1",
+                pct(samples, 0.5) <= 1.5 * base,
+            )
+        )
+        return rows
+    finally:
+        for chan in chans:
+            await chan.close()
+
+
+async def measure(followers: int = 1000, churned: int = 5000) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="jobworker-bench-scale-") as tmp:
         work = Path(tmp)
         make_dev_pki(work / "pki")
@@ -355,13 +501,21 @@ async def measure(followers: int = 1000) -> list[Row]:
             this_process_in(client_group),
         ):
             async with scale_server(work, work / "pki", server_group) as (pid, port):
-                return await followers_of_one_job(
-                    port, work / "pki", pid, followers=followers, size=20 * MIB, seconds=10
+                rows = []
+                if followers:
+                    rows += await followers_of_one_job(
+                        port, work / "pki", pid, followers=followers, size=20 * MIB, seconds=10
+                    )
+                subtree = f"jw-bench-scale-{os.getpid()}"
+                rows += await per_job_costs(
+                    port, work / "pki", pid, subtree, [server_group], churned
                 )
+                return rows
 
 
 if __name__ == "__main__":
-    for row in asyncio.run(measure(int(os.environ.get("FOLLOWERS", "1000")))):
+    knobs = int(os.environ.get("FOLLOWERS", "1000")), int(os.environ.get("CHURN", "5000"))
+    for row in asyncio.run(measure(*knobs)):
         print(
             f"| {row.name} | {row.ours} | {row.anchor} | {row.ratio} | {row.target} | "
             f"{'yes' if row.ok else '**no**'} |"

@@ -13,7 +13,13 @@ from collections.abc import Iterator
 from ._errors import JobNotFoundError
 from ._job import Job
 
-__all__ = ["Registry", "canonical_id"]
+__all__ = ["Registry", "canonical_id", "ended_seconds"]
+
+
+def ended_seconds(job: Job) -> float:
+    """When the job ended (seconds since the epoch); its creation if it never ran."""
+    ended_at = job.status.ended_at
+    return ended_at.timestamp() if ended_at is not None else job.status.created_at.timestamp()
 
 
 def canonical_id(job_id: str) -> str | None:
@@ -30,23 +36,40 @@ class Registry:
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         self._by_owner: dict[str, dict[str, Job]] = {}
-        # Each owner's jobs created or running: counted as jobs come, end and go, so the
-        # quota check costs the same with 10 or 10,000 ended jobs (issue 15).
+        # Kept up to date as jobs come, end and go, so that the quota check and the
+        # retention pass after each end cost the same with 10 or 10,000 ended jobs (with a
+        # count and a sort per call, churn fell from 83 to 55 jobs/s, issue 15): jobs
+        # created or running, each owner's count of them, each owner's ended jobs in the
+        # order they ended, and the disk those take.
+        self._live: dict[str, Job] = {}
         self._active: dict[str, int] = {}
+        self._ended: dict[str, dict[str, Job]] = {}
+        self._ended_bytes: dict[str, int] = {}
 
     def add(self, job: Job) -> None:
         self._jobs[job.id] = job
         self._by_owner.setdefault(job.owner, {})[job.id] = job
-        if not job.state.is_final:
+        if job.state.is_final:
+            self._add_ended(job)
+        else:
+            self._live[job.id] = job
             self._count(job.owner, 1)
-        job.on_final = self._ended
+        job.on_final = self._ended_now
 
     def discard(self, job: Job) -> bool:
         """Forget ``job``; False if it was not known (deleted meanwhile)."""
         if self._jobs.pop(job.id, None) is None:
             return False
         job.on_final = None
-        if not job.state.is_final:
+        if job.state.is_final:
+            mine_ended = self._ended.get(job.owner, {})
+            if mine_ended.pop(job.id, None) is not None:
+                self._ended_bytes[job.owner] -= job.disk_bytes
+            if not mine_ended:
+                self._ended.pop(job.owner, None)
+                self._ended_bytes.pop(job.owner, None)
+        else:
+            del self._live[job.id]
             self._count(job.owner, -1)
         mine = self._by_owner.get(job.owner)
         if mine is not None:
@@ -55,8 +78,33 @@ class Registry:
                 del self._by_owner[job.owner]
         return True
 
-    def _ended(self, job: Job) -> None:
+    def _ended_now(self, job: Job) -> None:
+        del self._live[job.id]
         self._count(job.owner, -1)
+        self._add_ended(job)
+
+    def _add_ended(self, job: Job) -> None:
+        self._ended.setdefault(job.owner, {})[job.id] = job
+        self._ended_bytes[job.owner] = self._ended_bytes.get(job.owner, 0) + job.disk_bytes
+
+    def live(self) -> list[Job]:
+        """The jobs created or running."""
+        return list(self._live.values())
+
+    def ended_by_owner(self) -> dict[str, list[Job]]:
+        """Each owner's ended jobs, in the order they ended (see :meth:`sort_ended`)."""
+        return {owner: list(jobs.values()) for owner, jobs in self._ended.items()}
+
+    def ended_bytes(self) -> dict[str, int]:
+        """The disk each owner's ended jobs take, as recorded when each ended."""
+        return dict(self._ended_bytes)
+
+    def sort_ended(self) -> None:
+        """Put each owner's ended jobs in the order they ended: a restart reads them back
+        in the order they were created (once, at start-up)."""
+        for owner, jobs in self._ended.items():
+            ordered = sorted(jobs.values(), key=ended_seconds)
+            self._ended[owner] = {job.id: job for job in ordered}
 
     def _count(self, owner: str, change: int) -> None:
         count = self._active.get(owner, 0) + change

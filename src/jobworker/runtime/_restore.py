@@ -125,6 +125,7 @@ async def _restore(life: Lifecycle) -> None:
             life.uids.keep(job.record.uid, job.id)
         await _resume(life, job, record)
         job.appeared()
+    life.registry.sort_ended()
 
 
 async def _resume(life: Lifecycle, job: Job, found: Found) -> None:

@@ -14,37 +14,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 from ._config import RuntimeConfig
 from ._job import Job
 from ._jobdir import dir_bytes
 from ._lifecycle import Lifecycle
+from ._registry import ended_seconds
 
 __all__ = ["prune_ended", "retention_loop"]
 
 log = logging.getLogger("jobworker.runtime")
 
 
-def _ended_s(job: Job) -> float:
-    ended_at = job.status.ended_at
-    return ended_at.timestamp() if ended_at is not None else job.status.created_at.timestamp()
-
-
 def _choose(
-    config: RuntimeConfig, ended: dict[str, list[Job]], used: dict[str, int], cutoff: float
+    config: RuntimeConfig, ended: dict[str, deque[Job]], used: dict[str, int], cutoff: float
 ) -> list[Job]:
     """The ended jobs to delete (``ended``: each owner's, oldest first; ``used``: the disk
     each owner's jobs take). Both are consumed."""
     doomed: list[Job] = []
 
     def take(owner: str) -> None:
-        job = ended[owner].pop(0)
+        job = ended[owner].popleft()
         used[owner] -= job.disk_bytes
         doomed.append(job)
 
     cap = config.retention_bytes_per_owner
     for owner, mine in ended.items():
-        while mine and _ended_s(mine[0]) < cutoff:
+        while mine and ended_seconds(mine[0]) < cutoff:
             take(owner)
         while cap is not None and mine and used[owner] > cap:
             take(owner)
@@ -56,23 +53,31 @@ def _choose(
     return doomed
 
 
-async def prune_ended(life: Lifecycle, now: float | None = None) -> list[str]:
+async def prune_ended(
+    life: Lifecycle, now: float | None = None, *, measure_live: bool = True
+) -> list[str]:
     """Apply the retention settings now (``now``: seconds since the epoch, for tests);
-    return the ids of the jobs deleted, oldest first."""
+    return the ids of the jobs deleted, oldest first.
+
+    The disk of running jobs grows, so it is measured (in a thread) when ``measure_live``;
+    otherwise the sizes the last measuring pass found stand (the pass after each job's end:
+    measuring 1,000 running jobs' directories after each of 1,000 ends was most of what a
+    stop storm cost, issue 15). Ended jobs' disk was measured once, when each ended.
+    """
     config = life.config
     now = time.time() if now is None else now
-    jobs = list(life.registry)
-    running = [j for j in jobs if not j.state.is_final]
-    sizes = await asyncio.to_thread(lambda: {j.id: dir_bytes(j.dir) for j in running})
-    used: dict[str, int] = {}
-    for job in jobs:
-        used[job.owner] = used.get(job.owner, 0) + sizes.get(job.id, job.disk_bytes)
+    registry = life.registry
+    live = registry.live()
+    if measure_live:
+        measured = await asyncio.to_thread(lambda: {j.id: dir_bytes(j.dir) for j in live})
+        life.live_bytes = measured
+    used = registry.ended_bytes()
+    for job in live:
+        used[job.owner] = used.get(job.owner, 0) + life.live_bytes.get(job.id, 0)
     # Each owner's ended jobs, oldest first: the candidates.
-    ended: dict[str, list[Job]] = {}
-    for job in sorted((j for j in jobs if j.state.is_final and j.status.ended_at), key=_ended_s):
-        ended.setdefault(job.owner, []).append(job)
+    ended = {owner: deque(jobs) for owner, jobs in registry.ended_by_owner().items()}
     doomed = _choose(config, ended, used, now - config.retention_seconds)
-    doomed.sort(key=_ended_s)
+    doomed.sort(key=ended_seconds)
     for job in doomed:
         await life.delete(job)
     if doomed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import gc
 import os
 import signal as signal_module
@@ -85,7 +86,7 @@ class Runtime:
             notifier=self._notifier,
             boot_id=boot_id(),
         )
-        self._life.after_end = self.prune_ended
+        self._life.after_end = functools.partial(prune_ended, self._life, measure_live=False)
         # Log reads go to their own small pool, so many followers cannot starve other work.
         self._readers = concurrent.futures.ThreadPoolExecutor(4, "jobworker-log")
         self._read_budget = ReadBudget(config.output_buffer_bytes, self._readers_gone)
@@ -163,6 +164,7 @@ class Runtime:
                 await asyncio.to_thread(self._cgroups.close, self._config.cgroup_remove_timeout)
             self._cgroups.release()
         self._readers.shutdown(wait=True)
+        life.shutdown()
         if self._state_lock >= 0:
             os.close(self._state_lock)
             self._state_lock = -1
