@@ -6,8 +6,11 @@ An event's own fields go in ``extra={"fields": {...}}``: text lines append them 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -58,14 +61,33 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(log_format: str) -> None:
-    """Send INFO and above to stderr, one line per event, as ``text`` or ``json``."""
+    """Send INFO and above to stderr, one line per event, as ``text`` or ``json``.
+
+    Lines are formatted and written by a thread of their own (a queue in between): an
+    audit line per RPC took a tenth of the event loop's time when 1,000 StopJob calls
+    came at once (issue 15), and a stderr that blocks (a slow journald, a full pipe) must
+    not stop the server. The thread writes what is queued before the process exits.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
-    root.addHandler(handler)
+    root.addHandler(_Enqueue(records))
     root.setLevel(logging.INFO)
+    listener.start()
+    atexit.register(listener.stop)
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    """The stdlib's QueueHandler formats the message on the caller's thread (to make the
+    record picklable for other processes); this queue stays in the process, so the record
+    goes as it is and the writer thread does all the formatting."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
 
 
 class _DepartureFilter(logging.Filter):
