@@ -10,6 +10,7 @@ Prints one table and rewrites docs/benchmarks.md. Run with ``./dev bench`` (as r
 (e) start latency with every namespace and a cgroup with limits, vs. (a) without them
 (e') the same with the tenant sandbox (own uid, own root, seccomp), vs. (e)
 (f) memory per idle sandboxed job, at 500 jobs
+(g)-(p) the API, jobctl and restarts: see api.py and restart.py; (q)-(t) scale: see scale.py
 
 (a)-(d) run with the mount/UTS/IPC/net/cgroup namespaces and cgroups off (the runtime core;
 the PID namespace is always on); (e') and (f) with everything on, as the server runs.
@@ -344,6 +345,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=500, help="jobs for the memory figure")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite the doc")
     parser.add_argument("--no-api", action="store_true", help="skip the gRPC/OpenSSH figures")
+    parser.add_argument(
+        "--no-scale", action="store_true", help="skip the scale figures (q)-(t), ~7 minutes"
+    )
     args = parser.parse_args()
     # The follower of (b) reads as jobworkerd does, which sets this at start-up (its reasons:
     # jobworker._allocator); the API figures' server is a jobworkerd process of its own.
@@ -355,6 +359,10 @@ def main() -> None:
 
         rows += asyncio.run(measure_api(args.n, 512 << 20))
         rows += asyncio.run(measure_restart())
+    if not args.no_scale:
+        from scale import measure as measure_scale  # noqa: PLC0415 - imports grpc, optional
+
+        rows += asyncio.run(measure_scale())
     table = render(rows)
     print(table)
     if args.no_write:
