@@ -395,7 +395,7 @@ async def churn(chans: list[grpc.aio.Channel], jobs: int) -> list[float]:
 
 
 async def per_job_costs(  # noqa: PLR0913 - the server, and where its cgroups are
-    port: int, pki: Path, pid: int, subtree: str, groups: list[Path], churned: int
+    port: int, pki: Path, pid: int, subtree: str, groups: list[Path], *, churned: int
 ) -> list[Row]:
     chans = channels(port, pki, 8)
     try:
@@ -508,7 +508,7 @@ async def measure(followers: int = 1000, churned: int = 5000) -> list[Row]:
                     )
                 subtree = f"jw-bench-scale-{os.getpid()}"
                 rows += await per_job_costs(
-                    port, work / "pki", pid, subtree, [server_group], churned
+                    port, work / "pki", pid, subtree, [server_group], churned=churned
                 )
                 return rows
 
