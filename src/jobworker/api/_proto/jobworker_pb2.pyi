@@ -461,7 +461,9 @@ class Job(_message.Message):
 
     @_builtins.property
     def usage(self) -> Global___Usage:
-        """Resource usage; live while it runs, final once it ended."""
+        """Resource usage: final once it ended; while it runs, live in GetJob replies (ListJobs
+        leaves it unset).
+        """
 
     @_builtins.property
     def sandbox(self) -> Global___Sandbox:

@@ -154,7 +154,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """The caller's jobs; admins see everyone's and may filter by owner.
+        """The caller's jobs; admins see everyone's and may filter by owner. Running jobs come
+        without live usage (GetJob reads it): a listing reads no cgroup.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -68,7 +68,9 @@ class JobServiceStub:
     has ended and all of its output was sent; otherwise it ends at the current end.
     """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.ListJobsRequest, _jobworker_pb2.ListJobsResponse]
-    """The caller's jobs; admins see everyone's and may filter by owner."""
+    """The caller's jobs; admins see everyone's and may filter by owner. Running jobs come
+    without live usage (GetJob reads it): a listing reads no cgroup.
+    """
     WaitJob: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.Job]
     """Wait for the job to end; returns its final status."""
     RemoveJob: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.Job]
@@ -102,7 +104,9 @@ class JobServiceAsyncStub(JobServiceStub):
     has ended and all of its output was sent; otherwise it ends at the current end.
     """
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.ListJobsRequest, _jobworker_pb2.ListJobsResponse]  # type: ignore[assignment]
-    """The caller's jobs; admins see everyone's and may filter by owner."""
+    """The caller's jobs; admins see everyone's and may filter by owner. Running jobs come
+    without live usage (GetJob reads it): a listing reads no cgroup.
+    """
     WaitJob: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.Job]  # type: ignore[assignment]
     """Wait for the job to end; returns its final status."""
     RemoveJob: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.Job]  # type: ignore[assignment]
@@ -187,7 +191,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobworker_pb2.ListJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobworker_pb2.ListJobsResponse, _abc.Awaitable[_jobworker_pb2.ListJobsResponse]]:
-        """The caller's jobs; admins see everyone's and may filter by owner."""
+        """The caller's jobs; admins see everyone's and may filter by owner. Running jobs come
+        without live usage (GetJob reads it): a listing reads no cgroup.
+        """
 
     @_abc_1.abstractmethod
     def WaitJob(
