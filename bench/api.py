@@ -310,6 +310,17 @@ def cli_figures(jobctl: str, job_id: str, env: dict[str, str], ssh: list[str]) -
         )
     )
     ssh_times = command_times([*ssh, "true"], env, 20)
+    # (n')'s anchor: ssh making a new connection (TCP, key exchange, authentication) per
+    # command, as jobctl without its keeper does (TCP, TLS handshake).
+    fresh = [
+        "ControlMaster=no"
+        if a == "ControlMaster=auto"
+        else "ControlPath=none"
+        if a.startswith("ControlPath=")
+        else a
+        for a in ssh
+    ]
+    fresh_times = command_times([*fresh, "true"], env, 20)
     direct_run = command_times([jobctl, "run", "--rm", "--", "true"], env, 20)
     with kept_connection(env) as kept:
         # ssh's anchor keeps its connection (ControlMaster); jobctl's keeper does the same.
@@ -333,20 +344,20 @@ def cli_figures(jobctl: str, job_id: str, env: dict[str, str], ssh: list[str]) -
             "(n) `jobctl run -- true` vs `ssh host true`, kept connections, p50 / p99",
             ms(run_times),
             ms(ssh_times),
-            f"{ratio:.2f}x",
-            "no slower than ssh",
-            ratio >= 1,
+            f"{pct(run_times, 0.5) / pct(ssh_times, 0.5):.2f}x ssh's time",
+            "<= 0.5x ssh's time",
+            ratio >= 2,
         )
     )
-    ratio = pct(ssh_times, 0.5) / pct(direct_run, 0.5)
+    ratio = pct(fresh_times, 0.5) / pct(direct_run, 0.5)
     rows.append(
         Row(
-            "(n') the same, jobctl without its keeper, p50 / p99",
+            "(n') the same, jobctl without its keeper vs ssh without ControlMaster, p50 / p99",
             ms(direct_run),
-            ms(ssh_times),
-            f"{ratio:.2f}x",
-            "-",
-            True,
+            ms(fresh_times),
+            f"{pct(direct_run, 0.5) / pct(fresh_times, 0.5):.2f}x ssh's time",
+            "no slower than ssh",
+            ratio >= 1,
         )
     )
     return rows
