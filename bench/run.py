@@ -100,13 +100,18 @@ async def start_latency(rt: Runtime, n: int, limits: Limits | None = None) -> li
 async def start_latency_pair(
     a: Runtime, b: Runtime, n: int, limits: Limits
 ) -> tuple[list[float], list[float]]:
-    """Start latencies of two runtimes, alternating job by job, so that the host's load
-    drifting during the run weighs on both alike (a difference of 2 ms is the target)."""
+    """Start latencies of two runtimes, alternating job by job (a b, b a, ...), so that the
+    host's load drifting during the run weighs on both alike, and so does following the
+    other's job end (its clean-up runs meanwhile): a difference of 2 ms is the target."""
     first: list[float] = []
     second: list[float] = []
-    for _ in range(n):
-        first.append(await start_once(a, limits))
-        second.append(await start_once(b, limits))
+    for i in range(n):
+        if i % 2:
+            second.append(await start_once(b, limits))
+            first.append(await start_once(a, limits))
+        else:
+            first.append(await start_once(a, limits))
+            second.append(await start_once(b, limits))
     return first, second
 
 
