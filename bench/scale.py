@@ -174,6 +174,24 @@ async def scale_server(work: Path, pki: Path, group: Path) -> AsyncIterator[tupl
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(proc.wait)
+        await asyncio.to_thread(_remove_subtree, f"jw-bench-scale-{os.getpid()}", [group])
+
+
+def _remove_subtree(subtree: str, groups: list[Path]) -> None:
+    """What the server may have left of its cgroup subtree (a job cgroup the kernel was
+    still letting go of when it stopped): removed, so the capped cgroup can go too."""
+    layout = detect()
+    parents = [Path(h.own_dir) for h in layout.v1.values()] + groups
+    if layout.unified is not None:
+        parents.append(Path(layout.unified.own_dir))
+    deadline = time.monotonic() + 30
+    for base in (p / subtree for p in parents):
+        for directory in [*sorted(base.glob("*/"), reverse=True), base]:
+            while directory.is_dir() and time.monotonic() < deadline:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    time.sleep(0.1)  # busy: the kernel has not let go of it yet
 
 
 def _spawn(argv: list[str], group: Path) -> tuple[subprocess.Popen[str], int]:

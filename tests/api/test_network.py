@@ -28,7 +28,7 @@ from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
 from jobworker.api.client import connect, stream_output
 from jobworker.api.server import ServiceLimits
 
-from ..conftest import TEST_PATHS, cgroup_dirs
+from ..conftest import TEST_PATHS, cgroup_dirs, make_config, opened
 from ..runtime.helpers import PY
 from .conftest import Pki, Running, serving
 
@@ -210,6 +210,16 @@ async def daemon(tmp_path: Path, pki: Pki, *extra: str, server: str = "") -> Asy
         await asyncio.to_thread(d.join)
         d.kill_jobs()
         await asyncio.to_thread(_reap_orphans)
+        await take_back(d.state)
+
+
+async def take_back(state: Path) -> None:
+    """Remove what a server killed with its jobs left: a runtime opened on its state dir
+    (with its cgroup subtree) sees the jobs ended, removes their cgroups and, at close, the
+    subtree, and ``opened`` checks that nothing is left."""
+    if (state / "jobs").is_dir():
+        async with opened(make_config(state, cgroup_subtree=subtree_for(state))):
+            pass
 
 
 def stub_for(

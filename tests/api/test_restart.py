@@ -20,7 +20,7 @@ from jobworker.api._proto import jobworker_pb2 as pb
 
 from ..conftest import cgroup_dirs
 from .conftest import Pki, serving
-from .test_network import Daemon, _reap_orphans, drain, stub_for, subtree_for
+from .test_network import Daemon, _reap_orphans, drain, stub_for, subtree_for, take_back
 
 pytestmark = pytest.mark.usefixtures("subreaper")
 
@@ -62,6 +62,8 @@ class Servers:
         if self.all:
             self.all[-1].kill_jobs()
         await asyncio.to_thread(_reap_orphans)
+        if self.all:
+            await take_back(self.all[-1].state)
 
 
 @contextlib.asynccontextmanager
