@@ -204,6 +204,16 @@ async def test_errors_are_one_clear_line(cli: Cli, tmp_path: Path) -> None:
         assert result.err.startswith("jobctl: ")
 
 
+async def test_bad_limit_values_are_usage_errors(cli: Cli) -> None:
+    """A limit that is not a positive number is a usage line and exit 2 (``--pids -5``
+    printed a traceback)."""
+    for flag, value in (("--pids", "-5"), ("--pids", "lots"), ("--cpus", "-1"), ("--cpus", "nan")):
+        result = await cli("run", flag, value, "--", "true")
+        assert result.code == 2, (flag, value, result.err)
+        assert f"argument {flag}: '{value}' is not" in result.err
+        assert "Traceback" not in result.err
+
+
 async def test_certificate_from_another_ca_is_explained(cli: Cli, pki: Pki) -> None:
     save(issue_client(make_ca("other"), "alice"), pki.dir / "stranger")
     result = await cli(

@@ -13,10 +13,32 @@ DESCRIPTION = "jobctl: run and manage jobs on a jobworker host, like docker or k
 STATES = ("created", "running", "exited", "stopped", "failed")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (a bad one is a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value < 1 << 31:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a number above 0, e.g. 0.5 (a bad one is a usage error, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0, e.g. 0.5")
+    return value
+
+
 def _limits(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpus", type=float, help="CPU quota, e.g. 0.5")
+    p.add_argument("--cpus", type=_positive_float, help="CPU quota, e.g. 0.5")
     p.add_argument("--memory", help="memory limit, e.g. 256M")
-    p.add_argument("--pids", type=int, help="maximum number of processes")
+    p.add_argument("--pids", type=_positive_int, help="maximum number of processes")
     p.add_argument(
         "--tmp-size", help="private /tmp, /var/tmp, /dev/shm and /job together, e.g. 512M"
     )
