@@ -51,7 +51,10 @@ class ReadBudget:
     took the server to 8.5 GB (issue 15). So a reader's batch is ``total`` divided among
     the readers there are, between LEAST_BATCH and BATCH: one follower still reads 4 MiB
     at a time, a thousand read 128 KiB each (of the default 128 MiB). ``on_idle`` runs
-    when the last reader goes (the server hands the freed memory back to the kernel then).
+    when the last reader goes after more than the budget's worth of full batches were out
+    at once (the server hands the freed memory back to the kernel then); not after every
+    lone follower, whose few MiB the allocator keeps for the next on purpose
+    (``jobworker._allocator``), and whose end should not cost a collection.
     """
 
     def __init__(self, total: int, on_idle: Callable[[], None] | None = None) -> None:
@@ -61,6 +64,8 @@ class ReadBudget:
         self.idle = asyncio.Event()
         self.idle.set()
         self._on_idle = on_idle
+        # The most readers at once since the last time there were none.
+        self._peak = 0
 
     def batch_bytes(self) -> int:
         return max(LEAST_BATCH, min(BATCH, self.total // max(1, self.readers)))
@@ -68,6 +73,7 @@ class ReadBudget:
     @contextlib.contextmanager
     def reader(self) -> Iterator[None]:
         self.readers += 1
+        self._peak = max(self._peak, self.readers)
         self.idle.clear()
         try:
             yield
@@ -75,7 +81,9 @@ class ReadBudget:
             self.readers -= 1
             if self.readers == 0:
                 self.idle.set()
-                if self._on_idle is not None:
+                crowded = self._peak * BATCH > self.total
+                self._peak = 0
+                if crowded and self._on_idle is not None:
                     self._on_idle()
 
 
