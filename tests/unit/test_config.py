@@ -328,7 +328,8 @@ def test_check_config_command(tmp_path: Path) -> None:
         ),
         (
             f"{bad}: unknown key quotas.max_jobs; did you mean 'max_jobs_per_user'? keys of "
-            "[quotas]: max_jobs_per_user, max_streams_per_user, max_output_per_job"
+            "[quotas]: max_jobs_per_user, max_streams_per_user, max_output_per_job, "
+            "output_read_buffer"
         ),
     ]
 

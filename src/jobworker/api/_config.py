@@ -453,6 +453,11 @@ class QuotasSection:
     max_output_per_job: int = _setting(
         _size, '"1G"', 'output kept per job; past it: an "output truncated" note'
     )
+    output_read_buffer: int = _setting(
+        _size,
+        '"128M"',
+        "memory all output streams together read into at once (each its share, 64K to 4M)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -748,6 +753,7 @@ def _build(file: FileConfig, problems: list[str]) -> ServerConfig | None:
         runtime = RuntimeConfig(
             state_dir=file.server.state_dir,
             output_limit=file.quotas.max_output_per_job,
+            output_buffer_bytes=file.quotas.output_read_buffer,
             default_limits=limits.get("limits.default", Limits()),
             max_limits=limits.get("limits.max", Limits()),
             run_as=file.run_as.default,

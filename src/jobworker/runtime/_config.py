@@ -101,7 +101,9 @@ class RuntimeConfig:
         if self.output_limit < 1:
             raise InvalidSpecError("output_limit must be at least 1 byte")
         if self.output_buffer_bytes < 1 << 20:
-            raise InvalidSpecError("output_buffer_bytes must be at least 1 MiB")
+            raise InvalidSpecError(
+                "the output read buffer must be at least 1M ([quotas] output_read_buffer)"
+            )
         if self.retention_seconds < 0 or self.retention_bytes < 0:
             raise InvalidSpecError("retention age and size must not be negative")
         if self.retention_interval <= 0:
