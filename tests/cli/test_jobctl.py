@@ -133,6 +133,9 @@ async def test_start_status_logs_stop_wait(cli: Cli) -> None:
     data = json.loads(status.text)
     assert set(data) == JSON_KEYS
     assert set(data["usage"]) == USAGE_KEYS
+    # A listing reads no cgroup: a running job's usage there is unknown, shown as null.
+    listed = json.loads((await cli("ls", "--json")).text)
+    assert [j["usage"] for j in listed if j["id"] == job_id] == [None]
     assert set(data["sandbox"]) == SANDBOX_KEYS
     assert data["sandbox"]["root"] == "host, read-only"
     assert data["sandbox"]["seccomp"] is True

@@ -76,13 +76,17 @@ def job_json(job: Any) -> dict[str, Any]:
         }
         if job.HasField("sandbox")
         else None,
+        # null where the server did not say (a running job in a listing, or no cgroups):
+        # zeros would read as "used nothing".
         "usage": {
             "cpu_seconds": job.usage.cpu_seconds,
             "memory_bytes": job.usage.memory_bytes,
             "memory_peak_bytes": _opt(job.usage, "memory_peak_bytes"),
             "io_read_bytes": job.usage.io_read_bytes,
             "io_write_bytes": job.usage.io_write_bytes,
-        },
+        }
+        if job.HasField("usage")
+        else None,
     }
 
 
@@ -222,9 +226,19 @@ def status_text(job: dict[str, Any]) -> str:
         ("created", f"{job['created_at']} ({_ago(job['created_at'], now)})"),
         ("started", job["started_at"] or "-"),
         ("ended", job["ended_at"] or "-"),
-        ("cpu", f"{usage['cpu_seconds']:.2f} s"),
-        ("memory", f"{_bytes(usage['memory_bytes'])} (peak {_bytes(usage['memory_peak_bytes'])})"),
-        ("io", f"read {_bytes(usage['io_read_bytes'])}, written {_bytes(usage['io_write_bytes'])}"),
+        ("cpu", f"{usage['cpu_seconds']:.2f} s" if usage else "-"),
+        (
+            "memory",
+            f"{_bytes(usage['memory_bytes'])} (peak {_bytes(usage['memory_peak_bytes'])})"
+            if usage
+            else "-",
+        ),
+        (
+            "io",
+            f"read {_bytes(usage['io_read_bytes'])}, written {_bytes(usage['io_write_bytes'])}"
+            if usage
+            else "-",
+        ),
         ("limits", _limits_text(job["limits"])),
         ("sandbox", _sandbox_text(job["sandbox"])),
     ]
