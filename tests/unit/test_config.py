@@ -14,6 +14,7 @@ from jobworker.api._config import (
     ServerConfig,
     check_files,
     default_config_text,
+    host_limits,
     load_config,
 )
 from jobworker.certs import make_dev_pki
@@ -48,13 +49,27 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.runtime.run_as is None  # a uid of its own per job
     assert config.runtime.uid_range == (1_900_000_000, 1_900_065_535)
     assert config.runtime.sandbox
-    assert config.runtime.default_limits == Limits()
+    # The shipped defaults and maxima: the host's share (docs/security.md), not none.
+    assert (config.runtime.default_limits, config.runtime.max_limits) == host_limits()
     assert config.limits.max_active_jobs_per_user == 100
     assert config.limits.max_streams_per_user == 64
     assert config.max_message_bytes == 4 << 20
     assert config.log_format == "text"
     assert config.metrics_listen is None
     assert config.pool.allowlist is None
+
+
+def test_a_configured_maximum_caps_the_host_share_default(tmp_path: Path) -> None:
+    """What the config leaves unset comes from the host, but never above a configured
+    maximum (the host's quarter of memory would otherwise be refused as a default)."""
+    host_default, host_max = host_limits()
+    config = _load(tmp_path, TLS + '[limits.max]\nmemory = "64M"\ncpus = 0.25\n')
+    assert config.runtime.max_limits == Limits(
+        cpus=0.25, memory_bytes=64 << 20, pids=host_max.pids, tmp_bytes=host_max.tmp_bytes
+    )
+    assert config.runtime.default_limits == Limits(
+        cpus=0.25, memory_bytes=64 << 20, pids=host_default.pids
+    )
 
 
 def test_every_key_is_read(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pwd
 import tomllib
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -714,15 +714,24 @@ def host_limits() -> tuple[Limits, Limits]:
     return defaults, maxima
 
 
-def _filled(limits: Limits, host: Limits) -> Limits:
-    """``limits`` with what it leaves unset taken from ``host``."""
-    return Limits(
-        cpus=limits.cpus if limits.cpus is not None else host.cpus,
-        cpu_weight=limits.cpu_weight,
-        memory_bytes=limits.memory_bytes if limits.memory_bytes is not None else host.memory_bytes,
-        pids=limits.pids if limits.pids is not None else host.pids,
-        io=limits.io,
-        tmp_bytes=limits.tmp_bytes if limits.tmp_bytes is not None else host.tmp_bytes,
+def _filled(limits: Limits, host: Limits, cap: Limits | None = None) -> Limits:
+    """``limits`` with what it leaves unset taken from ``host``, no more than ``cap``
+    (a configured maximum below the host's share wins over the share)."""
+
+    def pick(name: str) -> Any:
+        value = getattr(limits, name)
+        if value is not None:
+            return value
+        fallback = getattr(host, name)
+        bound = getattr(cap, name) if cap is not None else None
+        return fallback if fallback is None or bound is None else min(fallback, bound)
+
+    return replace(
+        limits,
+        cpus=pick("cpus"),
+        memory_bytes=pick("memory_bytes"),
+        pids=pick("pids"),
+        tmp_bytes=pick("tmp_bytes"),
     )
 
 
@@ -745,6 +754,12 @@ def _build(file: FileConfig, problems: list[str]) -> ServerConfig | None:
         except InvalidSpecError as e:
             problems.append(f"{table}: {e}")
     if len(limits) == 2:
+        host_default, host_max = host_limits()
+        maxima = _filled(limits["limits.max"], host_max)
+        limits = {
+            "limits.default": _filled(limits["limits.default"], host_default, maxima),
+            "limits.max": maxima,
+        }
         try:
             limits["limits.default"].resolve(Limits(), limits["limits.max"])
         except InvalidSpecError as e:
