@@ -99,8 +99,7 @@ class Lifecycle:
         self.ending: set[str] = set()
         self.closed = False
         # Called after jobs' ends have been dealt with (the retention pass), coalesced: a
-        # burst of ends (1,000 jobs stopped at once) runs it a few times, not once each,
-        # since each pass measures every running job's directory.
+        # burst of ends (1,000 jobs stopped at once) runs it a few times, not once each.
         self.after_end: Callable[[], Awaitable[object]] | None = None
         # The disk each running job's directory took at the last retention pass that
         # measured them (the periodic one).
@@ -297,19 +296,17 @@ class Lifecycle:
         """Wait for the job's supervisor to exit, then record the job's end."""
         await supervisor.wait()
         supervisor.close()
-        # The usual case in one hop to a worker thread: the exit record read and the final
-        # record measured and written.
+        # Its cgroup is read for the final usage from here on (see ``ending``).
         self.ending.add(job.id)
         try:
+            # The usual case in one hop to a worker thread: the exit record read and the
+            # final record measured and written.
             try:
-                record, final = await self._on(
-                    self.enders, functools.partial(self._collect_end, job)
-                )
+                collect = functools.partial(self._collect_end, job)
+                record, final = await self._on(self.enders, collect)
             except ValueError as e:
-                record, final = (
-                    await self.record_lost(job, f"the job's exit record is unreadable: {e}"),
-                    None,
-                )
+                error = f"the job's exit record is unreadable: {e}"
+                record, final = await self.record_lost(job, error), None
             if record is None:
                 # The supervisor died without a record (killed from outside). Its PID
                 # namespace died with it, so nothing of the job is left running.
@@ -317,14 +314,10 @@ class Lifecycle:
                     job,
                     "the job's supervisor was killed; the job's processes were killed with it",
                 )
-            if final is None:
-                final = await self._on(
-                    self.enders, functools.partial(self._measure_final, job, record)
-                )
-            job.ended(final)
-        finally:
+        except BaseException:
             self.ending.discard(job.id)
-        self.background(self.finish(job), self.cleanups)
+            raise
+        await self.end(job, record, final)
 
     def _collect_end(self, job: Job) -> tuple[ExitRecord | None, FinalRecord | None]:
         """The job's exit record, and its final record measured now if there is one.
@@ -335,12 +328,15 @@ class Lifecycle:
         record = read_exit(job.dir)
         return record, self._measure_final(job, record) if record is not None else None
 
-    async def end(self, job: Job, record: ExitRecord) -> None:
+    async def end(self, job: Job, record: ExitRecord, final: FinalRecord | None = None) -> None:
         """Show the job ended as ``record`` says, with its final usage and disk use, measured
-        now and recorded (final.json); then remove its cgroup."""
+        now and recorded (final.json) unless ``final`` has them already; then remove its
+        cgroup."""
         self.ending.add(job.id)
         try:
-            final = await self._on(self.enders, functools.partial(self._measure_final, job, record))
+            if final is None:
+                measure = functools.partial(self._measure_final, job, record)
+                final = await self._on(self.enders, measure)
             job.ended(final)
         finally:
             self.ending.discard(job.id)

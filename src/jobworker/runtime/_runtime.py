@@ -524,7 +524,7 @@ class Runtime:
 
     def _readers_gone(self) -> None:
         # What the readers' batches, and the messages made of them, took: back to the
-        # kernel (docs/architecture.md, "Output to many followers"). Collected first: a
+        # kernel (docs/architecture.md, "Many followers"). Collected first: a
         # finished stream's objects sit in reference cycles (gRPC's call state, its
         # tasks), holding their last messages, until the cycle collector runs.
         gc.collect()
