@@ -186,11 +186,11 @@ def wait_unpopulated(events_file: str | None, procs_file: str, timeout: float) -
     pure v1 has no such file, so the task list is re-read with a short back-off.
     """
     deadline = time.monotonic() + timeout
-    if events_file is not None and timeout <= 0 and (events := read_text(events_file)):
-        # One look, no watch: closing an inotify instance waits for the kernel's SRCU grace
-        # period, which made it the biggest cost of removing 1,000 cgroups at once.
-        return "populated 1" not in events.splitlines()
     if events_file is not None and os.path.exists(events_file):
+        if timeout <= 0:
+            # One look, no watch: closing an inotify instance waits for the kernel's SRCU
+            # grace period, which made it the biggest cost of removing 1,000 cgroups at once.
+            return not read_keyed(events_file).get("populated", 0)
         with Inotify(sync_timeout=timeout) as inotify:
             inotify.add_watch(events_file, Mask.MODIFY)
             while read_keyed(events_file).get("populated", 0):

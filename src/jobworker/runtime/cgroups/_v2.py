@@ -58,17 +58,13 @@ class V2Driver:
             parent = os.path.dirname(parent)
         self._parent = parent
         self._base = os.path.join(parent, subtree)
+        self._lock = -1
         try:
             self._move_into_leaf()
             _enable(parent, REQUIRED)
             os.makedirs(self._base, mode=0o755, exist_ok=True)
-        except OSError as e:
-            raise CgroupError(
-                f"cannot set up cgroups under {parent}: {e.strerror}; jobworker needs write "
-                "access to its own cgroup (run as root, or Delegate=yes under systemd)"
-            ) from e
-        self._lock = lock_subtree(self._base, subtree)
-        try:
+            # Before the subtree's controllers are touched: they may be another server's.
+            self._lock = lock_subtree(self._base, subtree)
             _enable(self._base, REQUIRED)
         except OSError as e:
             self.release()
