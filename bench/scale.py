@@ -243,7 +243,7 @@ class Follower:
         async for message in call:
             if not self.first:
                 self.first = time.perf_counter() - t0
-            for _stream, data, _ts in decode_output_response(message):
+            for _stream, data, _ts in decode_output_response(message)[0]:
                 self.crc = zlib.crc32(data, self.crc)
                 self.length += len(data)
             self.ready.set()

@@ -54,9 +54,7 @@ async def test_100mb_stream_arrives_complete_and_exact(api: Running) -> None:
         )
         # Through the lean client decoder (memoryviews), as a CLI writing to stdout would.
         request = pb.OutputRequest(id=job.id, follow=True)
-        data = b"".join(
-            [bytes(d) async for _s, d, _t in stream_output(channel, request, timeout=120)]
-        )
+        data = b"".join([bytes(p.data) async for p in stream_output(channel, request, timeout=120)])
     assert len(data) == 100 * 1024 * 1024
     assert hashlib.sha256(data).hexdigest() == expected
 

@@ -25,44 +25,52 @@ chunks = st.lists(
 )
 
 
-@given(chunks)
-def test_encoding_matches_protobuf(batch: list[Chunk]) -> None:
+offsets = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+@given(chunks, offsets)
+def test_encoding_matches_protobuf(batch: list[Chunk], offset: int) -> None:
     expected = pb.OutputResponse(
         chunks=[
             pb.OutputChunk(stream=STREAMS[c.stream], data=c.data, time_unix_nano=c.timestamp_ns)
             for c in batch
-        ]
+        ],
+        offset=offset,
     ).SerializeToString(deterministic=True)
-    assert encode_output_response(batch) == expected
-    decoded = pb.OutputResponse.FromString(encode_output_response(batch))
+    assert encode_output_response(batch, offset) == expected
+    decoded = pb.OutputResponse.FromString(encode_output_response(batch, offset))
     assert [(c.data, c.time_unix_nano) for c in decoded.chunks] == [
         (c.data, c.timestamp_ns) for c in batch
     ]
+    assert decoded.offset == offset
 
 
 def test_big_chunk_length_varint() -> None:
     big = Chunk(Stream.STDOUT, b"x" * 300_000, 1)
-    assert pb.OutputResponse.FromString(encode_output_response([big])).chunks[0].data == big.data
+    assert pb.OutputResponse.FromString(encode_output_response([big], 0)).chunks[0].data == big.data
 
 
-@given(chunks)
-def test_decoding_matches_protobuf(batch: list[Chunk]) -> None:
+@given(chunks, offsets)
+def test_decoding_matches_protobuf(batch: list[Chunk], offset: int) -> None:
     wire = pb.OutputResponse(
         chunks=[
             pb.OutputChunk(stream=STREAMS[c.stream], data=c.data, time_unix_nano=c.timestamp_ns)
             for c in batch
-        ]
+        ],
+        offset=offset,
     ).SerializeToString()
-    assert [(s, bytes(d), t) for s, d, t in decode_output_response(wire)] == [
+    decoded, decoded_offset = decode_output_response(wire)
+    assert [(s, bytes(d), t) for s, d, t in decoded] == [
         (STREAMS[c.stream], c.data, c.timestamp_ns) for c in batch
     ]
+    assert decoded_offset == offset
 
 
 def test_truncated_message_is_an_error() -> None:
-    wire = encode_output_response([Chunk(Stream.STDOUT, b"abcdef", 5)])
+    wire = encode_output_response([Chunk(Stream.STDOUT, b"abcdef", 5)], 99)
     for cut in range(1, len(wire)):
         try:
-            decoded = decode_output_response(wire[:cut])
+            decoded, _offset = decode_output_response(wire[:cut])
         except ValueError:
             continue
         # A cut that lands between whole fields can still parse; it must not invent data.

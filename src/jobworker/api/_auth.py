@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..identity import Identity, IdentityError, identity_from_pem
-from ..runtime import JobNotFoundError
+from ..runtime import JobNotFoundError, NotPermittedError
 from ._convert import job_id
 
 __all__ = ["AuthError", "Authenticator", "CertPool", "authorize_job", "list_filter", "may_access"]
@@ -57,9 +57,19 @@ def authorize_job(who: Identity, raw_id: str, owner_of: Callable[[str], str | No
 
 
 def list_filter(who: Identity, requested_owner: str) -> str | None:
-    """Whose jobs a listing shows: a user's own always; an admin's choice (None: all)."""
+    """Whose jobs a listing or a watch shows: a user's own always; an admin's choice
+    (None: all).
+
+    Raises:
+        NotPermittedError: a user asked for another owner's jobs (said, not silently
+            answered with their own).
+    """
     if who.is_admin:
         return requested_owner or None
+    if requested_owner and requested_owner != who.name:
+        raise NotPermittedError(
+            "only admins may list other owners' jobs; leave out the owner to see your own"
+        )
     return who.name
 
 

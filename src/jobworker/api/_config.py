@@ -415,6 +415,12 @@ class DefaultLimitsSection:
         "disk bandwidth per device (MAJ:MIN, see lsblk), for jobs that do not ask",
         '[{ device = "8:0", read_bps = "50M", write_bps = "20M" }]',
     )
+    timeout: float | None = _setting(
+        _duration,
+        "",
+        "stop a job that asks for no timeout once it has run this long (unset: never)",
+        '"12h"',
+    )
 
     def limits(self) -> Limits:
         """Raises InvalidSpecError: a value is out of range."""
@@ -435,6 +441,9 @@ class MaxLimitsSection:
     pids: int | None = _setting(_positive_int, "", _PIDS + _FOR_MAX + " (unset: 32768)", "4096")
     tmp_size: int | None = _setting(
         _size, "", _TMP + _FOR_MAX + " (unset: the host's memory)", '"4G"'
+    )
+    timeout: float | None = _setting(
+        _duration, "", "the longest timeout a job may ask for (unset: no maximum)", '"7d"'
     )
 
     def limits(self) -> Limits:
@@ -771,6 +780,8 @@ def _build(file: FileConfig, problems: list[str]) -> ServerConfig | None:
             output_buffer_bytes=file.quotas.output_read_buffer,
             default_limits=limits.get("limits.default", Limits()),
             max_limits=limits.get("limits.max", Limits()),
+            default_timeout=file.limits_default.timeout,
+            max_timeout=file.limits_max.timeout,
             run_as=file.run_as.default,
             owner_run_as=file.run_as.owners,
             allow_root=file.run_as.allow_root,

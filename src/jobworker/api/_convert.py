@@ -100,6 +100,9 @@ def spec_from_pb(spec: pb.JobSpec, owner: str) -> JobSpec:
         host_network=spec.host_network,
         image=spec.image or None,
         seccomp=not spec.seccomp_unconfined,
+        name=spec.name or None,
+        labels=dict(spec.labels),
+        timeout_s=spec.timeout_seconds if spec.HasField("timeout_seconds") else None,
     )
 
 
@@ -181,4 +184,8 @@ def job_to_pb(status: JobStatus) -> pb.Job:
         usage=_usage_to_pb(status.usage),
         sandbox=_sandbox_to_pb(status.sandbox),
         pids_limited=status.pids_limited,
+        name=status.name or "",
+        labels=dict(status.labels),
+        timeout_seconds=status.timeout_s,
+        reason=status.reason or "",
     )

@@ -17,10 +17,12 @@ from ..runtime import (
     JobRunningError,
     JobworkerError,
     LaunchError,
+    NameTakenError,
     NotPermittedError,
     QuotaError,
     RuntimeClosedError,
     StateDirError,
+    WatcherBehindError,
 )
 from ..runtime.cgroups import CgroupError
 from ._auth import AuthError
@@ -49,10 +51,12 @@ CODES: dict[type[Exception], grpc.StatusCode | None] = {
     JobNotRunningError: grpc.StatusCode.FAILED_PRECONDITION,
     JobRunningError: grpc.StatusCode.FAILED_PRECONDITION,
     NotPermittedError: grpc.StatusCode.PERMISSION_DENIED,
+    NameTakenError: grpc.StatusCode.ALREADY_EXISTS,
     LaunchError: grpc.StatusCode.UNAVAILABLE,
     RuntimeClosedError: grpc.StatusCode.UNAVAILABLE,
     StateDirError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     QuotaError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    WatcherBehindError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     # The runtime wraps cgroup failures of a launch in LaunchError; a bare one is a bug.
     CgroupError: None,
     InvalidTransitionError: None,

@@ -20,8 +20,10 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
+from .. import __version__
+from .._labels import LabelError, Selector, parse_selector
 from ..identity import Identity
-from ..runtime import InvalidSpecError, JobStatus, Runtime
+from ..runtime import InvalidSpecError, JobStatus, Runtime, Window
 from ._auth import Authenticator, authorize_job, list_filter
 from ._config import ServiceLimits
 from ._convert import job_to_pb, spec_from_pb
@@ -231,6 +233,13 @@ def caller_rpc(
     return _unary_rpc(method.__name__, "caller", method)
 
 
+def caller_stream(
+    method: Callable[[JobService, Req, Identity], AsyncGenerator[Resp, None]],
+) -> Callable[[JobService, Req, Any], AsyncIterator[Resp]]:
+    """A server-streaming RPC on the caller's own jobs (admins: any owner's)."""
+    return _stream_rpc(method.__name__, "caller", method)
+
+
 def job_rpc(
     method: Callable[[JobService, JobReq, Identity, str], Awaitable[Resp]],
 ) -> Callable[[JobService, JobReq, Any], Awaitable[Resp]]:
@@ -414,7 +423,11 @@ class JobService:
         """A serialized ListJobsResponse. A status never changes (a job gets a new one at
         each change), so each is serialized once and reused until the job changes: listing
         10,000 ended jobs then costs a join, not 10,000 protobuf conversions."""
-        statuses = await self.runtime.jobs(owner=list_filter(who, request.owner))
+        owner = list_filter(who, request.owner)
+        selector = _selector(request.selector)
+        statuses = await self.runtime.jobs(owner=owner)
+        if selector:
+            statuses = [s for s in statuses if selector.matches(s.labels)]
         cache = self._serialized
         encoded = []
         for status in statuses:
@@ -428,6 +441,31 @@ class JobService:
             for gone in [j for j in cache if self.runtime.owner_of(j) is None]:
                 del cache[gone]
         return encode_list_response(encoded)
+
+    @caller_rpc
+    async def GetServerInfo(self, _request: pb.ServerInfoRequest, who: Identity) -> pb.ServerInfo:
+        default, maximum = self.runtime.timeouts
+        return pb.ServerInfo(
+            version=__version__,
+            caller=who.name,
+            role=who.role.value,
+            default_timeout_seconds=default,
+            max_timeout_seconds=maximum,
+        )
+
+    @caller_stream
+    async def WatchJobs(
+        self, request: pb.WatchJobsRequest, who: Identity
+    ) -> AsyncGenerator[pb.JobEvent, None]:
+        owner = list_filter(who, request.owner)
+        selector = _selector(request.selector)
+
+        def wants(status: JobStatus) -> bool:
+            return (owner is None or status.owner == owner) and selector.matches(status.labels)
+
+        async with contextlib.aclosing(self.runtime.changes(wants)) as changes:
+            async for change in changes:
+                yield pb.JobEvent(job=job_to_pb(change.status), deleted=change.deleted)
 
     @job_stream
     async def WatchJob(
@@ -456,20 +494,49 @@ class JobService:
             stdout=selector != pb.OUTPUT_SELECTOR_STDERR,
             stderr=selector != pb.OUTPUT_SELECTOR_STDOUT,
             follow=request.follow,
+            window=_window(request),
         )
         async with contextlib.aclosing(batches) as reader:
-            async for batch in reader:
+            async for chunks, offset in reader:
                 start = size = 0
-                for i, chunk in enumerate(batch):
+                for i, chunk in enumerate(chunks):
                     if i > start and size + len(chunk.data) > MESSAGE_BYTES:
-                        message = encode_output_response(batch[start:i])
+                        # Resuming here goes on with chunk i: what this message carries
+                        # ends where the record before it ends.
+                        message = encode_output_response(chunks[start:i], chunks[i - 1].end)
                         self.metrics.streamed(len(message))
                         yield message
                         start, size = i, 0
                     size += len(chunk.data)
-                message = encode_output_response(batch[start:])
+                message = encode_output_response(chunks[start:], offset)
                 self.metrics.streamed(len(message))
                 yield message
+
+
+def _selector(text: str) -> Selector:
+    """Raises InvalidSpecError: the selector does not parse."""
+    try:
+        return parse_selector(text)
+    except LabelError as e:
+        raise InvalidSpecError(str(e)) from None
+
+
+def _window(request: pb.OutputRequest) -> Window:
+    """The part of the log an OutputRequest asks for.
+
+    Raises:
+        InvalidSpecError: it asks for both an offset and a tail.
+    """
+    offset = request.offset if request.HasField("offset") else None
+    tail = request.tail_lines if request.HasField("tail_lines") else None
+    if offset is not None and tail is not None:
+        raise InvalidSpecError("give an offset to resume from or a number of lines, not both")
+    return Window(
+        offset=offset,
+        tail_lines=tail,
+        since_ns=request.since_unix_nano if request.HasField("since_unix_nano") else None,
+        until_ns=request.until_unix_nano if request.HasField("until_unix_nano") else None,
+    )
 
 
 _HANDLERS = {

@@ -5,7 +5,7 @@ every byte twice on the server; joining the wire format directly copies it once 
 docs/benchmarks.md (i)). The encoding is plain protobuf and a test checks it byte for byte
 against the generated code.
 
-    OutputResponse { repeated OutputChunk chunks = 1; }
+    OutputResponse { repeated OutputChunk chunks = 1; uint64 offset = 2; }
     OutputChunk    { Stream stream = 1; bytes data = 2; int64 time_unix_nano = 3; }
 """
 
@@ -22,6 +22,7 @@ _CHUNKS = b"\x0a"  # field 1, length-delimited
 _STREAM = b"\x08"  # field 1, varint
 _DATA = b"\x12"  # field 2, length-delimited
 _TIME = b"\x18"  # field 3, varint
+_OFFSET = b"\x10"  # field 2, varint
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -37,19 +38,24 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def decode_output_response(message: bytes) -> list[tuple[int, memoryview, int]]:
-    """(stream, data, time_unix_nano) of each chunk in a serialized OutputResponse; ``data``
-    is a view into ``message``, not a copy. Unknown fields are skipped, as protobuf does.
+def decode_output_response(message: bytes) -> tuple[list[tuple[int, memoryview, int]], int]:
+    """(stream, data, time_unix_nano) of each chunk in a serialized OutputResponse, and its
+    offset; ``data`` is a view into ``message``, not a copy. Unknown fields are skipped, as
+    protobuf does.
 
     Raises:
         ValueError: the bytes are not a well-formed OutputResponse.
     """
     buf = memoryview(message)
     out = []
+    offset = 0
     pos, end = 0, len(buf)
     try:
         while pos < end:
             key, pos = _read_varint(buf, pos)
+            if key == 0x10:
+                offset, pos = _read_varint(buf, pos)
+                continue
             if key != 0x0A:
                 pos = _skip(buf, key, pos)
                 continue
@@ -73,7 +79,7 @@ def decode_output_response(message: bytes) -> list[tuple[int, memoryview, int]]:
             out.append((stream, data, ts))
     except IndexError:
         raise ValueError("truncated OutputResponse") from None
-    return out
+    return out, offset
 
 
 def _skip(buf: memoryview, key: int, pos: int) -> int:
@@ -102,8 +108,9 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def encode_output_response(chunks: Sequence[Chunk]) -> bytes:
-    """The serialized OutputResponse holding ``chunks`` (timestamps are non-negative)."""
+def encode_output_response(chunks: Sequence[Chunk], offset: int) -> bytes:
+    """The serialized OutputResponse holding ``chunks`` and ``offset`` (timestamps are
+    non-negative)."""
     parts: list[bytes] = []
     for chunk in chunks:
         head = _STREAM + _varint(STREAMS[chunk.stream])
@@ -111,6 +118,8 @@ def encode_output_response(chunks: Sequence[Chunk]) -> bytes:
             head += _DATA + _varint(len(chunk.data))
         tail = _TIME + _varint(chunk.timestamp_ns) if chunk.timestamp_ns else b""
         parts += (_CHUNKS, _varint(len(head) + len(chunk.data) + len(tail)), head, chunk.data, tail)
+    if offset:
+        parts += (_OFFSET, _varint(offset))
     return b"".join(parts)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 import grpc
 
@@ -11,7 +12,7 @@ from ._proto import jobworker_pb2_grpc as pb_grpc
 from ._tls import MAX_FRAME_BYTES, TlsFiles, client_credentials
 from ._wire import decode_output_response
 
-__all__ = ["CHANNEL_OPTIONS", "JobServiceStub", "connect", "pb", "stream_output"]
+__all__ = ["CHANNEL_OPTIONS", "JobServiceStub", "OutputPiece", "connect", "pb", "stream_output"]
 
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [("grpc.http2.max_frame_size", MAX_FRAME_BYTES)]
 JobServiceStub = pb_grpc.JobServiceStub
@@ -30,12 +31,23 @@ def connect(target: str, tls: TlsFiles, *, server_name: str | None = None) -> gr
     return grpc.aio.secure_channel(target, client_credentials(tls), options)
 
 
+class OutputPiece(NamedTuple):
+    """One chunk of output as :func:`stream_output` yields it. ``offset`` is where the log
+    was read up to once this chunk's message is written out: pass it as
+    ``OutputRequest.offset`` to go on after it."""
+
+    stream: int
+    data: memoryview
+    time_unix_nano: int
+    offset: int
+
+
 async def stream_output(
     channel: grpc.aio.Channel, request: pb.OutputRequest, *, timeout: float | None = None
-) -> AsyncIterator[tuple[int, memoryview, int]]:
-    """StreamOutput, yielding (stream, data, time_unix_nano) with ``data`` a view into the
-    received message: what a client that writes output straight out needs, without the two
-    copies protobuf objects would make.
+) -> AsyncIterator[OutputPiece]:
+    """StreamOutput, yielding each chunk with ``data`` a view into the received message:
+    what a client that writes output straight out needs, without the two copies protobuf
+    objects would make.
 
     Raises:
         grpc.aio.AioRpcError: the call failed (status code and message from the server).
@@ -46,5 +58,6 @@ async def stream_output(
         response_deserializer=None,
     )(request, timeout=timeout)
     async for message in call:
-        for chunk in decode_output_response(message):
-            yield chunk
+        chunks, offset = decode_output_response(message)
+        for stream, data, ts in chunks:
+            yield OutputPiece(stream, data, ts, offset)

@@ -1,21 +1,22 @@
 """jobctl: run and manage jobs on a jobworker host, like docker or kubectl.
 
-Exit status: 0 success, 1 error, 2 usage; `run` and `wait` exit with the job's own status
-(128+N if signal N killed it, 127 if it could not start).
+Exit status: 0 success, 1 error, 2 usage; `run` and `wait` exit like `docker run`: the job's
+own status (128+N if signal N killed it), 125 if jobctl failed, 126 if the command could not
+be executed, 127 if it was not found, 130 when detached (the table is in `jobctl --help`).
 
-This module only parses: the command itself (``_commands``, with gRPC, asyncio and rich)
-loads after parsing, in this process or in a connection keeper (``_keeper``), so
-``jobctl --help`` costs about what the interpreter does (docs/benchmarks.md (l)).
+This module only parses: the command itself (``_commands``, with gRPC and asyncio) loads
+after parsing, in this process or in a connection keeper (``_keeper``), so ``jobctl --help``
+costs about what the interpreter does (docs/benchmarks.md (l)).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import NoReturn
 
-from .._units import UsageError, parse_duration
-from ._completion import SCRIPTS
-from ._parser import parser
+from .._units import UsageError
+from ._parser import parse
 
 __all__ = ["main"]
 
@@ -27,28 +28,38 @@ def _fail(message: str, status: int) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
+    args = parse(argv)
     if args.command == "completion":
-        sys.stdout.write(SCRIPTS[args.shell])
+        from ._completion import script  # noqa: PLC0415 - builds from the parser, on demand
+
+        sys.stdout.write(script(args.shell))
         return
     # What every command needs, loaded only once parsing is over: `jobctl --help` never
     # pays for it (measured: 41 -> 57 ms when these were imported first).
-    from ._config import resolve_target  # noqa: PLC0415 - after parsing, by design
+    from ._config import config_command, resolve_target  # noqa: PLC0415 - after parsing, by design
     from ._control import forward  # noqa: PLC0415 - after parsing, by design
 
+    extra: dict[str, object] = {}
     try:
+        if args.command == "config":
+            sys.stdout.write(config_command(args.verb, getattr(args, "name", None)))
+            return
+        if args.command in ("run", "start"):
+            from ._environment import job_env  # noqa: PLC0415 - only these commands set one
+
+            args.job_env = extra["env"] = job_env(args.env, args.env_file, os.environ)
         target = resolve_target(
             server=args.server,
             ca=args.ca,
             cert=args.cert,
             key=args.key,
             context=args.context,
-            timeout=parse_duration(args.timeout, "--timeout"),
+            timeout=args.request_timeout,
         )
     except UsageError as e:
         _fail(str(e), 2)
     if target.control_persist:
-        forwarded = forward(argv, target)
+        forwarded = forward(argv, target, extra)
         if forwarded is not None:
             sys.exit(forwarded)
     # Parsed, and no keeper took it: now load what running a command takes.

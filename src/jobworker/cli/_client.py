@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
@@ -77,6 +78,8 @@ class Session:
         self.channel = channel
         self.stub = JobServiceStub(channel)
         self.target = target
+        # The caller's jobs, listed once per command to resolve prefixes and names.
+        self._listing: asyncio.Future[list[pb.Job]] | None = None
 
     async def call(
         self, method: str, reply: type[M], request: Message, *, waits: bool = False
@@ -98,27 +101,47 @@ class Session:
         return response
 
     async def resolve(self, ref: str) -> str:
-        """A full job id from an id or a unique prefix of at least 4 characters.
+        """A full job id from an id, a unique prefix of at least 4 characters, or a name
+        (the id wins when both match).
 
         Raises:
             CliError: no job, or more than one, matches.
         """
-        if len(ref) == 36:
-            return ref
-        if len(ref) < MIN_PREFIX:
-            raise CliError(f"job id prefix {ref!r} is too short: give at least 4 characters")
-        jobs = await self.call("ListJobs", pb.ListJobsResponse, pb.ListJobsRequest())
-        return pick(ref, [j.id for j in jobs.jobs])
+        try:
+            return str(uuid.UUID(ref))
+        except ValueError:
+            pass
+        if self._listing is None:
+            # One listing for every name in the command (stop A B C resolves concurrently).
+            self._listing = asyncio.ensure_future(self._jobs())
+        return pick(ref, await asyncio.shield(self._listing))
+
+    async def _jobs(self) -> list[pb.Job]:
+        return list((await self.call("ListJobs", pb.ListJobsResponse, pb.ListJobsRequest())).jobs)
 
 
-def pick(ref: str, ids: list[str]) -> str:
-    matches = [i for i in ids if i.startswith(ref.lower())]
-    if not matches:
-        raise CliError(f"no job matches {ref!r}")
-    if len(matches) > 1:
-        shown = ", ".join(m[:12] for m in matches[:5])
-        raise CliError(f"job id prefix {ref!r} is ambiguous: it matches {shown}; give more")
-    return matches[0]
+def pick(ref: str, jobs: list[pb.Job]) -> str:
+    """The id of the one job ``ref`` names: as an id prefix first, then as a name.
+
+    Raises:
+        CliError: none matches, or several do.
+    """
+    if len(ref) >= MIN_PREFIX:
+        matches = [j.id for j in jobs if j.id.startswith(ref.lower())]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            shown = ", ".join(m[:12] for m in matches[:5])
+            raise CliError(f"job id prefix {ref!r} is ambiguous: it matches {shown}; give more")
+    named = [j for j in jobs if j.name == ref]
+    if len(named) == 1:
+        return named[0].id
+    if named:
+        owners = ", ".join(sorted({j.owner for j in named}))
+        raise CliError(f"jobs of {owners} are all named {ref!r}; give the id instead")
+    if len(ref) < MIN_PREFIX:
+        raise CliError(f"no job is named {ref!r} (an id prefix needs at least 4 characters)")
+    raise CliError(f"no job matches {ref!r} (by id or name)")
 
 
 @contextlib.asynccontextmanager

@@ -9,44 +9,71 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import signal
 import sys
+import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 
 from .._allocator import keep_large_buffers
+from .._labels import LabelError, check_labels, check_name, parse_selector
 from .._text import escape
 from .._units import UsageError, parse_duration, parse_signal, parse_size
 from ..api.client import pb, stream_output
 from ._client import CliError, Session, explain, session
 from ._config import Target
 from ._io import Io
-from ._render import exit_status_of, job_json, json_text, rfc3339, status_text, table_text
+from ._render import (
+    JOBCTL_FAILED,
+    event_text,
+    exit_status_of,
+    job_json,
+    json_text,
+    outcome,
+    rfc3339,
+    status_text,
+    table_text,
+)
 
 __all__ = ["run_command", "run_in_process"]
 
+# Ctrl+C (or stdout closing) while `run` follows a job: the job goes on, jobctl exits so.
+DETACHED = 130
+# How long a follower keeps trying to reach a restarting server before giving up.
+RECONNECT_FOR_S = 60.0
+_FINAL_STATES = frozenset({"exited", "stopped", "failed"})
+
 
 def _spec(args: argparse.Namespace) -> pb.JobSpec:
+    """Raises UsageError: no command, or a malformed name or label."""
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("give the command to run, e.g. jobctl run -- ls -l")
-    env = {}
-    for item in args.env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--env {item!r} is not KEY=VALUE")
-        env[key] = value
-    return pb.JobSpec(
+    labels = dict(item.split("=", 1) for item in args.label)
+    try:
+        if args.name is not None:
+            check_name(args.name)
+        check_labels(labels)
+    except LabelError as e:
+        raise UsageError(str(e)) from None
+    spec = pb.JobSpec(
         argv=cmd,
-        env=env,
+        env=args.job_env,
         workdir=args.workdir,
         limits=_limits(args),
         host_network=args.network == "host",
         image=args.image or "",
         seccomp_unconfined=args.seccomp == "unconfined",
+        name=args.name or "",
+        labels=labels,
     )
+    if args.timeout is not None:
+        spec.timeout_seconds = args.timeout
+    return spec
 
 
 def _limits(args: argparse.Namespace) -> pb.Limits:
@@ -54,11 +81,11 @@ def _limits(args: argparse.Namespace) -> pb.Limits:
     if args.cpus is not None:
         limits.cpus = args.cpus
     if args.memory is not None:
-        limits.memory_bytes = parse_size(args.memory, "--memory")
+        limits.memory_bytes = args.memory
     if args.pids is not None:
         limits.pids = args.pids
     if args.tmp_size is not None:
-        limits.tmp_bytes = parse_size(args.tmp_size, "--tmp-size")
+        limits.tmp_bytes = args.tmp_size
     for option, field in ((args.io_read_bps, "read_bps"), (args.io_write_bps, "write_bps")):
         for item in option:
             device, sep, rate = item.rpartition("=")
@@ -67,43 +94,146 @@ def _limits(args: argparse.Namespace) -> pb.Limits:
     return limits
 
 
-async def _follow(
-    session: Session, job_id: str, io: Io, *, detach_hint: bool, stop_on_interrupt: bool
-) -> int:
-    """Stream the job's output to ours until it ends; the first Ctrl+C detaches (or stops)."""
+class _Pump:
+    """Copies a job's output stream to ours, and picks it up again after the offset it
+    reached if the server goes away for a while (a restart): nothing is written twice."""
 
+    def __init__(self, s: Session, request: pb.OutputRequest, io: Io, *, stamps: bool) -> None:
+        self.s = s
+        self.request = request
+        self.io = io
+        self.offset = 0
+        # With --timestamps: whether each stream is at the start of a line.
+        self.stamps = stamps
+        self._line_start: dict[int, bool] = {}
+        # Set when stdout has gone: what follows goes only to stderr.
+        self.discard_stdout = False
+
+    def _stamped(self, stream: int, data: memoryview, ns: int) -> bytes | memoryview:
+        """``data`` with a timestamp at the start of each line: a chunk that ends mid-line
+        is continued by the next chunk of its stream, with no stamp in between."""
+        if not self.stamps:
+            return data
+        stamp = rfc3339(ns).encode() + b" "
+        out = []
+        for line in bytes(data).splitlines(keepends=True):
+            if self._line_start.get(stream, True):
+                out.append(stamp)
+            out.append(line)
+            self._line_start[stream] = line.endswith(b"\n")
+        return b"".join(out)
+
+    async def run(self) -> None:
+        """Raises CliError: the stream failed (and kept failing for RECONNECT_FOR_S);
+        BrokenPipeError: our stdout was closed."""
+        give_up = time.monotonic() + RECONNECT_FOR_S
+        delay = 0.1
+        while True:
+            request = pb.OutputRequest()
+            request.CopyFrom(self.request)
+            if self.offset:
+                request.ClearField("tail_lines")
+                request.offset = self.offset
+            try:
+                async for piece in stream_output(self.s.channel, request):
+                    data = self._stamped(piece.stream, piece.data, piece.time_unix_nano)
+                    if piece.stream != pb.STREAM_STDOUT:
+                        await self.io.err(data)
+                    elif not self.discard_stdout:
+                        await self.io.out(data)
+                    self.offset = piece.offset
+            except grpc.aio.AioRpcError as e:
+                if e.code() is not grpc.StatusCode.UNAVAILABLE or time.monotonic() > give_up:
+                    raise await explain(e, self.s.target) from None
+            else:
+                return
+            # A retry's back-off, not a synchronisation: the server is restarting.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def _first(
+    *aws: Awaitable[object],
+) -> tuple[set[asyncio.Task[object]], list[asyncio.Task[object]]]:
+    """Run ``aws`` until one is done; cancel the rest. Returns (done, all, in order)."""
+    tasks: list[asyncio.Task[object]] = [asyncio.ensure_future(a) for a in aws]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    for task in pending:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return done, tasks
+
+
+async def _follow(s: Session, job_id: str, io: Io, *, remove: bool) -> int:
+    """Stream the job's output to ours until it ends; exit with its status.
+
+    Ctrl+C, or our stdout closing (``| head``), detaches: the job keeps running and we exit
+    130. With ``remove`` (--rm) it stops the job instead, drains its output to the end (its
+    SIGTERM handler's last lines included), and exits 130 too: an interrupted run never
+    looks like a success to ``&&``.
+    """
+    pump = _Pump(s, pb.OutputRequest(id=job_id, follow=True), io, stamps=False)
     interrupted = asyncio.Event()
-
-    async def pump() -> None:
-        request = pb.OutputRequest(id=job_id, follow=True)
-        async for stream, data, _ts in stream_output(session.channel, request):
-            await (io.out(data) if stream == pb.STREAM_STDOUT else io.err(data))
-
-    pumping = asyncio.ensure_future(pump())
-    waiting = asyncio.ensure_future(interrupted.wait())
     with io.interrupts_to(interrupted.set):
-        try:
-            await asyncio.wait({pumping, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (pumping, waiting):
-                if not task.done():
-                    task.cancel()
-    if not waiting.done() or waiting.cancelled():
-        pumping.result()
-        final = await session.call("WaitJob", pb.Job, pb.JobRequest(id=job_id), waits=True)
-        return exit_status_of(final)
-    with contextlib.suppress(asyncio.CancelledError):
-        await pumping
-    if stop_on_interrupt:
-        await io.say(f"stopping job {job_id}\n")
-        final = await session.call("StopJob", pb.Job, pb.StopJobRequest(id=job_id), waits=True)
-        return exit_status_of(final)
-    if detach_hint:
-        await io.say(
-            f"\ndetached from job {job_id}; it keeps running. Reattach with: "
-            f"jobctl logs -f {job_id[:12]}\n"
+        pumping = asyncio.ensure_future(pump.run())
+        done, (_, _, closed) = await _first(
+            asyncio.shield(pumping), interrupted.wait(), io.out_closed()
         )
-    return 0
+    stdout_gone = closed in done or (
+        pumping.done() and isinstance(pumping.exception(), BrokenPipeError)
+    )
+    if pumping.done() and not stdout_gone:
+        pumping.result()
+        final = await s.call("WaitJob", pb.Job, pb.JobRequest(id=job_id), waits=True)
+        return exit_status_of(final)
+    if not remove:
+        pumping.cancel()
+        with contextlib.suppress(asyncio.CancelledError, BrokenPipeError, CliError):
+            await pumping
+        await io.say(f"detached; job {job_id} keeps running (jobctl logs -f {job_id[:12]})\n")
+        return DETACHED
+    if stdout_gone:
+        pumping.cancel()
+        with contextlib.suppress(asyncio.CancelledError, BrokenPipeError):
+            await pumping
+        pump.discard_stdout = True
+        pumping = asyncio.ensure_future(pump.run())
+    await io.say(f"stopping job {job_id}\n")
+    await s.call("StopJob", pb.Job, pb.StopJobRequest(id=job_id), waits=True)
+    # The follow stream ends once the job has ended and all its output was sent.
+    await pumping
+    return DETACHED
+
+
+class _Each:
+    """Runs one action per job a command names, reports each failure on its own line,
+    and remembers whether any failed (exit 1, as docker stop does)."""
+
+    def __init__(self, io: Io) -> None:
+        self.io = io
+        self.failed = False
+
+    async def __call__(self, refs: list[str], action: Callable[[str], Awaitable[str]]) -> list[str]:
+        async def one(ref: str) -> str | None:
+            try:
+                return await action(ref)
+            except CliError as e:
+                self.failed = True
+                await self.io.say(f"jobctl: {escape(ref)}: {escape(str(e))}\n")
+                return None
+
+        results = await asyncio.gather(*(one(ref) for ref in refs))
+        return [r for r in results if r is not None]
+
+    @property
+    def status(self) -> int:
+        return 1 if self.failed else 0
+
+
+def _single_or_each(refs: list[str], ref: str, text: str) -> str:
+    return f"{text}\n" if len(refs) == 1 else f"{escape(ref)}: {text}\n"
 
 
 async def _dispatch(  # noqa: C901, PLR0911, PLR0912 - one branch per command, as argparse gives them
@@ -112,22 +242,10 @@ async def _dispatch(  # noqa: C901, PLR0911, PLR0912 - one branch per command, a
 
     shared = contextlib.nullcontext(Session(channel, target)) if channel is not None else None
     async with shared or session(target) as s:
-        if args.command in ("run", "start"):
-            job = await s.call(
-                "CreateJob", pb.Job, pb.CreateJobRequest(spec=_spec(args), start=True)
-            )
-            if job.state == pb.JOB_STATE_FAILED:
-                await io.say(f"jobctl: job {job.id} failed to start: {escape(job.error)}\n")
-                return exit_status_of(job)  # 127, like a shell's "command not found"
-            if args.command == "run" or args.follow:
-                remove = getattr(args, "rm", False)
-                status = await _follow(s, job.id, io, detach_hint=True, stop_on_interrupt=remove)
-                if remove:
-                    await s.call("RemoveJob", pb.Job, pb.JobRequest(id=job.id))
-                return status
-            await io.out((json_text(job_json(job)) if args.json else f"{job.id}\n").encode())
-            return 0
-        if args.command == "status":
+        command = args.command
+        if command in ("run", "start"):
+            return await _run(s, args, io)
+        if command == "status":
             ids = [await s.resolve(ref) for ref in args.jobs]
             jobs = [job_json(await s.call("GetJob", pb.Job, pb.JobRequest(id=i))) for i in ids]
             if args.json:
@@ -135,55 +253,161 @@ async def _dispatch(  # noqa: C901, PLR0911, PLR0912 - one branch per command, a
             else:
                 await io.out("\n".join(status_text(job) for job in jobs).encode())
             return 0
-        if args.command == "logs":
+        if command == "logs":
             return await _logs(s, args, io)
-        if args.command == "stop":
-            grace = parse_duration(args.grace, "--grace") if args.grace else None
-            for ref in args.jobs:
+        each = _Each(io)
+        if command == "stop":
+
+            async def stop(ref: str) -> str:
                 job_id = await s.resolve(ref)
-                request = pb.StopJobRequest(id=job_id, grace_seconds=grace)
-                final = await s.call("StopJob", pb.Job, request, waits=True)
-                await io.out(f"{final.id}\n".encode())
-            return 0
-        if args.command == "kill":
+                request = pb.StopJobRequest(id=job_id, grace_seconds=args.grace)
+                await s.call("StopJob", pb.Job, request, waits=True)
+                return f"{job_id}\n"
+
+            await io.out("".join(await each(args.jobs, stop)).encode())
+            return each.status
+        if command == "kill":
             signum = parse_signal(args.signal)
-            job_id = await s.resolve(args.job)
-            await s.call("SignalJob", pb.Job, pb.SignalJobRequest(id=job_id, signal=signum))
-            return 0
-        if args.command == "ls":
+
+            async def kill(ref: str) -> str:
+                job_id = await s.resolve(ref)
+                await s.call("SignalJob", pb.Job, pb.SignalJobRequest(id=job_id, signal=signum))
+                return _single_or_each(args.jobs, ref, f"signal {signum} sent")
+
+            await io.out("".join(await each(args.jobs, kill)).encode())
+            return each.status
+        if command == "ls":
             return await _ls(s, args, io)
-        if args.command == "rm":
-            for ref in args.jobs:
-                job_id = await s.resolve(ref)
-                await s.call("RemoveJob", pb.Job, pb.JobRequest(id=job_id))
-                await io.out(f"{job_id}\n".encode())
+        if command in ("rm", "prune"):
+            return await _remove(s, args, io, each)
+        if command == "wait":
+            return await _wait(s, args, io)
+        if command == "events":
+            return await _events(s, args, io)
+        if command == "info":
+            return await _info(s, args, io)
+        if command == "__jobs":
+            listed = await _listing(s, "", "")
+            words = [j.id[:12] for j in listed] + [j.name for j in listed if j.name]
+            await io.out("".join(f"{w}\n" for w in words).encode())
             return 0
-        if args.command == "wait":
-            status = 0
-            for ref in args.jobs:
-                job_id = await s.resolve(ref)
-                final = await s.call("WaitJob", pb.Job, pb.JobRequest(id=job_id), waits=True)
-                status = exit_status_of(final)
-            return status
     raise UsageError(f"unknown command {args.command}")
 
 
-async def _ls(s: Session, args: argparse.Namespace, io: Io) -> int:
+async def _run(s: Session, args: argparse.Namespace, io: Io) -> int:
+    job = await s.call("CreateJob", pb.Job, pb.CreateJobRequest(spec=_spec(args), start=True))
+    if job.state == pb.JOB_STATE_FAILED:
+        await io.say(f"jobctl: job {job.id} failed to start: {escape(job.error)}\n")
+        return exit_status_of(job)  # 127 not found, 126 cannot be executed
+    if args.command == "run" or args.follow:
+        remove = getattr(args, "rm", False)
+        status = await _follow(s, job.id, io, remove=remove)
+        if remove:
+            await s.call("RemoveJob", pb.Job, pb.JobRequest(id=job.id))
+        return status
+    await io.out((json_text(job_json(job)) if args.json else f"{job.id}\n").encode())
+    return 0
 
-    reply = await s.call(
-        "ListJobs", pb.ListJobsResponse, pb.ListJobsRequest(owner=args.owner or "")
-    )
-    jobs = [job_json(j) for j in reply.jobs]
+
+async def _wait(s: Session, args: argparse.Namespace, io: Io) -> int:
+    status = 0
+    finals = []
+    for ref in args.jobs:
+        job_id = await s.resolve(ref)
+        final = await s.call("WaitJob", pb.Job, pb.JobRequest(id=job_id), waits=True)
+        status = exit_status_of(final)
+        finals.append(job_json(final))
+        if not args.json:
+            await io.out(_single_or_each(args.jobs, ref, outcome(finals[-1])).encode())
+    if args.json:
+        await io.out(json_text(finals[0] if len(finals) == 1 else finals).encode())
+    return status
+
+
+async def _listing(s: Session, owner: str, selector: str) -> list[pb.Job]:
+    request = pb.ListJobsRequest(owner=owner, selector=selector)
+    return list((await s.call("ListJobs", pb.ListJobsResponse, request)).jobs)
+
+
+def _check_selector(text: str | None) -> str:
+    """Raises UsageError: the selector does not parse (said before asking the server)."""
+    if not text:
+        return ""
+    try:
+        parse_selector(text)
+    except LabelError as e:
+        raise UsageError(str(e)) from None
+    return text
+
+
+async def _ls(s: Session, args: argparse.Namespace, io: Io) -> int:
+    selector = _check_selector(args.selector)
+    jobs = [job_json(j) for j in await _listing(s, args.owner or "", selector)]
     if args.state:
         jobs = [j for j in jobs if j["state"] == args.state]
     elif not args.all:
         jobs = [j for j in jobs if j["state"] in ("created", "running")]
-    await io.out((json_text(jobs) if args.json else table_text(jobs, io)).encode())
+    if args.quiet:
+        await io.out("".join(f"{j['id']}\n" for j in jobs).encode())
+    else:
+        await io.out((json_text(jobs) if args.json else table_text(jobs, io)).encode())
     return 0
 
 
-async def _logs(s: Session, args: argparse.Namespace, io: Io) -> int:
+async def _remove(s: Session, args: argparse.Namespace, io: Io, each: _Each) -> int:
+    """rm JOB..., rm --selector S, prune [--older-than D] [--selector S]."""
+    selector = _check_selector(args.selector)
+    refs = list(getattr(args, "jobs", []))
+    if args.command == "rm" and not refs and not selector:
+        raise UsageError("name the jobs to delete, or give --selector")
+    if args.command == "prune" or selector:
+        horizon = None
+        if getattr(args, "older_than", None) is not None:
+            horizon = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=args.older_than)
+        for job in map(job_json, await _listing(s, "", selector)):
+            ended = job["ended_at"] or job["created_at"]
+            if job["state"] in _FINAL_STATES and (
+                horizon is None or dt.datetime.fromisoformat(ended) < horizon
+            ):
+                refs.append(job["id"])
 
+    async def remove(ref: str) -> str:
+        job_id = await s.resolve(ref)
+        await s.call("RemoveJob", pb.Job, pb.JobRequest(id=job_id))
+        return f"{job_id}\n"
+
+    removed = await each(refs, remove)
+    await io.out("".join(removed).encode())
+    if args.command == "prune":
+        await io.say(f"deleted {len(removed)} ended job{'s' if len(removed) != 1 else ''}\n")
+    return each.status
+
+
+def _when(text: str | None, what: str) -> int | None:
+    """--since/--until: a duration ago (10m) or an RFC 3339 time, in ns since the epoch.
+
+    Raises:
+        UsageError: neither.
+    """
+    if text is None:
+        return None
+    try:
+        return time.time_ns() - int(parse_duration(text, what) * 1e9)
+    except UsageError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"{what} {text!r} is neither a duration (10m) nor a time (2026-12-02T15:04:05Z)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # a time without a zone is the user's local time
+    return int(when.timestamp() * 1e9)
+
+
+async def _logs(s: Session, args: argparse.Namespace, io: Io) -> int:
+    since, until = _when(args.since, "--since"), _when(args.until, "--until")
     job_id = await s.resolve(args.job)
     selector = (
         pb.OUTPUT_SELECTOR_STDOUT
@@ -192,17 +416,63 @@ async def _logs(s: Session, args: argparse.Namespace, io: Io) -> int:
         if args.stderr
         else pb.OUTPUT_SELECTOR_BOTH
     )
-    request = pb.OutputRequest(id=job_id, streams=selector, follow=args.follow)
+    request = pb.OutputRequest(
+        id=job_id,
+        streams=selector,
+        follow=args.follow,
+        tail_lines=args.tail,
+        since_unix_nano=since,
+        until_unix_nano=until,
+    )
+    await _Pump(s, request, io, stamps=args.timestamps).run()
+    return 0
+
+
+async def _events(s: Session, args: argparse.Namespace, io: Io) -> int:
+    request = pb.WatchJobsRequest(owner=args.owner or "", selector=_check_selector(args.selector))
     try:
-        async for stream, data, ts in stream_output(s.channel, request):
-            text = bytes(data) if args.timestamps else data
-            if args.timestamps:
-                stamp = rfc3339(ts).encode() + b" "
-                text = b"".join(stamp + line for line in bytes(data).splitlines(keepends=True))
-            await (io.out(text) if stream == pb.STREAM_STDOUT else io.err(text))
+        async for event in s.stub.WatchJobs(request):
+            job = job_json(event.job)
+            now = time.time_ns()
+            if args.json:
+                line = json_text({"time": rfc3339(now), "deleted": event.deleted, "job": job})
+                await io.out(line.replace("\n", "").encode() + b"\n")
+            else:
+                await io.out(event_text(job, now, deleted=event.deleted).encode())
     except grpc.aio.AioRpcError as e:
         raise await explain(e, s.target) from None
     return 0
+
+
+async def _info(s: Session, args: argparse.Namespace, io: Io) -> int:
+    from .. import __version__  # noqa: PLC0415 - the one command that needs it
+
+    info = await s.call("GetServerInfo", pb.ServerInfo, pb.ServerInfoRequest())
+    default = info.default_timeout_seconds if info.HasField("default_timeout_seconds") else None
+    maximum = info.max_timeout_seconds if info.HasField("max_timeout_seconds") else None
+    data = {
+        "client_version": __version__,
+        "server_version": info.version,
+        "server": s.target.server,
+        "caller": info.caller,
+        "role": info.role,
+        "default_timeout_seconds": default,
+        "max_timeout_seconds": maximum,
+    }
+    if args.json:
+        await io.out(json_text(data).encode())
+        return 0
+    width = max(map(len, data))
+    text = "".join(
+        f"{key.replace('_', ' '):<{width}}  {escape(str(value)) if value is not None else '-'}\n"
+        for key, value in data.items()
+    )
+    await io.out(text.encode())
+    return 0
+
+
+# Commands that exit like `docker run`: 125 when jobctl itself failed.
+_JOB_STATUS_COMMANDS = frozenset({"run", "wait"})
 
 
 async def run_command(
@@ -210,7 +480,7 @@ async def run_command(
 ) -> int:
     """Run one parsed command over ``channel`` (None: a connection of its own); errors
     become one line on ``io``'s stderr. Returns the exit status (0, 1 error, 2 usage,
-    130 interrupted, or the job's)."""
+    130 interrupted; for run and wait the job's, or 125 when jobctl failed)."""
 
     task = asyncio.ensure_future(_dispatch(args, target, io, channel))
     interrupted = False
@@ -220,6 +490,7 @@ async def run_command(
         interrupted = True
         task.cancel()
 
+    failed = JOBCTL_FAILED if args.command in _JOB_STATUS_COMMANDS else 1
     try:
         with io.interrupts_to(interrupt):
             return await task
@@ -227,13 +498,13 @@ async def run_command(
         if not interrupted:
             raise
         await io.say("jobctl: interrupted\n")
-        return 130
+        return DETACHED
     except UsageError as e:
         await io.say(f"jobctl: {escape(str(e))}\n")
         return 2
     except CliError as e:
         await io.say(f"jobctl: {escape(str(e))}\n")
-        return 1
+        return failed
     except BrokenPipeError:
         # The reader went away (jobctl logs JOB | head): not an error of ours.
         return 0
@@ -253,4 +524,4 @@ def run_in_process(args: argparse.Namespace, target: Target) -> int:
         return asyncio.run(_run_here(args, target))
     except KeyboardInterrupt:
         sys.stderr.write("jobctl: interrupted\n")
-        return 130
+        return DETACHED

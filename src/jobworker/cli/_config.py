@@ -19,9 +19,11 @@ from typing import Any, NamedTuple
 
 from .._units import UsageError, parse_duration
 
-__all__ = ["Target", "config_path", "resolve_target"]
+__all__ = ["Target", "config_command", "config_path", "resolve_target"]
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+_TOP_KEYS = ("current-context", "contexts")
+_CONTEXT_KEYS = ("server", "ca", "cert", "key", "control-persist")
 
 
 # A NamedTuple, not the frozen dataclass values are elsewhere: importing dataclasses (which
@@ -54,9 +56,83 @@ def _load(path: Path) -> dict[str, Any]:
     import tomllib  # noqa: PLC0415 - only with a file: 2 ms of every command (measured)
 
     try:
-        return tomllib.loads(data.decode())
+        loaded = tomllib.loads(data.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise UsageError(f"cannot read {path}: {e}") from e
+    _validate(loaded, path)
+    return loaded
+
+
+def _unknown(key: str, known: tuple[str, ...], where: str, path: Path) -> UsageError:
+    import difflib  # noqa: PLC0415 - only for a config file with a mistake in it
+
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
+    return UsageError(f"{path}: unknown key {key!r} in {where}{hint}")
+
+
+def _validate(data: dict[str, Any], path: Path) -> None:
+    """The file's keys and types, as the server checks its own (one line per mistake).
+
+    Raises:
+        UsageError: an unknown key (with the closest known one) or a value of the wrong type.
+    """
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise _unknown(key, _TOP_KEYS, "the top level", path)
+    if not isinstance(data.get("current-context", ""), str):
+        raise UsageError(f'{path}: current-context must be a string, e.g. "prod"')
+    contexts = data.get("contexts", {})
+    if not isinstance(contexts, dict):
+        raise UsageError(f"{path}: contexts must be tables, e.g. [contexts.prod]")
+    for name, ctx in contexts.items():
+        if not isinstance(ctx, dict):
+            raise UsageError(f"{path}: contexts.{name} must be a table ([contexts.{name}])")
+        for key, value in ctx.items():
+            if key not in _CONTEXT_KEYS:
+                raise _unknown(key, _CONTEXT_KEYS, f"[contexts.{name}]", path)
+            if not isinstance(value, str) and not (
+                key == "control-persist" and isinstance(value, int | float)
+            ):
+                raise UsageError(
+                    f"{path}: contexts.{name}.{key} must be a string, got {type(value).__name__}"
+                )
+
+
+def config_command(verb: str, name: str | None) -> str:
+    """What `jobctl config VERB` prints: get-contexts, current-context, use-context NAME.
+
+    Raises:
+        UsageError: an unknown context, no current one, or the file cannot be written.
+    """
+    path = config_path()
+    data = _load(path)
+    contexts = data.get("contexts", {})
+    current = os.environ.get("JOBWORKER_CONTEXT") or data.get("current-context")
+    if verb == "get-contexts":
+        rows = [("CURRENT", "NAME", "SERVER")] + [
+            ("*" if n == current else "", n, str(c.get("server", DEFAULT_SERVER)))
+            for n, c in sorted(contexts.items())
+        ]
+        width = [max(len(r[i]) for r in rows) for i in range(2)]
+        return "".join(f"{a:<{width[0]}}  {b:<{width[1]}}  {c}\n" for a, b, c in rows)
+    if verb == "current-context":
+        if not current:
+            raise UsageError(f"no current context is set (jobctl config use-context NAME; {path})")
+        return f"{current}\n"
+    if name not in contexts:
+        known = ", ".join(sorted(contexts)) or "none"
+        raise UsageError(f"no context {name!r} in {path} (known: {known})")
+    # tomlkit, not tomllib plus a writer: it keeps the user's comments and layout.
+    import tomlkit  # noqa: PLC0415 - only this command writes the file
+
+    document = tomlkit.parse(path.read_text())
+    document["current-context"] = name
+    try:
+        path.write_text(tomlkit.dumps(document))
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror}") from None
+    return f"switched to context {name!r}\n"
 
 
 def resolve_target(  # noqa: PLR0913 - one keyword per setting

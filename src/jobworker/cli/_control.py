@@ -137,7 +137,7 @@ def _start_keeper(path: Path, target: Target) -> bool:
             os.close(write_end)
 
 
-def _request(argv: list[str]) -> bytes:
+def _request(argv: list[str], extra: dict[str, object]) -> bytes:
     columns = None
     if os.isatty(1):
         with contextlib.suppress(OSError):
@@ -148,14 +148,17 @@ def _request(argv: list[str]) -> bytes:
             "out_tty": os.isatty(1),
             "columns": columns,
             "no_color": "NO_COLOR" in os.environ,
+            # What the command resolved here, where the user is (see _environment).
+            **extra,
         }
     ).encode()
     return LENGTH.pack(len(body)) + body
 
 
-def forward(argv: list[str], target: Target) -> int | None:
+def forward(argv: list[str], target: Target, extra: dict[str, object]) -> int | None:
     """Run ``argv`` in the keeper for ``target``, starting one if there is none; return the
-    exit status, or None if no keeper can be reached (then the caller runs it itself)."""
+    exit status, or None if no keeper can be reached (then the caller runs it itself).
+    ``extra`` goes along: what only this process could resolve (the job's environment)."""
     path = control_path(target)
     if path is None:
         return None
@@ -172,7 +175,7 @@ def forward(argv: list[str], target: Target) -> int | None:
             return None
     with sock:
         try:
-            socket.send_fds(sock, [_request(argv)], [1, 2])
+            socket.send_fds(sock, [_request(argv, extra)], [1, 2])
         except OSError:
             return None
 

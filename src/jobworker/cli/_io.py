@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
+import stat
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -75,6 +77,38 @@ class Io:
             _write_all(fd, data)
         else:
             await asyncio.get_running_loop().run_in_executor(self.writer, _write_all, fd, data)
+
+    async def out_closed(self) -> None:
+        """Return once nobody reads our stdout any more (``jobctl run ... | head -2`` after
+        head exits); never for a terminal or a file, which cannot close under us.
+
+        The kernel reports a pipe or socket whose reader has gone as POLLERR/POLLHUP on our
+        end, with no write needed; the poll blocks in a thread, woken by a pipe of ours
+        when the caller stops waiting.
+        """
+        try:
+            mode = os.fstat(self.out_fd).st_mode
+        except OSError:
+            return
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            await asyncio.Event().wait()
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
+
+        def watch() -> None:
+            try:
+                poller = select.poll()
+                poller.register(self.out_fd, 0)  # only errors and hang-ups are wanted
+                poller.register(wake_r, select.POLLIN)
+                poller.poll()
+            finally:
+                os.close(wake_r)
+
+        try:
+            await asyncio.to_thread(watch)
+        finally:
+            with contextlib.suppress(OSError):  # the thread is done and wake_r closed
+                os.write(wake_w, b"x")
+            os.close(wake_w)
 
     def interrupt(self) -> None:
         """Ctrl+C: whatever the command is doing decides (see :meth:`interrupts_to`)."""

@@ -22,14 +22,14 @@ import grpc
 
 from .._aio import wait_fd
 from .._peer import peer_uid
-from .._units import UsageError, parse_duration
+from .._units import UsageError
 from ..api._tls import TlsError, TlsFiles
 from ..api.client import connect
 from ._commands import run_command
 from ._config import Target
 from ._control import INTERRUPT, LENGTH, MAX_REQUEST, READY, STATUS, connect_keeper
 from ._io import Io
-from ._parser import parser
+from ._parser import parse
 
 __all__ = ["main"]
 
@@ -37,7 +37,7 @@ __all__ = ["main"]
 class _Request:
     """One forwarded command: its argv and the facts of the terminal it came from."""
 
-    __slots__ = ("argv", "columns", "no_color", "out_tty")
+    __slots__ = ("argv", "columns", "env", "no_color", "out_tty")
 
     def __init__(self, data: object) -> None:
         """Raises TypeError: not a request the front end sends."""
@@ -48,6 +48,12 @@ class _Request:
         self.columns: int | None = columns if isinstance(columns, int) else None
         self.out_tty = bool(data.get("out_tty"))
         self.no_color = bool(data.get("no_color"))
+        env = data.get("env") or {}
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise TypeError("malformed environment")
+        self.env: dict[str, str] = env
 
 
 async def _receive(sock: socket.socket) -> tuple[_Request, list[int]]:
@@ -95,8 +101,9 @@ class _Keeper:
             writer=writer,
         )
         try:
-            args = parser().parse_args(request.argv)
-            target = self.target._replace(timeout=parse_duration(args.timeout, "--timeout"))
+            args = parse(request.argv)
+            args.job_env = request.env
+            target = self.target._replace(timeout=args.request_timeout)
             command = asyncio.ensure_future(run_command(args, target, io, self.channel))
             listen = asyncio.ensure_future(self._listen(sock, io))
             await asyncio.wait({command, listen}, return_when=asyncio.FIRST_COMPLETED)

@@ -3,14 +3,38 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import NoReturn
 
-from ._completion import SCRIPTS
+from .. import __version__
+from .._units import UsageError, parse_duration, parse_size
+from ._completion import SHELLS
 
-__all__ = ["DESCRIPTION", "parser"]
+__all__ = ["DESCRIPTION", "EPILOG", "GLOBAL_FLAGS", "parse", "parser"]
 
 DESCRIPTION = "jobctl: run and manage jobs on a jobworker host, like docker or kubectl."
 
+EPILOG = """\
+exit status:
+  0    success
+  1    an error (the line on stderr says what to fix)
+  2    bad usage (a wrong flag or value)
+  run and wait exit like docker run:
+  125  jobctl itself failed (connection, TLS, a refused request)
+  126  the command could not be executed (permission, working directory, sandbox)
+  127  the command was not found
+  130  detached (Ctrl+C, or stdout closed) while the job keeps running
+  N    the job's own exit code; 128+N when signal N killed it
+
+Global flags may come before or after the command. A job is named by its id, a unique
+prefix of its id (4 or more characters), or its name; when an id (or prefix) and a name
+both match, the id wins."""
+
 STATES = ("created", "running", "exited", "stopped", "failed")
+# Flags every command takes, before or after it (as kubectl's): the name each sets.
+GLOBAL_FLAGS = ("server", "ca", "cert", "key", "context", "request_timeout")
+# How long completing a job name may wait for the server: a shell's Tab must not hang.
+COMPLETION_TIMEOUT_S = 2.0
 
 
 def _positive_int(text: str) -> int:
@@ -21,6 +45,17 @@ def _positive_int(text: str) -> int:
         value = 0
     if not 1 <= value < 1 << 31:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1 << 31:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 0")
     return value
 
 
@@ -35,12 +70,93 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _limits(p: argparse.ArgumentParser) -> None:
+def _checked(parse: Callable[[str, str], object], what: str) -> Callable[[str], object]:
+    """An argparse type from one of ``_units``' parsers (its error becomes a usage error)."""
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text, what)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = what
+    return convert
+
+
+_size = _checked(parse_size, "size")
+_duration = _checked(parse_duration, "duration")
+
+
+def _pair(text: str) -> str:
+    """argparse type: KEY=VALUE with a non-empty KEY."""
+    key, sep, _value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return text
+
+
+def _env_item(text: str) -> str:
+    """argparse type: NAME=VALUE, or NAME (its value taken from jobctl's environment)."""
+    key = text.partition("=")[0]
+    if not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE or NAME")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 2 with the usage of the (sub)command that was given."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage()
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _globals(p: argparse.ArgumentParser, *, top: bool) -> None:
+    # Below the command, SUPPRESS leaves a flag not given there to the top level's value.
+    default = None if top else argparse.SUPPRESS
+    group = p.add_argument_group("connection (before or after the command)")
+    group.add_argument("--server", default=default, help="HOST:PORT (env JOBWORKER_SERVER)")
+    group.add_argument("--ca", default=default, help="CA certificate file (env JOBWORKER_CA)")
+    group.add_argument(
+        "--cert", default=default, help="client certificate file (env JOBWORKER_CERT)"
+    )
+    group.add_argument("--key", default=default, help="client key file (env JOBWORKER_KEY)")
+    group.add_argument(
+        "--context", default=default, help="context in ~/.config/jobworker/config.toml"
+    )
+    group.add_argument(
+        "--request-timeout",
+        type=_duration,
+        default=30.0 if top else argparse.SUPPRESS,
+        metavar="DURATION",
+        help="for the server to answer (default 30s)",
+    )
+
+
+def _job_spec(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="a name for the job, unique among yours (use it as an id)")
+    p.add_argument(
+        "--label",
+        "-l",
+        action="append",
+        default=[],
+        type=_pair,
+        metavar="KEY=VALUE",
+        help="a label (repeatable), in Kubernetes syntax",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_duration,
+        metavar="DURATION",
+        help="stop the job once it has run this long, e.g. 90s or 2h (default: the server's)",
+    )
     p.add_argument("--cpus", type=_positive_float, help="CPU quota, e.g. 0.5")
-    p.add_argument("--memory", help="memory limit, e.g. 256M")
+    p.add_argument("--memory", type=_size, help="memory limit, e.g. 256M")
     p.add_argument("--pids", type=_positive_int, help="maximum number of processes")
     p.add_argument(
-        "--tmp-size", help="private /tmp, /var/tmp, /dev/shm and /job together, e.g. 512M"
+        "--tmp-size",
+        type=_size,
+        help="private /tmp, /var/tmp, /dev/shm and /job together, e.g. 512M",
     )
     p.add_argument("--image", help="one of the server's root filesystems (default: the host's)")
     p.add_argument(
@@ -51,7 +167,22 @@ def _limits(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--io-read-bps", action="append", default=[], metavar="DEV=RATE")
     p.add_argument("--io-write-bps", action="append", default=[], metavar="DEV=RATE")
-    p.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--env",
+        "-e",
+        action="append",
+        default=[],
+        type=_env_item,
+        metavar="NAME[=VALUE]",
+        help="set a variable; NAME alone takes its value from jobctl's environment",
+    )
+    p.add_argument(
+        "--env-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="read NAME=VALUE lines from FILE ('#' starts a comment), as docker does",
+    )
     p.add_argument(
         "--workdir", "-w", default="", help="absolute working directory (default: private /job)"
     )
@@ -59,52 +190,105 @@ def _limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARG...]")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobctl", description=DESCRIPTION)
-    p.add_argument("--server", help="HOST:PORT (env JOBWORKER_SERVER)")
-    p.add_argument("--ca", help="CA certificate file (env JOBWORKER_CA)")
-    p.add_argument("--cert", help="client certificate file (env JOBWORKER_CERT)")
-    p.add_argument("--key", help="client key file (env JOBWORKER_KEY)")
-    p.add_argument("--context", help="context in ~/.config/jobworker/config.toml")
-    p.add_argument("--timeout", default="30s", help="for the server to answer (default 30s)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run a job and stream its output; exit with its status")
+def _output_window(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tail", "-n", type=_count, metavar="N", help="only the last N lines")
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only output since then: a duration ago (10m) or a time (2026-12-02T15:04:05Z)",
+    )
+    p.add_argument("--until", metavar="WHEN", help="only output before then (as --since)")
+
+
+def parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per flag
+    p = _Parser(
+        prog="jobctl",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"jobctl {__version__}")
+    _globals(p, top=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_text, description=help_text)
+        _globals(c, top=False)
+        return c
+
+    run = command("run", "run a job and stream its output; exit with its status")
     run.add_argument(
         "--rm",
         action="store_true",
         help="delete the job once it has ended, and stop it on Ctrl+C instead of detaching",
     )
-    _limits(run)
-    start = sub.add_parser("start", help="start a job and print its id")
+    _job_spec(run)
+    start = command("start", "start a job and print its id")
     start.add_argument("-f", "--follow", action="store_true", help="stream output like run")
     start.add_argument("-q", "--quiet", action="store_true", help="print only the id")
     start.add_argument("--json", action="store_true")
-    _limits(start)
-    status = sub.add_parser("status", help="show jobs' status")
+    _job_spec(start)
+    status = command("status", "show jobs' status")
     status.add_argument("jobs", nargs="+", metavar="JOB")
     status.add_argument("--json", action="store_true")
-    logs = sub.add_parser("logs", help="print a job's output from the start")
+    logs = command("logs", "print a job's output")
     logs.add_argument("job", metavar="JOB")
     logs.add_argument("-f", "--follow", action="store_true")
     which = logs.add_mutually_exclusive_group()
     which.add_argument("--stdout", action="store_true", help="only stdout")
     which.add_argument("--stderr", action="store_true", help="only stderr")
-    logs.add_argument("--timestamps", "-t", action="store_true")
-    stop = sub.add_parser("stop", help="SIGTERM, wait the grace period, SIGKILL")
+    logs.add_argument("--timestamps", "-t", action="store_true", help="a time before each line")
+    _output_window(logs)
+    stop = command("stop", "SIGTERM, wait the grace period, SIGKILL")
     stop.add_argument("jobs", nargs="+", metavar="JOB")
-    stop.add_argument("--grace", help="e.g. 10s (default: the server's)")
-    kill = sub.add_parser("kill", help="send a signal (default KILL)")
-    kill.add_argument("job", metavar="JOB")
+    stop.add_argument("--grace", type=_duration, help="e.g. 10s (default: the server's)")
+    kill = command("kill", "send a signal (default KILL)")
+    kill.add_argument("jobs", nargs="+", metavar="JOB")
     kill.add_argument("-s", "--signal", default="KILL")
-    ls = sub.add_parser("ls", help="list jobs")
+    ls = command("ls", "list jobs")
     ls.add_argument("--all", "-a", action="store_true", help="include ended jobs")
     ls.add_argument("--owner", help="only this owner's jobs (admins)")
     ls.add_argument("--state", choices=STATES)
+    ls.add_argument("--selector", "-l", metavar="SELECTOR", help="e.g. app=web,tier!=db")
+    ls.add_argument("-q", "--quiet", action="store_true", help="print only ids")
     ls.add_argument("--json", action="store_true")
-    wait = sub.add_parser("wait", help="wait for jobs to end; exit with the last one's status")
+    wait = command("wait", "wait for jobs to end; exit with the last one's status")
     wait.add_argument("jobs", nargs="+", metavar="JOB")
-    rm = sub.add_parser("rm", help="delete ended jobs and their output")
-    rm.add_argument("jobs", nargs="+", metavar="JOB")
-    completion = sub.add_parser("completion", help="print a shell completion script")
-    completion.add_argument("shell", choices=sorted(SCRIPTS))
+    wait.add_argument("--json", action="store_true", help="print each final status")
+    rm = command("rm", "delete ended jobs and their output")
+    rm.add_argument("jobs", nargs="*", metavar="JOB")
+    rm.add_argument("--selector", "-l", metavar="SELECTOR", help="every ended job it matches")
+    prune = command("prune", "delete ended jobs (all, or those ended before --older-than)")
+    prune.add_argument("--older-than", type=_duration, metavar="DURATION", help="e.g. 2h")
+    prune.add_argument("--selector", "-l", metavar="SELECTOR", help="only jobs it matches")
+    events = command("events", "stream changes to jobs as they happen")
+    events.add_argument("--owner", help="only this owner's jobs (admins)")
+    events.add_argument("--selector", "-l", metavar="SELECTOR")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    info = command("info", "show the server's version and who you are to it")
+    info.add_argument("--json", action="store_true")
+    config = command("config", "show or choose contexts in the client configuration")
+    verbs = config.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
+    verbs.add_parser("get-contexts", help="list the contexts (* marks the current one)")
+    verbs.add_parser("current-context", help="print the current context's name")
+    use = verbs.add_parser("use-context", help="make a context the current one")
+    use.add_argument("name", metavar="NAME")
+    completion = command("completion", "print a shell completion script")
+    completion.add_argument("shell", choices=SHELLS)
+    # For completion scripts (not listed in the help): the ids and names of your jobs.
+    _globals(sub.add_parser("__jobs"), top=False)
     return p
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed; a flag the command does not know is reported with that command's
+    usage (exit 2), not the top level's."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        action = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001 - argparse offers no public way to reach a subparser
+        chosen = action.choices[args.command]
+        chosen.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "__jobs":
+        args.request_timeout = min(args.request_timeout, COMPLETION_TIMEOUT_S)
+    return args

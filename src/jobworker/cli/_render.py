@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import io as io_module
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -12,11 +11,22 @@ from .._text import escape
 if TYPE_CHECKING:
     from ._io import Io
 
-__all__ = ["exit_status_of", "job_json", "json_text", "rfc3339", "status_text", "table_text"]
+__all__ = [
+    "event_text",
+    "exit_status_of",
+    "job_json",
+    "json_text",
+    "outcome",
+    "rfc3339",
+    "status_text",
+    "table_text",
+]
 
 _STATES = {1: "created", 2: "running", 3: "exited", 4: "stopped", 5: "failed"}
-# A job that could not be started exits like a shell's "command not found".
-FAILED_EXIT = 127
+# run and wait exit as docker run does (jobctl --help shows the table).
+JOBCTL_FAILED = 125
+CANNOT_EXECUTE = 126
+NOT_FOUND = 127
 
 
 def rfc3339(ns: int, *, digits: str = "microseconds") -> str:
@@ -41,19 +51,26 @@ def job_json(job: Any) -> dict[str, Any]:
     limits = job.limits
     return {
         "id": job.id,
+        "name": job.name or None,
         "owner": job.owner,
+        "labels": dict(sorted(job.labels.items())),
         "argv": list(job.argv),
         "state": _STATES.get(job.state, "unknown"),
+        "reason": job.reason or None,
         "exit_code": _opt(job, "exit_code"),
         "signal": _opt(job, "signal"),
         "oom_killed": job.oom_killed,
         "pids_limited": job.pids_limited,
+        "output_truncated": job.output_truncated,
         "error": job.error or None,
+        "pid": _opt(job, "pid"),
+        "timeout_seconds": _opt(job, "timeout_seconds"),
         "created_at": _time(job.created_at),
         "started_at": _time(job.started_at),
         "ended_at": _time(job.ended_at),
         "limits": {
             "cpus": _opt(limits, "cpus"),
+            "cpu_weight": _opt(limits, "cpu_weight"),
             "memory_bytes": _opt(limits, "memory_bytes"),
             "pids": _opt(limits, "pids"),
             "tmp_bytes": _opt(limits, "tmp_bytes"),
@@ -62,6 +79,8 @@ def job_json(job: Any) -> dict[str, Any]:
                     "device": io.device or None,
                     "read_bps": _opt(io, "read_bps"),
                     "write_bps": _opt(io, "write_bps"),
+                    "read_iops": _opt(io, "read_iops"),
+                    "write_iops": _opt(io, "write_iops"),
                 }
                 for io in limits.io
             ],
@@ -91,12 +110,30 @@ def job_json(job: Any) -> dict[str, Any]:
 
 
 def exit_status_of(job: Any) -> int:
-    """What `run` and `wait` exit with: the job's code, 128+N for signal N, 127 if it failed."""
+    """What `run` and `wait` exit with: the job's code, 128+N for signal N; for a job that
+    could not start, 127 (not found), 126 (could not be executed) or 125 (lost by the
+    server, not the command's doing)."""
     if job.HasField("exit_code"):
         return int(job.exit_code)
     if job.HasField("signal"):
         return 128 + int(job.signal)
-    return FAILED_EXIT
+    if job.reason == "not_found":
+        return NOT_FOUND
+    if job.reason == "lost":
+        return JOBCTL_FAILED
+    return CANNOT_EXECUTE
+
+
+def outcome(job: dict[str, Any]) -> str:
+    """How a job ended, in a few words: "exited 0", "stopped (timeout), signal 15",
+    "failed: ..."; its state while it has not."""
+    if job["state"] == "failed":
+        return f"failed: {escape(job['error'] or job['reason'] or 'unknown')}"
+    result = _result(job)
+    if job["state"] == "stopped":
+        why = f" ({job['reason']})" if job["reason"] == "timeout" else ""
+        return f"stopped{why}, {result}" if result else f"stopped{why}"
+    return result or job["state"]
 
 
 def json_text(value: Any) -> str:
@@ -114,29 +151,41 @@ def _ago(iso: str | None, now: dt.datetime) -> str:
 
 
 def _result(job: dict[str, Any]) -> str:
+    reason = job.get("reason")
     if job["state"] == "failed":
-        return "failed"
+        return f"failed ({reason.replace('_', ' ')})" if reason else "failed"
+    text = ""
     if job["signal"] is not None:
-        return (
-            f"signal {job['signal']}"
-            + (" (OOM)" if job["oom_killed"] else "")
-            + (" (pids limit hit)" if job.get("pids_limited") else "")
-        )
-    if job["exit_code"] is not None:
-        return f"exit {job['exit_code']}"
-    return ""
+        text = f"signal {job['signal']}"
+    elif job["exit_code"] is not None:
+        text = f"exit {job['exit_code']}"
+    if job["oom_killed"]:
+        text += " (OOM)"
+    if job.get("pids_limited"):
+        text += " (pids limit hit)"
+    if reason == "timeout":
+        text += " (timeout)"
+    return text.strip()
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 3, 0)] + "..."
 
 
 def table_text(jobs: list[dict[str, Any]], io: Io) -> str:
-    """Aligned columns with relative times; color only on a terminal, never with NO_COLOR."""
-    from rich.console import Console  # noqa: PLC0415 - rich costs ~50 ms; only tables need it
-    from rich.table import Table  # noqa: PLC0415 - as above
-    from rich.text import Text  # noqa: PLC0415 - as above
+    """Aligned columns with relative times. On a narrow terminal only COMMAND shrinks
+    (down to 10 characters; past that the lines wrap): no column is ever dropped. Color
+    and bold only on a terminal, and never with NO_COLOR.
 
+    Written out rather than with rich's Table: on 80 columns rich squeezed and dropped
+    whole columns (OWNER, STATE, CREATED), and a listing must keep them.
+    """
     now = dt.datetime.now(dt.UTC)
+    headers = ("ID", "NAME", "OWNER", "STATE", "RESULT", "CREATED", "COMMAND")
     rows = [
         (
             job["id"][:12],
+            escape(job.get("name") or "-"),
             escape(job["owner"]),
             job["state"],
             _result(job),
@@ -145,33 +194,26 @@ def table_text(jobs: list[dict[str, Any]], io: Io) -> str:
         )
         for job in jobs
     ]
-    headers = ("ID", "OWNER", "STATE", "RESULT", "CREATED", "COMMAND")
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for i, header in enumerate(headers[:-1]):
-        # Never squeezed: a narrow terminal cuts the command, as docker ps does.
-        width = max([len(header), *(len(row[i]) for row in rows)])
-        table.add_column(header, no_wrap=True, min_width=width)
-    table.add_column(headers[-1], no_wrap=True, overflow="ellipsis")
-    colors = {"running": "green", "failed": "red", "stopped": "yellow"}
-    for row in rows:
-        state = row[2]
-        # Text(), not a markup string: a command such as "[red]x" is shown, not styled.
-        table.add_row(
-            Text(row[0]),
-            Text(row[1]),
-            Text(state, style=colors.get(state, "")),
-            *(Text(cell) for cell in row[3:]),
-        )
-    text = io_module.StringIO()
-    console = Console(
-        file=text,
-        force_terminal=io.out_tty,
-        no_color=io.no_color,
-        # Into a pipe or a file, nothing is cut (rich would assume 80 columns).
-        width=io.columns if io.out_tty and io.columns else 1 << 16,
-    )
-    console.print(table)
-    return text.getvalue()
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers[:-1])]
+    fixed = sum(widths) + 2 * len(widths)
+    command_width = max([len(headers[-1]), *(len(r[-1]) for r in rows)])
+    if io.out_tty and io.columns:
+        command_width = min(command_width, max(io.columns - fixed, 10))
+    styled = io.out_tty and not io.no_color
+    colors = {"running": "32", "failed": "31", "stopped": "33"}
+
+    def line(cells: tuple[str, ...], *, header: bool = False) -> str:
+        parts = []
+        for i, cell in enumerate(cells[:-1]):
+            padded = cell.ljust(widths[i])
+            if styled and not header and i == 3 and cell in colors:
+                padded = f"\x1b[{colors[cell]}m{cell}\x1b[0m" + " " * (widths[i] - len(cell))
+            parts.append(padded)
+        parts.append(_fit(cells[-1], command_width))
+        text = "  ".join(parts).rstrip()
+        return f"\x1b[1m{text}\x1b[0m" if styled and header else text
+
+    return line(headers, header=True) + "\n" + "".join(line(r) + "\n" for r in rows)
 
 
 def _command(argv: list[str]) -> str:
@@ -214,15 +256,43 @@ def _sandbox_text(sandbox: dict[str, Any] | None) -> str:
     )
 
 
+def _labels_text(labels: dict[str, str]) -> str:
+    return ", ".join(f"{escape(k)}={escape(v)}" for k, v in labels.items()) or "-"
+
+
+def _duration_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "none"
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def status_text(job: dict[str, Any]) -> str:
     now = dt.datetime.now(dt.UTC)
     usage = job["usage"]
+    notes = [
+        note
+        for flag, note in (
+            ("oom_killed", "the OOM killer killed a process"),
+            ("pids_limited", "a fork failed for the pids limit"),
+            ("output_truncated", "output over the server's cap was discarded"),
+        )
+        if job.get(flag)
+    ]
     rows = [
         ("id", job["id"]),
+        ("name", escape(job.get("name") or "-")),
         ("owner", escape(job["owner"])),
+        ("labels", _labels_text(job.get("labels") or {})),
         ("command", _command(job["argv"])),
         ("state", job["state"] + (f" ({_result(job)})" if _result(job) else "")),
+        ("reason", (job.get("reason") or "-").replace("_", " ")),
         ("error", escape(job["error"] or "-")),
+        ("notes", "; ".join(notes) or "-"),
+        ("pid", str(job["pid"]) if job.get("pid") is not None else "-"),
+        ("timeout", _duration_text(job.get("timeout_seconds"))),
         ("created", f"{job['created_at']} ({_ago(job['created_at'], now)})"),
         ("started", job["started_at"] or "-"),
         ("ended", job["ended_at"] or "-"),
@@ -244,3 +314,13 @@ def status_text(job: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "".join(f"{key:<{width}}  {value}\n" for key, value in rows)
+
+
+def event_text(job: dict[str, Any], ns: int, *, deleted: bool) -> str:
+    """One line of `jobctl events`: when, which job, what happened, its command."""
+    what = "deleted" if deleted else outcome(job)
+    name = escape(job["name"]) if job.get("name") else "-"
+    return (
+        f"{rfc3339(ns)}  {job['id'][:12]}  {name}  {escape(job['owner'])}  {what}  "
+        f"{_command(job['argv'])}\n"
+    )

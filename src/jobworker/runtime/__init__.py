@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._changes import Change
     from ._config import NOBODY, RunAs, RuntimeConfig
     from ._errors import (
         InvalidSpecError,
@@ -23,15 +24,17 @@ if TYPE_CHECKING:
         JobRunningError,
         JobworkerError,
         LaunchError,
+        NameTakenError,
         NotPermittedError,
         QuotaError,
         RuntimeClosedError,
         StateDirError,
+        WatcherBehindError,
     )
     from ._jobdir import Bind
     from ._logformat import Stream
     from ._observer import JobObserver
-    from ._output import Chunk
+    from ._output import Chunk, Window
     from ._runtime import Runtime
     from ._spec import IOLimit, JobSpec, Limits
     from ._states import State
@@ -42,6 +45,7 @@ _WHERE = {
     "NOBODY": "_config",
     "Bind": "_jobdir",
     "CgroupError": "cgroups",
+    "NameTakenError": "_errors",
     "NotPermittedError": "_errors",
     "QuotaError": "_errors",
     "RunAs": "_config",
@@ -65,6 +69,9 @@ _WHERE = {
     "Runtime": "_runtime",
     "RuntimeClosedError": "_errors",
     "StateDirError": "_errors",
+    "WatcherBehindError": "_errors",
+    "Change": "_changes",
+    "Window": "_output",
     "RuntimeConfig": "_config",
     "State": "_states",
     "Stream": "_logformat",
@@ -74,6 +81,7 @@ __all__ = [
     "NOBODY",
     "Bind",
     "CgroupError",
+    "Change",
     "Chunk",
     "IOLimit",
     "InvalidSpecError",
@@ -89,6 +97,7 @@ __all__ = [
     "JobworkerError",
     "LaunchError",
     "Limits",
+    "NameTakenError",
     "NotPermittedError",
     "QuotaError",
     "RunAs",
@@ -100,6 +109,8 @@ __all__ = [
     "StateDirError",
     "Stream",
     "Usage",
+    "WatcherBehindError",
+    "Window",
 ]
 
 

@@ -45,7 +45,9 @@ class RuntimeConfig:
     Isolation: ``cgroups`` puts each job in its own cgroup under ``cgroup_subtree`` beneath
     the server's own cgroup (or ``cgroup_parent`` on cgroup v2); turning it off runs jobs
     without limits, and their status says so. ``default_limits`` fill what a spec leaves
-    unset; ``max_limits`` cap what a spec may ask. Each job runs as a uid:gid of its own
+    unset; ``max_limits`` cap what a spec may ask. ``default_timeout`` is the run time a job
+    gets when it asks for none (None: no limit), ``max_timeout`` the most it may ask for;
+    its supervisor stops it then, with ``default_grace``. Each job runs as a uid:gid of its own
     from ``uid_range`` (as systemd's DynamicUser=), or as ``run_as`` for every job if set,
     or as ``owner_run_as[owner]``; uid 0 only with ``allow_root``. Only owners in
     ``host_network_owners`` may ask for the host's network instead of an empty one.
@@ -80,6 +82,8 @@ class RuntimeConfig:
     cgroup_parent: str | None = None
     default_limits: Limits = field(default_factory=Limits)
     max_limits: Limits = field(default_factory=Limits)
+    default_timeout: float | None = None
+    max_timeout: float | None = None
     run_as: RunAs | None = None
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
     owner_run_as: Mapping[str, RunAs] = field(default_factory=dict)
@@ -110,6 +114,18 @@ class RuntimeConfig:
             raise InvalidSpecError("retention_interval must be positive")
         if self.default_grace < 0:
             raise InvalidSpecError("default_grace must not be negative")
+        for name in ("default_timeout", "max_timeout"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < float("inf"):
+                raise InvalidSpecError(f"{name} must be a number of seconds above 0")
+        if (
+            self.default_timeout is not None
+            and self.max_timeout is not None
+            and self.default_timeout > self.max_timeout
+        ):
+            raise InvalidSpecError(
+                "limits.default timeout is above limits.max timeout; lower it or raise the maximum"
+            )
         subtree = self.cgroup_subtree
         if not subtree or "/" in subtree or subtree in {".", ".."}:
             raise InvalidSpecError(

@@ -12,10 +12,12 @@ __all__ = [
     "JobRunningError",
     "JobworkerError",
     "LaunchError",
+    "NameTakenError",
     "NotPermittedError",
     "QuotaError",
     "RuntimeClosedError",
     "StateDirError",
+    "WatcherBehindError",
 ]
 
 
@@ -59,6 +61,10 @@ class LaunchError(JobworkerError):
     """The launcher could not create the job's processes (not the user's command failing)."""
 
 
+class NameTakenError(JobworkerError):
+    """Another of the owner's jobs that still exists has this name."""
+
+
 class NotPermittedError(JobworkerError):
     """The server's configuration does not allow this for this owner (e.g. host network)."""
 
@@ -73,3 +79,7 @@ class RuntimeClosedError(JobworkerError):
 
 class StateDirError(JobworkerError):
     """The state dir cannot be written (e.g. the disk is full); the message names it."""
+
+
+class WatcherBehindError(JobworkerError):
+    """A watcher of all jobs fell too far behind the changes; it should watch again."""

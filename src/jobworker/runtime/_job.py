@@ -66,6 +66,9 @@ class Job:
             output_truncated=False,
             limits=limits,
             limits_enforced=limits_enforced,
+            name=spec.name,
+            labels=spec.labels,
+            timeout_s=spec.timeout_s,
         )
         # Every status the job has been in, so a watcher sees each transition exactly once.
         self.history: list[JobStatus] = [self._status]

@@ -207,6 +207,9 @@ class SpecRecord(NamedTuple):
     cgroup: CgroupPaths | None
     # None: not sandboxed (namespaces off, or a record of an earlier release).
     sandbox: SandboxRecord | None = None
+    # The grace between SIGTERM and SIGKILL when the job's timeout stops it (None: the
+    # supervisor's default, in records of an earlier release).
+    stop_grace: float | None = None
 
     @property
     def argv(self) -> tuple[str, ...]:
@@ -227,6 +230,12 @@ class SpecRecord(NamedTuple):
     @property
     def host_network(self) -> bool:
         return bool(self.spec.get("host_network", False))
+
+    @property
+    def timeout_s(self) -> float | None:
+        """Seconds the command may run before the supervisor stops it (None: no limit)."""
+        value = self.spec.get("timeout_s")
+        return float(value) if value is not None else None
 
     def to_json(self) -> dict[str, Any]:
         data = self._asdict()
@@ -252,6 +261,11 @@ class SpecRecord(NamedTuple):
         _get(spec, "owner", str, "spec.json: spec")
         if not isinstance(spec.get("cwd", "/"), str):
             raise CorruptRecordError("spec.json: cwd is not a string")
+        if not isinstance(spec.get("timeout_s") or 0, int | float):
+            raise CorruptRecordError("spec.json: timeout_s is not a number")
+        grace = data.get("stop_grace")
+        if grace is not None and not isinstance(grace, int | float):
+            raise CorruptRecordError("spec.json: stop_grace is not a number")
         cgroup = data.get("cgroup")
         if cgroup is None and data.get("cgroup_procs"):
             # Records of the release before typed records listed the procs files only.
@@ -271,6 +285,7 @@ class SpecRecord(NamedTuple):
             launching=bool(data.get("launching", False)),
             cgroup=CgroupPaths.from_json(cgroup) if cgroup else None,
             sandbox=SandboxRecord.from_json(data["sandbox"]) if data.get("sandbox") else None,
+            stop_grace=grace,
         )
 
 
@@ -293,7 +308,8 @@ class RunRecord(NamedTuple):
 
 
 class ExitRecord(NamedTuple):
-    """exit.json: how the job ended. ``state`` is "exited", "stopped" or "failed"."""
+    """exit.json: how the job ended. ``state`` is "exited", "stopped" or "failed";
+    ``reason`` says more in one word where there is more to say (see ``JobStatus``)."""
 
     state: str
     exit_code: int | None
@@ -301,6 +317,7 @@ class ExitRecord(NamedTuple):
     error: str | None
     ended_ns: int
     output_truncated: bool
+    reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return self._asdict()
@@ -319,6 +336,7 @@ class ExitRecord(NamedTuple):
             error=_opt(data, "error", str, what),
             ended_ns=_get(data, "ended_ns", int, what),
             output_truncated=bool(data.get("output_truncated", False)),
+            reason=_opt(data, "reason", str, what),
         )
 
 

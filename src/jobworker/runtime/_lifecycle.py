@@ -24,6 +24,7 @@ from ._errors import (
     JobAlreadyStartedError,
     JobNotFoundError,
     LaunchError,
+    NameTakenError,
     QuotaError,
     StateDirError,
 )
@@ -62,8 +63,10 @@ _REMOVE_FIRST_S = 0.005
 _REMOVE_CAP_S = 0.25
 
 
-def _failed(error: str) -> ExitRecord:
-    return ExitRecord(State.FAILED, None, None, error, time.time_ns(), output_truncated=False)
+def _failed(error: str, reason: str) -> ExitRecord:
+    return ExitRecord(
+        State.FAILED, None, None, error, time.time_ns(), output_truncated=False, reason=reason
+    )
 
 
 class Lifecycle:
@@ -155,10 +158,16 @@ class Lifecycle:
         burst of concurrent creates cannot overshoot ``max_active``.
 
         Raises:
+            NameTakenError: another of the owner's jobs has the name ``spec`` asks for.
             QuotaError: the owner already has ``max_active`` jobs created or running.
             StateDirError: the job cannot be recorded.
         """
         config = self.config
+        if spec.name is not None and (taken := self.registry.named(spec.owner, spec.name)):
+            raise NameTakenError(
+                f"{spec.owner} already has a job named {spec.name!r} ({taken.id[:12]}); "
+                "choose another name, or remove that job first (jobctl rm)"
+            )
         if max_active is not None:
             active = self.registry.active(spec.owner)
             if active >= max_active:
@@ -185,6 +194,7 @@ class Lifecycle:
             # dies before launching leaves a failed job, not one that looks never started.
             launching=start,
             cgroup=None,
+            stop_grace=config.default_grace,
         )
         job = Job(
             record,
@@ -285,7 +295,7 @@ class Lifecycle:
 
     async def start_failed(self, job: Job, error: str) -> None:
         """Record (exit.json, unless the supervisor wrote one) and show a failed start."""
-        record = _failed(error)
+        record = _failed(error, "start_error")
         with contextlib.suppress(OSError):  # a full disk: the job is failed either way
             await asyncio.to_thread(write_exit_if_missing, job.dir, record)
         job.start_failed(record)
@@ -357,7 +367,7 @@ class Lifecycle:
 
     async def record_lost(self, job: Job, error: str) -> ExitRecord:
         """Record that the job ended unseen, so every later start reports it the same way."""
-        record = _failed(error)
+        record = _failed(error, "lost")
         with contextlib.suppress(OSError):
             await asyncio.to_thread(write_exit_if_missing, job.dir, record)
         with contextlib.suppress(OSError, ValueError):

@@ -1,5 +1,8 @@
 """Reading a job's output log: from the start, any number of readers, optionally following.
 
+A reader may want only part of the log (:class:`Window`): from an offset an earlier read
+returned, its last lines, or a span of time.
+
 A reader owns one fd on the log and nothing else; file reads run in a worker thread so a big or
 cold read never blocks the event loop. Following waits on an event set by the directory
 notifier (new bytes) or by the job (state change), never on a timer.
@@ -11,12 +14,16 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import time
+from array import array
 from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from ._errors import InvalidSpecError
 from ._logformat import HEADER, MAGIC, Stream
 
-__all__ = ["Batch", "Chunk", "ReadBudget", "read_log"]
+__all__ = ["Batch", "Chunk", "ReadBudget", "Window", "read_log"]
 
 LOOKAHEAD = 16 * 1024
 # The most one reader reads per batch, alone: big batches are what make one follower fast
@@ -33,14 +40,46 @@ INLINE_READ = 64 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A piece of output: its stream, its bytes, and when the supervisor read it (ns)."""
+    """A piece of output: its stream, its bytes, when the supervisor read it (ns), and the
+    log offset just past its record (where a reader that got it can resume)."""
 
     stream: Stream
     data: bytes
     timestamp_ns: int
+    end: int = 0
 
 
-Batch = list[Chunk]
+class Batch(NamedTuple):
+    """What one read of the log found: its chunks, and the offset it read up to (past
+    records of streams not wanted too)."""
+
+    chunks: list[Chunk]
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Which part of a log a reader wants.
+
+    ``offset``: resume just after what an earlier read returned (a ``Chunk.end`` or
+    ``Batch.offset``); ``tail_lines``: start at the last N lines written so far (of the
+    streams read); ``since_ns`` / ``until_ns``: only chunks read in [since, until), and the
+    read ends at ``until_ns`` even while following. None: no such bound. ``tail_lines``
+    counts lines of the whole log; the time bounds then apply to what it leaves.
+    """
+
+    offset: int | None = None
+    tail_lines: int | None = None
+    since_ns: int | None = None
+    until_ns: int | None = None
+
+
+# The longest record the supervisor writes (its read size): a header claiming more at a
+# resume offset shows the offset is not a record boundary.
+_MAX_RECORD = 1 << 20
+# One resume point kept per this many records while looking for a tail, so finding the
+# last lines of a log of millions of small records holds thousands of offsets, not millions.
+_TAIL_MARK_EVERY = 256
 
 
 class ReadBudget:
@@ -110,7 +149,7 @@ def _read_batch(
             end = pos + size + length
             if end <= len(head):
                 if stream in streams:
-                    chunks.append(Chunk(stream, head[pos + size : end], ts))
+                    chunks.append(Chunk(stream, head[pos + size : end], ts, offset + end))
                 pos = end
                 continue
             body_at = offset + pos + size
@@ -118,7 +157,7 @@ def _read_batch(
                 body = os.pread(fd, length, body_at)
                 if len(body) < length:
                     return chunks, offset + pos
-                chunks.append(Chunk(stream, body, ts))
+                chunks.append(Chunk(stream, body, ts, offset + end))
             elif body_at + length > os.fstat(fd).st_size:
                 return chunks, offset + pos
             pos = end
@@ -129,6 +168,61 @@ def _read_batch(
     return chunks, offset
 
 
+def _records(fd: int, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(offset, body length, stream id) of each complete record in [start, end), reading
+    headers only (bodies are skipped, in LOOKAHEAD-sized reads)."""
+    size = HEADER.size
+    buf, buf_at = b"", start
+    pos = start
+    while pos + size <= end:
+        if pos + size > buf_at + len(buf):
+            buf, buf_at = os.pread(fd, LOOKAHEAD, pos), pos
+            if len(buf) < size:
+                return
+        length, stream_id, _ts = HEADER.unpack_from(buf, pos - buf_at)
+        if pos + size + length > end:
+            return
+        yield pos, length, stream_id
+        pos += size + length
+
+
+def _tail_start(fd: int, streams: frozenset[Stream], lines: int, end: int) -> tuple[int, int]:
+    """Where the last ``lines`` lines of ``streams`` before ``end`` begin: a record's offset
+    and how many bytes of its body to skip. A last line with no newline yet counts.
+
+    Runs in a worker thread. Headers are read forward once, keeping every
+    _TAIL_MARK_EVERY-th wanted record's offset; then bodies are read backwards, one stretch
+    between marks at a time, until enough newlines are found.
+    """
+    if lines <= 0:
+        return end, 0
+    wanted = {int(s) for s in streams}
+    marks = array("Q")
+    count = 0
+    for pos, _length, stream_id in _records(fd, len(MAGIC), end):
+        if stream_id in wanted:
+            if count % _TAIL_MARK_EVERY == 0:
+                marks.append(pos)
+            count += 1
+    need, at_end = lines, True
+    for k in range(len(marks) - 1, -1, -1):
+        stop = marks[k + 1] if k + 1 < len(marks) else end
+        stretch = [(p, n) for p, n, s in _records(fd, marks[k], stop) if s in wanted and n]
+        for pos, length in reversed(stretch):
+            body = os.pread(fd, length, pos + HEADER.size)
+            cut = len(body)
+            if at_end:
+                # The newline that ends the last line does not start another.
+                cut -= body.endswith(b"\n")
+                at_end = False
+            while (newline := body.rfind(b"\n", 0, cut)) >= 0:
+                need -= 1
+                if need == 0:
+                    return pos, newline + 1
+                cut = newline
+    return len(MAGIC), 0
+
+
 class _LogReader:
     """One open log fd and the position of the next record."""
 
@@ -136,15 +230,19 @@ class _LogReader:
         self,
         path: str,
         streams: frozenset[Stream],
+        window: Window,
         executor: concurrent.futures.Executor,
         budget: ReadBudget,
     ) -> None:
         self._path = path
         self._streams = streams | {Stream.SYSTEM}
+        self._window = window
         self._executor = executor
         self._budget = budget
         self._fd = -1
         self._offset = len(MAGIC)
+        # Bytes to drop from the front of the first chunk (a tail that starts mid-record).
+        self._skip = 0
         # Slow start: the first batch is small and each next one twice as big, up to the
         # budget's share. When hundreds of readers come at once, each gets its first
         # message after a small read instead of queueing behind the others' 4 MiB ones
@@ -152,13 +250,34 @@ class _LogReader:
         self._ramp = LEAST_BATCH
         self._inflight: concurrent.futures.Future[tuple[list[Chunk], int]] | None = None
 
-    async def next_batch(self) -> list[Chunk] | None:
-        """The next chunks; None once the log has no complete record left to read."""
-        if self._fd < 0:
-            try:
-                self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return None  # the job has not started, so it has written nothing yet
+    async def _open(self) -> bool:
+        """Open the log and find where to start; False while it does not exist yet.
+
+        Raises:
+            InvalidSpecError: the window's offset is not one this log gave.
+        """
+        try:
+            self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # the job has not started, so it has written nothing yet
+        window = self._window
+        if window.offset is not None:
+            self._offset = _checked_offset(self._fd, window.offset)
+        elif window.tail_lines is not None:
+            end = os.fstat(self._fd).st_size
+            self._offset, self._skip = await asyncio.wrap_future(
+                self._executor.submit(_tail_start, self._fd, self._streams, window.tail_lines, end)
+            )
+        return True
+
+    async def next_batch(self) -> Batch | None:
+        """The next chunks; None once the log has no complete record left to read.
+
+        Raises:
+            InvalidSpecError: (first call) the window's offset is not one this log gave.
+        """
+        if self._fd < 0 and not await self._open():
+            return None
         unread = os.fstat(self._fd).st_size - self._offset
         limit = min(self._ramp, self._budget.batch_bytes())
         self._ramp = min(2 * self._ramp, BATCH)
@@ -173,7 +292,14 @@ class _LogReader:
         if offset == self._offset:
             return None
         self._offset = offset
-        return chunks
+        if self._skip and chunks:
+            first, skip, self._skip = chunks[0], self._skip, 0
+            rest = first.data[skip:]
+            if rest:
+                chunks[0] = Chunk(first.stream, rest, first.timestamp_ns, first.end)
+            else:
+                del chunks[0]
+        return Batch(chunks, offset)
 
     async def aclose(self) -> None:
         """Close the fd, after any read still running in its thread has finished."""
@@ -198,6 +324,41 @@ class _LogReader:
             os.close(fd)
 
 
+def _checked_offset(fd: int, offset: int) -> int:
+    """``offset``, if a record of this log starts there (or it is the log's end).
+
+    Raises:
+        InvalidSpecError: it lies outside the log, or no record header is there.
+    """
+    size = os.fstat(fd).st_size
+    bad = offset < len(MAGIC) or offset > size
+    if not bad and offset < size:
+        head = os.pread(fd, HEADER.size, offset)
+        if len(head) == HEADER.size:
+            length, stream_id, _ts = HEADER.unpack(head)
+            bad = stream_id not in Stream._value2member_map_ or length > _MAX_RECORD
+    if bad:
+        raise InvalidSpecError(
+            f"offset {offset} is not a point in this job's output; resume from an offset "
+            "that a response for this job returned"
+        )
+    return offset
+
+
+def _in_window(batch: Batch, window: Window) -> tuple[Batch, bool]:
+    """The batch's chunks within the window's time bounds, and whether the window has
+    closed (a chunk at or after ``until_ns`` was read)."""
+    since, until = window.since_ns, window.until_ns
+    chunks = batch.chunks
+    closed = False
+    if until is not None and chunks and chunks[-1].timestamp_ns >= until:
+        chunks = [c for c in chunks if c.timestamp_ns < until]
+        closed = True
+    if since is not None:
+        chunks = [c for c in chunks if c.timestamp_ns >= since]
+    return Batch(chunks, batch.offset), closed
+
+
 async def read_log(  # noqa: PLR0913 - each argument is one independent knob
     path: str,
     streams: frozenset[Stream],
@@ -207,16 +368,22 @@ async def read_log(  # noqa: PLR0913 - each argument is one independent knob
     subscribe: Callable[[asyncio.Event], contextlib.AbstractContextManager[None]],
     executor: concurrent.futures.Executor,
     budget: ReadBudget,
-) -> AsyncGenerator[list[Chunk], None]:
-    """Yield the log's chunks from the start, in batches of what one read found (so small
-    writes can travel together without waiting for more); with ``follow``, until the job has
-    ended.
+    window: Window | None = None,
+) -> AsyncGenerator[Batch, None]:
+    """Yield the log's chunks in batches of what one read found (so small writes can
+    travel together without waiting for more), from the start or where ``window`` says;
+    with ``follow``, until the job has ended (or the window's end time has passed).
 
     ``has_ended`` tells whether the job is over (then everything is in the log).
     ``subscribe(event)`` arranges for ``event`` to be set on any change to the log or the job.
     ``budget`` sizes each batch.
+
+    Raises:
+        InvalidSpecError: (first iteration) the window's offset is not one this log gave.
     """
-    reader = _LogReader(path, streams, executor, budget)
+    window = window or Window()
+    timed = window.since_ns is not None or window.until_ns is not None
+    reader = _LogReader(path, streams, window, executor, budget)
     wake = asyncio.Event()
     try:
         with budget.reader(), subscribe(wake) if follow else contextlib.nullcontext():
@@ -226,10 +393,23 @@ async def read_log(  # noqa: PLR0913 - each argument is one independent knob
                 ended = not follow or has_ended()
                 wake.clear()
                 while (batch := await reader.next_batch()) is not None:
-                    if batch:
+                    closed = False
+                    if timed:
+                        batch, closed = _in_window(batch, window)
+                    if batch.chunks:
                         yield batch
+                    if closed:
+                        return
                 if ended:
                     return
-                await wake.wait()
+                if window.until_ns is None:
+                    await wake.wait()
+                    continue
+                left = (window.until_ns - time.time_ns()) / 1e9
+                if left <= 0:
+                    return
+                # A deadline, not a poll: nothing read after it could fall in the window.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), left)
     finally:
         await reader.aclose()

@@ -12,6 +12,7 @@ This module is the one place the job's walls are built.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import resource
 import signal
@@ -74,7 +75,13 @@ def seccomp_filter() -> bytes:
 
 
 class ExecError(Exception):
-    """The command cannot be started; the message is the reason, for the user."""
+    """The command cannot be started; the message is the reason, for the user, and
+    ``reason`` its kind: "not_found", "not_executable" or "start_error" (the job's
+    ``reason``, which jobctl turns into exit status 127 or 126, as docker does)."""
+
+    def __init__(self, message: str, reason: str = "start_error") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def job_env(spec_env: dict[str, str], job_id: str, home: str = "/") -> dict[str, str]:
@@ -106,7 +113,9 @@ def resolve(argv0: str, env: dict[str, str]) -> str:
         return argv0
     found = which(argv0, env.get("PATH", ""))
     if found is None:
-        raise ExecError(f"executable {argv0!r} not found in PATH ({env.get('PATH', '')})")
+        raise ExecError(
+            f"executable {argv0!r} not found in PATH ({env.get('PATH', '')})", "not_found"
+        )
     return found
 
 
@@ -182,6 +191,7 @@ def exec_command(
     ``status_w``. The executable is looked up in the job's PATH after the job's root is in
     place and as the job's user, so it is the job's own view that decides."""
     stage = "set up the job's process"
+    reason = "start_error"
     try:
         os.setsid()
         devnull = os.open("/dev/null", os.O_RDONLY)
@@ -206,16 +216,19 @@ def exec_command(
             stage = "install the seccomp filter"
             load_seccomp(seccomp_filter())
         stage = f"execute {exe!r}"
+        reason = "not_executable"
         os.execve(exe, spec.argv, env)  # noqa: S606 - exec'ing the user's argv, no shell, is the job
     except ExecError as e:
-        message = str(e)
+        message, reason = str(e), e.reason
     except OSError as e:
         message = f"cannot {stage}: {e.strerror}"
+        if reason == "not_executable" and e.errno == errno.ENOENT:
+            reason = "not_found"
     except BaseException as e:  # noqa: BLE001 - anything here must become a report, not a trace
         message = f"cannot {stage}: {e}"
     # The job's root is built in the server's state dir; a failing mount names its target
     # there. The user sees the path as the job would (".../root/sys" -> "/sys").
     message = message.replace(new_root, "")
     with contextlib.suppress(OSError):
-        os.write(status_w, b"E" + message.encode())
+        os.write(status_w, b"E" + reason.encode() + b"\n" + message.encode())
     os._exit(127)

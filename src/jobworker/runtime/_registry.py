@@ -45,9 +45,17 @@ class Registry:
         self._active: dict[str, int] = {}
         self._ended: dict[str, dict[str, Job]] = {}
         self._ended_bytes: dict[str, int] = {}
+        # (owner, name) -> the job of that name, among jobs that exist.
+        self._names: dict[tuple[str, str], Job] = {}
+
+    def named(self, owner: str, name: str) -> Job | None:
+        """``owner``'s job called ``name``, if one exists."""
+        return self._names.get((owner, name))
 
     def add(self, job: Job) -> None:
         self._jobs[job.id] = job
+        if job.spec.name is not None:
+            self._names.setdefault((job.owner, job.spec.name), job)
         self._by_owner.setdefault(job.owner, {})[job.id] = job
         if job.state.is_final:
             self._add_ended(job)
@@ -61,6 +69,9 @@ class Registry:
         if self._jobs.pop(job.id, None) is None:
             return False
         job.on_final = None
+        key = (job.owner, job.spec.name or "")
+        if self._names.get(key) is job:
+            del self._names[key]
         if job.state.is_final:
             mine_ended = self._ended.get(job.owner, {})
             if mine_ended.pop(job.id, None) is not None:

@@ -13,11 +13,12 @@ import functools
 import gc
 import os
 import signal as signal_module
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import replace
 from typing import Self
 
 from .._allocator import release_free_memory
+from ._changes import Change, ChangeFeed
 from ._config import RuntimeConfig
 from ._errors import (
     InvalidSpecError,
@@ -37,7 +38,7 @@ from ._locks import LockHeldError, lock_exclusive
 from ._logformat import Stream
 from ._notify import DirNotifier
 from ._observer import JobObserver, NullObserver
-from ._output import Batch, Chunk, ReadBudget, read_log
+from ._output import Batch, Chunk, ReadBudget, Window, read_log
 from ._protocol import Control, Outcome, Verb
 from ._registry import Registry
 from ._restore import boot_id, restore
@@ -77,12 +78,13 @@ class Runtime:
         self._cgroups = cgroups
         self._registry = Registry()
         self._notifier = DirNotifier()
+        self._changes = ChangeFeed(observer)
         self._life = Lifecycle(
             config,
             registry=self._registry,
             launcher=launcher,
             cgroups=cgroups,
-            observer=observer,
+            observer=self._changes,
             notifier=self._notifier,
             boot_id=boot_id(),
         )
@@ -246,6 +248,7 @@ class Runtime:
             raise NotPermittedError(
                 f"owner {spec.owner!r} may not use the host network (server configuration)"
             )
+        spec = replace(spec, timeout_s=self._timeout(spec))
         spec = await asyncio.to_thread(self._place, spec)
         limits = spec.limits.resolve(config.default_limits, config.max_limits)
         if limits.io and self._cgroups is not None:
@@ -258,6 +261,32 @@ class Runtime:
         if start:
             await self._life.start(job)
         return job.status
+
+    def _timeout(self, spec: JobSpec) -> float | None:
+        """The job's run-time limit: its own, else the server's default, never above the
+        server's maximum.
+
+        Raises:
+            InvalidSpecError: it asks for more than the maximum.
+        """
+        config = self._config
+        timeout = spec.timeout_s if spec.timeout_s is not None else config.default_timeout
+        cap = config.max_timeout
+        if cap is None:
+            return timeout
+        if timeout is None:
+            return cap
+        if timeout > cap:
+            raise InvalidSpecError(
+                f"timeout {timeout:g}s is above the server maximum of {cap:g}s; ask for at "
+                "most that"
+            )
+        return timeout
+
+    @property
+    def timeouts(self) -> tuple[float | None, float | None]:
+        """The server's default and maximum job timeout, in seconds (None: none)."""
+        return self._config.default_timeout, self._config.max_timeout
 
     @property
     def sandboxed(self) -> bool:
@@ -427,6 +456,16 @@ class Runtime:
         finally:
             job.remove_waiter(changed)
 
+    def changes(self, wants: Callable[[JobStatus], bool]) -> AsyncGenerator[Change, None]:
+        """Every change from now on to a job ``wants`` accepts (created, changed state,
+        deleted), in the order they happened; the iterator never ends by itself.
+
+        Raises:
+            WatcherBehindError: (while iterating) the caller fell far behind.
+        """
+        self._check_open()
+        return self._changes.watch(wants)
+
     async def settled(self) -> None:
         """Return once every job end seen so far has been dealt with: cgroups removed,
         uids given back, retention applied."""
@@ -464,22 +503,26 @@ class Runtime:
         stdout: bool = True,
         stderr: bool = True,
         follow: bool = False,
+        window: Window | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """The job's output from its first byte, as chunks tagged with stream and time.
 
         With ``follow``, waits for new output until the job has ended and all of it has been
         delivered. Notes from jobworker itself (e.g. truncation) come as ``Stream.SYSTEM``
-        chunks in every view. Close the iterator (``contextlib.aclosing``) if you stop early.
+        chunks in every view. ``window`` picks a part of the log (an offset to resume from,
+        the last lines, a time span). Close the iterator (``contextlib.aclosing``) if you
+        stop early.
 
         Raises:
             JobNotFoundError: no job has this id (raised on the first iteration).
-            InvalidSpecError: neither stream is selected.
+            InvalidSpecError: neither stream is selected, or the window's offset is not one
+                this job's output gave.
         """
         async with contextlib.aclosing(
-            self.output_batches(job_id, stdout=stdout, stderr=stderr, follow=follow)
+            self.output_batches(job_id, stdout=stdout, stderr=stderr, follow=follow, window=window)
         ) as batches:
             async for batch in batches:
-                for chunk in batch:
+                for chunk in batch.chunks:
                     yield chunk
 
     def output_batches(
@@ -489,12 +532,15 @@ class Runtime:
         stdout: bool = True,
         stderr: bool = True,
         follow: bool = False,
+        window: Window | None = None,
     ) -> AsyncGenerator[Batch, None]:
-        """As :meth:`output`, in batches: each holds what one read of the log found.
+        """As :meth:`output`, in batches: each holds what one read of the log found, and
+        the offset it read up to.
 
         Raises:
             JobNotFoundError: no job has this id.
-            InvalidSpecError: neither stream is selected.
+            InvalidSpecError: neither stream is selected; (first iteration) the window's
+                offset is not one this job's output gave.
         """
         job = self._get(job_id)
         streams = frozenset(
@@ -510,6 +556,7 @@ class Runtime:
             subscribe=lambda event: self._subscribe(job, event),
             executor=self._readers,
             budget=self._read_budget,
+            window=window,
         )
 
     @property

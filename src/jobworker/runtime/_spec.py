@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._labels import LabelError, check_labels, check_name
 from ._errors import InvalidSpecError
 
 __all__ = ["IOLimit", "JobSpec", "Limits"]
@@ -23,6 +24,7 @@ MAX_ARG_BYTES = 128 * 1024
 # that passes here cannot fail at exec for size.
 MAX_ARGV_ENV_BYTES = 1024 * 1024
 MAX_OWNER_CHARS = 256
+MAX_TIMEOUT_S = 10 * 365 * 86400.0
 
 
 def _check_text(value: object, what: str) -> str:
@@ -168,6 +170,29 @@ class Limits:
         )
 
 
+def _check_tags(
+    name: str | None, labels: Mapping[str, str], timeout: float | None
+) -> dict[str, str]:
+    """The labels, once the name, the labels and the timeout are known to be valid.
+
+    Raises:
+        InvalidSpecError: one of them is not.
+    """
+    try:
+        if name is not None:
+            check_name(name)
+        checked = check_labels(labels)
+    except LabelError as e:
+        raise InvalidSpecError(str(e)) from None
+    if timeout is not None and not (
+        isinstance(timeout, int | float) and math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_S
+    ):
+        raise InvalidSpecError(
+            "timeout must be a number of seconds above 0 (at most ten years), e.g. 90"
+        )
+    return checked
+
+
 @dataclass(frozen=True, slots=True)
 class JobSpec:
     """A command to run as a job.
@@ -178,6 +203,9 @@ class JobSpec:
     private working directory (/job) when it is sandboxed, else /. ``image`` names one of
     the server's root filesystems (None: the host's, read-only). ``seccomp`` False asks for
     no seccomp filter, which the server grants only to owners its configuration names.
+    ``name`` is unique among the owner's jobs (checked when the job is created); ``labels``
+    follow Kubernetes' syntax. ``timeout_s`` stops the job once it has run that long (None:
+    the server's default).
 
     Raises:
         InvalidSpecError: on construction, naming the bad field.
@@ -191,6 +219,9 @@ class JobSpec:
     host_network: bool = False
     image: str | None = None
     seccomp: bool = True
+    name: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.argv, str | bytes) or not isinstance(self.argv, Sequence):
@@ -220,8 +251,10 @@ class JobSpec:
             raise InvalidSpecError("owner must be 1-256 printable characters")
         if not isinstance(self.limits, Limits):
             raise InvalidSpecError("limits must be a Limits value")
+        labels = _check_tags(self.name, self.labels, self.timeout_s)
         object.__setattr__(self, "argv", argv)
         object.__setattr__(self, "env", types.MappingProxyType(env))
+        object.__setattr__(self, "labels", types.MappingProxyType(labels))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -233,6 +266,9 @@ class JobSpec:
             "host_network": self.host_network,
             "image": self.image,
             "seccomp": self.seccomp,
+            "name": self.name,
+            "labels": dict(self.labels),
+            "timeout_s": self.timeout_s,
         }
 
     @classmethod
@@ -246,4 +282,7 @@ class JobSpec:
             host_network=bool(data.get("host_network", False)),
             image=data.get("image"),
             seccomp=bool(data.get("seccomp", True)),
+            name=data.get("name"),
+            labels=data.get("labels") or {},
+            timeout_s=data.get("timeout_s"),
         )

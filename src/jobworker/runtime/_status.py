@@ -6,7 +6,8 @@ first, so no status can be built in a state the machine does not allow.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from ._jobdir import ExitRecord, UsageRecord
@@ -66,7 +67,9 @@ class JobStatus:
 
     ``exit_code`` is set when the command exited by itself, ``signal`` when a signal killed it
     (both None while it runs and when it failed to start). ``error`` explains a ``failed``
-    state. ``pid`` is the command's pid as the host sees it.
+    state. ``pid`` is the command's pid as the host sees it. ``reason`` says why it ended
+    where the state alone does not: "timeout" or "stop" (stopped), "not_found",
+    "not_executable", "start_error" or "lost" (failed).
     """
 
     id: str
@@ -88,12 +91,18 @@ class JobStatus:
     sandbox: SandboxInfo | None = None
     # A fork failed for the job's pids limit at least once (known at its end).
     pids_limited: bool = False
+    name: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float | None = None
+    reason: str | None = None
 
     def describe_end(self) -> str:
         """How the job ended, in words: "exited with code 0", "stopped (killed by signal 15)"."""
         if self.state is State.FAILED:
             return f"failed: {self.error}"
         how = "exited" if self.state is State.EXITED else "stopped"
+        if self.reason == "timeout":
+            how = "stopped by its timeout"
         if self.signal is not None:
             return f"{how} (killed by signal {self.signal})"
         return f"{how} with code {self.exit_code}"
@@ -193,6 +202,7 @@ class JobStatus:
             error=record.error,
             ended_at=from_ns(record.ended_ns),
             output_truncated=record.output_truncated,
+            reason=record.reason,
         )
 
     def with_usage(self, usage: Usage) -> JobStatus:

@@ -111,6 +111,11 @@ class _Supervisor:
         self.cmd_status: int | None = None
         # When STOPPING turns into SIGKILL for every process (monotonic seconds).
         self.kill_at: float | None = None
+        # When the job's timeout stops it (monotonic seconds; None: it has none). Kept
+        # here, not in the server, so it holds while no server runs.
+        self.timeout_at: float | None = None
+        # Why a stop began: "stop" (asked for) or "timeout".
+        self.stop_reason = "stop"
 
     def _enter(self, phase: Phase) -> None:
         if phase not in _NEXT[self.phase]:
@@ -153,8 +158,11 @@ class _Supervisor:
             os.waitpid(pid, 0)
             os.close(out_r)
             os.close(err_r)
-            raise ExecError(report[1:].decode("utf-8", "replace"))
+            reason, _, message = report[1:].partition(b"\n")
+            raise ExecError(message.decode("utf-8", "replace"), reason.decode())
         self._enter(Phase.RUNNING)
+        if self.spec.timeout_s is not None:
+            self.timeout_at = time.monotonic() + self.spec.timeout_s
         return out_r, err_r
 
     # ---------------------------------------------------------------- signals and stop
@@ -163,13 +171,15 @@ class _Supervisor:
         with contextlib.suppress(ProcessLookupError):
             os.kill(-1, sig)
 
-    def request_stop(self, grace: float) -> Outcome:
+    def request_stop(self, grace: float, reason: str = "stop") -> Outcome:
         """SIGTERM everything now, SIGKILL after ``grace``; a second request can only bring
-        the deadline closer."""
+        the deadline closer. ``reason`` is the job's, if this begins the stop."""
         if self.phase not in (Phase.RUNNING, Phase.STOPPING):
             return Outcome.ENDED
         deadline = time.monotonic() + max(grace, 0.0)
         if self.phase is Phase.RUNNING:
+            self.stop_reason = reason
+            self.timeout_at = None
             self._enter(Phase.STOPPING)
             self._kill_all(signal.SIGTERM)
             self.kill_at = deadline
@@ -179,6 +189,9 @@ class _Supervisor:
         return Outcome.OK
 
     def _check_deadline(self) -> None:
+        if self.timeout_at is not None and time.monotonic() >= self.timeout_at:
+            grace = self.spec.stop_grace
+            self.request_stop(DEFAULT_GRACE_S if grace is None else grace, "timeout")
         if (
             self.phase is Phase.STOPPING
             and self.kill_at is not None
@@ -199,7 +212,7 @@ class _Supervisor:
             if pid == self.cmd_pid and self.phase in (Phase.RUNNING, Phase.STOPPING):
                 self.cmd_status = status
                 self.ended_in = self.phase
-                self.kill_at = None
+                self.kill_at = self.timeout_at = None
                 self._enter(Phase.DRAINING)
                 # The command is the job: once it is gone, so is everything it left behind.
                 self._kill_all(signal.SIGKILL)
@@ -223,14 +236,17 @@ class _Supervisor:
         self.report.close()
         self.report = None
 
-    def finish(self, error: str | None) -> NoReturn:
+    def finish(self, error: ExecError | None) -> NoReturn:
         """Record how the job ended (after its last output byte), tell the server, exit."""
+        reason: str | None = None
         if error is not None:
-            state, exit_code, sig = "failed", None, None
+            state, exit_code, sig, reason = "failed", None, None, error.reason
         else:
             # The one place exited-vs-stopped is decided: a command that ended while a stop
             # was under way was stopped, whatever its status.
             state = "stopped" if self.ended_in is Phase.STOPPING else "exited"
+            if state == "stopped":
+                reason = self.stop_reason
             exit_code = sig = None
             if self.cmd_status is not None:
                 code = os.waitstatus_to_exitcode(self.cmd_status)
@@ -240,15 +256,16 @@ class _Supervisor:
             state=state,
             exit_code=exit_code,
             signal=sig,
-            error=error,
+            error=str(error) if error is not None else None,
             ended_ns=time.time_ns(),
             output_truncated=self.log.truncated,
+            reason=reason,
         )
         self.log.close()
         write_json_atomic(self.dir_fd, EXIT, record.to_json(), durable=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(CONTROL)
-        self.send_report(Report(exit=record, error=error), [])
+        self.send_report(Report(exit=record, error=record.error), [])
         os._exit(0)
 
     # ---------------------------------------------------------------- main loop
@@ -261,8 +278,9 @@ class _Supervisor:
         children_left = self.reap()
         while streams or children_left:
             timeout = None
-            if self.kill_at is not None:
-                timeout = max(0, int((self.kill_at - time.monotonic()) * 1000) + 1)
+            deadlines = [t for t in (self.kill_at, self.timeout_at) if t is not None]
+            if deadlines:
+                timeout = max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
             for fd, _events in poller.poll(timeout):
                 if fd in streams:
                     self._pump(fd, streams, poller)
@@ -368,7 +386,7 @@ def run_supervisor(job_dir: str, report: socket.socket) -> NoReturn:
     try:
         out_r, err_r = sup.spawn()
     except ExecError as e:
-        sup.finish(str(e))
+        sup.finish(e)
     # /proc is still the host's here, so it names our host pid, which the server needs.
     host_pid = int(os.readlink("/proc/self"))
     run = RunRecord(

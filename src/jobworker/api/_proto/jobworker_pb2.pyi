@@ -266,6 +266,26 @@ class JobSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ARGV_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     WORKDIR_FIELD_NUMBER: _builtins.int
@@ -273,6 +293,9 @@ class JobSpec(_message.Message):
     HOST_NETWORK_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
     SECCOMP_UNCONFINED_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     workdir: _builtins.str
     """Absolute working directory; empty means the job's private /job (or "/" where the
     server runs jobs without its sandbox). Sandboxed, it must lie in /job, /tmp, /var/tmp,
@@ -284,6 +307,14 @@ class JobSpec(_message.Message):
     """The name of one of the server's root filesystems; empty: the host's, read-only."""
     seccomp_unconfined: _builtins.bool
     """Run without the seccomp filter (only owners the server's configuration names)."""
+    name: _builtins.str
+    """A name for the job, unique among the owner's jobs that still exist: 1-63 letters,
+    digits, '_', '.' or '-', starting with a letter or digit, and not shaped like a job id.
+    """
+    timeout_seconds: _builtins.float
+    """Stop the job (SIGTERM, then SIGKILL after the default grace) once it has run this many
+    seconds; unset: the server's default (none unless configured), never above its maximum.
+    """
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The command and its arguments, executed directly (never through a shell)."""
@@ -296,6 +327,12 @@ class JobSpec(_message.Message):
     def limits(self) -> Global___Limits:
         """Resource limits."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels, in Kubernetes syntax: keys "[prefix/]name" (name 1-63 characters, prefix a DNS
+        subdomain), values 0-63 characters; at most 64 labels.
+        """
+
     def __init__(
         self,
         *,
@@ -306,12 +343,17 @@ class JobSpec(_message.Message):
         host_network: _builtins.bool = ...,
         image: _builtins.str = ...,
         seccomp_unconfined: _builtins.bool = ...,
+        name: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        timeout_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds", "limits", b"limits", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "env", b"env", "host_network", b"host_network", "image", b"image", "limits", b"limits", "seccomp_unconfined", b"seccomp_unconfined", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds", "argv", b"argv", "env", b"env", "host_network", b"host_network", "image", b"image", "labels", b"labels", "limits", b"limits", "name", b"name", "seccomp_unconfined", b"seccomp_unconfined", "timeout_seconds", b"timeout_seconds", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__timeout_seconds: _TypeAlias = _typing.Literal["timeout_seconds"]  # noqa: Y015
+    _WhichOneofArgType__timeout_seconds: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout_seconds) -> _WhichOneofReturnType__timeout_seconds | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
 
@@ -399,6 +441,26 @@ class Job(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     ARGV_FIELD_NUMBER: _builtins.int
@@ -417,6 +479,10 @@ class Job(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     SANDBOX_FIELD_NUMBER: _builtins.int
     PIDS_LIMITED_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The job's id, a UUID."""
     owner: _builtins.str
@@ -439,6 +505,17 @@ class Job(_message.Message):
     """False when the server runs without cgroups: the limits are then not enforced."""
     pids_limited: _builtins.bool
     """True when a fork of the job failed for its pids limit (known once it has ended)."""
+    name: _builtins.str
+    """Its name, if it was given one."""
+    timeout_seconds: _builtins.float
+    """The timeout in force, in seconds (unset: none)."""
+    reason: _builtins.str
+    """Why it ended, in one word, where there is more to say than the state: "timeout" (stopped
+    when its timeout ran out), "stop" (stopped on request), "not_found" (failed: the command
+    does not exist), "not_executable" (failed: it could not be executed), "start_error"
+    (failed: the sandbox or working directory could not be set up), "lost" (failed: its
+    supervisor vanished). Empty otherwise.
+    """
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The command."""
@@ -469,6 +546,10 @@ class Job(_message.Message):
     def sandbox(self) -> Global___Sandbox:
         """Its sandbox, once started (unset where the server runs jobs without one)."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Its labels."""
+
     def __init__(
         self,
         *,
@@ -490,10 +571,14 @@ class Job(_message.Message):
         usage: Global___Usage | None = ...,
         sandbox: Global___Sandbox | None = ...,
         pids_limited: _builtins.bool = ...,
+        name: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        timeout_seconds: _builtins.float | None = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "created_at", b"created_at", "ended_at", b"ended_at", "exit_code", b"exit_code", "limits", b"limits", "pid", b"pid", "sandbox", b"sandbox", "signal", b"signal", "started_at", b"started_at", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "_timeout_seconds", b"_timeout_seconds", "created_at", b"created_at", "ended_at", b"ended_at", "exit_code", b"exit_code", "limits", b"limits", "pid", b"pid", "sandbox", b"sandbox", "signal", b"signal", "started_at", b"started_at", "timeout_seconds", b"timeout_seconds", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "argv", b"argv", "created_at", b"created_at", "ended_at", b"ended_at", "error", b"error", "exit_code", b"exit_code", "id", b"id", "limits", b"limits", "limits_enforced", b"limits_enforced", "oom_killed", b"oom_killed", "output_truncated", b"output_truncated", "owner", b"owner", "pid", b"pid", "pids_limited", b"pids_limited", "sandbox", b"sandbox", "signal", b"signal", "started_at", b"started_at", "state", b"state", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "_timeout_seconds", b"_timeout_seconds", "argv", b"argv", "created_at", b"created_at", "ended_at", b"ended_at", "error", b"error", "exit_code", b"exit_code", "id", b"id", "labels", b"labels", "limits", b"limits", "limits_enforced", b"limits_enforced", "name", b"name", "oom_killed", b"oom_killed", "output_truncated", b"output_truncated", "owner", b"owner", "pid", b"pid", "pids_limited", b"pids_limited", "reason", b"reason", "sandbox", b"sandbox", "signal", b"signal", "started_at", b"started_at", "state", b"state", "timeout_seconds", b"timeout_seconds", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -501,12 +586,16 @@ class Job(_message.Message):
     _WhichOneofArgType__pid: _TypeAlias = _typing.Literal["_pid", b"_pid"]  # noqa: Y015
     _WhichOneofReturnType__signal: _TypeAlias = _typing.Literal["signal"]  # noqa: Y015
     _WhichOneofArgType__signal: _TypeAlias = _typing.Literal["_signal", b"_signal"]  # noqa: Y015
+    _WhichOneofReturnType__timeout_seconds: _TypeAlias = _typing.Literal["timeout_seconds"]  # noqa: Y015
+    _WhichOneofArgType__timeout_seconds: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__exit_code) -> _WhichOneofReturnType__exit_code | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__pid) -> _WhichOneofReturnType__pid | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__signal) -> _WhichOneofReturnType__signal | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout_seconds) -> _WhichOneofReturnType__timeout_seconds | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
 
@@ -729,24 +818,59 @@ class OutputRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     STREAMS_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    TAIL_LINES_FIELD_NUMBER: _builtins.int
+    SINCE_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    UNTIL_UNIX_NANO_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The job's id."""
     streams: Global___OutputSelector.ValueType
     """Which streams."""
     follow: _builtins.bool
     """Keep the stream open for new output until the job has ended."""
+    offset: _builtins.int
+    """Resume after this point of the log: the `offset` of an OutputResponse this job's
+    output gave (a reconnecting follower replays nothing). Unset: from the first byte.
+    """
+    tail_lines: _builtins.int
+    """Only the last N lines of what was written so far (of the selected streams), then
+    (with follow) everything new.
+    """
+    since_unix_nano: _builtins.int
+    """Only chunks read at or after this time (ns since the Unix epoch)."""
+    until_unix_nano: _builtins.int
+    """Only chunks read before this time; the stream ends at it, following or not."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         streams: Global___OutputSelector.ValueType = ...,
         follow: _builtins.bool = ...,
+        offset: _builtins.int | None = ...,
+        tail_lines: _builtins.int | None = ...,
+        since_unix_nano: _builtins.int | None = ...,
+        until_unix_nano: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_offset", b"_offset", "_since_unix_nano", b"_since_unix_nano", "_tail_lines", b"_tail_lines", "_until_unix_nano", b"_until_unix_nano", "offset", b"offset", "since_unix_nano", b"since_unix_nano", "tail_lines", b"tail_lines", "until_unix_nano", b"until_unix_nano"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "id", b"id", "streams", b"streams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_offset", b"_offset", "_since_unix_nano", b"_since_unix_nano", "_tail_lines", b"_tail_lines", "_until_unix_nano", b"_until_unix_nano", "follow", b"follow", "id", b"id", "offset", b"offset", "since_unix_nano", b"since_unix_nano", "streams", b"streams", "tail_lines", b"tail_lines", "until_unix_nano", b"until_unix_nano"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__offset: _TypeAlias = _typing.Literal["offset"]  # noqa: Y015
+    _WhichOneofArgType__offset: _TypeAlias = _typing.Literal["_offset", b"_offset"]  # noqa: Y015
+    _WhichOneofReturnType__since_unix_nano: _TypeAlias = _typing.Literal["since_unix_nano"]  # noqa: Y015
+    _WhichOneofArgType__since_unix_nano: _TypeAlias = _typing.Literal["_since_unix_nano", b"_since_unix_nano"]  # noqa: Y015
+    _WhichOneofReturnType__tail_lines: _TypeAlias = _typing.Literal["tail_lines"]  # noqa: Y015
+    _WhichOneofArgType__tail_lines: _TypeAlias = _typing.Literal["_tail_lines", b"_tail_lines"]  # noqa: Y015
+    _WhichOneofReturnType__until_unix_nano: _TypeAlias = _typing.Literal["until_unix_nano"]  # noqa: Y015
+    _WhichOneofArgType__until_unix_nano: _TypeAlias = _typing.Literal["_until_unix_nano", b"_until_unix_nano"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__offset) -> _WhichOneofReturnType__offset | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__since_unix_nano) -> _WhichOneofReturnType__since_unix_nano | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tail_lines) -> _WhichOneofReturnType__tail_lines | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__until_unix_nano) -> _WhichOneofReturnType__until_unix_nano | None: ...
 
 Global___OutputRequest: _TypeAlias = OutputRequest  # noqa: Y015
 
@@ -787,6 +911,9 @@ class OutputResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHUNKS_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Where the log was read up to: pass it as OutputRequest.offset to go on from here."""
     @_builtins.property
     def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputChunk]:
         """The chunks, in order."""
@@ -795,14 +922,131 @@ class OutputResponse(_message.Message):
         self,
         *,
         chunks: _abc.Iterable[Global___OutputChunk] | None = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OutputResponse: _TypeAlias = OutputResponse  # noqa: Y015
+
+@_typing.final
+class WatchJobsRequest(_message.Message):
+    """Watch jobs change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """Admins only: only this owner's jobs (as ListJobsRequest.owner)."""
+    selector: _builtins.str
+    """Only jobs whose labels match (as ListJobsRequest.selector)."""
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        selector: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchJobsRequest: _TypeAlias = WatchJobsRequest  # noqa: Y015
+
+@_typing.final
+class JobEvent(_message.Message):
+    """One change to a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
+    """True when the job was deleted."""
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """Its status after the change (its last one, when it was deleted)."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+        deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class ServerInfoRequest(_message.Message):
+    """Ask for the server's information."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerInfoRequest: _TypeAlias = ServerInfoRequest  # noqa: Y015
+
+@_typing.final
+class ServerInfo(_message.Message):
+    """What the server is, and who the caller is to it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    DEFAULT_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """The jobworker release, e.g. "0.2.0"."""
+    caller: _builtins.str
+    """The caller's identity (its certificate's CN)."""
+    role: _builtins.str
+    """The caller's role: "admin" or "user"."""
+    default_timeout_seconds: _builtins.float
+    """The timeout a job gets when it asks for none, in seconds (unset: none)."""
+    max_timeout_seconds: _builtins.float
+    """The longest timeout a job may ask for, in seconds (unset: no maximum)."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        caller: _builtins.str = ...,
+        role: _builtins.str = ...,
+        default_timeout_seconds: _builtins.float | None = ...,
+        max_timeout_seconds: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_timeout_seconds", b"_default_timeout_seconds", "_max_timeout_seconds", b"_max_timeout_seconds", "default_timeout_seconds", b"default_timeout_seconds", "max_timeout_seconds", b"max_timeout_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_timeout_seconds", b"_default_timeout_seconds", "_max_timeout_seconds", b"_max_timeout_seconds", "caller", b"caller", "default_timeout_seconds", b"default_timeout_seconds", "max_timeout_seconds", b"max_timeout_seconds", "role", b"role", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__default_timeout_seconds: _TypeAlias = _typing.Literal["default_timeout_seconds"]  # noqa: Y015
+    _WhichOneofArgType__default_timeout_seconds: _TypeAlias = _typing.Literal["_default_timeout_seconds", b"_default_timeout_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__max_timeout_seconds: _TypeAlias = _typing.Literal["max_timeout_seconds"]  # noqa: Y015
+    _WhichOneofArgType__max_timeout_seconds: _TypeAlias = _typing.Literal["_max_timeout_seconds", b"_max_timeout_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__default_timeout_seconds) -> _WhichOneofReturnType__default_timeout_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_timeout_seconds) -> _WhichOneofReturnType__max_timeout_seconds | None: ...
+
+Global___ServerInfo: _TypeAlias = ServerInfo  # noqa: Y015
 
 @_typing.final
 class ListJobsRequest(_message.Message):
@@ -811,16 +1055,24 @@ class ListJobsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OWNER_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
-    """Admins only: only this owner's jobs. Users always get only their own."""
+    """Admins only: only this owner's jobs. A user naming anyone but themselves gets
+    PERMISSION_DENIED.
+    """
+    selector: _builtins.str
+    """A label selector in Kubernetes syntax: "k=v", "k==v", "k!=v", "k" (has the label), "!k"
+    (has not), "k in (a,b)", "k notin (a,b)", joined by commas (all must hold).
+    """
     def __init__(
         self,
         *,
         owner: _builtins.str = ...,
+        selector: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

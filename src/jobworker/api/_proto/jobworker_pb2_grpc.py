@@ -89,6 +89,16 @@ class JobServiceStub:
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.JobRequest.SerializeToString,
                 response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.Job.FromString,
                 _registered_method=True)
+        self.WatchJobs = channel.unary_stream(
+                '/jobworker.v1.JobService/WatchJobs',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.WatchJobsRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/jobworker.v1.JobService/GetServerInfo',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.ServerInfoRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ServerInfo.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -176,6 +186,21 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchJobs(self, request, context):
+        """Every change to the caller's jobs (admins: everyone's, or one owner's) from now on:
+        a job created, changing state, or deleted. Open until the client goes away.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServerInfo(self, request, context):
+        """The server's version, and who the caller is to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +258,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.RemoveJob,
                     request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.JobRequest.FromString,
                     response_serializer=jobworker_dot_v1_dot_jobworker__pb2.Job.SerializeToString,
+            ),
+            'WatchJobs': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJobs,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.WatchJobsRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.JobEvent.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ServerInfoRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.ServerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -532,6 +567,60 @@ class JobService:
             '/jobworker.v1.JobService/RemoveJob',
             jobworker_dot_v1_dot_jobworker__pb2.JobRequest.SerializeToString,
             jobworker_dot_v1_dot_jobworker__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jobworker.v1.JobService/WatchJobs',
+            jobworker_dot_v1_dot_jobworker__pb2.WatchJobsRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobworker.v1.JobService/GetServerInfo',
+            jobworker_dot_v1_dot_jobworker__pb2.ServerInfoRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.ServerInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,12 @@ class JobServiceStub:
     """Delete an ended (or never started) job and its output; FAILED_PRECONDITION for a
     running job. Returns the job's last status.
     """
+    WatchJobs: _grpc.UnaryStreamMultiCallable[_jobworker_pb2.WatchJobsRequest, _jobworker_pb2.JobEvent]
+    """Every change to the caller's jobs (admins: everyone's, or one owner's) from now on:
+    a job created, changing state, or deleted. Open until the client goes away.
+    """
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.ServerInfoRequest, _jobworker_pb2.ServerInfo]
+    """The server's version, and who the caller is to it."""
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -113,6 +119,12 @@ class JobServiceAsyncStub(JobServiceStub):
     """Delete an ended (or never started) job and its output; FAILED_PRECONDITION for a
     running job. Returns the job's last status.
     """
+    WatchJobs: _aio.UnaryStreamMultiCallable[_jobworker_pb2.WatchJobsRequest, _jobworker_pb2.JobEvent]  # type: ignore[assignment]
+    """Every change to the caller's jobs (admins: everyone's, or one owner's) from now on:
+    a job created, changing state, or deleted. Open until the client goes away.
+    """
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.ServerInfoRequest, _jobworker_pb2.ServerInfo]  # type: ignore[assignment]
+    """The server's version, and who the caller is to it."""
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -212,5 +224,23 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """Delete an ended (or never started) job and its output; FAILED_PRECONDITION for a
         running job. Returns the job's last status.
         """
+
+    @_abc_1.abstractmethod
+    def WatchJobs(
+        self,
+        request: _jobworker_pb2.WatchJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_jobworker_pb2.JobEvent], _abc.AsyncIterator[_jobworker_pb2.JobEvent]]:
+        """Every change to the caller's jobs (admins: everyone's, or one owner's) from now on:
+        a job created, changing state, or deleted. Open until the client goes away.
+        """
+
+    @_abc_1.abstractmethod
+    def GetServerInfo(
+        self,
+        request: _jobworker_pb2.ServerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobworker_pb2.ServerInfo, _abc.Awaitable[_jobworker_pb2.ServerInfo]]:
+        """The server's version, and who the caller is to it."""
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
