@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as dt
 import json
@@ -20,9 +21,11 @@ import pytest_asyncio
 from cryptography import x509
 
 from jobworker.api._auth import CertPool
+from jobworker.api.client import pb
 from jobworker.certs import issue_client, issue_server, load, make_ca, make_dev_pki, save
 from jobworker.cli._client import CliError, pick
-from jobworker.cli._completion import COMMANDS
+from jobworker.cli._completion import JOB_COMMANDS, script
+from jobworker.cli._parser import parser
 from jobworker.identity import Role, fingerprint
 
 from ..api.conftest import Pki, Running, serving
@@ -30,6 +33,12 @@ from ..api.conftest import Pki, Running, serving
 JOBCTL = str(Path(sys.executable).parent / "jobctl")
 JSON_KEYS = {
     "id",
+    "name",
+    "labels",
+    "reason",
+    "pid",
+    "output_truncated",
+    "timeout_seconds",
     "owner",
     "argv",
     "state",
@@ -199,12 +208,30 @@ async def test_errors_are_one_clear_line(cli: Cli, tmp_path: Path) -> None:
     missing = await cli("ls", env={"JOBWORKER_KEY": str(tmp_path / "nope.key")})
     assert missing.code == 1
     assert "cannot read the key" in missing.err
-    bad_memory = await cli("run", "--memory", "lots", "true")
-    assert bad_memory.code == 2
-    assert "not a size" in bad_memory.err
-    for result in (unknown, short, refused, missing, bad_memory):
+    for result in (unknown, short, refused, missing):
         assert "Traceback" not in result.err
         assert result.err.startswith("jobctl: ")
+
+
+async def test_bad_values_are_a_usage_line_and_exit_2(cli: Cli) -> None:
+    """A malformed value names the flag and the fix, after the command's own usage line."""
+    for args, words in (
+        (("run", "--memory", "10X", "true"), "argument --memory: size '10X' is not a size"),
+        (("run", "-e", "=x", "true"), "argument --env/-e: '=x' is not NAME=VALUE or NAME"),
+        (("run", "--label", "novalue", "true"), "'novalue' is not KEY=VALUE"),
+        (("start", "--timeout", "soon", "true"), "duration 'soon' is not a duration"),
+        (("logs", "--tail", "-3", "x"), "'-3' is not a whole number of at least 0"),
+        (("ls", "--bogus"), "unrecognized arguments: --bogus"),
+    ):
+        result = await cli(*args)
+        assert result.code == 2, (args, result.err)
+        lines = result.err.splitlines()
+        usage, error = lines[0], lines[-1]
+        # The subcommand's usage, not the top level's.
+        assert usage.startswith(f"usage: jobctl {args[0]} "), usage
+        assert error.startswith(f"jobctl {args[0]}: error: "), error
+        assert words in error, error
+        assert result.out == b""
 
 
 async def test_bad_limit_values_are_usage_errors(cli: Cli) -> None:
@@ -267,18 +294,43 @@ async def test_completion_scripts(cli: Cli) -> None:
     for shell in ("bash", "zsh", "fish"):
         result = await cli("completion", shell)
         assert result.code == 0
-        for command in COMMANDS:
-            assert command in result.text
+        assert result.text == script(shell)
+        assert "jobctl __jobs" in result.text
+        # Every flag of every command is offered (a new flag cannot be forgotten).
+        found = next(a for a in parser()._actions if a.dest == "command").choices  # noqa: SLF001 - walking argparse's parsers
+        assert isinstance(found, dict)
+        commands: dict[str, argparse.ArgumentParser] = found
+        for name, sub in commands.items():
+            if name.startswith("__"):
+                continue
+            assert name in result.text
+            for action in sub._actions:  # noqa: SLF001 - as above
+                for flag in action.option_strings:
+                    assert flag.lstrip("-") in result.text, (shell, name, flag)
+    assert set(JOB_COMMANDS) <= set(commands)
 
 
-def test_prefix_resolution() -> None:
-    ids = ["abcd1111-0000", "abcd2222-0000", "ef001111-0000"]
-    assert pick("ef00", ids) == "ef001111-0000"
-    assert pick("abcd1", ids) == "abcd1111-0000"
+def test_prefix_and_name_resolution() -> None:
+    jobs = [
+        pb.Job(id="abcd1111-0000", owner="a", name="web"),
+        pb.Job(id="abcd2222-0000", owner="a", name="abcd1111"),
+        pb.Job(id="ef001111-0000", owner="a"),
+        pb.Job(id="77001111-0000", owner="b", name="db"),
+        pb.Job(id="88001111-0000", owner="c", name="db"),
+    ]
+    assert pick("ef00", jobs) == "ef001111-0000"
+    assert pick("abcd1", jobs) == "abcd1111-0000"
+    assert pick("web", jobs) == "abcd1111-0000"
+    # An id prefix and a name both match: the id wins, as the docs say.
+    assert pick("abcd1111", jobs) == "abcd1111-0000"
     with pytest.raises(CliError, match="ambiguous"):
-        pick("abcd", ids)
+        pick("abcd", jobs)
     with pytest.raises(CliError, match="no job matches"):
-        pick("9999", ids)
+        pick("9999", jobs)
+    with pytest.raises(CliError, match="all named 'db'"):
+        pick("db", jobs)
+    with pytest.raises(CliError, match="no job is named 'x'"):
+        pick("x", jobs)
 
 
 async def _pty_run(
@@ -327,8 +379,10 @@ async def test_first_ctrl_c_detaches_and_the_job_keeps_running(cli: Cli) -> None
         "echo started; exec sleep 600",
         until=b"started",
         then=b"\x03",
+        status=130,
     )
-    assert b"detached from job" in screen
+    job_id = json.loads((await cli("ls", "--json")).text)[0]["id"]
+    assert f"detached; job {job_id} keeps running (jobctl logs -f {job_id[:12]})".encode() in screen
     jobs = json.loads((await cli("ls", "--json")).text)
     assert [j["state"] for j in jobs] == ["running"]
 
@@ -375,7 +429,7 @@ async def test_run_flags_reach_the_job(cli: Cli, public_dir: Path) -> None:
 
 async def test_host_network_is_refused_unless_allowed(cli: Cli) -> None:
     result = await cli("run", "--network", "host", "true")
-    assert result.code == 1
+    assert result.code == 125  # a refused request: jobctl's failure, not the job's
     assert "may not use the host network" in result.err
 
 
@@ -411,7 +465,9 @@ async def test_rm_deletes_ended_jobs_and_refuses_running_ones(cli: Cli) -> None:
     await cli("stop", "--grace", "0s", running)
 
 
-async def test_ctrl_c_with_rm_stops_and_deletes_the_job(cli: Cli) -> None:
+async def test_ctrl_c_with_rm_stops_drains_and_deletes_the_job(cli: Cli) -> None:
+    """The job's last words (its TERM handler's) reach the screen before it is deleted,
+    and the interrupted run exits 130 even though the job itself exits 0."""
     screen = await _pty_run(
         cli.env,
         "run",
@@ -419,12 +475,13 @@ async def test_ctrl_c_with_rm_stops_and_deletes_the_job(cli: Cli) -> None:
         "--",
         "sh",
         "-c",
-        "echo started; exec sleep 600",
+        "trap 'echo goodbye; exit 0' TERM; echo started; sleep 600 & wait",
         until=b"started",
         then=b"\x03",
-        status=128 + signal.SIGTERM,
+        status=130,
     )
     assert b"stopping job" in screen
+    assert b"goodbye" in screen
     assert json.loads((await cli("ls", "-a", "--json")).text) == []
 
 
@@ -432,7 +489,7 @@ async def test_cli_imports_no_grpc_until_a_command_needs_it() -> None:
     # What every command loads before running itself or handing over to a keeper.
     code = (
         "import sys, jobworker.cli.__main__ as m, jobworker.cli._config, "
-        "jobworker.cli._control, jobworker.cli._parser; m.parser();"
+        "jobworker.cli._control, jobworker.cli._parser as p; p.parse(['ls']);"
         "heavy = [x for x in ('grpc', 'google.protobuf', 'rich', 'cryptography', 'asyncio', "
         "'ssl', 'tomllib', 'dataclasses', 'subprocess') "
         "if x in sys.modules]; print(heavy)"
@@ -454,7 +511,9 @@ async def test_more_connection_errors(cli: Cli, pki: Pki) -> None:
     silent.listen()
     try:
         port = silent.getsockname()[1]
-        slow = await cli("--timeout", "1s", "ls", env={"JOBWORKER_SERVER": f"127.0.0.1:{port}"})
+        slow = await cli(
+            "--request-timeout", "1s", "ls", env={"JOBWORKER_SERVER": f"127.0.0.1:{port}"}
+        )
     finally:
         silent.close()
     assert slow.code == 1

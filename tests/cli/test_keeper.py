@@ -104,7 +104,7 @@ async def test_commands_run_through_one_kept_connection(
     assert listed.code == 0
     assert len(json.loads(listed.out)) == 4
     missing = await cli("status", "abcd1234")
-    assert (missing.code, missing.err) == (1, "jobctl: no job matches 'abcd1234'\n")
+    assert (missing.code, missing.err) == (1, "jobctl: no job matches 'abcd1234' (by id or name)\n")
     bad = await cli("run", "--memory", "lots", "true")
     assert bad.code == 2
     assert "not a size" in bad.err
@@ -126,8 +126,9 @@ async def test_ctrl_c_through_the_keeper_detaches(kept: tuple[Cli, Path]) -> Non
         "echo started; exec sleep 600",
         until=b"started",
         then=b"\x03",
+        status=130,
     )
-    assert b"detached from job" in screen
+    assert b"detached; job " in screen
     running = await cli("ls", "--json")
     assert [job["state"] for job in json.loads(running.out)] == ["running"]
 
