@@ -67,7 +67,17 @@ async def test_another_users_job_is_not_found_on_every_job_rpc(api: Running) -> 
             assert unknown[0] == grpc.StatusCode.NOT_FOUND, method.name
             # The same words either way, so the answer tells nothing about the id.
             assert foreign[1].replace(job.id, "ID") == unknown[1].replace(UNKNOWN, "ID")
-        listed = await bob.ListJobs(pb.ListJobsRequest(owner="alice"), timeout=10)
+        # Asking for another owner's jobs is refused out loud (whoever that owner is), and
+        # bob's own listing does not hold alice's job.
+        refused = await _outcome(
+            bob, SERVICE.methods_by_name["ListJobs"], pb.ListJobsRequest(owner="alice")
+        )
+        assert refused[0] == grpc.StatusCode.PERMISSION_DENIED
+        nobody = await _outcome(
+            bob, SERVICE.methods_by_name["ListJobs"], pb.ListJobsRequest(owner="zed")
+        )
+        assert nobody == refused
+        listed = await bob.ListJobs(pb.ListJobsRequest(), timeout=10)
         assert [j.id for j in listed.jobs] == []
     # bob's calls changed nothing: alice's job still runs.
     async with api.client("alice") as alice:

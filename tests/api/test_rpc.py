@@ -91,8 +91,13 @@ async def test_other_users_jobs_are_not_found_on_every_rpc(api: Running) -> None
         theirs = await details_of(bob.GetJob(pb.JobRequest(id=job.id), timeout=10))
         unknown = await details_of(bob.GetJob(pb.JobRequest(id=UNKNOWN), timeout=10))
         assert theirs[1].replace(job.id, "ID") == unknown[1].replace(UNKNOWN, "ID")
-        listed = await bob.ListJobs(pb.ListJobsRequest(owner="alice"), timeout=10)
-        assert list(listed.jobs) == []
+        refused = await details_of(bob.ListJobs(pb.ListJobsRequest(owner="alice"), timeout=10))
+        assert refused == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "only admins may list other owners' jobs; leave out the owner to see your own",
+        )
+        mine = await bob.ListJobs(pb.ListJobsRequest(owner="bob"), timeout=10)
+        assert list(mine.jobs) == []
         still = await alice.GetJob(pb.JobRequest(id=job.id), timeout=10)
         assert still.state == pb.JOB_STATE_RUNNING
 

@@ -16,6 +16,7 @@ import os
 import signal
 import weakref
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pytest_asyncio
 
 from jobworker.runtime import (
     CgroupError,
+    InvalidSpecError,
     JobNotFoundError,
     JobRunningError,
     JobSpec,
@@ -34,7 +36,7 @@ from jobworker.runtime import (
     StateDirError,
 )
 
-from ..conftest import cgroup_dirs, make_config
+from ..conftest import cgroup_dirs, make_config, opened
 from .helpers import collect, joined, py, read_until
 
 # Prints, then waits for SIGUSR1 and exits 3 once it comes; a second line proves the
@@ -45,6 +47,17 @@ WAITS_FOR_USR1 = """
         print("got usr1", flush=True)
         sys.exit(3)
     signal.signal(signal.SIGUSR1, done)
+    print("ready", flush=True)
+    while True:
+        signal.pause()
+"""
+
+TERM_SAYS_BYE = """
+    import signal, sys
+    def bye(*_):
+        print("bye", flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, bye)
     print("ready", flush=True)
     while True:
         signal.pause()
@@ -490,3 +503,47 @@ async def test_two_servers_cannot_share_a_state_dir_or_a_subtree(tmp_path: Path)
     # Released at close: the next one opens.
     async with asyncio.timeout(60), await Runtime.open(config) as again:
         assert [s.id for s in await again.jobs()] == [job.id]
+
+
+async def test_a_timeout_stops_the_job_even_while_no_runtime_runs(restarts: Restarts) -> None:
+    """The supervisor, not the server, enforces a job's timeout: it holds across a
+    restart, and the job ends stopped with reason "timeout" after its TERM handler ran."""
+    first = await restarts.open()
+    async with asyncio.timeout(60):
+        job = await first.create(replace(py(TERM_SAYS_BYE), timeout_s=2.0), start=True)
+        assert job.timeout_s == 2.0
+        await read_until(first, job.id, b"ready")
+        await first.close()
+        run = json.loads((restarts.config.state_dir / "jobs" / job.id / "run.json").read_text())
+        await _wait_pid_gone(run["supervisor_pid"])
+
+        second = await restarts.open()
+        final = await second.status(job.id)
+        output = joined(await collect(second, job.id))
+    assert final.state is State.STOPPED
+    assert final.reason == "timeout"
+    assert final.exit_code == 0  # its TERM handler exited cleanly
+    assert output == b"ready\nbye\n"
+    assert "timeout" in final.describe_end()
+
+
+async def test_timeouts_take_the_server_default_and_respect_its_maximum(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "state", default_timeout=3600.0, max_timeout=7200.0)
+    async with opened(config) as rt:
+        defaulted = await rt.create(JobSpec(["true"]))
+        own = await rt.create(JobSpec(["true"], timeout_s=60))
+        with pytest.raises(InvalidSpecError, match="above the server maximum of 7200s"):
+            await rt.create(JobSpec(["true"], timeout_s=7201))
+    assert (defaulted.timeout_s, own.timeout_s) == (3600.0, 60)
+
+
+async def test_a_stop_on_request_says_so_and_a_start_failure_says_why(tmp_path: Path) -> None:
+    async with opened(make_config(tmp_path / "state")) as rt:
+        stopped = await rt.stop((await rt.run(JobSpec(["sleep", "600"]))).id, grace=0)
+        missing = await rt.run(JobSpec(["no-such-command-here"]))
+        not_exec = await rt.run(JobSpec(["/etc/hostname"]))
+        bad_dir = await rt.run(JobSpec(["true"], cwd="/tmp/none"))  # /tmp is empty
+    assert (stopped.state, stopped.reason) == (State.STOPPED, "stop")
+    assert (missing.state, missing.reason) == (State.FAILED, "not_found")
+    assert (not_exec.state, not_exec.reason) == (State.FAILED, "not_executable")
+    assert (bad_dir.state, bad_dir.reason) == (State.FAILED, "start_error")
