@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from . import __version__
 from .identity import ROLE_OID, Role, encode_role, fingerprint
 
 __all__ = ["issue_client", "issue_server", "main", "make_ca", "make_dev_pki", "make_pki"]
@@ -291,6 +292,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jobworker-certs", description=__doc__.splitlines()[0] if __doc__ else None
     )
+    parser.add_argument("--version", action="version", version=f"jobworker-certs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("init", help="write DIR/ca.pem, ca.key, server.pem, server.key (keys 0600)")
     p.add_argument("dir", type=Path)

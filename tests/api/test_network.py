@@ -137,10 +137,12 @@ def jobworkerd_argv(pki: Pki, listen: str, state: Path, server: str = "") -> lis
 
 
 class Daemon:
-    def __init__(self, tmp_path: Path, pki: Pki, *extra: str, server: str = "") -> None:
+    def __init__(
+        self, tmp_path: Path, pki: Pki, *extra: str, server: str = "", listen: str = "127.0.0.1:0"
+    ) -> None:
         self.state = tmp_path / "state"
         self.proc = subprocess.Popen(
-            [*jobworkerd_argv(pki, "127.0.0.1:0", self.state, server), *extra],
+            [*jobworkerd_argv(pki, listen, self.state, server), *extra],
             stderr=subprocess.PIPE,
             text=True,
         )

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from jobworker import __version__
 from jobworker.api._logs import TextFormatter
 from jobworker.api._proto import jobworker_pb2 as pb
 from jobworker.api.client import connect
@@ -64,6 +65,7 @@ async def test_metrics_follow_jobs_streams_and_rpcs(tmp_path: Path, pki: Pki) ->
     async with serving(tmp_path, pki, metrics_listen="127.0.0.1:0") as running:
         port = _port(running)
         before = await _scrape(port)
+        assert _value(before, "jobworker_build_info", version=__version__) == 1
         for state in ("created", "running", "exited", "stopped", "failed"):
             assert _value(before, "jobworker_jobs", state=state) == 0
         async with running.client() as stub:

@@ -46,8 +46,8 @@ class Servers:
         self.current: Daemon | None = None
         self.all: list[Daemon] = []
 
-    async def start(self) -> Daemon:
-        d = Daemon(self.tmp_path, self.pki)
+    async def start(self, port: int = 0) -> Daemon:
+        d = Daemon(self.tmp_path, self.pki, listen=f"127.0.0.1:{port}")
         self.current = d
         self.all.append(d)
         await asyncio.wait_for(asyncio.to_thread(d.wait_ready), 60)
@@ -159,6 +159,40 @@ async def test_graceful_restart_followers_reconnect_and_miss_nothing(
         )
         assert logs.returncode == 0, logs.stderr
         assert logs.stdout == EXPECTED
+
+
+async def test_jobctl_follows_across_a_restart_without_replaying(tmp_path: Path, pki: Pki) -> None:
+    """A follower that loses the server (a graceful restart on the same address) picks up
+    from the offset it had reached: every line exactly once, then the job's status."""
+    async with servers(tmp_path, pki) as s:
+        first = await s.start()
+        env = {
+            **os.environ,
+            "JOBWORKER_SERVER": f"127.0.0.1:{first.port}",
+            "JOBWORKER_CA": str(pki.dir / "ca.pem"),
+            "JOBWORKER_CERT": str(pki.dir / "alice.pem"),
+            "JOBWORKER_KEY": str(pki.dir / "alice.key"),
+        }
+        follower = await asyncio.create_subprocess_exec(
+            JOBCTL,
+            "run",
+            "--",
+            sys.executable,
+            "-c",
+            TICKER,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert follower.stdout is not None
+        seen = b""
+        while b"line 20\n" not in seen:
+            seen += await asyncio.wait_for(follower.stdout.readline(), 30)
+        first.proc.terminate()
+        assert await asyncio.wait_for(asyncio.to_thread(first.proc.wait), 30) == 0
+        await s.start(first.port)
+        out, err = await asyncio.wait_for(follower.communicate(), 60)
+    assert (follower.returncode, seen + out) == (7, EXPECTED), err
 
 
 async def test_crash_consistency_under_random_kill_9(tmp_path: Path, pki: Pki) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import threading
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from .. import __version__
 from ..runtime import JobStatus, State
 from ._config import split_address
 
@@ -27,6 +28,10 @@ class Metrics:
         # Our own registry: several servers in one process (tests) must not share counts.
         self.registry = CollectorRegistry()
         r = self.registry
+        # Exposed as jobworker_build_info{version="..."} 1, the convention dashboards join on.
+        Info("jobworker_build", "The running jobworkerd's release.", registry=r).info(
+            {"version": __version__}
+        )
         self._jobs = Gauge("jobworker_jobs", "Jobs known, by state.", ["state"], registry=r)
         for state in State:
             self._jobs.labels(state.value)

@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .. import __version__
 from .._allocator import keep_large_buffers
 from ..runtime import JobworkerError, Runtime
 from ._auth import Authenticator
@@ -213,6 +214,7 @@ def _parser() -> argparse.ArgumentParser:
         description="jobworker gRPC server (mutual TLS 1.3). Settings: defaults, then the "
         f"config file ({DEFAULT_PATH} if it exists, or --config), then these flags.",
     )
+    parser.add_argument("--version", action="version", version=f"jobworkerd {__version__}")
     parser.add_argument("--config", type=Path, help=f"TOML settings (default {DEFAULT_PATH})")
     parser.add_argument(
         "--check-config", action="store_true", help="check the settings and files, then exit"

@@ -107,6 +107,8 @@ class Session:
         Raises:
             CliError: no job, or more than one, matches.
         """
+        if not ref:
+            raise CliError("an empty job name; give a job's id, id prefix or name")
         try:
             return str(uuid.UUID(ref))
         except ValueError:

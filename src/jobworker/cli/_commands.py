@@ -297,6 +297,8 @@ async def _dispatch(  # noqa: C901, PLR0911, PLR0912 - one branch per command, a
 async def _run(s: Session, args: argparse.Namespace, io: Io) -> int:
     job = await s.call("CreateJob", pb.Job, pb.CreateJobRequest(spec=_spec(args), start=True))
     if job.state == pb.JOB_STATE_FAILED:
+        if args.command == "start" and not args.follow:
+            await io.out((json_text(job_json(job)) if args.json else f"{job.id}\n").encode())
         await io.say(f"jobctl: job {job.id} failed to start: {escape(job.error)}\n")
         return exit_status_of(job)  # 127 not found, 126 cannot be executed
     if args.command == "run" or args.follow:

@@ -125,15 +125,25 @@ def exit_status_of(job: Any) -> int:
 
 
 def outcome(job: dict[str, Any]) -> str:
-    """How a job ended, in a few words: "exited 0", "stopped (timeout), signal 15",
-    "failed: ..."; its state while it has not."""
-    if job["state"] == "failed":
+    """How a job ended, in a few words ("exited 0", "killed by signal 9", "stopped by its
+    timeout, signal 15", "failed: ..."); its state while it has not."""
+    state = str(job["state"])
+    if state == "failed":
         return f"failed: {escape(job['error'] or job['reason'] or 'unknown')}"
-    result = _result(job)
-    if job["state"] == "stopped":
-        why = f" ({job['reason']})" if job["reason"] == "timeout" else ""
-        return f"stopped{why}, {result}" if result else f"stopped{why}"
-    return result or job["state"]
+    if state not in ("exited", "stopped"):
+        return state
+    how = f"exit {job['exit_code']}" if job["exit_code"] is not None else f"signal {job['signal']}"
+    notes = "".join(
+        note
+        for flag, note in (("oom_killed", " (OOM)"), ("pids_limited", " (pids limit hit)"))
+        if job.get(flag)
+    )
+    if state == "stopped":
+        by = " by its timeout" if job["reason"] == "timeout" else ""
+        return f"stopped{by}, {how}{notes}"
+    if job["exit_code"] is not None:
+        return f"exited {job['exit_code']}{notes}"
+    return f"killed by signal {job['signal']}{notes}"
 
 
 def json_text(value: Any) -> str:
