@@ -201,7 +201,14 @@ async def _follow(s: Session, job_id: str, io: Io, *, remove: bool) -> int:
         pump.discard_stdout = True
         pumping = asyncio.ensure_future(pump.run())
     await io.say(f"stopping job {job_id}\n")
-    await s.call("StopJob", pb.Job, pb.StopJobRequest(id=job_id), waits=True)
+    try:
+        await s.call("StopJob", pb.Job, pb.StopJobRequest(id=job_id), waits=True)
+    except CliError:
+        # It may have ended on its own meanwhile (then there is nothing to stop); if not,
+        # the error stands.
+        job = await s.call("GetJob", pb.Job, pb.JobRequest(id=job_id))
+        if job.state in (pb.JOB_STATE_CREATED, pb.JOB_STATE_RUNNING):
+            raise
     # The follow stream ends once the job has ended and all its output was sent.
     await pumping
     return DETACHED

@@ -80,6 +80,7 @@ _MAX_RECORD = 1 << 20
 # One resume point kept per this many records while looking for a tail, so finding the
 # last lines of a log of millions of small records holds thousands of offsets, not millions.
 _TAIL_MARK_EVERY = 256
+_STREAM_IDS = frozenset(int(s) for s in Stream)
 
 
 class ReadBudget:
@@ -336,7 +337,7 @@ def _checked_offset(fd: int, offset: int) -> int:
         head = os.pread(fd, HEADER.size, offset)
         if len(head) == HEADER.size:
             length, stream_id, _ts = HEADER.unpack(head)
-            bad = stream_id not in Stream._value2member_map_ or length > _MAX_RECORD
+            bad = stream_id not in _STREAM_IDS or length > _MAX_RECORD
     if bad:
         raise InvalidSpecError(
             f"offset {offset} is not a point in this job's output; resume from an offset "
