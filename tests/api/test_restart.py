@@ -75,6 +75,17 @@ async def servers(tmp_path: Path, pki: Pki) -> AsyncIterator[Servers]:
         await s.close()
 
 
+def _jobctl_env(pki: Pki, port: int) -> dict[str, str]:
+    """jobctl's environment to reach the server on ``port`` as alice."""
+    return {
+        **os.environ,
+        "JOBWORKER_SERVER": f"127.0.0.1:{port}",
+        "JOBWORKER_CA": str(pki.dir / "ca.pem"),
+        "JOBWORKER_CERT": str(pki.dir / "alice.pem"),
+        "JOBWORKER_KEY": str(pki.dir / "alice.key"),
+    }
+
+
 async def _full_output(stub: object, job_id: str, *, follow: bool) -> bytes:
     call = stub.StreamOutput(pb.OutputRequest(id=job_id, follow=follow), timeout=60)  # type: ignore[attr-defined]
     return b"".join([c.data async for r in call for c in r.chunks])
@@ -140,13 +151,7 @@ async def test_graceful_restart_followers_reconnect_and_miss_nothing(
                 assert "reconnect" in (err.value.details() or "")
 
         second = await s.start()
-        env = {
-            **os.environ,
-            "JOBWORKER_SERVER": f"127.0.0.1:{second.port}",
-            "JOBWORKER_CA": str(pki.dir / "ca.pem"),
-            "JOBWORKER_CERT": str(pki.dir / "alice.pem"),
-            "JOBWORKER_KEY": str(pki.dir / "alice.key"),
-        }
+        env = _jobctl_env(pki, second.port)
         logs = await asyncio.wait_for(
             asyncio.to_thread(
                 subprocess.run,
@@ -166,13 +171,7 @@ async def test_jobctl_follows_across_a_restart_without_replaying(tmp_path: Path,
     from the offset it had reached: every line exactly once, then the job's status."""
     async with servers(tmp_path, pki) as s:
         first = await s.start()
-        env = {
-            **os.environ,
-            "JOBWORKER_SERVER": f"127.0.0.1:{first.port}",
-            "JOBWORKER_CA": str(pki.dir / "ca.pem"),
-            "JOBWORKER_CERT": str(pki.dir / "alice.pem"),
-            "JOBWORKER_KEY": str(pki.dir / "alice.key"),
-        }
+        env = _jobctl_env(pki, first.port)
         follower = await asyncio.create_subprocess_exec(
             JOBCTL,
             "run",
