@@ -15,6 +15,7 @@ import struct
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import pytest_asyncio
@@ -233,3 +234,39 @@ async def test_a_keeper_that_dies_mid_command_gets_one_clear_line(kept: tuple[Cl
         "jobctl: the connection keeper went away before the command ended;"
         " check with 'jobctl ls' before running it again\n"
     )
+
+
+async def test_many_runs_through_the_keeper_each_notice_their_stdout_closing(
+    kept: tuple[Cli, Path],
+) -> None:
+    """Each `run` watches its stdout from a thread of its own: with the loop's shared
+    executor (six threads on this machine), six open runs left a seventh unable to notice."""
+    cli, _ = kept
+    assert (await cli("run", "true")).code == 0  # the keeper is up
+
+    async def run() -> tuple[asyncio.subprocess.Process, BinaryIO]:
+        read_fd, write_fd = os.pipe()
+        proc = await asyncio.create_subprocess_exec(
+            JOBCTL,
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo first; exec sleep 600",
+            env=cli.env,
+            stdout=write_fd,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        os.close(write_fd)
+        reader = os.fdopen(read_fd, "rb", buffering=0)
+        assert await asyncio.wait_for(asyncio.to_thread(reader.readline), 30) == b"first\n"
+        return proc, reader
+
+    held = [await run() for _ in range(8)]
+    last, reader = await run()
+    reader.close()
+    assert await asyncio.wait_for(last.wait(), 30) == 130
+    for _, reader in held:
+        reader.close()
+    for proc, _ in held:
+        assert await asyncio.wait_for(proc.wait(), 30) == 130

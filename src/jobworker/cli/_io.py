@@ -13,6 +13,7 @@ import contextlib
 import os
 import select
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -83,8 +84,9 @@ class Io:
         head exits); never for a terminal or a file, which cannot close under us.
 
         The kernel reports a pipe or socket whose reader has gone as POLLERR/POLLHUP on our
-        end, with no write needed; the poll blocks in a thread, woken by a pipe of ours
-        when the caller stops waiting.
+        end, with no write needed. The poll blocks in a thread of its own (not the loop's
+        shared executor, which a keeper running many commands would run out of), woken by
+        a pipe of ours when the caller stops waiting.
         """
         try:
             mode = os.fstat(self.out_fd).st_mode
@@ -92,7 +94,13 @@ class Io:
             return
         if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
             await asyncio.Event().wait()
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[None] = loop.create_future()
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
+
+        def done() -> None:
+            if not closed.done():
+                closed.set_result(None)
 
         def watch() -> None:
             try:
@@ -102,9 +110,12 @@ class Io:
                 poller.poll()
             finally:
                 os.close(wake_r)
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(done)
 
+        threading.Thread(target=watch, name="jobctl-stdout", daemon=True).start()
         try:
-            await asyncio.to_thread(watch)
+            await closed
         finally:
             with contextlib.suppress(OSError):  # the thread is done and wake_r closed
                 os.write(wake_w, b"x")
