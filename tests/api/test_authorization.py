@@ -39,12 +39,27 @@ async def _outcome(stub: Any, method: Any, request: Any) -> tuple[grpc.StatusCod
     return grpc.StatusCode.OK, ""
 
 
+def _naming(method: Any, job_id: str) -> Any:
+    """A request of ``method`` that names ``job_id`` (for a bidirectional RPC, its start)."""
+    request_type = getattr(pb, method.input_type.name)
+    if method.client_streaming:
+        start = method.input_type.fields_by_name["start"].message_type
+        assert start is not None
+        start_type = getattr(pb, start.name)
+        return request_type(start=start_type(id=job_id, stdin=True))
+    return request_type(id=job_id)
+
+
 def test_every_rpc_goes_through_the_chokepoint() -> None:
     """Each RPC of the proto is declared job- or caller-scoped, and only RPCs whose request
     names no job may be caller-scoped."""
     for method in SERVICE.methods:
         assert method.name in RPC_SCOPES, f"{method.name} is not declared through the chokepoint"
         fields = {f.name for f in method.input_type.fields}
+        start = method.input_type.fields_by_name.get("start")
+        if method.client_streaming and start is not None and start.message_type is not None:
+            # The first request names the job, in its start message.
+            fields = {f.name for f in start.message_type.fields}
         if RPC_SCOPES[method.name] == "job":
             assert "id" in fields, f"{method.name} is job-scoped but its request names no job"
         else:
@@ -60,9 +75,8 @@ async def test_another_users_job_is_not_found_on_every_job_rpc(api: Running) -> 
     assert job_rpcs
     async with api.client("bob") as bob:
         for method in job_rpcs:
-            request_type = getattr(pb, method.input_type.name)
-            foreign = await _outcome(bob, method, request_type(id=job.id))
-            unknown = await _outcome(bob, method, request_type(id=UNKNOWN))
+            foreign = await _outcome(bob, method, _naming(method, job.id))
+            unknown = await _outcome(bob, method, _naming(method, UNKNOWN))
             assert foreign[0] == grpc.StatusCode.NOT_FOUND, method.name
             assert unknown[0] == grpc.StatusCode.NOT_FOUND, method.name
             # The same words either way, so the answer tells nothing about the id.

@@ -37,6 +37,8 @@ STREAMS = {
     Stream.SYSTEM: pb.STREAM_SYSTEM,
 }
 _MAX_U32 = (1 << 32) - 1
+_STDIN_FROM_PB = {pb.STDIN_MODE_NONE: "none", pb.STDIN_MODE_PIPE: "pipe"}
+_STDIN_TO_PB = {mode: number for number, mode in _STDIN_FROM_PB.items()}
 
 
 def job_id(raw: str) -> str:
@@ -103,6 +105,7 @@ def spec_from_pb(spec: pb.JobSpec, owner: str) -> JobSpec:
         name=spec.name or None,
         labels=dict(spec.labels),
         timeout_s=spec.timeout_seconds if spec.HasField("timeout_seconds") else None,
+        stdin=_STDIN_FROM_PB.get(spec.stdin, "unknown"),
     )
 
 
@@ -188,4 +191,5 @@ def job_to_pb(status: JobStatus) -> pb.Job:
         labels=dict(status.labels),
         timeout_seconds=status.timeout_s,
         reason=status.reason or "",
+        stdin=_STDIN_TO_PB[status.stdin],
     )

@@ -23,14 +23,22 @@ from google.protobuf.message import DecodeError
 from .. import __version__
 from .._labels import LabelError, Selector, parse_selector
 from ..identity import Identity
-from ..runtime import InvalidSpecError, JobStatus, Runtime, Window
+from ..runtime import (
+    Batch,
+    InvalidSpecError,
+    JobEndedError,
+    JobStatus,
+    NoStdinError,
+    Runtime,
+    Window,
+)
 from ._auth import Authenticator, authorize_job, list_filter
 from ._config import ServiceLimits
 from ._convert import job_to_pb, spec_from_pb
 from ._errors import ApiError, to_status
 from ._logs import AUDIT
 from ._proto import jobworker_pb2 as pb
-from ._wire import encode_list_response, encode_output_response
+from ._wire import encode_field, encode_list_response, encode_output_response
 
 __all__ = ["RPC_SCOPES", "JobService", "NoMetrics", "ServiceMetrics", "add_to_server"]
 
@@ -260,6 +268,30 @@ def job_stream(
     async def body(self: JobService, request: JobReq, who: Identity) -> AsyncGenerator[Resp, None]:
         job = self.authorize(who, request.id)
         async with contextlib.aclosing(method(self, request, who, job)) as items:
+            async for item in items:
+                yield item
+
+    return _stream_rpc(method.__name__, "job", body)
+
+
+def job_bidi(
+    method: Callable[
+        [JobService, pb.AttachStart, AsyncIterator[Any], Identity, str], AsyncGenerator[Resp, None]
+    ],
+) -> Callable[[JobService, AsyncIterator[Any], Any], AsyncIterator[Resp]]:
+    """A bidirectional RPC whose first request (``start``) names the job: resolved and
+    authorized here, as :func:`job_rpc` does, before ``method`` reads anything else.
+    Any: the later requests are whatever the client sends, checked by ``method``."""
+
+    async def body(
+        self: JobService, requests: AsyncIterator[Any], who: Identity
+    ) -> AsyncGenerator[Resp, None]:
+        first = await anext(requests, None)
+        _check_parsed(first)
+        if first is None or first.WhichOneof("request") != "start":
+            raise InvalidSpecError("the first request must be start, naming the job")
+        job = self.authorize(who, first.start.id)
+        async with contextlib.aclosing(method(self, first.start, requests, who, job)) as items:
             async for item in items:
                 yield item
 
@@ -497,20 +529,124 @@ class JobService:
             window=_window(request),
         )
         async with contextlib.aclosing(batches) as reader:
-            async for chunks, offset in reader:
-                start = size = 0
-                for i, chunk in enumerate(chunks):
-                    if i > start and size + len(chunk.data) > MESSAGE_BYTES:
-                        # Resuming here goes on with chunk i: what this message carries
-                        # ends where the record before it ends.
-                        message = encode_output_response(chunks[start:i], chunks[i - 1].end)
-                        self.metrics.streamed(len(message))
-                        yield message
-                        start, size = i, 0
-                    size += len(chunk.data)
-                message = encode_output_response(chunks[start:], offset)
+            async for batch in reader:
+                for message in self._messages(batch):
+                    yield message
+
+    def _messages(self, batch: Batch) -> Iterator[bytes]:
+        """A batch as OutputResponse messages of at most about MESSAGE_BYTES each."""
+        chunks, offset = batch
+        start = size = 0
+        for i, chunk in enumerate(chunks):
+            if i > start and size + len(chunk.data) > MESSAGE_BYTES:
+                # Resuming here goes on with chunk i: what this message carries ends where
+                # the record before it ends.
+                message = encode_output_response(chunks[start:i], chunks[i - 1].end)
                 self.metrics.streamed(len(message))
                 yield message
+                start, size = i, 0
+            size += len(chunk.data)
+        message = encode_output_response(chunks[start:], offset)
+        self.metrics.streamed(len(message))
+        yield message
+
+    # Yields wire bytes, not messages: see add_to_server.
+    @job_bidi
+    async def Attach(
+        self, start: pb.AttachStart, requests: AsyncIterator[Any], who: Identity, job: str
+    ) -> AsyncGenerator[bytes, None]:
+        """Serialized AttachResponse messages: the output as it comes, then the final
+        status; meanwhile the requests' input goes to the job's stdin."""
+        runtime = self.runtime
+        if start.stdin:
+            _check_input(await runtime.status(job))
+        batches = runtime.output_batches(
+            job,
+            stdout=start.streams != pb.OUTPUT_SELECTOR_STDERR,
+            stderr=start.streams != pb.OUTPUT_SELECTOR_STDOUT,
+            follow=True,
+            window=None if start.from_start else Window(tail_lines=0),
+        )
+        fields = {"rpc": "Attach", "user": who.name, "job": job, "stdin": start.stdin}
+        AUDIT.info("attach %s begins", job, extra={"fields": {**fields, "event": "begin"}})
+        feeding = asyncio.ensure_future(self._feed(requests, job, sends_input=start.stdin))
+        try:
+            async with contextlib.aclosing(_while_feeding(batches, feeding)) as reader:
+                async for batch in reader:
+                    for message in self._messages(batch):
+                        yield encode_field(1, message)
+            final = await runtime.wait(job)
+            yield encode_field(2, job_to_pb(final).SerializeToString())
+        finally:
+            feeding.cancel()
+            if feeding.done() and not feeding.cancelled():
+                feeding.exception()  # retrieved: it was raised above, or the job had ended
+            AUDIT.info("attach %s ends", job, extra={"fields": {**fields, "event": "end"}})
+
+    async def _feed(self, requests: AsyncIterator[Any], job: str, *, sends_input: bool) -> None:
+        """The job's stdin from an Attach's requests, until the client stops sending.
+
+        Raises:
+            InvalidSpecError: a malformed request, a second start, or input from a client
+                that did not say it sends any.
+            NoStdinError: (from the runtime) the job reads no input.
+        """
+        async for request in requests:
+            _check_parsed(request)
+            kind = request.WhichOneof("request")
+            if kind not in ("stdin", "close_stdin"):
+                raise InvalidSpecError("only the first request of an attach may be start")
+            if not sends_input:
+                raise InvalidSpecError(
+                    "this attach did not ask to send input (AttachStart.stdin); attach again "
+                    "with it"
+                )
+            if kind == "close_stdin":
+                await self.runtime.close_stdin(job)
+            elif not await self.runtime.write_stdin(job, request.stdin):
+                # The job stopped reading (closed its stdin, or ended): what it did not
+                # read is dropped, as ssh does; the output and the final status still come.
+                return
+
+
+def _check_input(status: JobStatus) -> None:
+    """Raises NoStdinError (the job reads no input) or JobEndedError (it has ended)."""
+    if status.stdin != "pipe":
+        raise NoStdinError(
+            f"job {status.id} reads no input (it was started with stdin none); start a job "
+            "that reads input with stdin pipe (jobctl run -i)"
+        )
+    if status.state.is_final:
+        raise JobEndedError(f"job {status.id} has ended: it reads no more input")
+
+
+async def _while_feeding(
+    batches: AsyncGenerator[Batch, None], feeding: asyncio.Future[None]
+) -> AsyncGenerator[Batch, None]:
+    """``batches``, failing as soon as ``feeding`` (the input side) fails, even while no
+    output comes."""
+    step: asyncio.Future[Batch | None] | None = None
+    async with contextlib.aclosing(batches) as reader:
+        try:
+            while True:
+                if step is None:
+                    step = asyncio.ensure_future(anext(reader, None))
+                waits: set[asyncio.Future[Any]] = {step} if feeding.done() else {step, feeding}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if feeding.done() and (error := feeding.exception()) is not None:
+                    raise error
+                if not step.done():
+                    continue
+                batch, step = step.result(), None
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            # Before the reader is closed: it cannot be while a step is inside it.
+            if step is not None and not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await step
 
 
 def _selector(text: str) -> Selector:
@@ -546,7 +682,7 @@ _HANDLERS = {
     (True, True): grpc.stream_stream_rpc_method_handler,
 }
 # Methods whose handler yields already-serialized messages.
-_PRESERIALIZED = frozenset({"StreamOutput", "ListJobs"})
+_PRESERIALIZED = frozenset({"StreamOutput", "ListJobs", "Attach"})
 
 
 def add_to_server(service: JobService, server: grpc.aio.Server) -> None:

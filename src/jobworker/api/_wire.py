@@ -16,7 +16,12 @@ from collections.abc import Sequence
 from ..runtime import Chunk
 from ._convert import STREAMS
 
-__all__ = ["decode_output_response", "encode_list_response", "encode_output_response"]
+__all__ = [
+    "decode_output_response",
+    "encode_field",
+    "encode_list_response",
+    "encode_output_response",
+]
 
 _CHUNKS = b"\x0a"  # field 1, length-delimited
 _STREAM = b"\x08"  # field 1, varint
@@ -121,6 +126,12 @@ def encode_output_response(chunks: Sequence[Chunk], offset: int) -> bytes:
     if offset:
         parts += (_OFFSET, _varint(offset))
     return b"".join(parts)
+
+
+def encode_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field ``number`` holding ``payload``: an AttachResponse is one
+    (1: an encoded OutputResponse, 2: an encoded Job)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def encode_list_response(jobs: Sequence[bytes]) -> bytes:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         JobworkerError,
         LaunchError,
         NameTakenError,
+        NoStdinError,
         NotPermittedError,
         QuotaError,
         RuntimeClosedError,
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from ._jobdir import Bind
     from ._logformat import Stream
     from ._observer import JobObserver
-    from ._output import Chunk, Window
+    from ._output import Batch, Chunk, Window
     from ._runtime import Runtime
     from ._spec import IOLimit, JobSpec, Limits
     from ._states import State
@@ -46,12 +47,14 @@ _WHERE = {
     "Bind": "_jobdir",
     "CgroupError": "cgroups",
     "NameTakenError": "_errors",
+    "NoStdinError": "_errors",
     "NotPermittedError": "_errors",
     "QuotaError": "_errors",
     "RunAs": "_config",
     "Usage": "_status",
     "SandboxInfo": "_status",
     "Chunk": "_output",
+    "Batch": "_output",
     "IOLimit": "_spec",
     "InvalidSpecError": "_errors",
     "InvalidTransitionError": "_errors",
@@ -79,6 +82,7 @@ _WHERE = {
 
 __all__ = [
     "NOBODY",
+    "Batch",
     "Bind",
     "CgroupError",
     "Change",
@@ -98,6 +102,7 @@ __all__ = [
     "LaunchError",
     "Limits",
     "NameTakenError",
+    "NoStdinError",
     "NotPermittedError",
     "QuotaError",
     "RunAs",

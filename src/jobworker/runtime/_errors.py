@@ -13,6 +13,7 @@ __all__ = [
     "JobworkerError",
     "LaunchError",
     "NameTakenError",
+    "NoStdinError",
     "NotPermittedError",
     "QuotaError",
     "RuntimeClosedError",
@@ -63,6 +64,10 @@ class LaunchError(JobworkerError):
 
 class NameTakenError(JobworkerError):
     """Another of the owner's jobs that still exists has this name."""
+
+
+class NoStdinError(JobworkerError):
+    """Input was sent to a job whose stdin is /dev/null (stdin "none")."""
 
 
 class NotPermittedError(JobworkerError):

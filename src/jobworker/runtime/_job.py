@@ -17,6 +17,7 @@ from ._observer import JobObserver
 from ._spec import JobSpec, Limits
 from ._states import State
 from ._status import JobStatus, SandboxInfo, Usage, from_ns
+from ._stdin import StdinPipe
 from .cgroups import JobCgroup
 
 __all__ = ["Job"]
@@ -69,6 +70,7 @@ class Job:
             name=spec.name,
             labels=spec.labels,
             timeout_s=spec.timeout_s,
+            stdin=spec.stdin,
         )
         # Every status the job has been in, so a watcher sees each transition exactly once.
         self.history: list[JobStatus] = [self._status]
@@ -77,6 +79,8 @@ class Job:
         self._announced = False
         # Called once, when the job reaches a final state (the registry's active count).
         self.on_final: Callable[[Job], None] | None = None
+        # The server's side of its stdin pipe (stdin "pipe"), made on the first write.
+        self.stdin_pipe: StdinPipe | None = None
 
     @property
     def status(self) -> JobStatus:
@@ -122,6 +126,8 @@ class Job:
         self._observer.job_changed(before, status)
         if status.state.is_final:
             self.ended_event.set()
+            if self.stdin_pipe is not None:
+                self.stdin_pipe.release()
         if ends and self.on_final is not None:
             self.on_final(self)
         for event in self._waiters:

@@ -232,6 +232,11 @@ class SpecRecord(NamedTuple):
         return bool(self.spec.get("host_network", False))
 
     @property
+    def stdin_pipe(self) -> bool:
+        """Whether the command reads a pipe attached clients write to (else /dev/null)."""
+        return self.spec.get("stdin") == "pipe"
+
+    @property
     def timeout_s(self) -> float | None:
         """Seconds the command may run before the supervisor stops it (None: no limit)."""
         value = self.spec.get("timeout_s")

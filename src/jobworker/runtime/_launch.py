@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass
 
 from .._aio import wait_fd
-from ._errors import LaunchError
+from ._errors import JobEndedError, LaunchError
 from ._jobdir import CONTROL, CorruptRecordError, ExitRecord, RunRecord
-from ._protocol import Control, Outcome, Reply, Report
+from ._protocol import Control, Outcome, Reply, Report, Verb
 
 __all__ = ["LaunchFailed", "Launched", "Launcher", "SupervisorHandle"]
 
@@ -65,6 +65,33 @@ class SupervisorHandle:
         Raises:
             LaunchError: the supervisor did not answer within ``timeout`` seconds.
         """
+        reply, fds = await self.exchange(request, timeout)
+        for fd in fds:
+            os.close(fd)
+        return reply
+
+    async def stdin_fd(self, timeout: float = 5.0) -> int:
+        """A descriptor of the write end of the job's stdin pipe (the caller owns it).
+
+        Raises:
+            JobEndedError: the job has ended, or its stdin was closed.
+            LaunchError: the supervisor did not answer within ``timeout`` seconds.
+        """
+        reply, fds = await self.exchange(Control(Verb.STDIN, 0), timeout)
+        if reply.outcome is Outcome.OK and len(fds) == 1:
+            return fds[0]
+        for fd in fds:
+            os.close(fd)
+        if reply.outcome is Outcome.ENDED:
+            raise JobEndedError("the job has ended: its stdin is closed")
+        raise JobEndedError(reply.detail or "the job's stdin is closed")
+
+    async def exchange(self, request: Control, timeout: float) -> tuple[Reply, list[int]]:
+        """One control request; its reply and the descriptors passed with it.
+
+        Raises:
+            LaunchError: the supervisor did not answer within ``timeout`` seconds.
+        """
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -75,9 +102,14 @@ class SupervisorHandle:
             async with asyncio.timeout(timeout):
                 await loop.sock_connect(sock, f"/proc/self/fd/{dir_fd}/{CONTROL}")
                 await loop.sock_sendall(sock, request.encode())
-                reply = await loop.sock_recv(sock, 4096)
+                while True:
+                    try:
+                        reply, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
+                        break
+                    except BlockingIOError:
+                        await wait_fd(sock.fileno())
         except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError):
-            return Reply(Outcome.ENDED)  # the supervisor closed its socket on the way out
+            return Reply(Outcome.ENDED), []  # the supervisor closed its socket on the way out
         except TimeoutError:
             raise LaunchError(
                 f"the job's supervisor did not answer {request.verb.value} in time"
@@ -85,7 +117,7 @@ class SupervisorHandle:
         finally:
             os.close(dir_fd)
             sock.close()
-        return Reply.decode(reply)
+        return Reply.decode(reply), fds
 
 
 class Launcher:

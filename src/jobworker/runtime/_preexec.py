@@ -183,10 +183,17 @@ def _isolate(spec: SpecRecord, new_root: str) -> None:
     _drop_privileges(spec, last_cap)
 
 
-def exec_command(
-    spec: SpecRecord, env: dict[str, str], stdio: tuple[int, int], status_w: int, new_root: str
+def exec_command(  # noqa: PLR0913 - each is one descriptor or fact the child needs
+    spec: SpecRecord,
+    env: dict[str, str],
+    stdio: tuple[int, int],
+    status_w: int,
+    new_root: str,
+    *,
+    stdin: int | None = None,
 ) -> NoReturn:
-    """In the forked child: stdio (``stdio`` = stdout and stderr write ends), signals,
+    """In the forked child: stdio (``stdin`` the read end of the job's stdin pipe, or None
+    for /dev/null; ``stdio`` = stdout and stderr write ends), signals,
     isolation, cwd, the seccomp filter, then exec. Never returns; a failure is written to
     ``status_w``. The executable is looked up in the job's PATH after the job's root is in
     place and as the job's user, so it is the job's own view that decides."""
@@ -194,8 +201,7 @@ def exec_command(
     reason = "start_error"
     try:
         os.setsid()
-        devnull = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(devnull, 0)
+        os.dup2(os.open("/dev/null", os.O_RDONLY) if stdin is None else stdin, 0)
         os.dup2(stdio[0], 1)
         os.dup2(stdio[1], 2)
         # Only 0-2 survive: nothing of the launcher or the server can leak into the job.

@@ -5,8 +5,10 @@
   the supervisor passed alongside), or it could not start (an exit record when the
   supervisor recorded the failure, else only the reason).
 - A **control request** goes from the server to a running job's supervisor over its
-  ``control.sock``: one line, ``stop <grace seconds>`` or ``signal <number>``; the reply is
-  one line, ``ok``, ``ended`` (the command has already exited) or ``error <reason>``.
+  ``control.sock``: one line, ``stop <grace seconds>``, ``signal <number>``, ``stdin 0``
+  (the reply carries the write end of the job's stdin pipe, SCM_RIGHTS) or ``close-stdin 0``;
+  the reply is one line, ``ok``, ``ended`` (the command has already exited) or
+  ``error <reason>``.
 
 Imported by the launcher: light (NamedTuples, enum, json).
 """
@@ -67,6 +69,10 @@ class Report(NamedTuple):
 class Verb(enum.Enum):
     STOP = "stop"
     SIGNAL = "signal"
+    # Hand over the write end of the job's stdin pipe (passed beside the reply).
+    STDIN = "stdin"
+    # Close the job's stdin for good: the supervisor lets go of its write end.
+    CLOSE_STDIN = "close-stdin"
 
 
 class Control(NamedTuple):

@@ -26,6 +26,7 @@ from ._errors import (
     JobNotFoundError,
     JobNotRunningError,
     JobRunningError,
+    NoStdinError,
     NotPermittedError,
     RuntimeClosedError,
     StateDirError,
@@ -48,6 +49,7 @@ from ._seccomp import build_filter
 from ._spec import JobSpec
 from ._states import State
 from ._status import JobStatus
+from ._stdin import StdinPipe
 from .cgroups import CgroupDriver, CgroupError, open_driver, resolve_io
 
 __all__ = ["Runtime"]
@@ -418,6 +420,42 @@ class Runtime:
             raise JobEndedError(f"cannot signal job {job.id}: it has ended")
         if reply.outcome is not Outcome.OK:
             raise JobEndedError(f"cannot signal job {job.id}: {reply.detail}")
+
+    def _stdin_of(self, job: Job) -> tuple[StdinPipe, SupervisorHandle]:
+        """Raises NoStdinError (stdin "none"), JobNotRunningError (not started) or
+        JobEndedError (ended)."""
+        if job.spec.stdin != "pipe":
+            raise NoStdinError(
+                f"job {job.id} reads no input (it was started with stdin none); start a job "
+                "that reads input with stdin pipe (jobctl run -i)"
+            )
+        supervisor = self._running(job, "send input to")
+        if job.stdin_pipe is None:
+            job.stdin_pipe = StdinPipe()
+        return job.stdin_pipe, supervisor
+
+    async def write_stdin(self, job_id: str, data: bytes) -> bool:
+        """Write ``data`` to the job's stdin (stdin "pipe"), after any input from other
+        callers that came first; waits while the job has not read what came before. False
+        when the job no longer reads its stdin (closed it, or ended): the data is dropped.
+
+        Raises:
+            JobNotFoundError: no job has this id.
+            NoStdinError: the job's stdin is /dev/null.
+            JobNotRunningError, JobEndedError: it has not started, has ended, or its stdin
+                was closed.
+        """
+        pipe, supervisor = self._stdin_of(self._get(job_id))
+        return await pipe.write(supervisor, data)
+
+    async def close_stdin(self, job_id: str) -> None:
+        """Send EOF to the job's stdin, for good (every caller's).
+
+        Raises:
+            as :meth:`write_stdin`.
+        """
+        pipe, supervisor = self._stdin_of(self._get(job_id))
+        await pipe.close(supervisor)
 
     async def wait(self, job_id: str) -> JobStatus:
         """Return the job's final status once it has ended (at once if it has).

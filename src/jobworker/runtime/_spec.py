@@ -25,6 +25,7 @@ MAX_ARG_BYTES = 128 * 1024
 MAX_ARGV_ENV_BYTES = 1024 * 1024
 MAX_OWNER_CHARS = 256
 MAX_TIMEOUT_S = 10 * 365 * 86400.0
+STDIN_MODES = ("none", "pipe")
 
 
 def _check_text(value: object, what: str) -> str:
@@ -170,6 +171,18 @@ class Limits:
         )
 
 
+def _check_argv(argv: object) -> tuple[str, ...]:
+    """Raises InvalidSpecError: not a non-empty list whose first item names a command."""
+    if isinstance(argv, str | bytes) or not isinstance(argv, Sequence):
+        raise InvalidSpecError("argv must be a list of strings, e.g. ['ls', '-l']")
+    checked = tuple(argv)
+    if not checked:
+        raise InvalidSpecError("argv is empty; give the command to run")
+    if not checked[0]:
+        raise InvalidSpecError("argv[0] is empty; give the command to run")
+    return checked
+
+
 def _check_tags(
     name: str | None, labels: Mapping[str, str], timeout: float | None
 ) -> dict[str, str]:
@@ -205,7 +218,8 @@ class JobSpec:
     no seccomp filter, which the server grants only to owners its configuration names.
     ``name`` is unique among the owner's jobs (checked when the job is created); ``labels``
     follow Kubernetes' syntax. ``timeout_s`` stops the job once it has run that long (None:
-    the server's default).
+    the server's default). ``stdin`` is "none" (/dev/null) or "pipe" (what attached clients
+    send, through :meth:`Runtime.write_stdin`).
 
     Raises:
         InvalidSpecError: on construction, naming the bad field.
@@ -222,15 +236,10 @@ class JobSpec:
     name: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     timeout_s: float | None = None
+    stdin: str = "none"
 
     def __post_init__(self) -> None:
-        if isinstance(self.argv, str | bytes) or not isinstance(self.argv, Sequence):
-            raise InvalidSpecError("argv must be a list of strings, e.g. ['ls', '-l']")
-        argv = tuple(self.argv)
-        if not argv:
-            raise InvalidSpecError("argv is empty; give the command to run")
-        if not argv[0]:
-            raise InvalidSpecError("argv[0] is empty; give the command to run")
+        argv = _check_argv(self.argv)
         total = sum(len(_check_text(arg, f"argv[{i}]")) + 1 for i, arg in enumerate(argv))
         env = _check_env(self.env)
         total += sum(len(k) + len(v) + 2 for k, v in env.items())
@@ -252,6 +261,8 @@ class JobSpec:
         if not isinstance(self.limits, Limits):
             raise InvalidSpecError("limits must be a Limits value")
         labels = _check_tags(self.name, self.labels, self.timeout_s)
+        if self.stdin not in STDIN_MODES:
+            raise InvalidSpecError(f"stdin must be one of: {', '.join(STDIN_MODES)}")
         object.__setattr__(self, "argv", argv)
         object.__setattr__(self, "env", types.MappingProxyType(env))
         object.__setattr__(self, "labels", types.MappingProxyType(labels))
@@ -269,6 +280,7 @@ class JobSpec:
             "name": self.name,
             "labels": dict(self.labels),
             "timeout_s": self.timeout_s,
+            "stdin": self.stdin,
         }
 
     @classmethod
@@ -285,4 +297,5 @@ class JobSpec:
             name=data.get("name"),
             labels=data.get("labels") or {},
             timeout_s=data.get("timeout_s"),
+            stdin=data.get("stdin") or "none",
         )

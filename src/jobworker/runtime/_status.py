@@ -95,6 +95,7 @@ class JobStatus:
     labels: Mapping[str, str] = field(default_factory=dict)
     timeout_s: float | None = None
     reason: str | None = None
+    stdin: str = "none"
 
     def describe_end(self) -> str:
         """How the job ended, in words: "exited with code 0", "stopped (killed by signal 15)"."""

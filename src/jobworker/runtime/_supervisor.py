@@ -116,6 +116,9 @@ class _Supervisor:
         self.timeout_at: float | None = None
         # Why a stop began: "stop" (asked for) or "timeout".
         self.stop_reason = "stop"
+        # The write end of the command's stdin pipe (stdin "pipe"), held here so the job's
+        # stdin stays open while no server runs; -1 once closed (or with no pipe).
+        self.stdin_w = -1
 
     def _enter(self, phase: Phase) -> None:
         if phase not in _NEXT[self.phase]:
@@ -141,13 +144,20 @@ class _Supervisor:
         for fd in (out_r, err_r):
             with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep default
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        in_r = None
+        if self.spec.stdin_pipe:
+            in_r, self.stdin_w = os.pipe2(os.O_CLOEXEC)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self.stdin_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
-            exec_command(self.spec, env, (out_w, err_w), status_w, new_root)
+            exec_command(self.spec, env, (out_w, err_w), status_w, new_root, stdin=in_r)
         os.close(out_w)
         os.close(err_w)
         os.close(status_w)
+        if in_r is not None:
+            os.close(in_r)
         self.cmd_pid = pid
         chunks = []
         while chunk := os.read(status_r, 65536):  # EOF: exec succeeded (status_w is CLOEXEC)
@@ -214,17 +224,31 @@ class _Supervisor:
                 self.ended_in = self.phase
                 self.kill_at = self.timeout_at = None
                 self._enter(Phase.DRAINING)
+                self.close_stdin()
                 # The command is the job: once it is gone, so is everything it left behind.
                 self._kill_all(signal.SIGKILL)
 
     # ---------------------------------------------------------------- control socket
-    def handle(self, request: Control) -> Reply:
+    def handle(self, request: Control) -> tuple[Reply, list[int]]:
+        """The reply to ``request``, and the descriptors to pass with it."""
         if request.verb is Verb.STOP:
-            return Reply(self.request_stop(request.value))
+            return Reply(self.request_stop(request.value)), []
         if self.phase not in (Phase.RUNNING, Phase.STOPPING):
-            return Reply(Outcome.ENDED)
+            return Reply(Outcome.ENDED), []
+        if request.verb is Verb.STDIN:
+            if self.stdin_w < 0:
+                return Reply(Outcome.ERROR, "the job's stdin is closed"), []
+            return Reply(Outcome.OK), [self.stdin_w]
+        if request.verb is Verb.CLOSE_STDIN:
+            self.close_stdin()
+            return Reply(Outcome.OK), []
         self._kill_all(int(request.value))
-        return Reply(Outcome.OK)
+        return Reply(Outcome.OK), []
+
+    def close_stdin(self) -> None:
+        if self.stdin_w >= 0:
+            os.close(self.stdin_w)
+            self.stdin_w = -1
 
     # ---------------------------------------------------------------- reporting
     def send_report(self, report: Report, fds: list[int]) -> None:
@@ -341,12 +365,13 @@ class _Supervisor:
         buf += data
         if b"\n" in buf or not data or len(buf) > 4096:
             if b"\n" in buf:
+                fds: list[int] = []
                 try:
-                    reply = self.handle(Control.decode(bytes(buf.split(b"\n", 1)[0])))
+                    reply, fds = self.handle(Control.decode(bytes(buf.split(b"\n", 1)[0])))
                 except (ValueError, OSError) as e:
                     reply = Reply(Outcome.ERROR, str(e))
                 with contextlib.suppress(OSError):
-                    conn.send(reply.encode())
+                    socket.send_fds(conn, [reply.encode()], fds)
             poller.unregister(fd)
             del conns[fd]
             conn.close()

@@ -34,6 +34,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _StdinMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StdinModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StdinMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STDIN_MODE_NONE: _StdinMode.ValueType  # 0
+    """/dev/null."""
+    STDIN_MODE_PIPE: _StdinMode.ValueType  # 1
+    """A pipe the job reads what attached clients send (Attach); it stays open, held by the
+    job's supervisor, until a client closes it, across server restarts.
+    """
+
+class StdinMode(_StdinMode, metaclass=_StdinModeEnumTypeWrapper):
+    """Where a job's standard input comes from."""
+
+STDIN_MODE_NONE: StdinMode.ValueType  # 0
+"""/dev/null."""
+STDIN_MODE_PIPE: StdinMode.ValueType  # 1
+"""A pipe the job reads what attached clients send (Attach); it stays open, held by the
+job's supervisor, until a client closes it, across server restarts.
+"""
+Global___StdinMode: _TypeAlias = StdinMode  # noqa: Y015
+
 class _JobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -296,6 +320,7 @@ class JobSpec(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
     workdir: _builtins.str
     """Absolute working directory; empty means the job's private /job (or "/" where the
     server runs jobs without its sandbox). Sandboxed, it must lie in /job, /tmp, /var/tmp,
@@ -315,6 +340,8 @@ class JobSpec(_message.Message):
     """Stop the job (SIGTERM, then SIGKILL after the default grace) once it has run this many
     seconds; unset: the server's default (none unless configured), never above its maximum.
     """
+    stdin: Global___StdinMode.ValueType
+    """Where its standard input comes from."""
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The command and its arguments, executed directly (never through a shell)."""
@@ -346,10 +373,11 @@ class JobSpec(_message.Message):
         name: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         timeout_seconds: _builtins.float | None = ...,
+        stdin: Global___StdinMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds", "limits", b"limits", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds", "argv", b"argv", "env", b"env", "host_network", b"host_network", "image", b"image", "labels", b"labels", "limits", b"limits", "name", b"name", "seccomp_unconfined", b"seccomp_unconfined", "timeout_seconds", b"timeout_seconds", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds", "argv", b"argv", "env", b"env", "host_network", b"host_network", "image", b"image", "labels", b"labels", "limits", b"limits", "name", b"name", "seccomp_unconfined", b"seccomp_unconfined", "stdin", b"stdin", "timeout_seconds", b"timeout_seconds", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__timeout_seconds: _TypeAlias = _typing.Literal["timeout_seconds"]  # noqa: Y015
     _WhichOneofArgType__timeout_seconds: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds"]  # noqa: Y015
@@ -483,6 +511,7 @@ class Job(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The job's id, a UUID."""
     owner: _builtins.str
@@ -516,6 +545,8 @@ class Job(_message.Message):
     (failed: the sandbox or working directory could not be set up), "lost" (failed: its
     supervisor vanished). Empty otherwise.
     """
+    stdin: Global___StdinMode.ValueType
+    """Where its standard input comes from."""
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The command."""
@@ -575,10 +606,11 @@ class Job(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         timeout_seconds: _builtins.float | None = ...,
         reason: _builtins.str = ...,
+        stdin: Global___StdinMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "_timeout_seconds", b"_timeout_seconds", "created_at", b"created_at", "ended_at", b"ended_at", "exit_code", b"exit_code", "limits", b"limits", "pid", b"pid", "sandbox", b"sandbox", "signal", b"signal", "started_at", b"started_at", "timeout_seconds", b"timeout_seconds", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "_timeout_seconds", b"_timeout_seconds", "argv", b"argv", "created_at", b"created_at", "ended_at", b"ended_at", "error", b"error", "exit_code", b"exit_code", "id", b"id", "labels", b"labels", "limits", b"limits", "limits_enforced", b"limits_enforced", "name", b"name", "oom_killed", b"oom_killed", "output_truncated", b"output_truncated", "owner", b"owner", "pid", b"pid", "pids_limited", b"pids_limited", "reason", b"reason", "sandbox", b"sandbox", "signal", b"signal", "started_at", b"started_at", "state", b"state", "timeout_seconds", b"timeout_seconds", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_pid", b"_pid", "_signal", b"_signal", "_timeout_seconds", b"_timeout_seconds", "argv", b"argv", "created_at", b"created_at", "ended_at", b"ended_at", "error", b"error", "exit_code", b"exit_code", "id", b"id", "labels", b"labels", "limits", b"limits", "limits_enforced", b"limits_enforced", "name", b"name", "oom_killed", b"oom_killed", "output_truncated", b"output_truncated", "owner", b"owner", "pid", b"pid", "pids_limited", b"pids_limited", "reason", b"reason", "sandbox", b"sandbox", "signal", b"signal", "started_at", b"started_at", "state", b"state", "stdin", b"stdin", "timeout_seconds", b"timeout_seconds", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -1101,3 +1133,103 @@ class ListJobsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
+
+@_typing.final
+class AttachStart(_message.Message):
+    """The first request of an Attach."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
+    FROM_START_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The job's id."""
+    stdin: _builtins.bool
+    """This client sends input (the job must have stdin "pipe")."""
+    streams: Global___OutputSelector.ValueType
+    """Which output streams to receive."""
+    from_start: _builtins.bool
+    """Receive the output from its first byte; otherwise only what comes from now on."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        stdin: _builtins.bool = ...,
+        streams: Global___OutputSelector.ValueType = ...,
+        from_start: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_start", b"from_start", "id", b"id", "stdin", b"stdin", "streams", b"streams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachStart: _TypeAlias = AttachStart  # noqa: Y015
+
+@_typing.final
+class AttachRequest(_message.Message):
+    """One request of an Attach."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
+    CLOSE_STDIN_FIELD_NUMBER: _builtins.int
+    stdin: _builtins.bytes
+    """Bytes for the job's stdin."""
+    close_stdin: _builtins.bool
+    """Close the job's stdin (EOF), for every attached client."""
+    @_builtins.property
+    def start(self) -> Global___AttachStart:
+        """First, and only first: which job, and how."""
+
+    def __init__(
+        self,
+        *,
+        start: Global___AttachStart | None = ...,
+        stdin: _builtins.bytes = ...,
+        close_stdin: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "request", b"request", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "request", b"request", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["start", "stdin", "close_stdin"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___AttachRequest: _TypeAlias = AttachRequest  # noqa: Y015
+
+@_typing.final
+class AttachResponse(_message.Message):
+    """One response of an Attach."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def output(self) -> Global___OutputResponse:
+        """Output, as StreamOutput sends it."""
+
+    @_builtins.property
+    def ended(self) -> Global___Job:
+        """The job's final status: the last response."""
+
+    def __init__(
+        self,
+        *,
+        output: Global___OutputResponse | None = ...,
+        ended: Global___Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "output", b"output", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "output", b"output", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["output", "ended"]  # noqa: Y015
+    _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
+
+Global___AttachResponse: _TypeAlias = AttachResponse  # noqa: Y015

@@ -99,6 +99,11 @@ class JobServiceStub:
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.ServerInfoRequest.SerializeToString,
                 response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.Attach = channel.stream_stream(
+                '/jobworker.v1.JobService/Attach',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.AttachRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.AttachResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -201,6 +206,16 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request_iterator, context):
+        """Join a running job: its output as it comes (from the start, or only what is new) and,
+        for a job started with stdin "pipe", input to it. The first request names the job
+        (AttachStart); later ones carry stdin bytes, in the order they arrive from every
+        attached client, or close the job's stdin. The last response is the job's final status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -268,6 +283,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ServerInfoRequest.FromString,
                     response_serializer=jobworker_dot_v1_dot_jobworker__pb2.ServerInfo.SerializeToString,
+            ),
+            'Attach': grpc.stream_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.AttachRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.AttachResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -621,6 +641,33 @@ class JobService:
             '/jobworker.v1.JobService/GetServerInfo',
             jobworker_dot_v1_dot_jobworker__pb2.ServerInfoRequest.SerializeToString,
             jobworker_dot_v1_dot_jobworker__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/jobworker.v1.JobService/Attach',
+            jobworker_dot_v1_dot_jobworker__pb2.AttachRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.AttachResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -83,6 +83,12 @@ class JobServiceStub:
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.ServerInfoRequest, _jobworker_pb2.ServerInfo]
     """The server's version, and who the caller is to it."""
+    Attach: _grpc.StreamStreamMultiCallable[_jobworker_pb2.AttachRequest, _jobworker_pb2.AttachResponse]
+    """Join a running job: its output as it comes (from the start, or only what is new) and,
+    for a job started with stdin "pipe", input to it. The first request names the job
+    (AttachStart); later ones carry stdin bytes, in the order they arrive from every
+    attached client, or close the job's stdin. The last response is the job's final status.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -125,6 +131,12 @@ class JobServiceAsyncStub(JobServiceStub):
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.ServerInfoRequest, _jobworker_pb2.ServerInfo]  # type: ignore[assignment]
     """The server's version, and who the caller is to it."""
+    Attach: _aio.StreamStreamMultiCallable[_jobworker_pb2.AttachRequest, _jobworker_pb2.AttachResponse]  # type: ignore[assignment]
+    """Join a running job: its output as it comes (from the start, or only what is new) and,
+    for a job started with stdin "pipe", input to it. The first request names the job
+    (AttachStart); later ones carry stdin bytes, in the order they arrive from every
+    attached client, or close the job's stdin. The last response is the job's final status.
+    """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -242,5 +254,17 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobworker_pb2.ServerInfo, _abc.Awaitable[_jobworker_pb2.ServerInfo]]:
         """The server's version, and who the caller is to it."""
+
+    @_abc_1.abstractmethod
+    def Attach(
+        self,
+        request_iterator: _MaybeAsyncIterator[_jobworker_pb2.AttachRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_jobworker_pb2.AttachResponse], _abc.AsyncIterator[_jobworker_pb2.AttachResponse]]:
+        """Join a running job: its output as it comes (from the start, or only what is new) and,
+        for a job started with stdin "pipe", input to it. The first request names the job
+        (AttachStart); later ones carry stdin bytes, in the order they arrive from every
+        attached client, or close the job's stdin. The last response is the job's final status.
+        """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
