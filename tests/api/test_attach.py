@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 from typing import Any
@@ -28,14 +27,18 @@ def _start_request(job_id: str, *, stdin: bool = True, from_start: bool = True) 
     return pb.AttachRequest(start=pb.AttachStart(id=job_id, stdin=stdin, from_start=from_start))
 
 
-async def _collect(call: Any) -> tuple[bytes, pb.Job]:
-    """Read an attach to its end: the output, and the final status it ended with."""
+async def _collect(call: Any, *, accepted: bool = False) -> tuple[bytes, pb.Job]:
+    """Read an attach to its end (``accepted``: its first response was read already): the
+    output, and the final status it ended with."""
     out = b""
+    if not accepted:
+        first = await asyncio.wait_for(call.read(), 60)
+        assert first is not grpc.aio.EOF
+        assert first.attached, "the first response says the attach is accepted"
     while True:
         response = await asyncio.wait_for(call.read(), 60)
         assert response is not grpc.aio.EOF, "the attach ended without the job's status"
         if response.HasField("ended"):
-            assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
             return out, response.ended
         out += b"".join(c.data for c in response.output.chunks)
 
@@ -51,6 +54,8 @@ async def test_input_reaches_the_job_and_eof_is_passed_on(api: Running) -> None:
         await call.write(pb.AttachRequest(close_stdin=True))
         await call.done_writing()
         out, final = await _collect(call)
+        # The client has stopped sending, so the call ends with the status at once.
+        assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
         assert out == b"hello\n\x00binary\xff\n"
         assert (final.state, final.exit_code) == (pb.JOB_STATE_EXITED, 0)
         # EOF with nothing before it: wc sees an empty stdin.
@@ -105,6 +110,7 @@ async def test_two_attachers_share_output_and_input_in_arrival_order(api: Runnin
         first, second = alice.Attach(timeout=60), alice.Attach(timeout=60)
         await first.write(_start_request(job.id))
         await second.write(_start_request(job.id))
+        assert (await asyncio.wait_for(second.read(), 30)).attached
         await first.write(pb.AttachRequest(stdin=b"one\n"))
         # The second's input follows once the first's has come back: arrival order.
         seen = b""
@@ -116,7 +122,7 @@ async def test_two_attachers_share_output_and_input_in_arrival_order(api: Runnin
         await first.done_writing()
         await second.done_writing()
         out_first, final = await _collect(first)
-        out_second, _ = await _collect(second)
+        out_second, _ = await _collect(second, accepted=True)
     assert out_first == b"one\ntwo\n"
     assert seen + out_second == b"one\ntwo\n"
     assert final.exit_code == 0
@@ -152,6 +158,8 @@ async def test_a_job_that_never_reads_holds_back_the_sender_not_the_server(api: 
         assert stopped.state == pb.JOB_STATE_STOPPED
         _, final = await _collect(call)
         assert final.state == pb.JOB_STATE_STOPPED
-        pushing.cancel()
-        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-            await pushing
+        # What the job no longer reads is drained and dropped: the sender is never left
+        # blocked on a write (whose failure would fail its reads too).
+        await asyncio.wait_for(pushing, 60)
+        await call.done_writing()
+        assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF

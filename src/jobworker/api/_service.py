@@ -571,12 +571,17 @@ class JobService:
         AUDIT.info("attach %s begins", job, extra={"fields": {**fields, "event": "begin"}})
         feeding = asyncio.ensure_future(self._feed(requests, job, sends_input=start.stdin))
         try:
+            yield _ATTACHED
             async with contextlib.aclosing(_while_feeding(batches, feeding)) as reader:
                 async for batch in reader:
                     for message in self._messages(batch):
                         yield encode_field(1, message)
             final = await runtime.wait(job)
             yield encode_field(2, job_to_pb(final).SerializeToString())
+            # Let the client stop sending before the call ends: a write of its that fails
+            # because the call is over would fail its reads too, the status included.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(feeding), _FINISH_SENDING_S)
         finally:
             feeding.cancel()
             if feeding.done() and not feeding.cancelled():
@@ -584,13 +589,16 @@ class JobService:
             AUDIT.info("attach %s ends", job, extra={"fields": {**fields, "event": "end"}})
 
     async def _feed(self, requests: AsyncIterator[Any], job: str, *, sends_input: bool) -> None:
-        """The job's stdin from an Attach's requests, until the client stops sending.
+        """The job's stdin from an Attach's requests, until the client stops sending. Once
+        the job no longer reads (it closed its stdin, or ended), what comes is read and
+        dropped, as ssh does, so the client is never left blocked on a write.
 
         Raises:
             InvalidSpecError: a malformed request, a second start, or input from a client
                 that did not say it sends any.
             NoStdinError: (from the runtime) the job reads no input.
         """
+        reading = True
         async for request in requests:
             _check_parsed(request)
             kind = request.WhichOneof("request")
@@ -601,12 +609,23 @@ class JobService:
                     "this attach did not ask to send input (AttachStart.stdin); attach again "
                     "with it"
                 )
-            if kind == "close_stdin":
-                await self.runtime.close_stdin(job)
-            elif not await self.runtime.write_stdin(job, request.stdin):
-                # The job stopped reading (closed its stdin, or ended): what it did not
-                # read is dropped, as ssh does; the output and the final status still come.
-                return
+            if not reading:
+                continue
+            try:
+                if kind == "close_stdin":
+                    await self.runtime.close_stdin(job)
+                else:
+                    reading = await self.runtime.write_stdin(job, request.stdin)
+            except JobEndedError:
+                if not (await self.runtime.status(job)).state.is_final:
+                    raise  # its stdin was closed (EOF sent) while it runs
+                reading = False
+
+
+# How long an attach whose job has ended waits for its client to stop sending input.
+_FINISH_SENDING_S = 10.0
+# The AttachResponse {attached: true} (field 3, varint 1).
+_ATTACHED = b"\x18\x01"
 
 
 def _check_input(status: JobStatus) -> None:

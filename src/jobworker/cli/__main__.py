@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     except UsageError as e:
         _fail(str(e), 2)
-    if target.control_persist:
+    # A command that reads jobctl's stdin runs here: a keeper has only our stdout and stderr.
+    if target.control_persist and not _reads_stdin(args):
         forwarded = forward(argv, target, extra)
         if forwarded is not None:
             sys.exit(forwarded)
@@ -66,6 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     from ._commands import run_in_process  # noqa: PLC0415 - after parsing, by design (see above)
 
     sys.exit(run_in_process(args, target))
+
+
+def _reads_stdin(args: object) -> bool:
+    command = getattr(args, "command", "")
+    if command == "run":
+        return bool(getattr(args, "interactive", False))
+    return command == "attach" and not getattr(args, "no_stdin", False)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -70,6 +73,7 @@ def _spec(args: argparse.Namespace) -> pb.JobSpec:
         seccomp_unconfined=args.seccomp == "unconfined",
         name=args.name or "",
         labels=labels,
+        stdin=pb.STDIN_MODE_PIPE if args.interactive else pb.STDIN_MODE_NONE,
     )
     if args.timeout is not None:
         spec.timeout_seconds = args.timeout
@@ -214,6 +218,109 @@ async def _follow(s: Session, job_id: str, io: Io, *, remove: bool) -> int:
     return DETACHED
 
 
+class _StdinReader:
+    """jobctl's stdin, read by a daemon thread (a read blocked on a terminal must not keep
+    jobctl from exiting) into a short queue, so input is read only as fast as it is sent."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(4)
+        self._loop = loop
+        threading.Thread(target=self._read, name="jobctl-stdin", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(0, 256 * 1024)
+            except OSError:
+                data = b""
+            try:
+                asyncio.run_coroutine_threadsafe(self.queue.put(data), self._loop).result()
+            except RuntimeError:
+                return  # the loop is closed: jobctl is exiting
+            if not data:
+                return
+
+
+async def _send_stdin(call: Any) -> None:
+    """jobctl's stdin to the job until EOF, which is passed on."""
+    reader = _StdinReader(asyncio.get_running_loop())
+    while data := await reader.queue.get():
+        await call.write(pb.AttachRequest(stdin=data))
+    await call.write(pb.AttachRequest(close_stdin=True))
+    await call.done_writing()
+
+
+async def _receive(call: Any, io: Io) -> pb.Job:
+    """An attach's output to ours; the job's final status, its last response."""
+    while True:
+        response = await call.read()
+        if response is grpc.aio.EOF:
+            raise CliError("the server ended the attach without the job's status")
+        if response.HasField("ended"):
+            final: pb.Job = response.ended
+            return final
+        for chunk in response.output.chunks:
+            await (io.out(chunk.data) if chunk.stream == pb.STREAM_STDOUT else io.err(chunk.data))
+
+
+async def _attach(  # noqa: PLR0913 - each keyword is one choice of the command line
+    s: Session, job_id: str, io: Io, *, stdin: bool, from_start: bool, remove: bool = False
+) -> int:
+    """Join the job: its output to ours and, with ``stdin``, our stdin to it; exit with its
+    status once it ends. Ctrl+C or our stdout closing detaches (130); with ``remove`` the
+    job is stopped instead and its output drained to the end (as :func:`_follow`).
+
+    Raises:
+        CliError: the attach failed, or the connection was lost (the job keeps running).
+    """
+    call = s.stub.Attach()
+    try:
+        await call.write(
+            pb.AttachRequest(start=pb.AttachStart(id=job_id, stdin=stdin, from_start=from_start))
+        )
+        # Input only once the server has accepted the attach: a refusal is then the one
+        # error the user sees.
+        first = await call.read()
+        if first is grpc.aio.EOF or not first.attached:
+            raise CliError("the server did not accept the attach")
+        return await _attached(s, call, job_id, io, stdin=stdin, remove=remove)
+    except grpc.aio.AioRpcError as e:
+        if e.code() is grpc.StatusCode.UNAVAILABLE:
+            raise CliError(
+                f"lost the connection to {s.target.server}; job {job_id} keeps running "
+                f"(jobctl attach {job_id[:12]})"
+            ) from None
+        raise await explain(e, s.target) from None
+    finally:
+        call.cancel()
+
+
+async def _attached(  # noqa: PLR0913 - the call and what to do with it
+    s: Session, call: Any, job_id: str, io: Io, *, stdin: bool, remove: bool
+) -> int:
+    feeding = asyncio.ensure_future(_send_stdin(call) if stdin else call.done_writing())
+    # Its failure (the call ended under a write) shows in the receiving side.
+    feeding.add_done_callback(lambda task: task.cancelled() or task.exception())
+    receiving = asyncio.ensure_future(_receive(call, io))
+    interrupted = asyncio.Event()
+    with io.interrupts_to(interrupted.set):
+        done, (_, _, closed) = await _first(
+            asyncio.shield(receiving), interrupted.wait(), io.out_closed()
+        )
+    if receiving.done() and closed not in done:
+        feeding.cancel()
+        return exit_status_of(receiving.result())
+    if not remove:
+        call.cancel()
+        await io.say(f"detached; job {job_id} keeps running (jobctl attach {job_id[:12]})\n")
+        return DETACHED
+    feeding.cancel()
+    await io.say(f"stopping job {job_id}\n")
+    await s.call("StopJob", pb.Job, pb.StopJobRequest(id=job_id), waits=True)
+    await receiving
+    return DETACHED
+
+
 class _Each:
     """Runs one action per job a command names, reports each failure on its own line,
     and remembers whether any failed (exit 1, as docker stop does)."""
@@ -291,6 +398,9 @@ async def _dispatch(  # noqa: C901, PLR0911, PLR0912 - one branch per command, a
             return await _wait(s, args, io)
         if command == "events":
             return await _events(s, args, io)
+        if command == "attach":
+            job_id = await s.resolve(args.job)
+            return await _attach(s, job_id, io, stdin=not args.no_stdin, from_start=False)
         if command == "info":
             return await _info(s, args, io)
         if command == "__jobs":
@@ -308,6 +418,11 @@ async def _run(s: Session, args: argparse.Namespace, io: Io) -> int:
             await io.out((json_text(job_json(job)) if args.json else f"{job.id}\n").encode())
         await io.say(f"jobctl: job {job.id} failed to start: {escape(job.error)}\n")
         return exit_status_of(job)  # 127 not found, 126 cannot be executed
+    if args.command == "run" and args.interactive:
+        status = await _attach(s, job.id, io, stdin=True, from_start=True, remove=args.rm)
+        if args.rm:
+            await s.call("RemoveJob", pb.Job, pb.JobRequest(id=job.id))
+        return status
     if args.command == "run" or args.follow:
         remove = getattr(args, "rm", False)
         status = await _follow(s, job.id, io, remove=remove)

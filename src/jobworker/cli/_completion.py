@@ -13,7 +13,7 @@ __all__ = ["SHELLS", "script"]
 
 SHELLS = ("bash", "fish", "zsh")
 # Commands whose positional arguments are jobs.
-JOB_COMMANDS = ("status", "logs", "stop", "kill", "wait", "rm")
+JOB_COMMANDS = ("status", "logs", "stop", "kill", "wait", "rm", "attach")
 
 
 def _commands() -> tuple[dict[str, list[str]], list[str]]:

@@ -135,6 +135,13 @@ def _globals(p: argparse.ArgumentParser, *, top: bool) -> None:
 
 
 def _job_spec(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="give the job a stdin that reads input (run: jobctl's own stdin; start: "
+        "whatever jobctl attach sends)",
+    )
     p.add_argument("--name", help="a name for the job, unique among yours (use it as an id)")
     p.add_argument(
         "--label",
@@ -262,6 +269,11 @@ def parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per fl
     prune = command("prune", "delete ended jobs (all, or those ended before --older-than)")
     prune.add_argument("--older-than", type=_duration, metavar="DURATION", help="e.g. 2h")
     prune.add_argument("--selector", "-l", metavar="SELECTOR", help="only jobs it matches")
+    attach = command("attach", "join a running job: its output, and your input (jobs started -i)")
+    attach.add_argument("job", metavar="JOB")
+    attach.add_argument(
+        "--no-stdin", action="store_true", help="only watch: send no input, even to a -i job"
+    )
     events = command("events", "stream changes to jobs as they happen")
     events.add_argument("--owner", help="only this owner's jobs (admins)")
     events.add_argument("--selector", "-l", metavar="SELECTOR")

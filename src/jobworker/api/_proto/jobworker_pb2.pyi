@@ -1210,6 +1210,9 @@ class AttachResponse(_message.Message):
 
     OUTPUT_FIELD_NUMBER: _builtins.int
     ENDED_FIELD_NUMBER: _builtins.int
+    ATTACHED_FIELD_NUMBER: _builtins.int
+    attached: _builtins.bool
+    """The first response, once the attach is accepted: a client may send input from then on."""
     @_builtins.property
     def output(self) -> Global___OutputResponse:
         """Output, as StreamOutput sends it."""
@@ -1223,12 +1226,13 @@ class AttachResponse(_message.Message):
         *,
         output: Global___OutputResponse | None = ...,
         ended: Global___Job | None = ...,
+        attached: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "output", b"output", "response", b"response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "ended", b"ended", "output", b"output", "response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "output", b"output", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "ended", b"ended", "output", b"output", "response", b"response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["output", "ended"]  # noqa: Y015
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["output", "ended", "attached"]  # noqa: Y015
     _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
 

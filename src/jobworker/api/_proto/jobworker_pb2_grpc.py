@@ -210,7 +210,8 @@ class JobServiceServicer:
         """Join a running job: its output as it comes (from the start, or only what is new) and,
         for a job started with stdin "pipe", input to it. The first request names the job
         (AttachStart); later ones carry stdin bytes, in the order they arrive from every
-        attached client, or close the job's stdin. The last response is the job's final status.
+        attached client, or close the job's stdin. The first response says the attach is
+        accepted; the last is the job's final status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -87,7 +87,8 @@ class JobServiceStub:
     """Join a running job: its output as it comes (from the start, or only what is new) and,
     for a job started with stdin "pipe", input to it. The first request names the job
     (AttachStart); later ones carry stdin bytes, in the order they arrive from every
-    attached client, or close the job's stdin. The last response is the job's final status.
+    attached client, or close the job's stdin. The first response says the attach is
+    accepted; the last is the job's final status.
     """
 
 @_typing.type_check_only
@@ -135,7 +136,8 @@ class JobServiceAsyncStub(JobServiceStub):
     """Join a running job: its output as it comes (from the start, or only what is new) and,
     for a job started with stdin "pipe", input to it. The first request names the job
     (AttachStart); later ones carry stdin bytes, in the order they arrive from every
-    attached client, or close the job's stdin. The last response is the job's final status.
+    attached client, or close the job's stdin. The first response says the attach is
+    accepted; the last is the job's final status.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -264,7 +266,8 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """Join a running job: its output as it comes (from the start, or only what is new) and,
         for a job started with stdin "pipe", input to it. The first request names the job
         (AttachStart); later ones carry stdin bytes, in the order they arrive from every
-        attached client, or close the job's stdin. The last response is the job's final status.
+        attached client, or close the job's stdin. The first response says the attach is
+        accepted; the last is the job's final status.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
