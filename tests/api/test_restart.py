@@ -194,6 +194,68 @@ async def test_jobctl_follows_across_a_restart_without_replaying(tmp_path: Path,
     assert (follower.returncode, seen + out) == (7, EXPECTED), err
 
 
+async def test_an_attached_shell_survives_a_server_kill_and_is_attached_again(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """kill -9 the server under an attached client: the client ends with one clear line,
+    the job (its stdin pipe held by its supervisor) keeps running, and after a restart an
+    attach goes on with the same shell."""
+    async with servers(tmp_path, pki) as s:
+        first = await s.start()
+        env = _jobctl_env(pki, first.port)
+        script = 'n=0; while read line; do n=$((n+1)); echo "$n: $line"; done; exit 3'
+        start = await asyncio.create_subprocess_exec(
+            JOBCTL,
+            "start",
+            "-q",
+            "-i",
+            "--name",
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            script,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        job_id = (await asyncio.wait_for(start.communicate(), 30))[0].decode().strip()
+        attached = await asyncio.create_subprocess_exec(
+            JOBCTL,
+            "attach",
+            "shell",
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert attached.stdin is not None
+        assert attached.stdout is not None
+        attached.stdin.write(b"before\n")
+        await attached.stdin.drain()
+        assert await asyncio.wait_for(attached.stdout.readline(), 30) == b"1: before\n"
+        first.proc.kill()
+        _, err = await asyncio.wait_for(attached.communicate(), 30)
+        assert attached.returncode == 1
+        assert err.decode() == (
+            f"jobctl: lost the connection to 127.0.0.1:{first.port}; job {job_id} keeps "
+            f"running (jobctl attach {job_id[:12]})\n"
+        )
+        await asyncio.to_thread(first.proc.wait)
+        await s.start(first.port)
+        again = await asyncio.create_subprocess_exec(
+            JOBCTL,
+            "attach",
+            "shell",
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(again.communicate(b"after\n"), 60)
+    # The same shell: its count goes on from 1.
+    assert (again.returncode, out) == (3, b"2: after\n"), err
+
+
 async def test_crash_consistency_under_random_kill_9(tmp_path: Path, pki: Pki) -> None:
     """About 100 rounds: a burst of starts, stops and signals, the server killed at a random
     moment, restarted; every job the server acknowledged is there with a consistent state

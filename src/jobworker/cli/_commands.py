@@ -162,6 +162,10 @@ async def _first(
     """Run ``aws`` until one is done; cancel the rest. Returns (done, all, in order)."""
     tasks: list[asyncio.Task[object]] = [asyncio.ensure_future(a) for a in aws]
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if not task.cancelled():
+            # Marked retrieved: the caller looks at what it shielded, not at this wrapper.
+            task.exception()
     for task in pending:
         task.cancel()
     for task in pending:
