@@ -37,7 +37,11 @@ STREAMS = {
     Stream.SYSTEM: pb.STREAM_SYSTEM,
 }
 _MAX_U32 = (1 << 32) - 1
-_STDIN_FROM_PB = {pb.STDIN_MODE_NONE: "none", pb.STDIN_MODE_PIPE: "pipe"}
+_STDIN_FROM_PB = {
+    pb.STDIN_MODE_NONE: "none",
+    pb.STDIN_MODE_PIPE: "pipe",
+    pb.STDIN_MODE_TTY: "tty",
+}
 _STDIN_TO_PB = {mode: number for number, mode in _STDIN_FROM_PB.items()}
 
 
@@ -106,6 +110,8 @@ def spec_from_pb(spec: pb.JobSpec, owner: str) -> JobSpec:
         labels=dict(spec.labels),
         timeout_s=spec.timeout_seconds if spec.HasField("timeout_seconds") else None,
         stdin=_STDIN_FROM_PB.get(spec.stdin, "unknown"),
+        window=(spec.window.rows or 24, spec.window.cols or 80),
+        term=spec.term or "xterm",
     )
 
 

@@ -569,6 +569,8 @@ class JobService:
         )
         fields = {"rpc": "Attach", "user": who.name, "job": job, "stdin": start.stdin}
         AUDIT.info("attach %s begins", job, extra={"fields": {**fields, "event": "begin"}})
+        if start.stdin and start.HasField("window") and (await runtime.status(job)).stdin == "tty":
+            await runtime.resize(job, start.window.rows, start.window.cols, redraw=True)
         feeding = asyncio.ensure_future(self._feed(requests, job, sends_input=start.stdin))
         try:
             yield _ATTACHED
@@ -602,7 +604,7 @@ class JobService:
         async for request in requests:
             _check_parsed(request)
             kind = request.WhichOneof("request")
-            if kind not in ("stdin", "close_stdin"):
+            if kind not in ("stdin", "close_stdin", "resize"):
                 raise InvalidSpecError("only the first request of an attach may be start")
             if not sends_input:
                 raise InvalidSpecError(
@@ -614,6 +616,8 @@ class JobService:
             try:
                 if kind == "close_stdin":
                     await self.runtime.close_stdin(job)
+                elif kind == "resize":
+                    await self.runtime.resize(job, request.resize.rows, request.resize.cols)
                 else:
                     reading = await self.runtime.write_stdin(job, request.stdin)
             except JobEndedError:
@@ -630,7 +634,7 @@ _ATTACHED = b"\x18\x01"
 
 def _check_input(status: JobStatus) -> None:
     """Raises NoStdinError (the job reads no input) or JobEndedError (it has ended)."""
-    if status.stdin != "pipe":
+    if status.stdin == "none":
         raise NoStdinError(
             f"job {status.id} reads no input (it was started with stdin none); start a job "
             "that reads input with stdin pipe (jobctl run -i)"

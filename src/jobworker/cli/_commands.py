@@ -224,31 +224,43 @@ async def _follow(s: Session, job_id: str, io: Io, *, remove: bool) -> int:
 
 class _StdinReader:
     """jobctl's stdin, read by a daemon thread (a read blocked on a terminal must not keep
-    jobctl from exiting) into a short queue, so input is read only as fast as it is sent."""
+    jobctl from exiting) a few chunks ahead at most, so input is read only as fast as it is
+    sent. The thread hands chunks over with call_soon_threadsafe: nothing of it is left
+    for the loop to finish when jobctl exits."""
+
+    AHEAD = 4
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(4)
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._slots = threading.Semaphore(self.AHEAD)
         self._loop = loop
         threading.Thread(target=self._read, name="jobctl-stdin", daemon=True).start()
 
     def _read(self) -> None:
         while True:
+            self._slots.acquire()
             try:
                 data = os.read(0, 256 * 1024)
             except OSError:
                 data = b""
             try:
-                asyncio.run_coroutine_threadsafe(self.queue.put(data), self._loop).result()
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, data)
             except RuntimeError:
                 return  # the loop is closed: jobctl is exiting
             if not data:
                 return
 
+    async def get(self) -> bytes:
+        """The next chunk; b"" at EOF."""
+        data = await self._queue.get()
+        self._slots.release()
+        return data
+
 
 async def _send_stdin(call: Any) -> None:
     """jobctl's stdin to the job until EOF, which is passed on."""
     reader = _StdinReader(asyncio.get_running_loop())
-    while data := await reader.queue.get():
+    while data := await reader.get():
         await call.write(pb.AttachRequest(stdin=data))
     await call.write(pb.AttachRequest(close_stdin=True))
     await call.done_writing()

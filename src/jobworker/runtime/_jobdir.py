@@ -232,9 +232,19 @@ class SpecRecord(NamedTuple):
         return bool(self.spec.get("host_network", False))
 
     @property
-    def stdin_pipe(self) -> bool:
-        """Whether the command reads a pipe attached clients write to (else /dev/null)."""
-        return self.spec.get("stdin") == "pipe"
+    def stdin_mode(self) -> str:
+        """ "none" (/dev/null), "pipe" (what attached clients send) or "tty"."""
+        return str(self.spec.get("stdin") or "none")
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """A terminal job's first size (rows, columns)."""
+        rows, cols = self.spec.get("window") or (24, 80)
+        return int(rows), int(cols)
+
+    @property
+    def term(self) -> str:
+        return str(self.spec.get("term") or "xterm")
 
     @property
     def timeout_s(self) -> float | None:

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import resource
 import signal
+import socket
+import struct
+import termios
 from typing import NoReturn
 
 from ._jobdir import SpecRecord
@@ -82,6 +86,34 @@ class ExecError(Exception):
     def __init__(self, message: str, reason: str = "start_error") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+# ioctls on a pseudo-terminal master (linux/include/uapi/asm-generic/ioctls.h): unlock the
+# peer, and open it through the master (no path lookup in the job's /dev/pts).
+TIOCSPTLCK = 0x40045431
+TIOCGPTPEER = 0x5441
+
+
+def _open_terminal(spec: SpecRecord, status_w: int) -> None:
+    """Make a pseudo-terminal of the job's own devpts the job's stdin, stdout, stderr and
+    controlling terminal, and hand its master to the supervisor over ``status_w`` (a
+    SEQPACKET socket): opened here, inside the job's root, so ``tty`` names a /dev/pts
+    device of the job's own, as runc's console socket does."""
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+    peer = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    rows, cols = spec.window
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    fcntl.ioctl(peer, termios.TIOCSCTTY, 0)
+    for fd in (0, 1, 2):
+        os.dup2(peer, fd)
+    os.close(peer)
+    channel = socket.socket(fileno=status_w)
+    try:
+        socket.send_fds(channel, [b"T"], [master])
+    finally:
+        channel.detach()
+    os.close(master)
 
 
 def job_env(spec_env: dict[str, str], job_id: str, home: str = "/") -> dict[str, str]:
@@ -193,7 +225,8 @@ def exec_command(  # noqa: PLR0913 - each is one descriptor or fact the child ne
     stdin: int | None = None,
 ) -> NoReturn:
     """In the forked child: stdio (``stdin`` the read end of the job's stdin pipe, or None
-    for /dev/null; ``stdio`` = stdout and stderr write ends), signals,
+    for /dev/null; ``stdio`` = stdout and stderr write ends; a terminal job gets its
+    terminal instead, once inside its root), signals,
     isolation, cwd, the seccomp filter, then exec. Never returns; a failure is written to
     ``status_w``. The executable is looked up in the job's PATH after the job's root is in
     place and as the job's user, so it is the job's own view that decides."""
@@ -215,6 +248,9 @@ def exec_command(  # noqa: PLR0913 - each is one descriptor or fact the child ne
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         stage = "isolate the job (cgroups, namespaces, root, user)"
         _isolate(spec, new_root)
+        if spec.stdin_mode == "tty":
+            stage = "open the job's terminal"
+            _open_terminal(spec, status_w)
         exe = resolve(spec.argv[0], env)
         stage = f"change to working directory {spec.cwd!r}"
         os.chdir(spec.cwd)

@@ -46,7 +46,7 @@ from ._restore import boot_id, restore
 from ._retention import prune_ended, retention_loop
 from ._rootfs import PRIVATE_DIRS, WORKDIR
 from ._seccomp import build_filter
-from ._spec import JobSpec
+from ._spec import MAX_WINDOW, JobSpec
 from ._states import State
 from ._status import JobStatus
 from ._stdin import StdinPipe
@@ -424,7 +424,7 @@ class Runtime:
     def _stdin_of(self, job: Job) -> tuple[StdinPipe, SupervisorHandle]:
         """Raises NoStdinError (stdin "none"), JobNotRunningError (not started) or
         JobEndedError (ended)."""
-        if job.spec.stdin != "pipe":
+        if job.spec.stdin == "none":
             raise NoStdinError(
                 f"job {job.id} reads no input (it was started with stdin none); start a job "
                 "that reads input with stdin pipe (jobctl run -i)"
@@ -454,8 +454,28 @@ class Runtime:
         Raises:
             as :meth:`write_stdin`.
         """
-        pipe, supervisor = self._stdin_of(self._get(job_id))
-        await pipe.close(supervisor)
+        job = self._get(job_id)
+        pipe, supervisor = self._stdin_of(job)
+        if job.spec.stdin == "pipe":  # a terminal has no EOF to send: Ctrl+D is a keystroke
+            await pipe.close(supervisor)
+
+    async def resize(self, job_id: str, rows: int, cols: int, *, redraw: bool = False) -> None:
+        """Set a terminal job's window size (``redraw``: so that a program that redraws on
+        SIGWINCH does, even at the same size).
+
+        Raises:
+            JobNotFoundError: no job has this id.
+            NoStdinError: the job has no terminal.
+            InvalidSpecError: a size out of range.
+            JobNotRunningError, JobEndedError: it has not started, or has ended.
+        """
+        job = self._get(job_id)
+        if job.spec.stdin != "tty":
+            raise NoStdinError(f"job {job.id} has no terminal to resize (start it with a tty)")
+        if not (1 <= rows <= MAX_WINDOW and 1 <= cols <= MAX_WINDOW):
+            raise InvalidSpecError(f"a terminal of {rows}x{cols}: rows and columns must be 1-10000")
+        pipe, supervisor = self._stdin_of(job)
+        await pipe.resize(supervisor, rows, cols, redraw=redraw)
 
     async def wait(self, job_id: str) -> JobStatus:
         """Return the job's final status once it has ended (at once if it has).

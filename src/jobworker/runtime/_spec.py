@@ -25,7 +25,8 @@ MAX_ARG_BYTES = 128 * 1024
 MAX_ARGV_ENV_BYTES = 1024 * 1024
 MAX_OWNER_CHARS = 256
 MAX_TIMEOUT_S = 10 * 365 * 86400.0
-STDIN_MODES = ("none", "pipe")
+STDIN_MODES = ("none", "pipe", "tty")
+MAX_WINDOW = 10_000
 
 
 def _check_text(value: object, what: str) -> str:
@@ -171,6 +172,16 @@ class Limits:
         )
 
 
+def _check_terminal(window: tuple[int, int], term: str) -> None:
+    """Raises InvalidSpecError: a window size out of range, or a TERM that is not a short
+    printable word."""
+    rows, cols = window
+    if not (1 <= rows <= MAX_WINDOW and 1 <= cols <= MAX_WINDOW):
+        raise InvalidSpecError(f"a terminal of {rows}x{cols}: rows and columns must be 1-10000")
+    if not term or len(term) > 64 or not term.isprintable() or " " in term:
+        raise InvalidSpecError("TERM must be a short word such as xterm-256color")
+
+
 def _check_argv(argv: object) -> tuple[str, ...]:
     """Raises InvalidSpecError: not a non-empty list whose first item names a command."""
     if isinstance(argv, str | bytes) or not isinstance(argv, Sequence):
@@ -237,6 +248,8 @@ class JobSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     timeout_s: float | None = None
     stdin: str = "none"
+    window: tuple[int, int] = (24, 80)
+    term: str = "xterm"
 
     def __post_init__(self) -> None:
         argv = _check_argv(self.argv)
@@ -263,6 +276,7 @@ class JobSpec:
         labels = _check_tags(self.name, self.labels, self.timeout_s)
         if self.stdin not in STDIN_MODES:
             raise InvalidSpecError(f"stdin must be one of: {', '.join(STDIN_MODES)}")
+        _check_terminal(self.window, self.term)
         object.__setattr__(self, "argv", argv)
         object.__setattr__(self, "env", types.MappingProxyType(env))
         object.__setattr__(self, "labels", types.MappingProxyType(labels))
@@ -281,6 +295,8 @@ class JobSpec:
             "labels": dict(self.labels),
             "timeout_s": self.timeout_s,
             "stdin": self.stdin,
+            "window": list(self.window),
+            "term": self.term,
         }
 
     @classmethod
@@ -298,4 +314,6 @@ class JobSpec:
             labels=data.get("labels") or {},
             timeout_s=data.get("timeout_s"),
             stdin=data.get("stdin") or "none",
+            window=tuple(data.get("window") or (24, 80)),
+            term=data.get("term") or "xterm",
         )

@@ -1,4 +1,4 @@
-"""A job's standard input as the server holds it (stdin "pipe").
+"""A job's standard input as the server holds it (stdin "pipe", or a terminal's master).
 
 The pipe's write end belongs to the job's supervisor, so the job's stdin stays open while no
 server runs; the server asks for a descriptor of it on the first write (after a restart too)
@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
+import struct
+import termios
 
 from .._aio import wait_fd
 from ._errors import JobEndedError
@@ -40,21 +43,47 @@ class StdinPipe:
             LaunchError: the supervisor did not answer.
         """
         async with self._lock:
-            if self.closed:
-                raise JobEndedError("the job's stdin was closed (EOF was sent)")
-            if self._fd < 0:
-                fd = await supervisor.stdin_fd()
-                os.set_blocking(fd, False)
-                self._fd = fd
+            fd = await self._open(supervisor)
             view = memoryview(data)
             while view:
                 try:
-                    view = view[os.write(self._fd, view) :]
+                    view = view[os.write(fd, view) :]
                 except BlockingIOError:
-                    await wait_fd(self._fd, write=True)
+                    await wait_fd(fd, write=True)
                 except BrokenPipeError:
                     return False
             return True
+
+    async def _open(self, supervisor: SupervisorHandle) -> int:
+        """Our descriptor, asked of the supervisor the first time.
+
+        Raises:
+            JobEndedError: the job's stdin was closed (EOF sent), or it has ended.
+        """
+        if self.closed:
+            raise JobEndedError("the job's stdin was closed (EOF was sent)")
+        if self._fd < 0:
+            fd = await supervisor.stdin_fd()
+            os.set_blocking(fd, False)
+            self._fd = fd
+        return self._fd
+
+    async def resize(
+        self, supervisor: SupervisorHandle, rows: int, cols: int, *, redraw: bool = False
+    ) -> None:
+        """Give a terminal job's terminal this size (the kernel sends SIGWINCH to its
+        foreground processes on a change). ``redraw``: change it twice, so a program that
+        redraws on SIGWINCH shows its screen even if the size is the same (as docker's
+        attach does).
+
+        Raises:
+            JobEndedError: the job has ended.
+        """
+        async with self._lock:
+            fd = await self._open(supervisor)
+            sizes = [(rows, cols)] if not redraw else [(rows + 1, cols + 1), (rows, cols)]
+            for r, c in sizes:
+                fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", r, c, 0, 0))
 
     async def close(self, supervisor: SupervisorHandle) -> None:
         """Send EOF: let go of our descriptor and have the supervisor let go of its own

@@ -119,6 +119,8 @@ class _Supervisor:
         # The write end of the command's stdin pipe (stdin "pipe"), held here so the job's
         # stdin stays open while no server runs; -1 once closed (or with no pipe).
         self.stdin_w = -1
+        # A terminal job's master: its output is read from it, and input written to it.
+        self.tty_master = -1
 
     def _enter(self, phase: Phase) -> None:
         if phase not in _NEXT[self.phase]:
@@ -126,54 +128,73 @@ class _Supervisor:
         self.phase = phase
 
     # ---------------------------------------------------------------- the command
-    def spawn(self) -> tuple[int, int]:
-        """Fork and exec the command; return the read ends of its stdout and stderr pipes.
+    def spawn(self) -> dict[int, Stream]:
+        """Fork and exec the command; return the descriptors its output is read from (its
+        stdout and stderr pipes, or its terminal's master), each with its stream.
 
         Raises:
             ExecError: the command could not be started (the text names the OS error).
         """
         home = WORKDIR if self.spec.sandbox is not None else "/"
         env = job_env(self.spec.env, self.spec.id, home)
+        if self.spec.stdin_mode == "tty":
+            env.setdefault("TERM", self.spec.term)
         # The empty mount point the job's root is built on (never seen by anyone else).
         new_root = os.path.abspath(NEW_ROOT)
         if self.spec.sandbox is not None:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(new_root, 0o700)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        for fd in (out_r, err_r):
-            with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep default
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        (out_r, out_w), (err_r, err_w) = _big_pipe(), _big_pipe()
         in_r = None
-        if self.spec.stdin_pipe:
-            in_r, self.stdin_w = os.pipe2(os.O_CLOEXEC)
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(self.stdin_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        if self.spec.stdin_mode == "pipe":
+            in_r, self.stdin_w = _big_pipe()
+        # The child reports on it: an error ("E"), its terminal's master ("T", passed
+        # alongside), and EOF once exec succeeded (it is CLOEXEC).
+        status, status_w = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
         pid = os.fork()
         if pid == 0:
-            exec_command(self.spec, env, (out_w, err_w), status_w, new_root, stdin=in_r)
+            exec_command(self.spec, env, (out_w, err_w), status_w.fileno(), new_root, stdin=in_r)
         os.close(out_w)
         os.close(err_w)
-        os.close(status_w)
+        status_w.close()
         if in_r is not None:
             os.close(in_r)
         self.cmd_pid = pid
-        chunks = []
-        while chunk := os.read(status_r, 65536):  # EOF: exec succeeded (status_w is CLOEXEC)
-            chunks.append(chunk)
-        os.close(status_r)
-        report = b"".join(chunks)
-        if report.startswith(b"E"):
+        error = self._read_status(status)
+        if error is not None:
             os.waitpid(pid, 0)
             os.close(out_r)
             os.close(err_r)
-            reason, _, message = report[1:].partition(b"\n")
-            raise ExecError(message.decode("utf-8", "replace"), reason.decode())
+            if self.tty_master >= 0:
+                os.close(self.tty_master)
+            raise error
         self._enter(Phase.RUNNING)
         if self.spec.timeout_s is not None:
             self.timeout_at = time.monotonic() + self.spec.timeout_s
-        return out_r, err_r
+        if self.tty_master >= 0:
+            # Nothing is written to the pipes of a terminal job: its output is the master's.
+            os.close(out_r)
+            os.close(err_r)
+            return {self.tty_master: Stream.STDOUT}
+        return {out_r: Stream.STDOUT, err_r: Stream.STDERR}
+
+    def _read_status(self, status: socket.socket) -> ExecError | None:
+        """What the child reported before exec (its terminal's master is kept); None when
+        exec succeeded."""
+        with status:
+            while True:
+                message, fds, _flags, _addr = socket.recv_fds(status, 65536, 1)
+                if message.startswith(b"T") and fds:
+                    self.tty_master = fds[0]
+                    continue
+                for fd in fds:
+                    os.close(fd)
+                if not message.startswith(b"E"):
+                    return None
+                reason, _, text = message[1:].partition(b"\n")
+                return ExecError(text.decode("utf-8", "replace"), reason.decode())
 
     # ---------------------------------------------------------------- signals and stop
     def _kill_all(self, sig: int) -> None:
@@ -236,11 +257,12 @@ class _Supervisor:
         if self.phase not in (Phase.RUNNING, Phase.STOPPING):
             return Reply(Outcome.ENDED), []
         if request.verb is Verb.STDIN:
-            if self.stdin_w < 0:
+            fd = self.tty_master if self.tty_master >= 0 else self.stdin_w
+            if fd < 0:
                 return Reply(Outcome.ERROR, "the job's stdin is closed"), []
-            return Reply(Outcome.OK), [self.stdin_w]
+            return Reply(Outcome.OK), [fd]
         if request.verb is Verb.CLOSE_STDIN:
-            self.close_stdin()
+            self.close_stdin()  # a terminal has no EOF to send: Ctrl+D is a keystroke
             return Reply(Outcome.OK), []
         self._kill_all(int(request.value))
         return Reply(Outcome.OK), []
@@ -293,10 +315,9 @@ class _Supervisor:
         os._exit(0)
 
     # ---------------------------------------------------------------- main loop
-    def serve(self, out_r: int, err_r: int, wakeup_r: int, listener: socket.socket) -> None:
+    def serve(self, streams: dict[int, Stream], wakeup_r: int, listener: socket.socket) -> None:
         poller = select.poll()
-        streams = {out_r: Stream.STDOUT, err_r: Stream.STDERR}
-        for fd in (out_r, err_r, wakeup_r, listener.fileno()):
+        for fd in (*streams, wakeup_r, listener.fileno()):
             poller.register(fd, select.POLLIN)
         conns: dict[int, tuple[socket.socket, bytearray]] = {}
         children_left = self.reap()
@@ -320,13 +341,21 @@ class _Supervisor:
         listener.close()
 
     def _pump(self, fd: int, streams: dict[int, Stream], poller: select.poll) -> None:
-        n = os.readv(fd, [self.buf])
+        try:
+            n = os.readv(fd, [self.buf])
+        except BlockingIOError:
+            return  # the server made the terminal's master non-blocking; nothing yet
+        except OSError:
+            # EIO: a terminal's every other end has closed (its processes are gone).
+            n = 0
         if n:
             self.log.write(streams[fd], self.view[:n])
         else:
             poller.unregister(fd)
             os.close(fd)
             del streams[fd]
+            if fd == self.tty_master:
+                self.tty_master = -1
 
     def _on_signals(self, signums: bytes) -> bool:
         for signum in signums:
@@ -377,6 +406,14 @@ class _Supervisor:
             conn.close()
 
 
+def _big_pipe() -> tuple[int, int]:
+    """A pipe of PIPE_SIZE (or the default, above /proc/sys/fs/pipe-max-size)."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return read_end, write_end
+
+
 def _noop(_signum: int, _frame: object) -> None:
     """A Python-level handler, so the signal reaches the wakeup fd (and PID 1 receives it)."""
 
@@ -409,7 +446,7 @@ def run_supervisor(job_dir: str, report: socket.socket) -> NoReturn:
     listener.listen(16)
     listener.setblocking(False)
     try:
-        out_r, err_r = sup.spawn()
+        streams = sup.spawn()
     except ExecError as e:
         sup.finish(e)
     # /proc is still the host's here, so it names our host pid, which the server needs.
@@ -425,5 +462,5 @@ def run_supervisor(job_dir: str, report: socket.socket) -> NoReturn:
     pidfd = os.pidfd_open(1)
     sup.send_report(Report(run=run), [pidfd])
     os.close(pidfd)
-    sup.serve(out_r, err_r, wakeup_r, listener)
+    sup.serve(streams, wakeup_r, listener)
     sup.finish(None)

@@ -46,6 +46,11 @@ class _StdinModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StdinMode.V
     """A pipe the job reads what attached clients send (Attach); it stays open, held by the
     job's supervisor, until a client closes it, across server restarts.
     """
+    STDIN_MODE_TTY: _StdinMode.ValueType  # 2
+    """A terminal of the job's own (a pseudo-terminal of its private devpts): stdin, stdout
+    and stderr are the terminal; its output is logged as stdout. Input is keystrokes
+    (Ctrl+C is the byte 3, and the terminal turns it into SIGINT).
+    """
 
 class StdinMode(_StdinMode, metaclass=_StdinModeEnumTypeWrapper):
     """Where a job's standard input comes from."""
@@ -55,6 +60,11 @@ STDIN_MODE_NONE: StdinMode.ValueType  # 0
 STDIN_MODE_PIPE: StdinMode.ValueType  # 1
 """A pipe the job reads what attached clients send (Attach); it stays open, held by the
 job's supervisor, until a client closes it, across server restarts.
+"""
+STDIN_MODE_TTY: StdinMode.ValueType  # 2
+"""A terminal of the job's own (a pseudo-terminal of its private devpts): stdin, stdout
+and stderr are the terminal; its output is logged as stdout. Input is keystrokes
+(Ctrl+C is the byte 3, and the terminal turns it into SIGINT).
 """
 Global___StdinMode: _TypeAlias = StdinMode  # noqa: Y015
 
@@ -145,6 +155,32 @@ OUTPUT_SELECTOR_STDOUT: OutputSelector.ValueType  # 1
 OUTPUT_SELECTOR_STDERR: OutputSelector.ValueType  # 2
 """Only stderr."""
 Global___OutputSelector: _TypeAlias = OutputSelector  # noqa: Y015
+
+@_typing.final
+class WindowSize(_message.Message):
+    """A terminal's size."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    COLS_FIELD_NUMBER: _builtins.int
+    rows: _builtins.int
+    """Lines."""
+    cols: _builtins.int
+    """Columns."""
+    def __init__(
+        self,
+        *,
+        rows: _builtins.int = ...,
+        cols: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cols", b"cols", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WindowSize: _TypeAlias = WindowSize  # noqa: Y015
 
 @_typing.final
 class IOLimit(_message.Message):
@@ -321,6 +357,8 @@ class JobSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     STDIN_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
     workdir: _builtins.str
     """Absolute working directory; empty means the job's private /job (or "/" where the
     server runs jobs without its sandbox). Sandboxed, it must lie in /job, /tmp, /var/tmp,
@@ -342,6 +380,7 @@ class JobSpec(_message.Message):
     """
     stdin: Global___StdinMode.ValueType
     """Where its standard input comes from."""
+    term: _builtins.str
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The command and its arguments, executed directly (never through a shell)."""
@@ -360,6 +399,10 @@ class JobSpec(_message.Message):
         subdomain), values 0-63 characters; at most 64 labels.
         """
 
+    @_builtins.property
+    def window(self) -> Global___WindowSize:
+        """With stdin "tty": the terminal's first size (unset: 24x80) and TERM (empty: "xterm")."""
+
     def __init__(
         self,
         *,
@@ -374,10 +417,12 @@ class JobSpec(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         timeout_seconds: _builtins.float | None = ...,
         stdin: Global___StdinMode.ValueType = ...,
+        window: Global___WindowSize | None = ...,
+        term: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds", "limits", b"limits", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds", "limits", b"limits", "timeout_seconds", b"timeout_seconds", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds", "argv", b"argv", "env", b"env", "host_network", b"host_network", "image", b"image", "labels", b"labels", "limits", b"limits", "name", b"name", "seccomp_unconfined", b"seccomp_unconfined", "stdin", b"stdin", "timeout_seconds", b"timeout_seconds", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds", "argv", b"argv", "env", b"env", "host_network", b"host_network", "image", b"image", "labels", b"labels", "limits", b"limits", "name", b"name", "seccomp_unconfined", b"seccomp_unconfined", "stdin", b"stdin", "term", b"term", "timeout_seconds", b"timeout_seconds", "window", b"window", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__timeout_seconds: _TypeAlias = _typing.Literal["timeout_seconds"]  # noqa: Y015
     _WhichOneofArgType__timeout_seconds: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds"]  # noqa: Y015
@@ -1144,6 +1189,7 @@ class AttachStart(_message.Message):
     STDIN_FIELD_NUMBER: _builtins.int
     STREAMS_FIELD_NUMBER: _builtins.int
     FROM_START_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The job's id."""
     stdin: _builtins.bool
@@ -1152,6 +1198,12 @@ class AttachStart(_message.Message):
     """Which output streams to receive."""
     from_start: _builtins.bool
     """Receive the output from its first byte; otherwise only what comes from now on."""
+    @_builtins.property
+    def window(self) -> Global___WindowSize:
+        """With a terminal job and input: this client's window size (applied at once; a program
+        that redraws on SIGWINCH shows its current screen).
+        """
+
     def __init__(
         self,
         *,
@@ -1159,10 +1211,11 @@ class AttachStart(_message.Message):
         stdin: _builtins.bool = ...,
         streams: Global___OutputSelector.ValueType = ...,
         from_start: _builtins.bool = ...,
+        window: Global___WindowSize | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_start", b"from_start", "id", b"id", "stdin", b"stdin", "streams", b"streams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_start", b"from_start", "id", b"id", "stdin", b"stdin", "streams", b"streams", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1177,13 +1230,20 @@ class AttachRequest(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     STDIN_FIELD_NUMBER: _builtins.int
     CLOSE_STDIN_FIELD_NUMBER: _builtins.int
+    RESIZE_FIELD_NUMBER: _builtins.int
     stdin: _builtins.bytes
     """Bytes for the job's stdin."""
     close_stdin: _builtins.bool
-    """Close the job's stdin (EOF), for every attached client."""
+    """Close the job's stdin (EOF), for every attached client (a terminal ignores it:
+    Ctrl+D is a keystroke there).
+    """
     @_builtins.property
     def start(self) -> Global___AttachStart:
         """First, and only first: which job, and how."""
+
+    @_builtins.property
+    def resize(self) -> Global___WindowSize:
+        """The client's terminal changed size (a terminal job)."""
 
     def __init__(
         self,
@@ -1191,12 +1251,13 @@ class AttachRequest(_message.Message):
         start: Global___AttachStart | None = ...,
         stdin: _builtins.bytes = ...,
         close_stdin: _builtins.bool = ...,
+        resize: Global___WindowSize | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "request", b"request", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "request", b"request", "resize", b"resize", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "request", b"request", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "request", b"request", "resize", b"resize", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["start", "stdin", "close_stdin"]  # noqa: Y015
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["start", "stdin", "close_stdin", "resize"]  # noqa: Y015
     _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
 
