@@ -90,3 +90,13 @@ async def test_a_job_that_stops_reading_ends_the_run_cleanly(cli: Cli) -> None:
         os.close(read_fd)
         producer.kill()
         await producer.wait()
+
+
+async def test_a_job_that_ends_before_it_is_joined_still_shows_its_output(cli: Cli) -> None:
+    # Often over before jobctl attaches: its output and status, not "reads no more input".
+    for _ in range(3):
+        assert await _jobctl(cli, "run", "-i", "--", "echo", "quick", stdin=b"") == (
+            0,
+            b"quick\n",
+            b"",
+        )

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 def _reads_stdin(args: object) -> bool:
     command = getattr(args, "command", "")
     if command == "run":
-        return bool(getattr(args, "interactive", False))
+        return bool(getattr(args, "interactive", False) or getattr(args, "tty", False))
     return command == "attach" and not getattr(args, "no_stdin", False)
 
 

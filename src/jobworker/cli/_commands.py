@@ -13,10 +13,8 @@ import datetime as dt
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import grpc
 
@@ -25,6 +23,7 @@ from .._labels import LabelError, check_labels, check_name, parse_selector
 from .._text import escape
 from .._units import UsageError, parse_duration, parse_signal, parse_size
 from ..api.client import pb, stream_output
+from ._attach import DETACHED, attach, first_done, parse_detach_keys, window_of
 from ._client import CliError, Session, explain, session
 from ._config import Target
 from ._io import Io
@@ -42,8 +41,6 @@ from ._render import (
 
 __all__ = ["run_command", "run_in_process"]
 
-# Ctrl+C (or stdout closing) while `run` follows a job: the job goes on, jobctl exits so.
-DETACHED = 130
 # How long a follower keeps trying to reach a restarting server before giving up.
 RECONNECT_FOR_S = 60.0
 _FINAL_STATES = frozenset({"exited", "stopped", "failed"})
@@ -73,11 +70,26 @@ def _spec(args: argparse.Namespace) -> pb.JobSpec:
         seccomp_unconfined=args.seccomp == "unconfined",
         name=args.name or "",
         labels=labels,
-        stdin=pb.STDIN_MODE_PIPE if args.interactive else pb.STDIN_MODE_NONE,
+        stdin=_stdin_mode(args),
     )
+    if args.tty:
+        spec.window.CopyFrom(window_of(0) or pb.WindowSize(rows=24, cols=80))
+        spec.term = os.environ.get("TERM") or "xterm"
     if args.timeout is not None:
         spec.timeout_seconds = args.timeout
     return spec
+
+
+def _stdin_mode(args: argparse.Namespace) -> pb.StdinMode.ValueType:
+    """Raises UsageError: `run -it` whose stdin is not a terminal."""
+    if args.tty:
+        if args.command == "run" and args.interactive and not os.isatty(0):
+            raise UsageError(
+                "the input device is not a TTY: drop -t to pipe input (jobctl run -i), or "
+                "run jobctl from a terminal"
+            )
+        return pb.STDIN_MODE_TTY
+    return pb.STDIN_MODE_PIPE if args.interactive else pb.STDIN_MODE_NONE
 
 
 def _limits(args: argparse.Namespace) -> pb.Limits:
@@ -156,24 +168,6 @@ class _Pump:
             delay = min(delay * 2, 2.0)
 
 
-async def _first(
-    *aws: Awaitable[object],
-) -> tuple[set[asyncio.Task[object]], list[asyncio.Task[object]]]:
-    """Run ``aws`` until one is done; cancel the rest. Returns (done, all, in order)."""
-    tasks: list[asyncio.Task[object]] = [asyncio.ensure_future(a) for a in aws]
-    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in done:
-        if not task.cancelled():
-            # Marked retrieved: the caller looks at what it shielded, not at this wrapper.
-            task.exception()
-    for task in pending:
-        task.cancel()
-    for task in pending:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    return done, tasks
-
-
 async def _follow(s: Session, job_id: str, io: Io, *, remove: bool) -> int:
     """Stream the job's output to ours until it ends; exit with its status.
 
@@ -186,7 +180,7 @@ async def _follow(s: Session, job_id: str, io: Io, *, remove: bool) -> int:
     interrupted = asyncio.Event()
     with io.interrupts_to(interrupted.set):
         pumping = asyncio.ensure_future(pump.run())
-        done, (_, _, closed) = await _first(
+        done, (_, _, closed) = await first_done(
             asyncio.shield(pumping), interrupted.wait(), io.out_closed()
         )
     stdout_gone = closed in done or (
@@ -219,121 +213,6 @@ async def _follow(s: Session, job_id: str, io: Io, *, remove: bool) -> int:
             raise
     # The follow stream ends once the job has ended and all its output was sent.
     await pumping
-    return DETACHED
-
-
-class _StdinReader:
-    """jobctl's stdin, read by a daemon thread (a read blocked on a terminal must not keep
-    jobctl from exiting) a few chunks ahead at most, so input is read only as fast as it is
-    sent. The thread hands chunks over with call_soon_threadsafe: nothing of it is left
-    for the loop to finish when jobctl exits."""
-
-    AHEAD = 4
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
-        self._slots = threading.Semaphore(self.AHEAD)
-        self._loop = loop
-        threading.Thread(target=self._read, name="jobctl-stdin", daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            self._slots.acquire()
-            try:
-                data = os.read(0, 256 * 1024)
-            except OSError:
-                data = b""
-            try:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, data)
-            except RuntimeError:
-                return  # the loop is closed: jobctl is exiting
-            if not data:
-                return
-
-    async def get(self) -> bytes:
-        """The next chunk; b"" at EOF."""
-        data = await self._queue.get()
-        self._slots.release()
-        return data
-
-
-async def _send_stdin(call: Any) -> None:
-    """jobctl's stdin to the job until EOF, which is passed on."""
-    reader = _StdinReader(asyncio.get_running_loop())
-    while data := await reader.get():
-        await call.write(pb.AttachRequest(stdin=data))
-    await call.write(pb.AttachRequest(close_stdin=True))
-    await call.done_writing()
-
-
-async def _receive(call: Any, io: Io) -> pb.Job:
-    """An attach's output to ours; the job's final status, its last response."""
-    while True:
-        response = await call.read()
-        if response is grpc.aio.EOF:
-            raise CliError("the server ended the attach without the job's status")
-        if response.HasField("ended"):
-            final: pb.Job = response.ended
-            return final
-        for chunk in response.output.chunks:
-            await (io.out(chunk.data) if chunk.stream == pb.STREAM_STDOUT else io.err(chunk.data))
-
-
-async def _attach(  # noqa: PLR0913 - each keyword is one choice of the command line
-    s: Session, job_id: str, io: Io, *, stdin: bool, from_start: bool, remove: bool = False
-) -> int:
-    """Join the job: its output to ours and, with ``stdin``, our stdin to it; exit with its
-    status once it ends. Ctrl+C or our stdout closing detaches (130); with ``remove`` the
-    job is stopped instead and its output drained to the end (as :func:`_follow`).
-
-    Raises:
-        CliError: the attach failed, or the connection was lost (the job keeps running).
-    """
-    call = s.stub.Attach()
-    try:
-        await call.write(
-            pb.AttachRequest(start=pb.AttachStart(id=job_id, stdin=stdin, from_start=from_start))
-        )
-        # Input only once the server has accepted the attach: a refusal is then the one
-        # error the user sees.
-        first = await call.read()
-        if first is grpc.aio.EOF or not first.attached:
-            raise CliError("the server did not accept the attach")
-        return await _attached(s, call, job_id, io, stdin=stdin, remove=remove)
-    except grpc.aio.AioRpcError as e:
-        if e.code() is grpc.StatusCode.UNAVAILABLE:
-            raise CliError(
-                f"lost the connection to {s.target.server}; job {job_id} keeps running "
-                f"(jobctl attach {job_id[:12]})"
-            ) from None
-        raise await explain(e, s.target) from None
-    finally:
-        call.cancel()
-
-
-async def _attached(  # noqa: PLR0913 - the call and what to do with it
-    s: Session, call: Any, job_id: str, io: Io, *, stdin: bool, remove: bool
-) -> int:
-    feeding = asyncio.ensure_future(_send_stdin(call) if stdin else call.done_writing())
-    # Its failure (the call ended under a write) shows in the receiving side.
-    feeding.add_done_callback(lambda task: task.cancelled() or task.exception())
-    receiving = asyncio.ensure_future(_receive(call, io))
-    interrupted = asyncio.Event()
-    with io.interrupts_to(interrupted.set):
-        done, (_, _, closed) = await _first(
-            asyncio.shield(receiving), interrupted.wait(), io.out_closed()
-        )
-    if receiving.done() and closed not in done:
-        feeding.cancel()
-        return exit_status_of(receiving.result())
-    if not remove:
-        call.cancel()
-        await io.say(f"detached; job {job_id} keeps running (jobctl attach {job_id[:12]})\n")
-        return DETACHED
-    feeding.cancel()
-    await io.say(f"stopping job {job_id}\n")
-    await s.call("StopJob", pb.Job, pb.StopJobRequest(id=job_id), waits=True)
-    await receiving
     return DETACHED
 
 
@@ -415,8 +294,11 @@ async def _dispatch(  # noqa: C901, PLR0911, PLR0912 - one branch per command, a
         if command == "events":
             return await _events(s, args, io)
         if command == "attach":
+            keys = parse_detach_keys(args.detach_keys)
             job_id = await s.resolve(args.job)
-            return await _attach(s, job_id, io, stdin=not args.no_stdin, from_start=False)
+            return await attach(
+                s, job_id, io, stdin=not args.no_stdin, from_start=False, detach_keys=keys
+            )
         if command == "info":
             return await _info(s, args, io)
         if command == "__jobs":
@@ -434,8 +316,16 @@ async def _run(s: Session, args: argparse.Namespace, io: Io) -> int:
             await io.out((json_text(job_json(job)) if args.json else f"{job.id}\n").encode())
         await io.say(f"jobctl: job {job.id} failed to start: {escape(job.error)}\n")
         return exit_status_of(job)  # 127 not found, 126 cannot be executed
-    if args.command == "run" and args.interactive:
-        status = await _attach(s, job.id, io, stdin=True, from_start=True, remove=args.rm)
+    if args.command == "run" and (args.interactive or args.tty):
+        status = await attach(
+            s,
+            job.id,
+            io,
+            stdin=args.interactive,
+            from_start=True,
+            remove=args.rm,
+            detach_keys=parse_detach_keys(args.detach_keys) if args.tty else None,
+        )
         if args.rm:
             await s.call("RemoveJob", pb.Job, pb.JobRequest(id=job.id))
         return status
@@ -652,7 +542,10 @@ async def run_command(
 
 async def _run_here(args: argparse.Namespace, target: Target) -> int:
     io = Io.here()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, io.interrupt)
+    # SIGTERM detaches as Ctrl+C does: whatever was changed (a terminal in raw mode) is
+    # put back on the way out.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, io.interrupt)
     return await run_command(args, target, io)
 
 

@@ -33,6 +33,8 @@ both match, the id wins."""
 
 STATES = ("created", "running", "exited", "stopped", "failed")
 # Flags every command takes, before or after it (as kubectl's): the name each sets.
+# As docker's (cli/_attach.py parses it; kept here so parsing imports nothing more).
+DEFAULT_DETACH_KEYS = "ctrl-p,ctrl-q"
 GLOBAL_FLAGS = ("server", "ca", "cert", "key", "context", "request_timeout")
 # How long completing a job name may wait for the server: a shell's Tab must not hang.
 COMPLETION_TIMEOUT_S = 2.0
@@ -142,6 +144,12 @@ def _job_spec(p: argparse.ArgumentParser) -> None:
         help="give the job a stdin that reads input (run: jobctl's own stdin; start: "
         "whatever jobctl attach sends)",
     )
+    p.add_argument(
+        "-t",
+        "--tty",
+        action="store_true",
+        help="give the job a terminal (with -i: yours, in raw mode, as ssh -t)",
+    )
     p.add_argument("--name", help="a name for the job, unique among yours (use it as an id)")
     p.add_argument(
         "--label",
@@ -226,6 +234,12 @@ def parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per fl
 
     run = command("run", "run a job and stream its output; exit with its status")
     run.add_argument(
+        "--detach-keys",
+        default=DEFAULT_DETACH_KEYS,
+        metavar="KEYS",
+        help="under -it, the keys that detach (default ctrl-p,ctrl-q)",
+    )
+    run.add_argument(
         "--rm",
         action="store_true",
         help="delete the job once it has ended, and stop it on Ctrl+C instead of detaching",
@@ -273,6 +287,12 @@ def parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per fl
     attach.add_argument("job", metavar="JOB")
     attach.add_argument(
         "--no-stdin", action="store_true", help="only watch: send no input, even to a -i job"
+    )
+    attach.add_argument(
+        "--detach-keys",
+        default=DEFAULT_DETACH_KEYS,
+        metavar="KEYS",
+        help="the keys that detach, leaving the job running (default ctrl-p,ctrl-q)",
     )
     events = command("events", "stream changes to jobs as they happen")
     events.add_argument("--owner", help="only this owner's jobs (admins)")

@@ -1,0 +1,277 @@
+"""Joining a job (`run -i/-t`, `attach`): its output to ours, our input and window size to it.
+
+jobctl's stdin is read by a daemon thread (a read blocked on a terminal must not keep jobctl
+from exiting), a few chunks ahead at most, so input is read only as fast as the server takes
+it. With a terminal job and a terminal of ours, ours goes into raw mode for the attach
+(Ctrl+C, Ctrl+Z and Ctrl+D become keystrokes for the job, as under ssh) and is always put
+back: on the job's end, on errors, on a lost connection and on SIGTERM; SIGWINCH becomes a
+resize. The detach keys (default Ctrl-P Ctrl-Q, as docker's) leave the job running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import termios
+import threading
+import tty
+from collections.abc import Awaitable, Iterator
+from typing import Any
+
+import grpc
+
+from .._units import UsageError
+from ..api.client import pb
+from ._client import CliError, Session, explain
+from ._io import Io
+from ._render import exit_status_of
+
+__all__ = ["DETACHED", "attach", "first_done", "parse_detach_keys", "window_of"]
+
+# Ctrl+C (or stdout closing, or the detach keys) while attached: the job goes on, and jobctl
+# exits so.
+DETACHED = 130
+
+
+def parse_detach_keys(text: str) -> bytes:
+    """docker's notation: comma-separated keys, each "ctrl-X" or one character.
+
+    Raises:
+        UsageError: a key that is neither.
+    """
+    keys = bytearray()
+    for key in text.split(","):
+        name = key.strip().lower()
+        if name.startswith("ctrl-") and len(name) == 6 and "@" <= name[5].upper() <= "_":
+            keys.append(ord(name[5].upper()) & 0x1F)
+        elif len(key) == 1:
+            keys += key.encode()
+        else:
+            raise UsageError(f"--detach-keys {text!r}: {key!r} is not ctrl-X or a single character")
+    return bytes(keys)
+
+
+async def first_done(
+    *aws: Awaitable[object],
+) -> tuple[set[asyncio.Task[object]], list[asyncio.Task[object]]]:
+    """Run ``aws`` until one is done; cancel the rest. Returns (done, all, in order)."""
+    tasks: list[asyncio.Task[object]] = [asyncio.ensure_future(a) for a in aws]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if not task.cancelled():
+            # Marked retrieved: the caller looks at what it shielded, not at this wrapper.
+            task.exception()
+    for task in pending:
+        task.cancel()
+    for task in pending:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return done, tasks
+
+
+class _Outgoing:
+    """What an attach sends after its start, in order: stdin chunks (read by a thread, a
+    few ahead at most) and window sizes. ``detached`` is set when the detach keys are
+    typed."""
+
+    AHEAD = 4
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, detach_keys: bytes | None) -> None:
+        self.queue: asyncio.Queue[pb.AttachRequest | None] = asyncio.Queue()
+        self.detached = asyncio.Event()
+        self._slots = threading.Semaphore(self.AHEAD)
+        self._loop = loop
+        self._keys = detach_keys
+        # The last bytes typed, to find detach keys split across reads.
+        self._tail = b""
+
+    def read_stdin(self) -> None:
+        threading.Thread(target=self._read, name="jobctl-stdin", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            self._slots.acquire()
+            try:
+                data = os.read(0, 256 * 1024)
+            except OSError:
+                data = b""
+            try:
+                self._loop.call_soon_threadsafe(self._typed, data)
+            except RuntimeError:
+                return  # the loop is closed: jobctl is exiting
+            if not data:
+                return
+
+    def _typed(self, data: bytes) -> None:
+        if not data:
+            self.queue.put_nowait(pb.AttachRequest(close_stdin=True))
+            self.queue.put_nowait(None)
+            return
+        keys = self._keys
+        if keys:
+            seen = self._tail + data
+            at = seen.find(keys)
+            if at >= 0:
+                before = seen[len(self._tail) : at] if at >= len(self._tail) else b""
+                if before:
+                    self.queue.put_nowait(pb.AttachRequest(stdin=before))
+                self.detached.set()
+                return
+            self._tail = seen[-(len(keys) - 1) :] if len(keys) > 1 else b""
+        self.queue.put_nowait(pb.AttachRequest(stdin=data))
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.queue.put_nowait(pb.AttachRequest(resize=pb.WindowSize(rows=rows, cols=cols)))
+
+    async def send(self, call: Any) -> None:
+        """Write what comes, until stdin's end."""
+        while (request := await self.queue.get()) is not None:
+            await call.write(request)
+            if request.HasField("stdin"):
+                self._slots.release()
+        await call.done_writing()
+
+
+def window_of(fd: int) -> pb.WindowSize | None:
+    """The size of the terminal on ``fd``; None if it is not one."""
+    try:
+        size = os.get_terminal_size(fd)
+    except OSError:
+        return None
+    return pb.WindowSize(rows=size.lines, cols=size.columns)
+
+
+@contextlib.contextmanager
+def _raw(fd: int, loop: asyncio.AbstractEventLoop, outgoing: _Outgoing) -> Iterator[None]:
+    """Our terminal in raw mode, its size changes sent on, and everything put back after
+    (however the block ends: cancellation by SIGTERM included)."""
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd, termios.TCSANOW)
+
+    def winch() -> None:
+        size = window_of(fd)
+        if size is not None:
+            outgoing.resize(size.rows, size.cols)
+
+    loop.add_signal_handler(signal.SIGWINCH, winch)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGWINCH)
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+async def _receive(call: Any, io: Io) -> pb.Job:
+    """An attach's output to ours; the job's final status, its last response."""
+    while True:
+        response = await call.read()
+        if response is grpc.aio.EOF:
+            raise CliError("the server ended the attach without the job's status")
+        if response.HasField("ended"):
+            final: pb.Job = response.ended
+            return final
+        for chunk in response.output.chunks:
+            await (io.out(chunk.data) if chunk.stream == pb.STREAM_STDOUT else io.err(chunk.data))
+
+
+async def attach(  # noqa: PLR0913 - each keyword is one choice of the command line
+    s: Session,
+    job_id: str,
+    io: Io,
+    *,
+    stdin: bool,
+    from_start: bool,
+    remove: bool = False,
+    detach_keys: bytes | None = None,
+) -> int:
+    """Join the job: its output to ours and, with ``stdin``, our input to it; exit with its
+    status once it ends. Ctrl+C, our stdout closing or the detach keys detach (130); with
+    ``remove`` the job is stopped instead and its output drained to the end.
+
+    Raises:
+        CliError: the attach failed, or the connection was lost (the job keeps running).
+    """
+    loop = asyncio.get_running_loop()
+    outgoing = _Outgoing(loop, detach_keys)
+    terminal = stdin and os.isatty(0)
+    window = window_of(0) if terminal else None
+    call = s.stub.Attach()
+    try:
+        start = pb.AttachStart(id=job_id, stdin=stdin, from_start=from_start, window=window)
+        try:
+            await _accepted(call, start)
+        except grpc.aio.AioRpcError as e:
+            if not (from_start and stdin and e.code() is grpc.StatusCode.FAILED_PRECONDITION):
+                raise
+            # `run` of a command that ended before we joined it: its output and status.
+            call.cancel()
+            call = s.stub.Attach()
+            start.stdin = stdin = False
+            await _accepted(call, start)
+        raw: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if terminal and (await s.call("GetJob", pb.Job, pb.JobRequest(id=job_id))).stdin == (
+            pb.STDIN_MODE_TTY
+        ):
+            raw = _raw(0, loop, outgoing)
+        with raw:
+            status = await _attached(s, call, job_id, io, outgoing, stdin=stdin, remove=remove)
+    except grpc.aio.AioRpcError as e:
+        if e.code() is grpc.StatusCode.UNAVAILABLE:
+            raise CliError(
+                f"lost the connection to {s.target.server}; job {job_id} keeps running "
+                f"(jobctl attach {job_id[:12]})"
+            ) from None
+        raise await explain(e, s.target) from None
+    finally:
+        call.cancel()
+    if status is None:
+        await io.say(f"detached; job {job_id} keeps running (jobctl attach {job_id[:12]})\n")
+        return DETACHED
+    return status
+
+
+async def _accepted(call: Any, start: pb.AttachStart) -> None:
+    """Send the start; return once the server has accepted it (input flows only then, so
+    a refusal is the one error the user sees).
+
+    Raises:
+        grpc.aio.AioRpcError: the server refused it.
+        CliError: the server answered something else.
+    """
+    await call.write(pb.AttachRequest(start=start))
+    first = await call.read()
+    if first is grpc.aio.EOF or not first.attached:
+        raise CliError("the server did not accept the attach")
+
+
+async def _attached(  # noqa: PLR0913 - the call and what to do with it
+    s: Session, call: Any, job_id: str, io: Io, outgoing: _Outgoing, *, stdin: bool, remove: bool
+) -> int | None:
+    """The job's exit status once it ends, or None when we detached."""
+    if stdin:
+        outgoing.read_stdin()
+    feeding = asyncio.ensure_future(outgoing.send(call) if stdin else call.done_writing())
+    # Its failure (the call ended under a write) shows in the receiving side.
+    feeding.add_done_callback(lambda task: task.cancelled() or task.exception())
+    receiving = asyncio.ensure_future(_receive(call, io))
+    interrupted = asyncio.Event()
+    with io.interrupts_to(interrupted.set):
+        done, (_, _, _, closed) = await first_done(
+            asyncio.shield(receiving),
+            interrupted.wait(),
+            outgoing.detached.wait(),
+            io.out_closed(),
+        )
+    if receiving.done() and closed not in done:
+        feeding.cancel()
+        return exit_status_of(receiving.result())
+    if not remove:
+        call.cancel()
+        return None
+    feeding.cancel()
+    await io.say(f"stopping job {job_id}\n")
+    await s.call("StopJob", pb.Job, pb.StopJobRequest(id=job_id), waits=True)
+    await receiving
+    return DETACHED
