@@ -25,6 +25,7 @@ from pathlib import Path
 import jobworker.api  # noqa: F401  # isort: skip  (before grpc: TLS 1.3 only)
 import grpc
 
+from interactive import interactive_figures
 from jobworker.api._proto import jobworker_pb2 as pb
 from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
 from jobworker.api._tls import TlsFiles
@@ -280,6 +281,7 @@ async def measure(n: int, size: int) -> list[Row]:
                     )
                 )
                 figures += cli_figures(jobctl[0], last, env, ssh)
+                figures += await asyncio.to_thread(interactive_figures, jobctl[0], env, ssh, work)
                 delays = await grpc_fanout(stub, 100, 100)
                 figures.append(
                     Row(

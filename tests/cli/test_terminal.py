@@ -160,3 +160,23 @@ async def test_t_without_a_terminal_is_one_clear_line(cli: Cli) -> None:
     result = await cli("run", "-it", "--", "sh")
     assert (result.code, result.err.count("\n")) == (2, 1)
     assert "the input device is not a TTY" in result.err
+
+
+async def test_attach_makes_the_program_redraw(cli: Cli) -> None:
+    """As docker's attach: the terminal is resized on attach, so a program that redraws on
+    SIGWINCH shows its current screen to the newcomer."""
+    code = (
+        "import signal\n"
+        "signal.signal(signal.SIGWINCH, lambda *_: print('redraw', flush=True))\n"
+        "print('ready', flush=True)\n"
+        "while True: signal.pause()\n"
+    )
+    job = (await cli("start", "-q", "-it", "--", "python3", "-c", code)).text.strip()
+    ready = Terminal([JOBCTL, "logs", "-f", job], cli.env)
+    await ready.expect(b"ready")  # its handler is in place
+    os.kill(ready.pid, signal.SIGKILL)  # a process this test started
+    await ready.status()
+    term = Terminal([JOBCTL, "attach", job], cli.env)
+    await term.expect(b"redraw")
+    term.type(DETACH)
+    assert await term.status() == 130

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from jobworker.runtime import Stream
 from jobworker.runtime._logformat import HEADER, MAGIC
-from jobworker.runtime._output import BATCH, LOOKAHEAD, _read_batch
+from jobworker.runtime._output import BATCH, LOOKAHEAD, _read_batch, log_end
 
 BOTH = frozenset({Stream.STDOUT, Stream.STDERR, Stream.SYSTEM})
 
@@ -79,3 +79,14 @@ def test_many_small_records_span_lookahead_reads(tmp_path: Path) -> None:
     log.write_bytes(MAGIC + b"".join(record(Stream(1 + i % 2), d) for i, d in enumerate(lines)))
     got, _ = read_all(log, BOTH)
     assert [d for _, d in got] == lines
+
+
+def test_log_end_stops_before_a_record_still_being_written(tmp_path: Path) -> None:
+    """ "Only new output" starts at a record boundary, even when the log's size falls
+    inside a record the supervisor is writing."""
+    log = tmp_path / "output.log"
+    first = HEADER.pack(3, Stream.STDOUT, 1) + b"abc"
+    partial = HEADER.pack(10, Stream.STDOUT, 2) + b"half"
+    log.write_bytes(MAGIC + first + partial)
+    assert log_end(str(log)) == len(MAGIC) + len(first)
+    assert log_end(str(tmp_path / "none")) == len(MAGIC)

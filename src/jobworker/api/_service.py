@@ -560,17 +560,24 @@ class JobService:
         runtime = self.runtime
         if start.stdin:
             _check_input(await runtime.status(job))
+        # "Only new output" starts here, before the resize below makes the job redraw.
         batches = runtime.output_batches(
             job,
             stdout=start.streams != pb.OUTPUT_SELECTOR_STDERR,
             stderr=start.streams != pb.OUTPUT_SELECTOR_STDOUT,
             follow=True,
-            window=None if start.from_start else Window(tail_lines=0),
+            window=None if start.from_start else Window(offset=await runtime.output_end(job)),
         )
         fields = {"rpc": "Attach", "user": who.name, "job": job, "stdin": start.stdin}
         AUDIT.info("attach %s begins", job, extra={"fields": {**fields, "event": "begin"}})
-        if start.stdin and start.HasField("window") and (await runtime.status(job)).stdin == "tty":
-            await runtime.resize(job, start.window.rows, start.window.cols, redraw=True)
+        window = start.window
+        if (
+            start.stdin
+            and window.rows
+            and window.cols
+            and (await runtime.status(job)).stdin == "tty"
+        ):
+            await runtime.resize(job, window.rows, window.cols, redraw=True)
         feeding = asyncio.ensure_future(self._feed(requests, job, sends_input=start.stdin))
         try:
             yield _ATTACHED

@@ -135,10 +135,13 @@ class _Outgoing:
 
 
 def window_of(fd: int) -> pb.WindowSize | None:
-    """The size of the terminal on ``fd``; None if it is not one."""
+    """The size of the terminal on ``fd``; None if it is not one, or says none (0x0, as a
+    fresh pseudo-terminal does)."""
     try:
         size = os.get_terminal_size(fd)
     except OSError:
+        return None
+    if not (size.lines and size.columns):
         return None
     return pb.WindowSize(rows=size.lines, cols=size.columns)
 

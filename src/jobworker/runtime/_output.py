@@ -23,7 +23,7 @@ from typing import NamedTuple
 from ._errors import InvalidSpecError
 from ._logformat import HEADER, MAGIC, Stream
 
-__all__ = ["Batch", "Chunk", "ReadBudget", "Window", "read_log"]
+__all__ = ["Batch", "Chunk", "ReadBudget", "Window", "log_end", "read_log"]
 
 LOOKAHEAD = 16 * 1024
 # The most one reader reads per batch, alone: big batches are what make one follower fast
@@ -195,16 +195,19 @@ def _tail_start(fd: int, streams: frozenset[Stream], lines: int, end: int) -> tu
     _TAIL_MARK_EVERY-th wanted record's offset; then bodies are read backwards, one stretch
     between marks at a time, until enough newlines are found.
     """
-    if lines <= 0:
-        return end, 0
     wanted = {int(s) for s in streams}
     marks = array("Q")
     count = 0
-    for pos, _length, stream_id in _records(fd, len(MAGIC), end):
-        if stream_id in wanted:
+    # Where the last complete record ends: ``end`` may fall inside one being written.
+    complete = len(MAGIC)
+    for pos, length, stream_id in _records(fd, len(MAGIC), end):
+        complete = pos + HEADER.size + length
+        if lines > 0 and stream_id in wanted:
             if count % _TAIL_MARK_EVERY == 0:
                 marks.append(pos)
             count += 1
+    if lines <= 0:
+        return complete, 0
     need, at_end = lines, True
     for k in range(len(marks) - 1, -1, -1):
         stop = marks[k + 1] if k + 1 < len(marks) else end
@@ -222,6 +225,20 @@ def _tail_start(fd: int, streams: frozenset[Stream], lines: int, end: int) -> tu
                     return pos, newline + 1
                 cut = newline
     return len(MAGIC), 0
+
+
+def log_end(path: str) -> int:
+    """The offset just past the last complete record of the log at ``path`` now (the
+    start of the log if it does not exist yet): where "only new output" begins. Blocks
+    (reads every header): run it in a thread."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return len(MAGIC)
+    try:
+        return _tail_start(fd, frozenset(Stream), 0, os.fstat(fd).st_size)[0]
+    finally:
+        os.close(fd)
 
 
 class _LogReader:

@@ -39,7 +39,7 @@ from ._locks import LockHeldError, lock_exclusive
 from ._logformat import Stream
 from ._notify import DirNotifier
 from ._observer import JobObserver, NullObserver
-from ._output import Batch, Chunk, ReadBudget, Window, read_log
+from ._output import Batch, Chunk, ReadBudget, Window, log_end, read_log
 from ._protocol import Control, Outcome, Verb
 from ._registry import Registry
 from ._restore import boot_id, restore
@@ -615,6 +615,18 @@ class Runtime:
             executor=self._readers,
             budget=self._read_budget,
             window=window,
+        )
+
+    async def output_end(self, job_id: str) -> int:
+        """The offset where the job's output written from now on begins (a
+        :class:`Window` offset): "only new output", fixed before anything else happens.
+
+        Raises:
+            JobNotFoundError: no job has this id.
+        """
+        job = self._get(job_id)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._readers, log_end, os.path.join(job.dir, LOG)
         )
 
     @property
