@@ -194,6 +194,18 @@ async def test_jobctl_follows_across_a_restart_without_replaying(tmp_path: Path,
     assert (follower.returncode, seen + out) == (7, EXPECTED), err
 
 
+async def _attach_shell(env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        JOBCTL,
+        "attach",
+        "shell",
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 async def test_an_attached_shell_survives_a_server_kill_and_is_attached_again(
     tmp_path: Path, pki: Pki
 ) -> None:
@@ -219,15 +231,7 @@ async def test_an_attached_shell_survives_a_server_kill_and_is_attached_again(
             stdout=asyncio.subprocess.PIPE,
         )
         job_id = (await asyncio.wait_for(start.communicate(), 30))[0].decode().strip()
-        attached = await asyncio.create_subprocess_exec(
-            JOBCTL,
-            "attach",
-            "shell",
-            env=env,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        attached = await _attach_shell(env)
         assert attached.stdin is not None
         assert attached.stdout is not None
         attached.stdin.write(b"before\n")
@@ -242,15 +246,7 @@ async def test_an_attached_shell_survives_a_server_kill_and_is_attached_again(
         )
         await asyncio.to_thread(first.proc.wait)
         await s.start(first.port)
-        again = await asyncio.create_subprocess_exec(
-            JOBCTL,
-            "attach",
-            "shell",
-            env=env,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        again = await _attach_shell(env)
         out, err = await asyncio.wait_for(again.communicate(b"after\n"), 60)
     # The same shell: its count goes on from 1.
     assert (again.returncode, out) == (3, b"2: after\n"), err

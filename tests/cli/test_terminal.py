@@ -32,24 +32,28 @@ class Terminal:
             os.execve(argv[0], argv, env)  # noqa: S606 - the program under test
         self.screen = b""
 
+    async def _read(self) -> bytes:
+        """What it shows next; b"" once it has closed the terminal."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        loop.add_reader(self.fd, ready.set)
+        try:
+            await ready.wait()
+        finally:
+            loop.remove_reader(self.fd)
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:  # EIO: every other end is closed
+            return b""
+        self.screen += data
+        return data
+
     async def expect(self, text: bytes) -> bytes:
         """Read until ``text`` has been shown; the screen so far."""
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout(30):
             while text not in self.screen:
-                ready = asyncio.Event()
-                loop.add_reader(self.fd, ready.set)
-                try:
-                    await ready.wait()
-                finally:
-                    loop.remove_reader(self.fd)
-                try:
-                    data = os.read(self.fd, 65536)
-                except OSError:
-                    data = b""
-                if not data:
+                if not await self._read():
                     raise AssertionError(f"{text!r} never showed: {self.screen!r}")
-                self.screen += data
         return self.screen
 
     def type(self, keys: bytes) -> None:
@@ -61,22 +65,9 @@ class Terminal:
 
     async def status(self) -> int:
         """Its exit status, reading the rest of what it shows meanwhile."""
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout(30):
-            while True:
-                ready = asyncio.Event()
-                loop.add_reader(self.fd, ready.set)
-                try:
-                    await ready.wait()
-                finally:
-                    loop.remove_reader(self.fd)
-                try:
-                    data = os.read(self.fd, 65536)
-                except OSError:
-                    break
-                if not data:
-                    break
-                self.screen += data
+            while await self._read():
+                pass
         os.close(self.fd)
         _, status = await asyncio.to_thread(os.waitpid, self.pid, 0)
         return os.waitstatus_to_exitcode(status)
