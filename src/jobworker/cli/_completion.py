@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["SHELLS", "script"]
+from ._parser import SHELLS, parser
 
-SHELLS = ("bash", "fish", "zsh")
+__all__ = ["SHELLS", "script"]
 # Commands whose positional arguments are jobs.
 JOB_COMMANDS = ("status", "logs", "stop", "kill", "wait", "rm", "attach")
 
 
 def _commands() -> tuple[dict[str, list[str]], list[str]]:
     """Each visible command's flags, and the top level's."""
-    from ._parser import parser  # noqa: PLC0415 - the parser imports this module
-
     top = parser()
     flags: dict[str, list[str]] = {}
     for action in top._actions:  # noqa: SLF001 - argparse offers no public walk of its parsers

@@ -9,9 +9,8 @@ from typing import NoReturn
 
 from .. import __version__
 from .._units import UsageError, parse_duration, parse_size
-from ._completion import SHELLS
 
-__all__ = ["DESCRIPTION", "EPILOG", "GLOBAL_FLAGS", "parse", "parser"]
+__all__ = ["DESCRIPTION", "EPILOG", "GLOBAL_FLAGS", "SHELLS", "parse", "parser"]
 
 DESCRIPTION = "jobctl: run and manage jobs on a jobworker host, like docker or kubectl."
 
@@ -36,6 +35,8 @@ STATES = ("created", "running", "exited", "stopped", "failed")
 # As docker's (cli/_attach.py parses it; kept here so parsing imports nothing more).
 DEFAULT_DETACH_KEYS = "ctrl-p,ctrl-q"
 GLOBAL_FLAGS = ("server", "ca", "cert", "key", "context", "request_timeout")
+# The shells `jobctl completion` writes a script for (_completion.py).
+SHELLS = ("bash", "fish", "zsh")
 # How long completing a job name may wait for the server: a shell's Tab must not hang.
 COMPLETION_TIMEOUT_S = 2.0
 
