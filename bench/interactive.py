@@ -94,6 +94,18 @@ def _attach_times(jobctl: str, job: str, env: dict[str, str], n: int) -> list[fl
     return samples
 
 
+def _stop_all(jobctl: str, env: dict[str, str]) -> None:
+    """Stop the jobs left running: a `run -it` whose jobctl was killed is detached, and its
+    job (cat) would go on after the benchmark's server."""
+    running = subprocess.run(
+        [jobctl, "ls", "-q"], env=env, check=True, capture_output=True, text=True
+    ).stdout.split()
+    if running:
+        subprocess.run(
+            [jobctl, "stop", "--grace", "0", *running], env=env, check=True, capture_output=True
+        )
+
+
 def interactive_figures(jobctl: str, env: dict[str, str], ssh: list[str], work: Path) -> list[Row]:
     """(u), (v), (w)."""
     rows = []
@@ -117,7 +129,10 @@ def interactive_figures(jobctl: str, env: dict[str, str], ssh: list[str], work: 
     )
     source.unlink()
     command = ["sh", "-c", "echo ready; exec cat"]
-    ours_echo = _echo_times([jobctl, "run", "-it", "--", *command], env)
+    try:
+        ours_echo = _echo_times([jobctl, "run", "-it", "--", *command], env)
+    finally:
+        _stop_all(jobctl, env)
     theirs_echo = _echo_times(["/usr/bin/ssh", "-tt", *ssh[1:], "echo ready; exec cat"], env)
     ratio = pct(ours_echo, 0.5) / pct(theirs_echo, 0.5)
     rows.append(

@@ -21,7 +21,7 @@ from jobworker.api.client import connect
 from jobworker.api.server import Server, ServerConfig
 from jobworker.certs import Issued, issue_client, load, make_dev_pki, save
 from jobworker.identity import Role
-from jobworker.runtime import State
+from jobworker.runtime import JobEndedError, State
 
 from ..conftest import make_config
 
@@ -91,7 +91,9 @@ async def serving(tmp_path: Path, pki: Pki, **kw: Any) -> AsyncIterator[Running]
         async with asyncio.timeout(60):
             for status in await server.runtime.jobs():
                 if status.state is State.RUNNING:
-                    await server.runtime.stop(status.id, grace=0)
+                    # It may end by itself meanwhile: then there is nothing to stop.
+                    with contextlib.suppress(JobEndedError):
+                        await server.runtime.stop(status.id, grace=0)
             await server.stop(grace=0)
 
 

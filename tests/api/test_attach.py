@@ -153,7 +153,9 @@ async def test_a_job_that_never_reads_holds_back_the_sender_not_the_server(api: 
         # server buffered what the job does not read.
         done, _ = await asyncio.wait({pushing}, timeout=3)
         assert not done, f"{sent >> 20} MiB accepted by a job that reads nothing"
-        assert sent <= 16 << 20  # the pipe's 1 MiB and gRPC's windows, not 256 MiB
+        # The pipe's 1 MiB and the windows of gRPC and both ends' sockets: tens of MiB at
+        # most under load (measured 5-20), never the 256 MiB sent.
+        assert sent <= 64 << 20, f"{sent >> 20} MiB"
         stopped = await alice.StopJob(pb.StopJobRequest(id=job.id, grace_seconds=0), timeout=30)
         assert stopped.state == pb.JOB_STATE_STOPPED
         _, final = await _collect(call)
