@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -189,12 +190,42 @@ async def drain(call: Any) -> None:
         pass
 
 
-def _reap_orphans() -> None:
-    with contextlib.suppress(ChildProcessError):
-        while True:
-            pid, _ = os.waitpid(-1, 0)
-            if pid == 0:
-                return
+def _children() -> list[int]:
+    """This process's children (each thread keeps a list of its own)."""
+    found = []
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/self/task/{task}/children") as f:
+            found += [int(pid) for pid in f.read().split()]
+    return found
+
+
+def _reap_orphans(timeout: float = 60.0) -> None:
+    """Reap every child of this process (a killed server's orphans: its launcher and the
+    supervisors, handed to us as subreaper) as they exit. One still running after
+    ``timeout`` is what an earlier test leaked: an error naming it, not a hang.
+
+    Raises:
+        AssertionError: a child is still running at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        children = _children()
+        if not children:
+            return
+        pidfds = []
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                pidfds.append(os.pidfd_open(pid))
+        try:
+            left = deadline - time.monotonic()
+            if left <= 0 or (pidfds and not select.select(pidfds, [], [], left)[0]):
+                raise AssertionError(f"children still running after {timeout:g} s: {children}")
+        finally:
+            for fd in pidfds:
+                os.close(fd)
 
 
 @contextlib.asynccontextmanager
