@@ -270,3 +270,31 @@ async def test_many_runs_through_the_keeper_each_notice_their_stdout_closing(
         reader.close()
     for proc, _ in held:
         assert await asyncio.wait_for(proc.wait(), 30) == 130
+
+
+async def test_commands_that_read_stdin_run_in_jobctl_itself(kept: tuple[Cli, Path]) -> None:
+    """A keeper has only the front end's stdout and stderr: `run -i` reads jobctl's own
+    stdin in jobctl's process, and `-e NAME` takes NAME from jobctl's environment."""
+    cli, _ = kept
+    assert (await cli("run", "true")).code == 0  # a keeper runs
+    proc = await asyncio.create_subprocess_exec(
+        JOBCTL,
+        "run",
+        "-i",
+        "-e",
+        "MINE",
+        "--",
+        "sh",
+        "-c",
+        'cat; echo "$MINE"',
+        env={**cli.env, "MINE": "from the front end"},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(b"typed\n"), 60)
+    assert (proc.returncode, out) == (0, b"typed\nfrom the front end\n")
+    # Without -i the command runs in the keeper, which gets the value resolved here.
+    forwarded = await cli(
+        "run", "-e", "MINE", "--", "sh", "-c", 'echo "$MINE"', env={"MINE": "resolved here"}
+    )
+    assert (forwarded.code, forwarded.out) == (0, b"resolved here\n")
