@@ -163,7 +163,7 @@ async def grpc_throughput(
     job = await stub.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
     got = 0
     request = pb.OutputRequest(id=job.id, follow=True)
-    async for _stream, data, _ts, _offset in stream_output(channel, request, timeout=600):
+    async for _stream, data, _ts, _offset, _last in stream_output(channel, request, timeout=600):
         got += len(data)
     assert got == size, got
     rate = size / (time.perf_counter() - t0) / 1e6

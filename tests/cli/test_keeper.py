@@ -298,3 +298,54 @@ async def test_commands_that_read_stdin_run_in_jobctl_itself(kept: tuple[Cli, Pa
         "run", "-e", "MINE", "--", "sh", "-c", 'echo "$MINE"', env={"MINE": "resolved here"}
     )
     assert (forwarded.code, forwarded.out) == (0, b"resolved here\n")
+
+
+TICKER = (
+    "import time\n"
+    "for i in range(300):\n"
+    "    print(f'line {i}', flush=True)\n"
+    "    time.sleep(0.01)\n"
+    "raise SystemExit(7)\n"
+)
+TICKS = b"".join(b"line %d\n" % i for i in range(300))
+
+
+async def test_a_follow_goes_on_without_replay_when_the_keeper_dies(
+    kept: tuple[Cli, Path],
+) -> None:
+    """The keeper tells the front end how far each follow has got; killed mid-follow, the
+    front end follows on by itself from there: no line lost, none shown twice but the
+    keeper's last few, and `run` still exits with the job's status."""
+    cli, run_dir = kept
+    assert (await cli("run", "true")).code == 0  # a keeper runs
+    for args in (("run", "--", "python3", "-c", TICKER), ("logs", "-f", "ticker")):
+        if args[0] == "logs":
+            started = await cli("start", "-q", "--name", "ticker", "--", "python3", "-c", TICKER)
+            assert started.code == 0
+        keeper = _keeper_pid(run_dir)
+        assert keeper is not None
+        proc = await asyncio.create_subprocess_exec(
+            JOBCTL,
+            *args,
+            env=cli.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        seen = b""
+        while b"line 20\n" not in seen:
+            seen += await asyncio.wait_for(proc.stdout.readline(), 30)
+        os.kill(keeper, signal.SIGKILL)  # the keeper this test's commands started
+        await _gone(keeper, 30)
+        rest, err = await asyncio.wait_for(proc.communicate(), 60)
+        # Nothing lost; at most what the keeper wrote but had not yet reported (its last
+        # message) shows twice: it reports after writing, never before.
+        shown = seen + rest
+        replayed = len(shown) - len(TICKS)
+        assert TICKS.endswith(rest), err
+        assert shown[: len(TICKS) - len(rest)] + rest == TICKS
+        assert 0 <= replayed <= 64, shown[len(seen) - 64 : len(seen) + 64]
+        assert proc.returncode == (7 if args[0] == "run" else 0)
+        assert err.decode() == "jobctl: the connection keeper went away; following on\n"
+        # The next command starts a keeper again.
+        assert (await cli("run", "true")).code == 0

@@ -33,13 +33,14 @@ def connect(target: str, tls: TlsFiles, *, server_name: str | None = None) -> gr
 
 class OutputPiece(NamedTuple):
     """One chunk of output as :func:`stream_output` yields it. ``offset`` is where the log
-    was read up to once this chunk's message is written out: pass it as
-    ``OutputRequest.offset`` to go on after it."""
+    was read up to once this chunk's message is written out (``last``: this is its last
+    chunk): pass it as ``OutputRequest.offset`` to go on after it."""
 
     stream: int
     data: memoryview
     time_unix_nano: int
     offset: int
+    last: bool
 
 
 async def stream_output(
@@ -59,5 +60,5 @@ async def stream_output(
     )(request, timeout=timeout)
     async for message in call:
         chunks, offset = decode_output_response(message)
-        for stream, data, ts in chunks:
-            yield OutputPiece(stream, data, ts, offset)
+        for i, (stream, data, ts) in enumerate(chunks, 1):
+            yield OutputPiece(stream, data, ts, offset, i == len(chunks))

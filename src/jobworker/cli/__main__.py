@@ -61,8 +61,13 @@ def main(argv: list[str] | None = None) -> None:
     # A command that reads jobctl's stdin runs here: a keeper has only our stdout and stderr.
     if target.control_persist and not _reads_stdin(args):
         forwarded = forward(argv, target, extra)
-        if forwarded is not None:
+        if isinstance(forwarded, int):
             sys.exit(forwarded)
+        if forwarded is not None:
+            # The keeper went away while following a job: follow on from here, from the
+            # offset it had got to (nothing is shown twice).
+            sys.stderr.write("jobctl: the connection keeper went away; following on\n")
+            args.resume = forwarded
     # Parsed, and no keeper took it: now load what running a command takes.
     from ._commands import run_in_process  # noqa: PLC0415 - after parsing, by design (see above)
 

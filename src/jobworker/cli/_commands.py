@@ -22,7 +22,7 @@ from .._allocator import keep_large_buffers
 from .._labels import LabelError, check_labels, check_name, parse_selector
 from .._text import escape
 from .._units import UsageError, parse_duration, parse_signal, parse_size
-from ..api.client import pb, stream_output
+from ..api.client import OutputPiece, pb, stream_output
 from ._attach import DETACHED, attach, first_done, parse_detach_keys, window_of
 from ._client import CliError, Session, explain, session
 from ._config import Target
@@ -139,6 +139,17 @@ class _Pump:
             self._line_start[stream] = line.endswith(b"\n")
         return b"".join(out)
 
+    async def _deliver(self, piece: OutputPiece) -> None:
+        data = self._stamped(piece.stream, piece.data, piece.time_unix_nano)
+        if piece.stream != pb.STREAM_STDOUT:
+            await self.io.err(data)
+        elif not self.discard_stdout:
+            await self.io.out(data)
+        if piece.last:
+            # Its message is written out whole: a resume goes on after it.
+            self.offset = piece.offset
+            self.io.progress(self.request.id, piece.offset)
+
     async def run(self) -> None:
         """Raises CliError: the stream failed (and kept failing for RECONNECT_FOR_S);
         BrokenPipeError: our stdout was closed."""
@@ -152,12 +163,7 @@ class _Pump:
                 request.offset = self.offset
             try:
                 async for piece in stream_output(self.s.channel, request):
-                    data = self._stamped(piece.stream, piece.data, piece.time_unix_nano)
-                    if piece.stream != pb.STREAM_STDOUT:
-                        await self.io.err(data)
-                    elif not self.discard_stdout:
-                        await self.io.out(data)
-                    self.offset = piece.offset
+                    await self._deliver(piece)
             except grpc.aio.AioRpcError as e:
                 if e.code() is not grpc.StatusCode.UNAVAILABLE or time.monotonic() > give_up:
                     raise await explain(e, self.s.target) from None
@@ -168,7 +174,7 @@ class _Pump:
             delay = min(delay * 2, 2.0)
 
 
-async def _follow(s: Session, job_id: str, io: Io, *, remove: bool) -> int:
+async def _follow(s: Session, job_id: str, io: Io, *, remove: bool, offset: int = 0) -> int:
     """Stream the job's output to ours until it ends; exit with its status.
 
     Ctrl+C, or our stdout closing (``| head``), detaches: the job keeps running and we exit
@@ -177,6 +183,7 @@ async def _follow(s: Session, job_id: str, io: Io, *, remove: bool) -> int:
     looks like a success to ``&&``.
     """
     pump = _Pump(s, pb.OutputRequest(id=job_id, follow=True), io, stamps=False)
+    pump.offset = offset
     interrupted = asyncio.Event()
     with io.interrupts_to(interrupted.set):
         pumping = asyncio.ensure_future(pump.run())
@@ -310,6 +317,14 @@ async def _dispatch(  # noqa: C901, PLR0911, PLR0912 - one branch per command, a
 
 
 async def _run(s: Session, args: argparse.Namespace, io: Io) -> int:
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        # The keeper that ran this went away mid-follow: on from where it had got.
+        remove = getattr(args, "rm", False)
+        status = await _follow(s, resume.job, io, remove=remove, offset=resume.offset)
+        if remove:
+            await s.call("RemoveJob", pb.Job, pb.JobRequest(id=resume.job))
+        return status
     job = await s.call("CreateJob", pb.Job, pb.CreateJobRequest(spec=_spec(args), start=True))
     if job.state == pb.JOB_STATE_FAILED:
         if args.command == "start" and not args.follow:
@@ -454,7 +469,11 @@ async def _logs(s: Session, args: argparse.Namespace, io: Io) -> int:
         since_unix_nano=since,
         until_unix_nano=until,
     )
-    await _Pump(s, request, io, stamps=args.timestamps).run()
+    pump = _Pump(s, request, io, stamps=args.timestamps)
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        pump.offset = resume.offset  # the keeper that ran this went away mid-follow
+    await pump.run()
     return 0
 
 

@@ -29,7 +29,7 @@ import stat
 import struct
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from ._config import Target
@@ -38,15 +38,21 @@ __all__ = [
     "INTERRUPT",
     "LENGTH",
     "MAX_REQUEST",
+    "PROGRESS",
     "READY",
     "STATUS",
+    "Resume",
     "connect_keeper",
     "control_path",
     "forward",
 ]
 
 LENGTH = struct.Struct("!I")
-STATUS = struct.Struct("!i")
+# From the keeper, each message a tag and its fields: the exit status (last), or how far a
+# follow has got (a job id and a log offset), so that the front end can follow on by
+# itself if the keeper goes away.
+STATUS = struct.Struct("!ci")
+PROGRESS = struct.Struct("!c36sQ")
 MAX_REQUEST = 1 << 20
 INTERRUPT = b"I"
 READY = b"R"
@@ -155,10 +161,18 @@ def _request(argv: list[str], extra: dict[str, object]) -> bytes:
     return LENGTH.pack(len(body)) + body
 
 
-def forward(argv: list[str], target: Target, extra: dict[str, object]) -> int | None:
+class Resume(NamedTuple):
+    """The keeper went away while following ``job``: go on from ``offset`` here."""
+
+    job: str
+    offset: int
+
+
+def forward(argv: list[str], target: Target, extra: dict[str, object]) -> int | Resume | None:
     """Run ``argv`` in the keeper for ``target``, starting one if there is none; return the
-    exit status, or None if no keeper can be reached (then the caller runs it itself).
-    ``extra`` goes along: what only this process could resolve (the job's environment)."""
+    exit status, where to follow on if the keeper went away mid-follow, or None if no
+    keeper can be reached (then the caller runs it itself). ``extra`` goes along: what only
+    this process could resolve (the job's environment)."""
     path = control_path(target)
     if path is None:
         return None
@@ -190,21 +204,42 @@ def forward(argv: list[str], target: Target, extra: dict[str, object]) -> int | 
             signal.signal(signal.SIGINT, previous)
 
 
-def _status(sock: socket.socket) -> int:
-    """The command's exit status, as the keeper reports it."""
-    reply = b""
-    while len(reply) < STATUS.size:
+def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
         try:
-            chunk = sock.recv(STATUS.size - len(reply))
+            chunk = sock.recv(size - len(data))
         except OSError:
             chunk = b""
         if not chunk:
-            # It may have run part of the command, so running it again here could do it
-            # twice: say so instead.
-            sys.stderr.write(
-                "jobctl: the connection keeper went away before the command ended;"
-                " check with 'jobctl ls' before running it again\n"
-            )
-            return 1
-        reply += chunk
-    return int(STATUS.unpack(reply)[0])
+            return None
+        data += chunk
+    return data
+
+
+def _status(sock: socket.socket) -> int | Resume:
+    """The command's exit status, as the keeper reports it; or, if the keeper went away
+    while following a job, where to follow on."""
+    resume: Resume | None = None
+    while True:
+        tag = _recv_exactly(sock, 1)
+        rest = None
+        if tag == b"P":
+            rest = _recv_exactly(sock, PROGRESS.size - 1)
+            if rest is not None:
+                _tag, job, offset = PROGRESS.unpack(tag + rest)
+                resume = Resume(job.decode("ascii"), offset)
+                continue
+        elif tag == b"S":
+            rest = _recv_exactly(sock, STATUS.size - 1)
+            if rest is not None:
+                return int(STATUS.unpack(tag + rest)[1])
+        if resume is not None:
+            return resume
+        # It may have run part of the command, so running it again here could do it twice:
+        # say so instead.
+        sys.stderr.write(
+            "jobctl: the connection keeper went away before the command ended;"
+            " check with 'jobctl ls' before running it again\n"
+        )
+        return 1

@@ -43,6 +43,7 @@ class Io:
         columns: int | None = None,
         no_color: bool = False,
         writer: concurrent.futures.ThreadPoolExecutor | None = None,
+        progress: Callable[[str, int], None] | None = None,
     ) -> None:
         self.out_fd = out_fd
         self.err_fd = err_fd
@@ -51,6 +52,9 @@ class Io:
         self.no_color = no_color
         # A thread for writes, in the connection keeper; None writes directly.
         self.writer = writer
+        # In a keeper: told how far a follow has got (job id, log offset), after its
+        # output was written, so the front end can go on from there without the keeper.
+        self.progress = progress or (lambda _job, _offset: None)
         self._on_interrupt: Callable[[], object] = lambda: None
 
     @classmethod

@@ -27,7 +27,7 @@ from ..api._tls import TlsError, TlsFiles
 from ..api.client import connect
 from ._commands import run_command
 from ._config import Target
-from ._control import INTERRUPT, LENGTH, MAX_REQUEST, READY, STATUS, connect_keeper
+from ._control import INTERRUPT, LENGTH, MAX_REQUEST, PROGRESS, READY, STATUS, connect_keeper
 from ._io import Io
 from ._parser import parse
 
@@ -54,6 +54,13 @@ class _Request:
         ):
             raise TypeError("malformed environment")
         self.env: dict[str, str] = env
+
+
+def _tell(sock: socket.socket, message: bytes) -> None:
+    """A progress message to the front end; dropped if its socket is full (the next one
+    says more) or gone."""
+    with contextlib.suppress(OSError):
+        sock.send(message)
 
 
 async def _receive(sock: socket.socket) -> tuple[_Request, list[int]]:
@@ -99,6 +106,7 @@ class _Keeper:
             columns=request.columns,
             no_color=request.no_color,
             writer=writer,
+            progress=lambda job, offset: _tell(sock, PROGRESS.pack(b"P", job.encode(), offset)),
         )
         try:
             args = parse(request.argv)
@@ -126,7 +134,8 @@ class _Keeper:
             for fd in fds:
                 os.close(fd)
         with contextlib.suppress(OSError):
-            sock.sendall(STATUS.pack(status))
+            sock.setblocking(True)
+            sock.sendall(STATUS.pack(b"S", status))
 
     async def _listen(self, sock: socket.socket, io: Io) -> None:
         """Ctrl+C bytes from the jobctl that asked, until it hangs up."""
