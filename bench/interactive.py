@@ -152,9 +152,16 @@ def interactive_figures(jobctl: str, env: dict[str, str], ssh: list[str], work: 
     )
     redraws = (
         "import signal\n"
-        "signal.signal(signal.SIGWINCH, lambda *_: print('redraw', flush=True))\n"
+        # As a real program does: the handler sets a flag, the loop redraws (printing in the
+        # handler raised "reentrant call" when the attach's two resizes came together).
+        "resized = []\n"
+        "signal.signal(signal.SIGWINCH, lambda *_: resized.append(1))\n"
         "print('ready', flush=True)\n"
-        "while True: signal.pause()\n"
+        "while True:\n"
+        "    signal.pause()\n"
+        "    if resized:\n"
+        "        resized.clear()\n"
+        "        print('redraw', flush=True)\n"
     )
     started = subprocess.run(
         [jobctl, "start", "-q", "-it", "--", "python3", "-c", redraws],

@@ -158,9 +158,16 @@ async def test_attach_makes_the_program_redraw(cli: Cli) -> None:
     SIGWINCH shows its current screen to the newcomer."""
     code = (
         "import signal\n"
-        "signal.signal(signal.SIGWINCH, lambda *_: print('redraw', flush=True))\n"
+        # As a real program does: the handler sets a flag, the loop redraws (printing in the
+        # handler raised "reentrant call" when the attach's two resizes came together).
+        "resized = []\n"
+        "signal.signal(signal.SIGWINCH, lambda *_: resized.append(1))\n"
         "print('ready', flush=True)\n"
-        "while True: signal.pause()\n"
+        "while True:\n"
+        "    signal.pause()\n"
+        "    if resized:\n"
+        "        resized.clear()\n"
+        "        print('redraw', flush=True)\n"
     )
     job = (await cli("start", "-q", "-it", "--", "python3", "-c", code)).text.strip()
     ready = Terminal([JOBCTL, "logs", "-f", job], cli.env)
