@@ -558,8 +558,10 @@ class JobService:
         """Serialized AttachResponse messages: the output as it comes, then the final
         status; meanwhile the requests' input goes to the job's stdin."""
         runtime = self.runtime
-        if start.stdin:
-            _check_input(await runtime.status(job))
+        # Read once: a status read measures a running job's cgroup.
+        status = await runtime.status(job) if start.stdin else None
+        if status is not None:
+            _check_input(status)
         # "Only new output" starts here, before the resize below makes the job redraw.
         batches = runtime.output_batches(
             job,
@@ -571,12 +573,7 @@ class JobService:
         fields = {"rpc": "Attach", "user": who.name, "job": job, "stdin": start.stdin}
         AUDIT.info("attach %s begins", job, extra={"fields": {**fields, "event": "begin"}})
         window = start.window
-        if (
-            start.stdin
-            and window.rows
-            and window.cols
-            and (await runtime.status(job)).stdin == "tty"
-        ):
+        if status is not None and status.stdin == "tty" and window.rows and window.cols:
             await runtime.resize(job, window.rows, window.cols, redraw=True)
         feeding = asyncio.ensure_future(self._feed(requests, job, sends_input=start.stdin))
         try:

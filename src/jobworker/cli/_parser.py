@@ -41,26 +41,25 @@ SHELLS = ("bash", "fish", "zsh")
 COMPLETION_TIMEOUT_S = 2.0
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1 (a bad one is a usage error, exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value < 1 << 31:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return value
+def _whole(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least`` (a bad one is a usage
+    error, exit 2)."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if not least <= value < 1 << 31:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least {least}")
+        return value
+
+    convert.__name__ = "whole number"
+    return convert
 
 
-def _count(text: str) -> int:
-    """argparse type: a whole number of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 1 << 31:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 0")
-    return value
+_positive_int = _whole(1)
+_count = _whole(0)
 
 
 def _positive_float(text: str) -> float:
