@@ -10,6 +10,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..runtime import (
+    ExecSpec,
     InvalidSpecError,
     IOLimit,
     JobSpec,
@@ -22,7 +23,7 @@ from ..runtime import (
 )
 from ._proto import jobworker_pb2 as pb
 
-__all__ = ["job_id", "job_to_pb", "limits_to_pb", "spec_from_pb"]
+__all__ = ["exec_spec_from_pb", "job_id", "job_to_pb", "limits_to_pb", "spec_from_pb"]
 
 _STATES = {
     State.CREATED: pb.JOB_STATE_CREATED,
@@ -112,6 +113,23 @@ def spec_from_pb(spec: pb.JobSpec, owner: str) -> JobSpec:
         stdin=_STDIN_FROM_PB.get(spec.stdin, "unknown"),
         window=(spec.window.rows or 24, spec.window.cols or 80),
         term=spec.term or "xterm",
+    )
+
+
+def exec_spec_from_pb(start: pb.ExecStart) -> ExecSpec:
+    """The runtime's spec of an Exec's first request.
+
+    Raises:
+        InvalidSpecError: it is malformed (the message names the field).
+    """
+    return ExecSpec(
+        argv=tuple(start.argv),
+        env=dict(start.env),
+        cwd=start.workdir or None,
+        stdin=start.stdin,
+        tty=start.tty,
+        window=(start.window.rows or 24, start.window.cols or 80),
+        term=start.term or "xterm",
     )
 
 

@@ -8,6 +8,7 @@ import secrets
 import grpc
 
 from ..runtime import (
+    ExecFailedError,
     InvalidSpecError,
     InvalidTransitionError,
     JobAlreadyStartedError,
@@ -54,6 +55,9 @@ CODES: dict[type[Exception], grpc.StatusCode | None] = {
     NotPermittedError: grpc.StatusCode.PERMISSION_DENIED,
     NameTakenError: grpc.StatusCode.ALREADY_EXISTS,
     NoStdinError: grpc.StatusCode.FAILED_PRECONDITION,
+    # Exec reports it as the process's end (its reason), not as an error; anywhere else
+    # it is the command that cannot run here.
+    ExecFailedError: grpc.StatusCode.FAILED_PRECONDITION,
     LaunchError: grpc.StatusCode.UNAVAILABLE,
     RuntimeClosedError: grpc.StatusCode.UNAVAILABLE,
     StateDirError: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -25,16 +25,20 @@ from .._labels import LabelError, Selector, parse_selector
 from ..identity import Identity
 from ..runtime import (
     Batch,
+    ExecFailedError,
+    ExecProcess,
     InvalidSpecError,
     JobEndedError,
     JobStatus,
     NoStdinError,
     Runtime,
     Window,
+    check_signal,
+    check_window,
 )
 from ._auth import Authenticator, authorize_job, list_filter
 from ._config import ServiceLimits
-from ._convert import job_to_pb, spec_from_pb
+from ._convert import STREAMS, exec_spec_from_pb, job_to_pb, spec_from_pb
 from ._errors import ApiError, to_status
 from ._logs import AUDIT
 from ._proto import jobworker_pb2 as pb
@@ -274,9 +278,12 @@ def job_stream(
     return _stream_rpc(method.__name__, "job", body)
 
 
+Start = TypeVar("Start", bound=_NamesJob)
+
+
 def job_bidi(
     method: Callable[
-        [JobService, pb.AttachStart, AsyncIterator[Any], Identity, str], AsyncGenerator[Resp, None]
+        [JobService, Start, AsyncIterator[Any], Identity, str], AsyncGenerator[Resp, None]
     ],
 ) -> Callable[[JobService, AsyncIterator[Any], Any], AsyncIterator[Resp]]:
     """A bidirectional RPC whose first request (``start``) names the job: resolved and
@@ -575,7 +582,9 @@ class JobService:
         window = start.window
         if status is not None and status.stdin == "tty" and window.rows and window.cols:
             await runtime.resize(job, window.rows, window.cols, redraw=True)
-        feeding = asyncio.ensure_future(self._feed(requests, job, sends_input=start.stdin))
+        feeding = asyncio.ensure_future(
+            _feed(requests, _JobInput(runtime, job), sends_input=start.stdin)
+        )
         try:
             yield _ATTACHED
             async with contextlib.aclosing(_while_feeding(batches, feeding)) as reader:
@@ -594,40 +603,152 @@ class JobService:
                 feeding.exception()  # retrieved: it was raised above, or the job had ended
             AUDIT.info("attach %s ends", job, extra={"fields": {**fields, "event": "end"}})
 
-    async def _feed(self, requests: AsyncIterator[Any], job: str, *, sends_input: bool) -> None:
-        """The job's stdin from an Attach's requests, until the client stops sending. Once
-        the job no longer reads (it closed its stdin, or ended), what comes is read and
-        dropped, as ssh does, so the client is never left blocked on a write.
+    @job_bidi
+    async def Exec(
+        self, start: pb.ExecStart, requests: AsyncIterator[Any], who: Identity, job: str
+    ) -> AsyncGenerator[pb.ExecResponse, None]:
+        """Start a process inside the job; its output as it comes, then how it ended;
+        meanwhile the requests' input, resizes and signals go to it."""
+        spec = exec_spec_from_pb(start)
+        fields: dict[str, object] = {
+            "rpc": "Exec",
+            "user": who.name,
+            "job": job,
+            "argv": list(spec.argv),
+            "stdin": spec.stdin,
+            "tty": spec.tty,
+        }
+        try:
+            process = await self.runtime.exec(job, spec)
+        except ExecFailedError as e:
+            AUDIT.info("exec in %s failed", job, extra={"fields": {**fields, "event": "failed"}})
+            yield pb.ExecResponse(ended=pb.ExecEnd(error=str(e), reason=e.reason))
+            return
+        AUDIT.info("exec in %s begins", job, extra={"fields": {**fields, "event": "begin"}})
+        feeding = asyncio.ensure_future(
+            _feed(requests, _ProcessInput(process), sends_input=spec.stdin)
+        )
+        ended: dict[str, object] = {}
+        try:
+            yield pb.ExecResponse(started=True)
+            async with contextlib.aclosing(_while_feeding(_exec_output(process), feeding)) as out:
+                async for chunk in out:
+                    yield pb.ExecResponse(output=pb.OutputResponse(chunks=[chunk]))
+            status = await process.wait()
+            end = pb.ExecEnd(exit_code=status) if status >= 0 else pb.ExecEnd(signal=-status)
+            ended = {"exit_code": end.exit_code} if status >= 0 else {"signal": end.signal}
+            yield pb.ExecResponse(ended=end)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(feeding), _FINISH_SENDING_S)
+        finally:
+            feeding.cancel()
+            if feeding.done() and not feeding.cancelled():
+                feeding.exception()  # retrieved: it was raised above, or the process had ended
+            process.close()
+            AUDIT.info(
+                "exec in %s ends", job, extra={"fields": {**fields, **ended, "event": "end"}}
+            )
 
-        Raises:
-            InvalidSpecError: a malformed request, a second start, or input from a client
-                that did not say it sends any.
-            NoStdinError: (from the runtime) the job reads no input.
-        """
-        reading = True
-        async for request in requests:
-            _check_parsed(request)
-            kind = request.WhichOneof("request")
-            if kind not in ("stdin", "close_stdin", "resize"):
-                raise InvalidSpecError("only the first request of an attach may be start")
-            if not sends_input:
-                raise InvalidSpecError(
-                    "this attach did not ask to send input (AttachStart.stdin); attach again "
-                    "with it"
-                )
-            if not reading:
-                continue
-            try:
-                if kind == "close_stdin":
-                    await self.runtime.close_stdin(job)
-                elif kind == "resize":
-                    await self.runtime.resize(job, request.resize.rows, request.resize.cols)
-                else:
-                    reading = await self.runtime.write_stdin(job, request.stdin)
-            except JobEndedError:
-                if not (await self.runtime.status(job)).state.is_final:
-                    raise  # its stdin was closed (EOF sent) while it runs
-                reading = False
+
+class _Input(Protocol):
+    """Where an Attach's or an Exec's later requests go."""
+
+    async def write(self, data: bytes) -> bool: ...
+    async def close_stdin(self) -> None: ...
+    async def resize(self, rows: int, cols: int) -> None: ...
+    async def signal(self, signum: int) -> None: ...
+
+
+class _JobInput:
+    """An attached job's stdin, terminal and signals.
+
+    Raises (each call):
+        NoStdinError: the job reads no input.
+        JobEndedError: its stdin was closed (EOF sent) while it runs.
+    """
+
+    def __init__(self, runtime: Runtime, job: str) -> None:
+        self._runtime, self._job = runtime, job
+
+    async def write(self, data: bytes) -> bool:
+        return await self._ended_is_false(self._runtime.write_stdin(self._job, data))
+
+    async def close_stdin(self) -> None:
+        await self._ended_is_false(self._runtime.close_stdin(self._job))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._ended_is_false(self._runtime.resize(self._job, rows, cols))
+
+    async def signal(self, signum: int) -> None:
+        await self._ended_is_false(self._runtime.signal(self._job, signum))
+
+    async def _ended_is_false(self, step: Awaitable[object]) -> bool:
+        """``step``'s outcome; False (not an error) once the job has ended."""
+        try:
+            return await step is not False
+        except JobEndedError:
+            if not (await self._runtime.status(self._job)).state.is_final:
+                raise  # its stdin was closed (EOF sent) while it runs
+            return False
+
+
+class _ProcessInput:
+    """An exec'd process's stdin, terminal and signals."""
+
+    def __init__(self, process: ExecProcess) -> None:
+        self._process = process
+
+    async def write(self, data: bytes) -> bool:
+        return await self._process.write(data)
+
+    async def close_stdin(self) -> None:
+        await self._process.close_stdin()
+
+    async def resize(self, rows: int, cols: int) -> None:
+        check_window(rows, cols)
+        self._process.resize(rows, cols)
+
+    async def signal(self, signum: int) -> None:
+        self._process.signal(check_signal(signum))
+
+
+async def _feed(requests: AsyncIterator[Any], sink: _Input, *, sends_input: bool) -> None:
+    """Hand an Attach's or an Exec's later requests to ``sink``, until the client stops
+    sending. Once the input's reader no longer reads (it closed its stdin, or ended), what
+    comes is read and dropped, as ssh does, so the client is never left blocked on a write.
+
+    Raises:
+        InvalidSpecError: a malformed request, a second start, or input from a client that
+            did not say it sends any.
+        (from ``sink``) why the input cannot be taken.
+    """
+    reading = True
+    async for request in requests:
+        _check_parsed(request)
+        kind = request.WhichOneof("request")
+        if kind not in ("stdin", "close_stdin", "resize", "signal"):
+            raise InvalidSpecError("only the first request may be start")
+        if kind == "signal":
+            await sink.signal(request.signal)
+            continue
+        if not sends_input:
+            raise InvalidSpecError(
+                "this call did not ask to send input (start.stdin); call again with it"
+            )
+        if not reading:
+            continue
+        if kind == "close_stdin":
+            await sink.close_stdin()
+        elif kind == "resize":
+            await sink.resize(request.resize.rows, request.resize.cols)
+        else:
+            reading = await sink.write(request.stdin)
+
+
+async def _exec_output(process: ExecProcess) -> AsyncGenerator[pb.OutputChunk, None]:
+    while (piece := await process.read()) is not None:
+        stream, data = piece
+        yield pb.OutputChunk(stream=STREAMS[stream], data=data, time_unix_nano=time.time_ns())
 
 
 # How long an attach whose job has ended waits for its client to stop sending input.
@@ -647,12 +768,15 @@ def _check_input(status: JobStatus) -> None:
         raise JobEndedError(f"job {status.id} has ended: it reads no more input")
 
 
+Item = TypeVar("Item")
+
+
 async def _while_feeding(
-    batches: AsyncGenerator[Batch, None], feeding: asyncio.Future[None]
-) -> AsyncGenerator[Batch, None]:
+    batches: AsyncGenerator[Item, None], feeding: asyncio.Future[None]
+) -> AsyncGenerator[Item, None]:
     """``batches``, failing as soon as ``feeding`` (the input side) fails, even while no
     output comes."""
-    step: asyncio.Future[Batch | None] | None = None
+    step: asyncio.Future[Item | None] | None = None
     async with contextlib.aclosing(batches) as reader:
         try:
             while True:

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "config":
             sys.stdout.write(config_command(args.verb, getattr(args, "name", None)))
             return
-        if args.command in ("run", "start"):
+        if args.command in ("run", "start", "exec"):
             from ._environment import job_env  # noqa: PLC0415 - only these commands set one
 
             args.job_env = extra["env"] = job_env(args.env, args.env_file, os.environ)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _reads_stdin(args: object) -> bool:
     command = getattr(args, "command", "")
-    if command == "run":
+    if command in ("run", "exec"):
         return bool(getattr(args, "interactive", False) or getattr(args, "tty", False))
     return command == "attach" and not getattr(args, "no_stdin", False)
 

@@ -1,4 +1,5 @@
-"""Joining a job (`run -i/-t`, `attach`): its output to ours, our input and window size to it.
+"""Joining a job (`run -i/-t`, `attach`) or running a command inside one (`exec`): its
+output to ours, our input and window size to it.
 
 jobctl's stdin is read by a daemon thread (a read blocked on a terminal must not keep jobctl
 from exiting), a few chunks ahead at most, so input is read only as fast as the server takes
@@ -17,18 +18,19 @@ import signal
 import termios
 import threading
 import tty
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
 
+from .._text import escape
 from .._units import UsageError
 from ..api.client import pb
 from ._client import CliError, Session, explain
 from ._io import Io
-from ._render import exit_status_of
+from ._render import CANNOT_EXECUTE, JOBCTL_FAILED, NOT_FOUND, exit_status_of
 
-__all__ = ["DETACHED", "attach", "first_done", "parse_detach_keys", "window_of"]
+__all__ = ["DETACHED", "attach", "exec_in", "first_done", "parse_detach_keys", "window_of"]
 
 # Ctrl+C (or stdout closing, or the detach keys) while attached: the job goes on, and jobctl
 # exits so.
@@ -72,14 +74,21 @@ async def first_done(
 
 
 class _Outgoing:
-    """What an attach sends after its start, in order: stdin chunks (read by a thread, a
-    few ahead at most) and window sizes. ``detached`` is set when the detach keys are
-    typed."""
+    """What an attach or an exec sends after its start, in order: stdin chunks (read by a
+    thread, a few ahead at most), window sizes and signals. ``detached`` is set when the
+    detach keys are typed. Any: an AttachRequest or an ExecRequest (``request``), which
+    share these fields."""
 
     AHEAD = 4
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, detach_keys: bytes | None) -> None:
-        self.queue: asyncio.Queue[pb.AttachRequest | None] = asyncio.Queue()
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        detach_keys: bytes | None,
+        request: Callable[..., Any] = pb.AttachRequest,
+    ) -> None:
+        self.queue: asyncio.Queue[Any | None] = asyncio.Queue()
+        self._request = request
         self.detached = asyncio.Event()
         self._slots = threading.Semaphore(self.AHEAD)
         self._loop = loop
@@ -106,7 +115,7 @@ class _Outgoing:
 
     def _typed(self, data: bytes) -> None:
         if not data:
-            self.queue.put_nowait(pb.AttachRequest(close_stdin=True))
+            self.queue.put_nowait(self._request(close_stdin=True))
             self.queue.put_nowait(None)
             return
         keys = self._keys
@@ -116,14 +125,17 @@ class _Outgoing:
             if at >= 0:
                 before = seen[len(self._tail) : at] if at >= len(self._tail) else b""
                 if before:
-                    self.queue.put_nowait(pb.AttachRequest(stdin=before))
+                    self.queue.put_nowait(self._request(stdin=before))
                 self.detached.set()
                 return
             self._tail = seen[-(len(keys) - 1) :] if len(keys) > 1 else b""
-        self.queue.put_nowait(pb.AttachRequest(stdin=data))
+        self.queue.put_nowait(self._request(stdin=data))
 
     def resize(self, rows: int, cols: int) -> None:
-        self.queue.put_nowait(pb.AttachRequest(resize=pb.WindowSize(rows=rows, cols=cols)))
+        self.queue.put_nowait(self._request(resize=pb.WindowSize(rows=rows, cols=cols)))
+
+    def signal(self, signum: int) -> None:
+        self.queue.put_nowait(self._request(signal=signum))
 
     async def send(self, call: Any) -> None:
         """Write what comes, until stdin's end."""
@@ -278,3 +290,72 @@ async def _attached(  # noqa: PLR0913 - the call and what to do with it
     await s.call("StopJob", pb.Job, pb.StopJobRequest(id=job_id), waits=True)
     await receiving
     return DETACHED
+
+
+async def exec_in(s: Session, start: pb.ExecStart, io: Io) -> int:
+    """Run ``start``'s command inside its job: its output to ours and, with
+    ``start.stdin``, our input to it; return its exit status (128+N for signal N; 127,
+    126 or 125 when it could not start, as `run`). Without a terminal, Ctrl+C sends it
+    SIGINT (with one, Ctrl+C is a keystroke for it).
+
+    Raises:
+        CliError: the exec was refused, or the connection was lost (which ends it: its
+            stdio was this session's).
+    """
+    loop = asyncio.get_running_loop()
+    outgoing = _Outgoing(loop, None, pb.ExecRequest)
+    call = s.stub.Exec()
+    try:
+        await call.write(pb.ExecRequest(start=start))
+        first = await call.read()
+        if first is grpc.aio.EOF:
+            raise CliError("the server ended the exec without a word")
+        if first.HasField("ended"):
+            return await _ended(first.ended, io)
+        terminal = start.tty and start.stdin and os.isatty(0)
+        raw = _raw(0, loop, outgoing) if terminal else contextlib.nullcontext()
+        with raw:
+            if start.stdin:
+                outgoing.read_stdin()
+            # Without -i it still sends: Ctrl+C's signal.
+            feeding = asyncio.ensure_future(outgoing.send(call))
+            feeding.add_done_callback(lambda task: task.cancelled() or task.exception())
+            receiving = asyncio.ensure_future(_receive_exec(call, io))
+            with io.interrupts_to(lambda: outgoing.signal(signal.SIGINT)):
+                await first_done(asyncio.shield(receiving), io.out_closed())
+            if not receiving.done():
+                # Our stdout has gone: so does the session (the command sees EPIPE).
+                receiving.cancel()
+                return DETACHED
+            return await _ended(receiving.result(), io)
+    except grpc.aio.AioRpcError as e:
+        if e.code() is grpc.StatusCode.UNAVAILABLE:
+            raise CliError(
+                f"lost the connection to {s.target.server}; the command ran in this session "
+                "and has lost its input and output"
+            ) from None
+        raise await explain(e, s.target) from None
+    finally:
+        call.cancel()
+
+
+async def _receive_exec(call: Any, io: Io) -> Any:
+    """An exec's output to ours; how it ended (an ExecEnd), its last response."""
+    while True:
+        response = await call.read()
+        if response is grpc.aio.EOF:
+            raise CliError("the server ended the exec without its exit status")
+        if response.HasField("ended"):
+            return response.ended
+        for chunk in response.output.chunks:
+            await (io.out(chunk.data) if chunk.stream == pb.STREAM_STDOUT else io.err(chunk.data))
+
+
+async def _ended(end: Any, io: Io) -> int:
+    """The exit status for an ExecEnd (saying why it could not start, if it could not)."""
+    if end.HasField("exit_code"):
+        return int(end.exit_code)
+    if end.HasField("signal"):
+        return 128 + int(end.signal)
+    await io.say(f"jobctl: cannot run it inside the job: {escape(end.error)}\n")
+    return {"not_found": NOT_FOUND, "not_executable": CANNOT_EXECUTE}.get(end.reason, JOBCTL_FAILED)

@@ -23,7 +23,7 @@ from .._labels import LabelError, check_labels, check_name, parse_selector
 from .._text import escape
 from .._units import UsageError, parse_duration, parse_signal, parse_size
 from ..api.client import OutputPiece, pb, stream_output
-from ._attach import DETACHED, attach, first_done, parse_detach_keys, window_of
+from ._attach import DETACHED, attach, exec_in, first_done, parse_detach_keys, window_of
 from ._client import CliError, Session, explain, session
 from ._config import Target
 from ._io import Io
@@ -46,13 +46,19 @@ RECONNECT_FOR_S = 60.0
 _FINAL_STATES = frozenset({"exited", "stopped", "failed"})
 
 
-def _spec(args: argparse.Namespace) -> pb.JobSpec:
-    """Raises UsageError: no command, or a malformed name or label."""
+def _command(args: argparse.Namespace, example: str) -> list[str]:
+    """Raises UsageError: no command given."""
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        raise UsageError("give the command to run, e.g. jobctl run -- ls -l")
+        raise UsageError(f"give the command to run, e.g. {example}")
+    return cmd
+
+
+def _spec(args: argparse.Namespace) -> pb.JobSpec:
+    """Raises UsageError: no command, or a malformed name or label."""
+    cmd = _command(args, "jobctl run -- ls -l")
     labels = dict(item.split("=", 1) for item in args.label)
     try:
         if args.name is not None:
@@ -80,14 +86,36 @@ def _spec(args: argparse.Namespace) -> pb.JobSpec:
     return spec
 
 
+def _exec_start(args: argparse.Namespace, job_id: str) -> pb.ExecStart:
+    """Raises UsageError: no command, or `-it` whose stdin is not a terminal."""
+    start = pb.ExecStart(
+        id=job_id,
+        argv=_command(args, "jobctl exec JOB -- ps -ef"),
+        env=args.job_env,
+        workdir=args.workdir,
+        stdin=args.interactive,
+        tty=args.tty,
+    )
+    if args.tty:
+        _check_terminal(args)
+        start.window.CopyFrom(window_of(0) or pb.WindowSize(rows=24, cols=80))
+        start.term = os.environ.get("TERM") or "xterm"
+    return start
+
+
+def _check_terminal(args: argparse.Namespace) -> None:
+    """Raises UsageError: -it whose stdin is not a terminal (`start -it` reads none)."""
+    if args.command != "start" and args.interactive and not os.isatty(0):
+        raise UsageError(
+            f"the input device is not a TTY: drop -t to pipe input (jobctl {args.command} "
+            "-i), or run jobctl from a terminal"
+        )
+
+
 def _stdin_mode(args: argparse.Namespace) -> pb.StdinMode.ValueType:
     """Raises UsageError: `run -it` whose stdin is not a terminal."""
     if args.tty:
-        if args.command == "run" and args.interactive and not os.isatty(0):
-            raise UsageError(
-                "the input device is not a TTY: drop -t to pipe input (jobctl run -i), or "
-                "run jobctl from a terminal"
-            )
+        _check_terminal(args)
         return pb.STDIN_MODE_TTY
     return pb.STDIN_MODE_PIPE if args.interactive else pb.STDIN_MODE_NONE
 
@@ -306,6 +334,8 @@ async def _dispatch(  # noqa: C901, PLR0911, PLR0912 - one branch per command, a
             return await attach(
                 s, job_id, io, stdin=not args.no_stdin, from_start=False, detach_keys=keys
             )
+        if command == "exec":
+            return await exec_in(s, _exec_start(args, await s.resolve(args.job)), io)
         if command == "info":
             return await _info(s, args, io)
         if command == "__jobs":

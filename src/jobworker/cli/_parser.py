@@ -183,6 +183,13 @@ def _job_spec(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--io-read-bps", action="append", default=[], metavar="DEV=RATE")
     p.add_argument("--io-write-bps", action="append", default=[], metavar="DEV=RATE")
+    _command_flags(p, workdir="absolute working directory (default: private /job)")
+    p.add_argument("--network", choices=["none", "host"], default="none")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARG...]")
+
+
+def _command_flags(p: argparse.ArgumentParser, *, workdir: str) -> None:
+    """The flags `run`, `start` and `exec` share: environment and working directory."""
     p.add_argument(
         "--env",
         "-e",
@@ -199,10 +206,24 @@ def _job_spec(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="read NAME=VALUE lines from FILE ('#' starts a comment), as docker does",
     )
+    p.add_argument("--workdir", "-w", default="", help=workdir)
+
+
+def _exec(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", metavar="JOB")
     p.add_argument(
-        "--workdir", "-w", default="", help="absolute working directory (default: private /job)"
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="send jobctl's stdin to the command (EOF closes its stdin)",
     )
-    p.add_argument("--network", choices=["none", "host"], default="none")
+    p.add_argument(
+        "-t",
+        "--tty",
+        action="store_true",
+        help="give the command a terminal (with -i: yours, in raw mode, as ssh -t)",
+    )
+    _command_flags(p, workdir="absolute working directory (default: the job's)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARG...]")
 
 
@@ -293,6 +314,13 @@ def parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per fl
         default=DEFAULT_DETACH_KEYS,
         metavar="KEYS",
         help="the keys that detach, leaving the job running (default ctrl-p,ctrl-q)",
+    )
+    _exec(
+        command(
+            "exec",
+            "run a command inside a running job (its namespaces, files, limits and user), "
+            "as docker exec; exit with its status",
+        )
     )
     events = command("events", "stream changes to jobs as they happen")
     events.add_argument("--owner", help="only this owner's jobs (admins)")

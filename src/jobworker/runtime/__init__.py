@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ._changes import Change
     from ._config import NOBODY, RunAs, RuntimeConfig
     from ._errors import (
+        ExecFailedError,
         InvalidSpecError,
         InvalidTransitionError,
         JobAlreadyStartedError,
@@ -32,17 +33,23 @@ if TYPE_CHECKING:
         StateDirError,
         WatcherBehindError,
     )
+    from ._exec import ExecProcess
     from ._jobdir import Bind
     from ._logformat import Stream
     from ._observer import JobObserver
     from ._output import Batch, Chunk, Window
     from ._runtime import Runtime
-    from ._spec import IOLimit, JobSpec, Limits
+    from ._spec import ExecSpec, IOLimit, JobSpec, Limits, check_signal, check_window
     from ._states import State
     from ._status import JobStatus, SandboxInfo, Usage
     from .cgroups import CgroupError
 
 _WHERE = {
+    "check_signal": "_spec",
+    "check_window": "_spec",
+    "ExecFailedError": "_errors",
+    "ExecProcess": "_exec",
+    "ExecSpec": "_spec",
     "NOBODY": "_config",
     "Bind": "_jobdir",
     "CgroupError": "cgroups",
@@ -87,6 +94,9 @@ __all__ = [
     "CgroupError",
     "Change",
     "Chunk",
+    "ExecFailedError",
+    "ExecProcess",
+    "ExecSpec",
     "IOLimit",
     "InvalidSpecError",
     "InvalidTransitionError",
@@ -116,6 +126,8 @@ __all__ = [
     "Usage",
     "WatcherBehindError",
     "Window",
+    "check_signal",
+    "check_window",
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "ExecFailedError",
     "InvalidSpecError",
     "InvalidTransitionError",
     "JobAlreadyStartedError",
@@ -64,6 +65,15 @@ class LaunchError(JobworkerError):
 
 class NameTakenError(JobworkerError):
     """Another of the owner's jobs that still exists has this name."""
+
+
+class ExecFailedError(JobworkerError):
+    """A process could not be started inside a running job; ``reason`` is its kind, as a
+    job's: "not_found", "not_executable" or "start_error"."""
+
+    def __init__(self, message: str, reason: str = "start_error") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class NoStdinError(JobworkerError):

@@ -17,9 +17,11 @@ import sys
 from dataclasses import dataclass
 
 from .._aio import wait_fd
-from ._errors import JobEndedError, LaunchError
+from ._errors import ExecFailedError, JobEndedError, LaunchError
+from ._exec import ExecProcess
 from ._jobdir import CONTROL, CorruptRecordError, ExitRecord, RunRecord
-from ._protocol import Control, Outcome, Reply, Report, Verb
+from ._logformat import Stream
+from ._protocol import Control, ExecOrder, Outcome, Reply, Report, Verb
 
 __all__ = ["LaunchFailed", "Launched", "Launcher", "SupervisorHandle"]
 
@@ -92,6 +94,42 @@ class SupervisorHandle:
         Raises:
             LaunchError: the supervisor did not answer within ``timeout`` seconds.
         """
+        sock, reply, fds = await self._ask(request, timeout)
+        sock.close()
+        return reply, fds
+
+    async def exec(self, order: ExecOrder, timeout: float = 10.0) -> ExecProcess:
+        """Start ``order`` inside the running job.
+
+        Raises:
+            JobEndedError: the job has ended (or is ending).
+            ExecFailedError: the process could not be started (the reason is the user's).
+            LaunchError: the supervisor did not answer within ``timeout`` seconds.
+        """
+        sock, reply, fds = await self._ask(Control(Verb.EXEC, order=order), timeout)
+        want = 2 if order.tty else (4 if order.stdin else 3)
+        if reply.outcome is not Outcome.OK or len(fds) != want:
+            sock.close()
+            for fd in fds:
+                os.close(fd)
+            if reply.outcome is Outcome.ENDED:
+                raise JobEndedError("the job has ended: nothing can be run inside it")
+            reason, _, message = reply.detail.partition(" ")
+            raise ExecFailedError(message or reply.detail, reason)
+        if order.tty:
+            pidfd, master = fds
+            return ExecProcess(sock, pidfd, master, {master: Stream.STDOUT}, terminal=True)
+        pidfd, *pipes = fds
+        stdin = pipes.pop(0) if order.stdin else -1
+        out, err = pipes
+        return ExecProcess(
+            sock, pidfd, stdin, {out: Stream.STDOUT, err: Stream.STDERR}, terminal=False
+        )
+
+    async def _ask(
+        self, request: Control, timeout: float
+    ) -> tuple[socket.socket, Reply, list[int]]:
+        """Send ``request``; the connection (still open), the reply and its descriptors."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -104,20 +142,24 @@ class SupervisorHandle:
                 await loop.sock_sendall(sock, request.encode())
                 while True:
                     try:
-                        reply, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
+                        reply, fds, _flags, _addr = socket.recv_fds(sock, 4096, 4)
                         break
                     except BlockingIOError:
                         await wait_fd(sock.fileno())
         except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError):
-            return Reply(Outcome.ENDED), []  # the supervisor closed its socket on the way out
+            sock.close()
+            return sock, Reply(Outcome.ENDED), []  # the supervisor closed it on the way out
         except TimeoutError:
+            sock.close()
             raise LaunchError(
                 f"the job's supervisor did not answer {request.verb.value} in time"
             ) from None
+        except BaseException:
+            sock.close()
+            raise
         finally:
             os.close(dir_fd)
-            sock.close()
-        return Reply.decode(reply), fds
+        return sock, Reply.decode(reply), fds
 
 
 class Launcher:

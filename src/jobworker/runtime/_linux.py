@@ -43,6 +43,7 @@ __all__ = [
     "prctl5",
     "read_only_tree",
     "sethostname",
+    "setns",
     "umount",
     "unshare",
 ]
@@ -94,6 +95,8 @@ _IFREQ_FLAGS = struct.Struct("16sh22x")  # struct ifreq: name, then ifr_flags in
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.unshare.restype = ctypes.c_int
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.setns.restype = ctypes.c_int
 _libc.prctl.argtypes = [
     ctypes.c_int,
     ctypes.c_ulong,
@@ -147,6 +150,16 @@ def unshare(flags: int, what: str) -> None:
             CLONE_NEWPID before forking).
     """
     _check(_libc.unshare(flags), f"unshare({what})")
+
+
+def setns(fd: int, flags: int, what: str) -> None:
+    """setns(2) with a pidfd: join every namespace of that process ``flags`` names, at once
+    (Linux 5.8+); ``what`` names them in the error message.
+
+    Raises:
+        OSError: the kernel refused (EPERM without the capabilities, ESRCH: it has exited).
+    """
+    _check(_libc.setns(fd, flags), f"setns({what})")
 
 
 def prctl(option: int, arg: int, what: str) -> None:

@@ -20,7 +20,8 @@ import signal
 import socket
 import struct
 import termios
-from typing import NoReturn
+from collections.abc import Callable
+from typing import NamedTuple, NoReturn
 
 from ._jobdir import SpecRecord
 from ._linux import (
@@ -47,14 +48,17 @@ from ._linux import (
     prctl,
     prctl5,
     sethostname,
+    setns,
     unshare,
 )
+from ._protocol import ExecOrder
 from ._rootfs import build_root
 
 __all__ = [
     "DEFAULT_PATH",
     "ExecError",
     "exec_command",
+    "exec_in_job",
     "job_env",
     "resolve",
     "seccomp_filter",
@@ -94,7 +98,7 @@ TIOCSPTLCK = 0x40045431
 TIOCGPTPEER = 0x5441
 
 
-def _open_terminal(spec: SpecRecord, status_w: int) -> None:
+def _open_terminal(window: tuple[int, int], status_w: int) -> None:
     """Make a pseudo-terminal of the job's own devpts the job's stdin, stdout, stderr and
     controlling terminal, and hand its master to the supervisor over ``status_w`` (a
     SEQPACKET socket): opened here, inside the job's root, so ``tty`` names a /dev/pts
@@ -102,7 +106,7 @@ def _open_terminal(spec: SpecRecord, status_w: int) -> None:
     master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
     peer = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
-    rows, cols = spec.window
+    rows, cols = window
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     fcntl.ioctl(peer, termios.TIOCSCTTY, 0)
     for fd in (0, 1, 2):
@@ -195,13 +199,9 @@ def _drop_privileges(spec: SpecRecord, last_cap: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _isolate(spec: SpecRecord, new_root: str) -> None:
-    """Join the job's cgroups, enter its own namespaces and root, drop privileges (in that
-    order: the cgroup first, so the job's tmpfs pages and every process are counted).
-
-    "0" names the writing process: its host pid would mean nothing here, inside the job's
-    PID namespace.
-    """
+def _join_cgroups(spec: SpecRecord) -> None:
+    """Move this process into the job's cgroups. "0" names the writing process: its host
+    pid would mean nothing here, inside the job's PID namespace."""
     if spec.cgroup is not None:
         for procs in spec.cgroup.procs_files:
             fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
@@ -209,6 +209,12 @@ def _isolate(spec: SpecRecord, new_root: str) -> None:
                 os.write(fd, b"0")
             finally:
                 os.close(fd)
+
+
+def _isolate(spec: SpecRecord, new_root: str) -> None:
+    """Join the job's cgroups, enter its own namespaces and root, drop privileges (in that
+    order: the cgroup first, so the job's tmpfs pages and every process are counted)."""
+    _join_cgroups(spec)
     last_cap = _cap_last()  # read while the host's /proc is still there
     if spec.namespaces:
         _enter_namespaces(spec, new_root)
@@ -230,16 +236,87 @@ def exec_command(  # noqa: PLR0913 - each is one descriptor or fact the child ne
     isolation, cwd, the seccomp filter, then exec. Never returns; a failure is written to
     ``status_w``. The executable is looked up in the job's PATH after the job's root is in
     place and as the job's user, so it is the job's own view that decides."""
+    _start(
+        spec,
+        _Command(spec.argv, env, spec.cwd, spec.window if spec.stdin_mode == "tty" else None),
+        stdio=(stdin, *stdio),
+        status_w=status_w,
+        enter=lambda: _isolate(spec, new_root),
+        keep=new_root,
+    )
+
+
+def exec_in_job(  # noqa: PLR0913 - each is one descriptor or fact the child needs
+    spec: SpecRecord,
+    order: ExecOrder,
+    *,
+    env: dict[str, str],
+    stdio: tuple[int | None, int, int],
+    status_w: int,
+    job_pidfd: int,
+) -> NoReturn:
+    """In a child the supervisor forked (so already in the job's PID namespace): run
+    ``order`` inside the running job whose command ``job_pidfd`` names, as ``docker exec``
+    does: its cgroups, then its other namespaces (and with its mount namespace, its root),
+    its terminal if asked, its user, its seccomp filter. Never returns; a failure is
+    written to ``status_w`` as :func:`exec_command` does."""
+    cwd = order.cwd if order.cwd is not None else spec.cwd
+    window = order.window if order.tty else None
+
+    def enter() -> None:
+        _join_cgroups(spec)
+        last_cap = _cap_last()
+        if spec.namespaces:
+            flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP | CLONE_NEWNET
+            setns(job_pidfd, flags, "the job's mount, UTS, IPC, cgroup and net namespaces")
+        _drop_privileges(spec, last_cap)
+
+    _start(
+        spec,
+        _Command(order.argv, env, cwd, window),
+        stdio=stdio,
+        status_w=status_w,
+        enter=enter,
+        keep=job_pidfd,
+    )
+
+
+class _Command(NamedTuple):
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    cwd: str
+    # A terminal of this size (rows, columns) is the process's stdio; None: the pipes.
+    window: tuple[int, int] | None
+
+
+def _start(  # noqa: PLR0913 - each is one descriptor or fact the child needs
+    spec: SpecRecord,
+    command: _Command,
+    *,
+    stdio: tuple[int | None, int, int],
+    status_w: int,
+    enter: Callable[[], None],
+    keep: int | str,
+) -> NoReturn:
+    """What the job's command and an exec'd process share: a session of its own, stdio
+    (``None`` stdin: /dev/null), only ``status_w`` (and ``keep``, when a descriptor) left
+    open, default signals, ``enter`` (the walls), the terminal, cwd, seccomp, exec.
+    ``keep`` as text is the job's root as the host names it, cut from messages."""
     stage = "set up the job's process"
     reason = "start_error"
     try:
         os.setsid()
+        stdin, stdout, stderr = stdio
         os.dup2(os.open("/dev/null", os.O_RDONLY) if stdin is None else stdin, 0)
-        os.dup2(stdio[0], 1)
-        os.dup2(stdio[1], 2)
+        os.dup2(stdout, 1)
+        os.dup2(stderr, 2)
         # Only 0-2 survive: nothing of the launcher or the server can leak into the job.
-        os.closerange(3, status_w)
-        os.closerange(status_w + 1, 1 << 20)
+        kept = sorted({status_w, keep} if isinstance(keep, int) else {status_w})
+        low = 3
+        for fd in kept:
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 20)
         signal.set_wakeup_fd(-1)
         # Python ignores SIGPIPE and SIGXFSZ, and ignored signals stay ignored across exec.
         for signum in range(1, signal.NSIG):
@@ -247,19 +324,19 @@ def exec_command(  # noqa: PLR0913 - each is one descriptor or fact the child ne
                 signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         stage = "isolate the job (cgroups, namespaces, root, user)"
-        _isolate(spec, new_root)
-        if spec.stdin_mode == "tty":
+        enter()
+        if command.window is not None:
             stage = "open the job's terminal"
-            _open_terminal(spec, status_w)
-        exe = resolve(spec.argv[0], env)
-        stage = f"change to working directory {spec.cwd!r}"
-        os.chdir(spec.cwd)
+            _open_terminal(command.window, status_w)
+        exe = resolve(command.argv[0], command.env)
+        stage = f"change to working directory {command.cwd!r}"
+        os.chdir(command.cwd)
         if spec.sandbox is not None and spec.sandbox.seccomp:
             stage = "install the seccomp filter"
             load_seccomp(seccomp_filter())
         stage = f"execute {exe!r}"
         reason = "not_executable"
-        os.execve(exe, spec.argv, env)  # noqa: S606 - exec'ing the user's argv, no shell, is the job
+        os.execve(exe, command.argv, command.env)  # noqa: S606 - the user's argv, no shell, is the job
     except ExecError as e:
         message, reason = str(e), e.reason
     except OSError as e:
@@ -268,9 +345,10 @@ def exec_command(  # noqa: PLR0913 - each is one descriptor or fact the child ne
             reason = "not_found"
     except BaseException as e:  # noqa: BLE001 - anything here must become a report, not a trace
         message = f"cannot {stage}: {e}"
-    # The job's root is built in the server's state dir; a failing mount names its target
-    # there. The user sees the path as the job would (".../root/sys" -> "/sys").
-    message = message.replace(new_root, "")
+    if isinstance(keep, str):
+        # The job's root is built in the server's state dir; a failing mount names its
+        # target there. The user sees the path as the job would (".../root/sys" -> "/sys").
+        message = message.replace(keep, "")
     with contextlib.suppress(OSError):
         os.write(status_w, b"E" + reason.encode() + b"\n" + message.encode())
     os._exit(127)

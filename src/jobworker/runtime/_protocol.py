@@ -6,9 +6,12 @@
   supervisor recorded the failure, else only the reason).
 - A **control request** goes from the server to a running job's supervisor over its
   ``control.sock``: one line, ``stop <grace seconds>``, ``signal <number>``, ``stdin 0``
-  (the reply carries the write end of the job's stdin pipe, SCM_RIGHTS) or ``close-stdin 0``;
-  the reply is one line, ``ok``, ``ended`` (the command has already exited) or
-  ``error <reason>``.
+  (the reply carries the write end of the job's stdin pipe, SCM_RIGHTS), ``close-stdin 0``
+  or ``exec <JSON of an ExecOrder>``; the reply is one line, ``ok``, ``ended`` (the command
+  has already exited) or ``error <reason>``. An exec's ``ok`` carries the new process's
+  descriptors (a pidfd, then its terminal's master, or its stdin, stdout and stderr pipes),
+  and the connection stays open until the process has exited: its last line is
+  ``exit <status>`` (:class:`ExecExit`).
 
 Imported by the launcher: light (NamedTuples, enum, json).
 """
@@ -17,11 +20,25 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ._jobdir import CorruptRecordError, ExitRecord, RunRecord
 
-__all__ = ["DEFAULT_GRACE_S", "Control", "Outcome", "Reply", "Report", "Verb"]
+__all__ = [
+    "DEFAULT_GRACE_S",
+    "MAX_CONTROL_BYTES",
+    "Control",
+    "ExecExit",
+    "ExecOrder",
+    "Outcome",
+    "Reply",
+    "Report",
+    "Verb",
+]
+
+# The longest control request: an exec's argv and environment (the API caps them at 1 MiB
+# together, as a job's; JSON's escapes may add to that).
+MAX_CONTROL_BYTES = 8 << 20
 
 # The grace between SIGTERM and SIGKILL when none is given: the server's default for a stop,
 # and what a supervisor gives when it is itself asked to stop by a signal (SIGTERM from an
@@ -73,25 +90,91 @@ class Verb(enum.Enum):
     STDIN = "stdin"
     # Close the job's stdin for good: the supervisor lets go of its write end.
     CLOSE_STDIN = "close-stdin"
+    # Run another process inside the running job (``jobctl exec``).
+    EXEC = "exec"
+
+
+class ExecOrder(NamedTuple):
+    """A process to run inside a running job: its command, environment (added to the
+    job's), working directory (None: the job's), and its stdin: a pipe the caller writes
+    (``stdin``), /dev/null, or a terminal of the job's devpts (``tty``, with ``window``
+    and ``term``)."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    cwd: str | None
+    stdin: bool
+    tty: bool
+    window: tuple[int, int]
+    term: str
+
+    def to_json(self) -> dict[str, object]:
+        return {**self._asdict(), "argv": list(self.argv), "window": list(self.window)}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ExecOrder:  # Any: json.loads' value, checked here
+        """Raises ValueError: not an order this release sends."""
+        try:
+            rows, cols = raw["window"]
+            order = cls(
+                argv=tuple(str(a) for a in raw["argv"]),
+                env={str(k): str(v) for k, v in raw["env"].items()},
+                cwd=None if raw["cwd"] is None else str(raw["cwd"]),
+                stdin=bool(raw["stdin"]),
+                tty=bool(raw["tty"]),
+                window=(int(rows), int(cols)),
+                term=str(raw["term"]),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"a malformed exec order: {e}") from None
+        if not order.argv:
+            raise ValueError("an exec order needs a command")
+        return order
 
 
 class Control(NamedTuple):
-    """One request to a supervisor: stop with ``value`` seconds of grace, or send signal
-    ``value``."""
+    """One request to a supervisor: stop with ``value`` seconds of grace, send signal
+    ``value``, or run ``order`` (EXEC)."""
 
     verb: Verb
-    value: float
+    value: float = 0
+    order: ExecOrder | None = None
 
     def encode(self) -> bytes:
+        if self.verb is Verb.EXEC and self.order is not None:
+            return b"exec " + json.dumps(self.order.to_json()).encode() + b"\n"
         value = repr(float(self.value)) if self.verb is Verb.STOP else str(int(self.value))
         return f"{self.verb.value} {value}\n".encode()
 
     @classmethod
     def decode(cls, line: bytes) -> Control:
         """Raises ValueError: not a request this release sends."""
-        verb, _, arg = line.decode("ascii").strip().partition(" ")
+        verb, _, arg = line.decode("utf-8").strip().partition(" ")
         kind = Verb(verb)
+        if kind is Verb.EXEC:
+            return cls(kind, order=ExecOrder.from_json(json.loads(arg)))
         return cls(kind, float(arg) if kind is Verb.STOP else int(arg))
+
+
+class ExecExit(NamedTuple):
+    """How an exec'd process ended: ``status`` as ``os.waitstatus_to_exitcode`` gives it
+    (negative: killed by that signal)."""
+
+    status: int
+
+    def encode(self) -> bytes:
+        return f"exit {self.status}\n".encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ExecExit | None:
+        """None: not an exit line (the supervisor went away without sending one)."""
+        word, _, value = data.decode("ascii", "replace").strip().partition(" ")
+        if word != "exit":
+            return None
+        try:
+            return cls(int(value))
+        except ValueError:
+            return None
 
 
 class Outcome(enum.Enum):

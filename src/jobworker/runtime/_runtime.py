@@ -31,6 +31,7 @@ from ._errors import (
     RuntimeClosedError,
     StateDirError,
 )
+from ._exec import ExecProcess
 from ._job import Job
 from ._jobdir import LOCK_FILE, LOG
 from ._launch import Launcher, SupervisorHandle
@@ -40,13 +41,13 @@ from ._logformat import Stream
 from ._notify import DirNotifier
 from ._observer import JobObserver, NullObserver
 from ._output import Batch, Chunk, ReadBudget, Window, log_end, read_log
-from ._protocol import Control, Outcome, Verb
+from ._protocol import Control, ExecOrder, Outcome, Verb
 from ._registry import Registry
 from ._restore import boot_id, restore
 from ._retention import prune_ended, retention_loop
 from ._rootfs import PRIVATE_DIRS, WORKDIR
 from ._seccomp import build_filter
-from ._spec import MAX_WINDOW, JobSpec
+from ._spec import ExecSpec, JobSpec, check_signal, check_window
 from ._states import State
 from ._status import JobStatus
 from ._stdin import StdinPipe
@@ -403,9 +404,7 @@ class Runtime:
             JobEndedError: the job has ended.
             InvalidSpecError: ``signum`` is not a valid signal number.
         """
-        valid = {int(s) for s in signal_module.valid_signals()}
-        if not isinstance(signum, int) or signum not in valid or signum == 0:
-            raise InvalidSpecError(f"{signum!r} is not a signal number; use e.g. 15 (SIGTERM)")
+        check_signal(signum)
         job = self._get(job_id)
         supervisor = self._running(job, "signal")
         if signum == signal_module.SIGKILL and job.cgroup is not None:
@@ -472,10 +471,36 @@ class Runtime:
         job = self._get(job_id)
         if job.spec.stdin != "tty":
             raise NoStdinError(f"job {job.id} has no terminal to resize (start it with a tty)")
-        if not (1 <= rows <= MAX_WINDOW and 1 <= cols <= MAX_WINDOW):
-            raise InvalidSpecError(f"a terminal of {rows}x{cols}: rows and columns must be 1-10000")
+        check_window(rows, cols)
         pipe, supervisor = self._stdin_of(job)
         await pipe.resize(supervisor, rows, cols, redraw=redraw)
+
+    async def exec(self, job_id: str, spec: ExecSpec) -> ExecProcess:
+        """Start a process inside the running job (``docker exec``): in its namespaces,
+        root, cgroups (so its limits), as its user, under its seccomp filter; it ends when
+        the job does. The caller owns the result and must :meth:`ExecProcess.close` it.
+
+        Raises:
+            JobNotFoundError: no job has this id.
+            JobNotRunningError, JobEndedError: it has not started, or has ended.
+            ExecFailedError: the process could not start (e.g. its command is not found).
+            LaunchError: the job's supervisor did not answer.
+        """
+        job = self._get(job_id)
+        supervisor = self._running(job, "run a process inside")
+        order = ExecOrder(
+            argv=tuple(spec.argv),
+            env=dict(spec.env),
+            cwd=spec.cwd,
+            stdin=spec.stdin,
+            tty=spec.tty,
+            window=spec.window,
+            term=spec.term,
+        )
+        try:
+            return await supervisor.exec(order)
+        except JobEndedError:
+            raise JobEndedError(f"cannot run a process inside job {job.id}: it has ended") from None
 
     async def wait(self, job_id: str) -> JobStatus:
         """Return the job's final status once it has ended (at once if it has).

@@ -7,6 +7,7 @@ network boundary turns ``InvalidSpecError`` into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import math
+import signal
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 from .._labels import LabelError, check_labels, check_name
 from ._errors import InvalidSpecError
 
-__all__ = ["IOLimit", "JobSpec", "Limits"]
+__all__ = ["ExecSpec", "IOLimit", "JobSpec", "Limits", "check_signal", "check_window"]
 
 # Linux refuses a single argv/env string longer than MAX_ARG_STRLEN (32 pages) with E2BIG at
 # exec time; checking here turns that into a clear error before anything is spawned.
@@ -172,12 +173,28 @@ class Limits:
         )
 
 
+def check_window(rows: int, cols: int) -> None:
+    """Raises InvalidSpecError: a terminal size out of range."""
+    if not (1 <= rows <= MAX_WINDOW and 1 <= cols <= MAX_WINDOW):
+        raise InvalidSpecError(f"a terminal of {rows}x{cols}: rows and columns must be 1-10000")
+
+
+def check_signal(signum: int) -> int:
+    """``signum``, once known to be a signal a process can be sent.
+
+    Raises:
+        InvalidSpecError: it is not (0 and unknown numbers included).
+    """
+    valid = {int(s) for s in signal.valid_signals()}
+    if not isinstance(signum, int) or signum not in valid or signum == 0:
+        raise InvalidSpecError(f"{signum!r} is not a signal number; use e.g. 15 (SIGTERM)")
+    return signum
+
+
 def _check_terminal(window: tuple[int, int], term: str) -> None:
     """Raises InvalidSpecError: a window size out of range, or a TERM that is not a short
     printable word."""
-    rows, cols = window
-    if not (1 <= rows <= MAX_WINDOW and 1 <= cols <= MAX_WINDOW):
-        raise InvalidSpecError(f"a terminal of {rows}x{cols}: rows and columns must be 1-10000")
+    check_window(*window)
     if not term or len(term) > 64 or not term.isprintable() or " " in term:
         raise InvalidSpecError("TERM must be a short word such as xterm-256color")
 
@@ -192,6 +209,29 @@ def _check_argv(argv: object) -> tuple[str, ...]:
     if not checked[0]:
         raise InvalidSpecError("argv[0] is empty; give the command to run")
     return checked
+
+
+def _check_command(
+    argv: object, env: Mapping[str, str], cwd: str | None
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The argv and environment, once they and the working directory are known to be valid.
+
+    Raises:
+        InvalidSpecError: one of them is not (empty, too long, a relative directory).
+    """
+    checked = _check_argv(argv)
+    total = sum(len(_check_text(arg, f"argv[{i}]")) + 1 for i, arg in enumerate(checked))
+    checked_env = _check_env(env)
+    total += sum(len(k) + len(v) + 2 for k, v in checked_env.items())
+    if total > MAX_ARGV_ENV_BYTES:
+        raise InvalidSpecError(
+            f"argv and env together exceed {MAX_ARGV_ENV_BYTES} bytes; pass data in a file"
+        )
+    if cwd is not None:
+        text = _check_text(cwd, "working directory")
+        if not text.startswith("/"):
+            raise InvalidSpecError(f"working directory {text!r} is not absolute; start it with /")
+    return checked, checked_env
 
 
 def _check_tags(
@@ -252,20 +292,7 @@ class JobSpec:
     term: str = "xterm"
 
     def __post_init__(self) -> None:
-        argv = _check_argv(self.argv)
-        total = sum(len(_check_text(arg, f"argv[{i}]")) + 1 for i, arg in enumerate(argv))
-        env = _check_env(self.env)
-        total += sum(len(k) + len(v) + 2 for k, v in env.items())
-        if total > MAX_ARGV_ENV_BYTES:
-            raise InvalidSpecError(
-                f"argv and env together exceed {MAX_ARGV_ENV_BYTES} bytes; pass data in a file"
-            )
-        if self.cwd is not None:
-            cwd = _check_text(self.cwd, "working directory")
-            if not cwd.startswith("/"):
-                raise InvalidSpecError(
-                    f"working directory {cwd!r} is not absolute; start it with /"
-                )
+        argv, env = _check_command(self.argv, self.env, self.cwd)
         if self.image is not None and not _check_text(self.image, "image").isprintable():
             raise InvalidSpecError("image must be the name of one of the server's images")
         owner = _check_text(self.owner, "owner")
@@ -317,3 +344,29 @@ class JobSpec:
             window=tuple(data.get("window") or (24, 80)),
             term=data.get("term") or "xterm",
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ExecSpec:
+    """A process to run inside a running job (``docker exec``): ``argv`` (no shell), ``env``
+    added to the job's environment, ``cwd`` (None: the job's), and its stdin: a pipe the
+    caller writes (``stdin``), else /dev/null; ``tty`` gives it a terminal of the job's own
+    of ``window`` (rows, columns) with ``term``.
+
+    Raises:
+        InvalidSpecError: on construction, naming the bad field.
+    """
+
+    argv: Sequence[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    stdin: bool = False
+    tty: bool = False
+    window: tuple[int, int] = (24, 80)
+    term: str = "xterm"
+
+    def __post_init__(self) -> None:
+        argv, env = _check_command(self.argv, self.env, self.cwd)
+        _check_terminal(self.window, self.term)
+        object.__setattr__(self, "argv", argv)
+        object.__setattr__(self, "env", types.MappingProxyType(env))

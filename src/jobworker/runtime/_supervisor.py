@@ -49,8 +49,18 @@ from ._jobdir import (
 )
 from ._logformat import Stream
 from ._logwriter import LogWriter
-from ._preexec import ExecError, exec_command, job_env
-from ._protocol import DEFAULT_GRACE_S, Control, Outcome, Reply, Report, Verb
+from ._preexec import ExecError, exec_command, exec_in_job, job_env
+from ._protocol import (
+    DEFAULT_GRACE_S,
+    MAX_CONTROL_BYTES,
+    Control,
+    ExecExit,
+    ExecOrder,
+    Outcome,
+    Reply,
+    Report,
+    Verb,
+)
 from ._rootfs import WORKDIR
 
 __all__ = ["Phase", "run_supervisor"]
@@ -121,6 +131,9 @@ class _Supervisor:
         self.stdin_w = -1
         # A terminal job's master: its output is read from it, and input written to it.
         self.tty_master = -1
+        # Processes run inside the job (``jobctl exec``), by pid: the connection each one's
+        # exit status goes back on.
+        self.execs: dict[int, socket.socket] = {}
 
     def _enter(self, phase: Phase) -> None:
         if phase not in _NEXT[self.phase]:
@@ -181,20 +194,62 @@ class _Supervisor:
         return {out_r: Stream.STDOUT, err_r: Stream.STDERR}
 
     def _read_status(self, status: socket.socket) -> ExecError | None:
-        """What the child reported before exec (its terminal's master is kept); None when
+        """What the command reported before exec (its terminal's master is kept); None when
         exec succeeded."""
-        with status:
-            while True:
-                message, fds, _flags, _addr = socket.recv_fds(status, 65536, 1)
-                if message.startswith(b"T") and fds:
-                    self.tty_master = fds[0]
-                    continue
-                for fd in fds:
-                    os.close(fd)
-                if not message.startswith(b"E"):
-                    return None
-                reason, _, text = message[1:].partition(b"\n")
-                return ExecError(text.decode("utf-8", "replace"), reason.decode())
+        error, self.tty_master = _child_status(status)
+        return error
+
+    # ---------------------------------------------------------------- exec
+    def exec_process(self, order: ExecOrder) -> tuple[Reply, list[int]]:
+        """Fork a process running ``order`` inside the job (it is ours, so it is in the
+        job's PID namespace already, and ``kill(-1)`` ends it with the job). The reply
+        passes a pidfd of it, then its terminal's master or its three pipes; the caller
+        owns those (ours are closed once sent). Its pid is in ``reply.detail``."""
+        if self.phase is not Phase.RUNNING:
+            return Reply(Outcome.ENDED), []  # stopping: it would start only to be killed
+        try:
+            job_pidfd = os.pidfd_open(self.cmd_pid)
+        except OSError:
+            return Reply(Outcome.ENDED), []
+        home = WORKDIR if self.spec.sandbox is not None else "/"
+        env = job_env({**self.spec.env, **order.env}, self.spec.id, home)
+        if order.tty:
+            env.setdefault("TERM", order.term)
+        (out_r, out_w), (err_r, err_w) = _big_pipe(), _big_pipe()
+        in_r, in_w = _big_pipe() if order.stdin and not order.tty else (None, -1)
+        status, status_w = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
+        pid = os.fork()
+        if pid == 0:
+            exec_in_job(
+                self.spec,
+                order,
+                env=env,
+                stdio=(in_r, out_w, err_w),
+                status_w=status_w.fileno(),
+                job_pidfd=job_pidfd,
+            )
+        for fd in (out_w, err_w, job_pidfd, *(() if in_r is None else (in_r,))):
+            os.close(fd)
+        status_w.close()
+        error, master = _child_status(status)
+        ours = [out_r, err_r, *(() if in_w < 0 else (in_w,))]
+        if error is not None:
+            # The child exits 127 at once; reap() collects it (it is no exec of ours).
+            for fd in ours:
+                os.close(fd)
+            return Reply(Outcome.ERROR, f"{error.reason} {error}"), []
+        pidfd = os.pidfd_open(pid)
+        if master >= 0:
+            for fd in ours:
+                os.close(fd)  # a terminal is all three
+            return Reply(Outcome.OK, str(pid)), [pidfd, master]
+        return Reply(Outcome.OK, str(pid)), [pidfd, in_w, out_r, err_r] if in_w >= 0 else [
+            pidfd,
+            out_r,
+            err_r,
+        ]
 
     # ---------------------------------------------------------------- signals and stop
     def _kill_all(self, sig: int) -> None:
@@ -240,6 +295,11 @@ class _Supervisor:
                 return False
             if pid == 0:
                 return True
+            conn = self.execs.pop(pid, None)
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.sendall(ExecExit(os.waitstatus_to_exitcode(status)).encode())
+                conn.close()
             if pid == self.cmd_pid and self.phase in (Phase.RUNNING, Phase.STOPPING):
                 self.cmd_status = status
                 self.ended_in = self.phase
@@ -261,10 +321,12 @@ class _Supervisor:
             if fd < 0:
                 return Reply(Outcome.ERROR, "the job's stdin is closed"), []
             return Reply(Outcome.OK), [fd]
+        if request.verb is Verb.EXEC and request.order is not None:
+            return self.exec_process(request.order)
         if request.verb is Verb.CLOSE_STDIN:
             self.close_stdin()  # a terminal has no EOF to send: Ctrl+D is a keystroke
-            return Reply(Outcome.OK), []
-        self._kill_all(int(request.value))
+        else:
+            self._kill_all(int(request.value))
         return Reply(Outcome.OK), []
 
     def close_stdin(self) -> None:
@@ -336,9 +398,8 @@ class _Supervisor:
                 elif fd in conns:
                     self._serve_conn(fd, poller, conns)
             self._check_deadline()
-        for conn, _ in conns.values():
+        for conn in [*(c for c, _ in conns.values()), *self.execs.values(), listener]:
             conn.close()
-        listener.close()
 
     def _pump(self, fd: int, streams: dict[int, Stream], poller: select.poll) -> None:
         try:
@@ -386,24 +447,58 @@ class _Supervisor:
     ) -> None:
         conn, buf = conns[fd]
         try:
-            data = conn.recv(4096)
+            data = conn.recv(65536)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         buf += data
-        if b"\n" in buf or not data or len(buf) > 4096:
+        if b"\n" in buf or not data or len(buf) > MAX_CONTROL_BYTES:
+            poller.unregister(fd)
+            del conns[fd]
             if b"\n" in buf:
                 fds: list[int] = []
                 try:
-                    reply, fds = self.handle(Control.decode(bytes(buf.split(b"\n", 1)[0])))
+                    request = Control.decode(bytes(buf.split(b"\n", 1)[0]))
+                    reply, fds = self.handle(request)
                 except (ValueError, OSError) as e:
-                    reply = Reply(Outcome.ERROR, str(e))
-                with contextlib.suppress(OSError):
+                    request, reply = None, Reply(Outcome.ERROR, str(e))
+                is_exec = request is not None and request.verb is Verb.EXEC
+                try:
+                    conn.setblocking(True)
                     socket.send_fds(conn, [reply.encode()], fds)
-            poller.unregister(fd)
-            del conns[fd]
+                except OSError:
+                    pass  # the server went away; an exec'd process runs on, unheard
+                finally:
+                    if is_exec:
+                        for passed in fds:
+                            os.close(passed)  # the server has them now
+                if is_exec and reply.outcome is Outcome.OK:
+                    # Kept open: the process's exit status goes back on it.
+                    self.execs[int(reply.detail)] = conn
+                    return
             conn.close()
+
+
+def _child_status(status: socket.socket) -> tuple[ExecError | None, int]:
+    """What a child reported on ``status`` before exec: an error (None when exec
+    succeeded), and the master of the terminal it opened (-1: none)."""
+    master = -1
+    with status:
+        while True:
+            message, fds, _flags, _addr = socket.recv_fds(status, 65536, 1)
+            if message.startswith(b"T") and fds:
+                master = fds[0]
+                continue
+            for fd in fds:
+                os.close(fd)
+            if not message.startswith(b"E"):
+                return None, master
+            if master >= 0:
+                os.close(master)
+                master = -1
+            reason, _, text = message[1:].partition(b"\n")
+            return ExecError(text.decode("utf-8", "replace"), reason.decode()), master
 
 
 def _big_pipe() -> tuple[int, int]:

@@ -1231,12 +1231,15 @@ class AttachRequest(_message.Message):
     STDIN_FIELD_NUMBER: _builtins.int
     CLOSE_STDIN_FIELD_NUMBER: _builtins.int
     RESIZE_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
     stdin: _builtins.bytes
     """Bytes for the job's stdin."""
     close_stdin: _builtins.bool
     """Close the job's stdin (EOF), for every attached client (a terminal ignores it:
     Ctrl+D is a keystroke there).
     """
+    signal: _builtins.int
+    """Send this signal to every process of the job (as SignalJob)."""
     @_builtins.property
     def start(self) -> Global___AttachStart:
         """First, and only first: which job, and how."""
@@ -1252,12 +1255,13 @@ class AttachRequest(_message.Message):
         stdin: _builtins.bytes = ...,
         close_stdin: _builtins.bool = ...,
         resize: Global___WindowSize | None = ...,
+        signal: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "request", b"request", "resize", b"resize", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "request", b"request", "resize", b"resize", "signal", b"signal", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "request", b"request", "resize", b"resize", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "request", b"request", "resize", b"resize", "signal", b"signal", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["start", "stdin", "close_stdin", "resize"]  # noqa: Y015
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["start", "stdin", "close_stdin", "resize", "signal"]  # noqa: Y015
     _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
 
@@ -1298,3 +1302,192 @@ class AttachResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
 
 Global___AttachResponse: _TypeAlias = AttachResponse  # noqa: Y015
+
+@_typing.final
+class ExecStart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    ARGV_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    WORKDIR_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
+    TTY_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The job's id."""
+    workdir: _builtins.str
+    """The working directory (absolute); empty: the job's."""
+    stdin: _builtins.bool
+    """This client sends input: the process's stdin is a pipe it writes, else /dev/null."""
+    tty: _builtins.bool
+    """A terminal (of the job's own devpts) for the process's stdin, stdout and stderr."""
+    term: _builtins.str
+    """With tty: TERM (unset: xterm)."""
+    @_builtins.property
+    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The command, executed directly (no shell); argv[0] is looked up in the job's PATH."""
+
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Added to the job's environment."""
+
+    @_builtins.property
+    def window(self) -> Global___WindowSize:
+        """With tty: the terminal's size (unset: 24x80)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        argv: _abc.Iterable[_builtins.str] | None = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        workdir: _builtins.str = ...,
+        stdin: _builtins.bool = ...,
+        tty: _builtins.bool = ...,
+        window: Global___WindowSize | None = ...,
+        term: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "env", b"env", "id", b"id", "stdin", b"stdin", "term", b"term", "tty", b"tty", "window", b"window", "workdir", b"workdir"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecStart: _TypeAlias = ExecStart  # noqa: Y015
+
+@_typing.final
+class ExecRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
+    CLOSE_STDIN_FIELD_NUMBER: _builtins.int
+    RESIZE_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    stdin: _builtins.bytes
+    """Bytes for the process's stdin."""
+    close_stdin: _builtins.bool
+    """Close the process's stdin (EOF; a terminal ignores it: Ctrl+D is a keystroke)."""
+    signal: _builtins.int
+    """Send this signal to the process (only it)."""
+    @_builtins.property
+    def start(self) -> Global___ExecStart:
+        """First, and only first: which job, and what to run."""
+
+    @_builtins.property
+    def resize(self) -> Global___WindowSize:
+        """The client's terminal changed size (tty)."""
+
+    def __init__(
+        self,
+        *,
+        start: Global___ExecStart | None = ...,
+        stdin: _builtins.bytes = ...,
+        close_stdin: _builtins.bool = ...,
+        resize: Global___WindowSize | None = ...,
+        signal: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "request", b"request", "resize", b"resize", "signal", b"signal", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "request", b"request", "resize", b"resize", "signal", b"signal", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["start", "stdin", "close_stdin", "resize", "signal"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___ExecRequest: _TypeAlias = ExecRequest  # noqa: Y015
+
+@_typing.final
+class ExecEnd(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    exit_code: _builtins.int
+    """Its exit code, when it exited."""
+    signal: _builtins.int
+    """The signal that ended it, when one did."""
+    error: _builtins.str
+    """Why it could not start, for the user; empty when it ran."""
+    reason: _builtins.str
+    """When it could not start: "not_found", "not_executable" or "start_error" (as a job's)."""
+    def __init__(
+        self,
+        *,
+        exit_code: _builtins.int | None = ...,
+        signal: _builtins.int | None = ...,
+        error: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "exit_code", b"exit_code", "signal", b"signal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "error", b"error", "exit_code", b"exit_code", "reason", b"reason", "signal", b"signal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
+    _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
+    _WhichOneofReturnType__signal: _TypeAlias = _typing.Literal["signal"]  # noqa: Y015
+    _WhichOneofArgType__signal: _TypeAlias = _typing.Literal["_signal", b"_signal"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__exit_code) -> _WhichOneofReturnType__exit_code | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__signal) -> _WhichOneofReturnType__signal | None: ...
+
+Global___ExecEnd: _TypeAlias = ExecEnd  # noqa: Y015
+
+@_typing.final
+class ExecResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    started: _builtins.bool
+    """The first response, once it runs: a client may send input from then on."""
+    @_builtins.property
+    def output(self) -> Global___OutputResponse:
+        """Its output (offset unused: it is not logged)."""
+
+    @_builtins.property
+    def ended(self) -> Global___ExecEnd:
+        """How it ended: the last response."""
+
+    def __init__(
+        self,
+        *,
+        output: Global___OutputResponse | None = ...,
+        ended: Global___ExecEnd | None = ...,
+        started: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "output", b"output", "response", b"response", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "output", b"output", "response", b"response", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["output", "ended", "started"]  # noqa: Y015
+    _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
+
+Global___ExecResponse: _TypeAlias = ExecResponse  # noqa: Y015

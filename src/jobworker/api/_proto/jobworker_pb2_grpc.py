@@ -104,6 +104,11 @@ class JobServiceStub:
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.AttachRequest.SerializeToString,
                 response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.AttachResponse.FromString,
                 _registered_method=True)
+        self.Exec = channel.stream_stream(
+                '/jobworker.v1.JobService/Exec',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.ExecRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ExecResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -210,8 +215,22 @@ class JobServiceServicer:
         """Join a running job: its output as it comes (from the start, or only what is new) and,
         for a job started with stdin "pipe", input to it. The first request names the job
         (AttachStart); later ones carry stdin bytes, in the order they arrive from every
-        attached client, or close the job's stdin. The first response says the attach is
-        accepted; the last is the job's final status.
+        attached client, close the job's stdin, resize its terminal, or signal the job. The
+        first response says the attach is accepted; the last is the job's final status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Exec(self, request_iterator, context):
+        """Run another process inside a running job, as `docker exec` does: in the job's
+        namespaces, root and cgroups (so under its limits), as its user, under its seccomp
+        filter. Shaped like Attach: the first request names the job and the command
+        (ExecStart); later ones carry the process's stdin, its EOF, resizes of its terminal
+        and signals for it. Its output streams to this caller only and is not logged; the
+        first response says it started, the last how it ended. It ends when the job does;
+        when the caller goes away, the process sees EOF on stdin, EPIPE on output and, with a
+        terminal, SIGHUP, as under ssh. An ended job is FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -289,6 +308,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.Attach,
                     request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.AttachRequest.FromString,
                     response_serializer=jobworker_dot_v1_dot_jobworker__pb2.AttachResponse.SerializeToString,
+            ),
+            'Exec': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ExecRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.ExecResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -669,6 +693,33 @@ class JobService:
             '/jobworker.v1.JobService/Attach',
             jobworker_dot_v1_dot_jobworker__pb2.AttachRequest.SerializeToString,
             jobworker_dot_v1_dot_jobworker__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exec(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/jobworker.v1.JobService/Exec',
+            jobworker_dot_v1_dot_jobworker__pb2.ExecRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.ExecResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,8 +87,18 @@ class JobServiceStub:
     """Join a running job: its output as it comes (from the start, or only what is new) and,
     for a job started with stdin "pipe", input to it. The first request names the job
     (AttachStart); later ones carry stdin bytes, in the order they arrive from every
-    attached client, or close the job's stdin. The first response says the attach is
-    accepted; the last is the job's final status.
+    attached client, close the job's stdin, resize its terminal, or signal the job. The
+    first response says the attach is accepted; the last is the job's final status.
+    """
+    Exec: _grpc.StreamStreamMultiCallable[_jobworker_pb2.ExecRequest, _jobworker_pb2.ExecResponse]
+    """Run another process inside a running job, as `docker exec` does: in the job's
+    namespaces, root and cgroups (so under its limits), as its user, under its seccomp
+    filter. Shaped like Attach: the first request names the job and the command
+    (ExecStart); later ones carry the process's stdin, its EOF, resizes of its terminal
+    and signals for it. Its output streams to this caller only and is not logged; the
+    first response says it started, the last how it ended. It ends when the job does;
+    when the caller goes away, the process sees EOF on stdin, EPIPE on output and, with a
+    terminal, SIGHUP, as under ssh. An ended job is FAILED_PRECONDITION.
     """
 
 @_typing.type_check_only
@@ -136,8 +146,18 @@ class JobServiceAsyncStub(JobServiceStub):
     """Join a running job: its output as it comes (from the start, or only what is new) and,
     for a job started with stdin "pipe", input to it. The first request names the job
     (AttachStart); later ones carry stdin bytes, in the order they arrive from every
-    attached client, or close the job's stdin. The first response says the attach is
-    accepted; the last is the job's final status.
+    attached client, close the job's stdin, resize its terminal, or signal the job. The
+    first response says the attach is accepted; the last is the job's final status.
+    """
+    Exec: _aio.StreamStreamMultiCallable[_jobworker_pb2.ExecRequest, _jobworker_pb2.ExecResponse]  # type: ignore[assignment]
+    """Run another process inside a running job, as `docker exec` does: in the job's
+    namespaces, root and cgroups (so under its limits), as its user, under its seccomp
+    filter. Shaped like Attach: the first request names the job and the command
+    (ExecStart); later ones carry the process's stdin, its EOF, resizes of its terminal
+    and signals for it. Its output streams to this caller only and is not logged; the
+    first response says it started, the last how it ended. It ends when the job does;
+    when the caller goes away, the process sees EOF on stdin, EPIPE on output and, with a
+    terminal, SIGHUP, as under ssh. An ended job is FAILED_PRECONDITION.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -266,8 +286,24 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """Join a running job: its output as it comes (from the start, or only what is new) and,
         for a job started with stdin "pipe", input to it. The first request names the job
         (AttachStart); later ones carry stdin bytes, in the order they arrive from every
-        attached client, or close the job's stdin. The first response says the attach is
-        accepted; the last is the job's final status.
+        attached client, close the job's stdin, resize its terminal, or signal the job. The
+        first response says the attach is accepted; the last is the job's final status.
+        """
+
+    @_abc_1.abstractmethod
+    def Exec(
+        self,
+        request_iterator: _MaybeAsyncIterator[_jobworker_pb2.ExecRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_jobworker_pb2.ExecResponse], _abc.AsyncIterator[_jobworker_pb2.ExecResponse]]:
+        """Run another process inside a running job, as `docker exec` does: in the job's
+        namespaces, root and cgroups (so under its limits), as its user, under its seccomp
+        filter. Shaped like Attach: the first request names the job and the command
+        (ExecStart); later ones carry the process's stdin, its EOF, resizes of its terminal
+        and signals for it. Its output streams to this caller only and is not logged; the
+        first response says it started, the last how it ended. It ends when the job does;
+        when the caller goes away, the process sees EOF on stdin, EPIPE on output and, with a
+        terminal, SIGHUP, as under ssh. An ended job is FAILED_PRECONDITION.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
