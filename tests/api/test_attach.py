@@ -165,3 +165,21 @@ async def test_a_job_that_never_reads_holds_back_the_sender_not_the_server(api: 
         await asyncio.wait_for(pushing, 60)
         await call.done_writing()
         assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
+
+
+async def test_an_attach_can_signal_the_job_without_sending_input(api: Running) -> None:
+    async with api.client("alice") as alice:
+        script = 'trap "echo got USR1; exit 3" USR1; echo ready; while :; do sleep 0.1; done'
+        job = await _start(alice, ["sh", "-c", script], stdin=pb.STDIN_MODE_NONE)
+        call = alice.Attach(timeout=60)
+        await call.write(_start_request(job.id, stdin=False))
+        assert (await asyncio.wait_for(call.read(), 30)).attached
+        seen = b""
+        while b"ready" not in seen:  # the trap is set
+            response = await asyncio.wait_for(call.read(), 30)
+            seen += b"".join(c.data for c in response.output.chunks)
+        await call.write(pb.AttachRequest(signal=10))
+        await call.done_writing()
+        out, final = await _collect(call, accepted=True)
+        assert b"got USR1\n" in out, out  # (its sleep, signalled too, may be reported)
+        assert (final.state, final.exit_code) == (pb.JOB_STATE_EXITED, 3)

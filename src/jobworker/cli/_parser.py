@@ -19,7 +19,7 @@ exit status:
   0    success
   1    an error (the line on stderr says what to fix)
   2    bad usage (a wrong flag or value)
-  run and wait exit like docker run:
+  run, wait and exec exit like docker run (exec: with its command's status):
   125  jobctl itself failed (connection, TLS, a refused request)
   126  the command could not be executed (permission, working directory, sandbox)
   127  the command was not found
