@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from jobworker.runtime import (
+    ExecSpec,
     InvalidSpecError,
     IOLimit,
     JobSpec,
@@ -101,6 +102,27 @@ async def test_pids_limit_contains_a_fork_bomb(runtime: Runtime) -> None:
                 os.close(fd)
     assert final.state is State.STOPPED
     assert final.pids_limited  # reported, as an OOM kill is (pids.events "max")
+
+
+async def test_an_exec_counts_against_the_jobs_pids_limit(runtime: Runtime) -> None:
+    """A process exec'd into a job is in the job's cgroups (v1 and v2): it and its forks
+    count, so of five sleeps it forks, only two fit beside the job's own task and it."""
+    async with asyncio.timeout(60):
+        job = await runtime.run(JobSpec(argv=["sleep", "1000"], limits=Limits(pids=4)))
+        script = "for i in 1 2 3 4 5; do sleep 1000 & echo forked; done"
+        process = await runtime.exec(job.id, ExecSpec(argv=["sh", "-c", script]))
+        try:
+            out = b""
+            while (piece := await process.read()) is not None:
+                out += piece[1]
+            status = await process.wait()
+        finally:
+            process.close()
+        assert out.count(b"forked") == 2, out
+        assert b"Cannot fork" in out
+        assert status == 2  # dash gives up at the fork that fails
+        final = await runtime.stop(job.id, grace=1)
+    assert final.pids_limited
 
 
 IO_WRITER = """
