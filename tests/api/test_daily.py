@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import grpc
 
 from jobworker import __version__
+from jobworker.api._config import ServerIdentity
 from jobworker.api._proto import jobworker_pb2 as pb
 from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
 
-from .conftest import Running, code_of
+from .conftest import Pki, Running, code_of, serving
 
 SLEEP = ["sleep", "600"]
 
@@ -91,13 +93,33 @@ async def test_labels_select_jobs(api: Running) -> None:
         assert await code_of(call) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_server_info_names_the_version_and_the_caller(api: Running) -> None:
-    async with api.client("alice") as alice, api.client("admin") as admin:
+async def test_server_info_names_the_server_the_version_and_the_caller(
+    tmp_path: Path, pki: Pki
+) -> None:
+    identity = ServerIdentity(name="web-1", labels={"role": "web", "zone": "a"})
+    async with (
+        serving(tmp_path, pki, identity=identity) as api,
+        api.client("alice") as alice,
+        api.client("bob") as bob,
+        api.client("admin") as admin,
+    ):
+        for stub in (alice, bob):
+            spec = pb.JobSpec(argv=["sleep", "600"])
+            await stub.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
+        await alice.CreateJob(pb.CreateJobRequest(spec=pb.JobSpec(argv=["true"])), timeout=10)
         mine = await alice.GetServerInfo(pb.ServerInfoRequest(), timeout=10)
         theirs = await admin.GetServerInfo(pb.ServerInfoRequest(), timeout=10)
     assert (mine.version, mine.caller, mine.role) == (__version__, "alice", "user")
     assert (theirs.caller, theirs.role) == ("admin", "admin")
     assert not mine.HasField("max_timeout_seconds")
+    assert (mine.name, dict(mine.labels)) == ("web-1", {"role": "web", "zone": "a"})
+    assert mine.cgroups in ("v1", "v2", "hybrid")
+    assert {"cgroups", "namespaces", "sandbox"} <= set(mine.features)
+    assert mine.cpus >= 1
+    assert mine.memory_bytes > 1 << 30
+    # A user counts their own jobs; an admin, everyone's.
+    assert (mine.running_jobs, mine.jobs) == (1, 2)
+    assert (theirs.running_jobs, theirs.jobs) == (2, 3)
 
 
 async def test_tail_returns_the_last_lines_of_many_records(api: Running) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,20 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     assert config.metrics_listen == "127.0.0.1:3"
 
 
+def test_the_servers_name_and_labels_from_the_file_and_from_flags(tmp_path: Path) -> None:
+    config = _load(tmp_path, TLS + '[server]\nname = "web-1"\nlabels = { role = "web" }\n')
+    assert (config.identity.name, dict(config.identity.labels)) == ("web-1", {"role": "web"})
+    config = _load(tmp_path, TLS, name="db-2", label=["role=db", "zone=b"])
+    assert (config.identity.name, dict(config.identity.labels)) == (
+        "db-2",
+        {"role": "db", "zone": "b"},
+    )
+    assert _load(tmp_path, TLS).identity.name == socket.gethostname()
+    with pytest.raises(ConfigError) as refused:
+        _load(tmp_path, TLS, label=["role"])
+    assert refused.value.problems == ["--label: 'role' is not KEY=VALUE, e.g. role=web"]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -214,6 +229,13 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ("[server]\nmax_message_size = -1\n", "server.max_message_size: expected a size of at"),
         ("[server]\nmax_message_size = true\n", "server.max_message_size: expected a size such"),
         ('[server]\nshutdown_grace = "soon"\n', "server.shutdown_grace: duration 'soon' is not"),
+        ('[server]\nname = "web 1"\n', "server.name: server name 'web 1' is not valid: use 1-63"),
+        (
+            '[server]\nlabels = { role = "we b" }\n',
+            "server.labels: label 'role' has a bad value 'we b'",
+        ),
+        ('[server]\nlabels = { "-x" = "a" }\n', "server.labels: label key '-x' is not valid"),
+        ('[server]\nlabels = "role=web"\n', "server.labels: expected a table such as { role"),
         ("[server]\nshutdown_grace = [1]\n", "server.shutdown_grace: expected a duration such"),
         ("[limits.default]\ncpus = 0\n", "limits.default.cpus: expected a positive number"),
         ("[limits.default]\ncpu_weight = 0\n", "limits.default.cpu_weight: expected a whole"),

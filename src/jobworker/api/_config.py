@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 import pwd
+import socket
 import tomllib
 import types
 from collections.abc import Callable, Mapping
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from .._labels import LabelError, check_labels, check_name
 from .._units import UsageError, parse_duration, parse_size
 from ..runtime import Bind, InvalidSpecError, IOLimit, Limits, RunAs, RuntimeConfig
 from ._auth import CertPool
@@ -32,6 +34,7 @@ __all__ = [
     "ConfigError",
     "FileConfig",
     "ServerConfig",
+    "ServerIdentity",
     "ServiceLimits",
     "check_files",
     "default_config_text",
@@ -62,9 +65,19 @@ class ServiceLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerIdentity:
+    """How the server describes itself to clients (GetServerInfo): its name and labels,
+    which fleets select servers by."""
+
+    name: str = field(default_factory=socket.gethostname)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     tls: TlsFiles
     runtime: RuntimeConfig
+    identity: ServerIdentity = field(default_factory=ServerIdentity)
     listen: tuple[str, ...] = ("127.0.0.1:50051",)
     pool: CertPool = field(default_factory=CertPool)
     limits: ServiceLimits = field(default_factory=ServiceLimits)
@@ -131,6 +144,30 @@ def _addresses(value: Any, base: Path) -> tuple[str, ...]:
             f'expected a non-empty list such as ["127.0.0.1:50051"], got {value!r}'
         )
     return tuple(_address(v, base) for v in value)
+
+
+def _server_name(value: Any, base: Path) -> str:
+    text = _string(value, base)
+    try:
+        return check_name(text)
+    except LabelError as e:
+        raise _BadValueError(str(e).replace("name ", "server name ", 1)) from None
+
+
+def _server_labels(value: Any, _: Path) -> dict[str, str]:
+    """A table of labels ({ role = "web" }), or from flags a list of KEY=VALUE texts."""
+    if isinstance(value, list):
+        pairs = [str(v).partition("=") for v in value]
+        bad = [k for k, sep, _v in pairs if not sep or not k]
+        if bad:
+            raise _BadValueError(f"{bad[0]!r} is not KEY=VALUE, e.g. role=web")
+        value = {k: v for k, _sep, v in pairs}
+    if not isinstance(value, dict):
+        raise _BadValueError(f'expected a table such as {{ role = "web" }}, got {value!r}')
+    try:
+        return check_labels(value)
+    except LabelError as e:
+        raise _BadValueError(str(e)) from None
 
 
 def _choice(*choices: str) -> Parse:
@@ -348,6 +385,18 @@ _FOR_MAX = ": the most a job may ask"
 
 @dataclass(frozen=True, slots=True)
 class ServerSection:
+    name: str | None = _setting(
+        _server_name,
+        "",
+        "how the server names itself to clients and fleets (unset: the host name)",
+        '"web-1"',
+    )
+    labels: dict[str, str] | None = _setting(
+        _server_labels,
+        "",
+        "labels fleets select servers by (jobctl --fleet NAME -l role=web), Kubernetes syntax",
+        '{ role = "web", zone = "a" }',
+    )
     listen: tuple[str, ...] = _setting(
         _addresses, '["127.0.0.1:50051"]', "gRPC addresses, HOST:PORT"
     )
@@ -611,6 +660,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
 
 # Command-line flag -> the key it overrides.
 FLAG_KEYS = {
+    "name": "server.name",
+    "label": "server.labels",
     "listen": "server.listen",
     "state_dir": "server.state_dir",
     "log_format": "server.log_format",
@@ -808,6 +859,9 @@ def _build(file: FileConfig, problems: list[str]) -> ServerConfig | None:
     return ServerConfig(
         tls=TlsFiles(tls.ca, tls.cert, tls.key),
         runtime=runtime,
+        identity=ServerIdentity(
+            name=file.server.name or socket.gethostname(), labels=file.server.labels or {}
+        ),
         listen=file.server.listen,
         pool=CertPool(tls.client_allowlist, tls.client_revoked),
         limits=ServiceLimits(
@@ -898,8 +952,8 @@ def default_config_text() -> str:
         "# Unknown keys are errors. Check a file with: jobworkerd --check-config --config FILE",
         "# Sizes: 512M, 10G or bytes. Durations: 500ms, 5s, 12h, 7d or seconds.",
         "# Relative paths are taken from this file's directory.",
-        "# Command-line flags (--listen, --state-dir, --ca, --cert, --key, --log-format,",
-        "# --metrics-listen) override what is set here.",
+        "# Command-line flags (--name, --label, --listen, --state-dir, --ca, --cert, --key,",
+        "# --log-format, --metrics-listen) override what is set here.",
     ]
     for section, keys in SCHEMA.items():
         lines += ["", f"[{section}]"]

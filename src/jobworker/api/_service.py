@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
@@ -32,12 +33,13 @@ from ..runtime import (
     JobStatus,
     NoStdinError,
     Runtime,
+    State,
     Window,
     check_signal,
     check_window,
 )
 from ._auth import Authenticator, authorize_job, list_filter
-from ._config import ServiceLimits
+from ._config import ServerIdentity, ServiceLimits
 from ._convert import STREAMS, exec_spec_from_pb, job_to_pb, spec_from_pb
 from ._errors import ApiError, to_status
 from ._logs import AUDIT
@@ -343,9 +345,11 @@ class JobService:
         auth: Authenticator,
         limits: ServiceLimits,
         metrics: ServiceMetrics | None = None,
+        identity: ServerIdentity | None = None,
     ) -> None:
         self.runtime = runtime
         self.auth = auth
+        self.identity = identity or ServerIdentity()
         self._limits = limits
         self.metrics: ServiceMetrics = metrics or NoMetrics()
         self._streams: Counter[str] = Counter()
@@ -483,13 +487,23 @@ class JobService:
 
     @caller_rpc
     async def GetServerInfo(self, _request: pb.ServerInfoRequest, who: Identity) -> pb.ServerInfo:
-        default, maximum = self.runtime.timeouts
+        runtime = self.runtime
+        default, maximum = runtime.timeouts
+        jobs = await runtime.jobs(list_filter(who, ""))
         return pb.ServerInfo(
             version=__version__,
             caller=who.name,
             role=who.role.value,
             default_timeout_seconds=default,
             max_timeout_seconds=maximum,
+            name=self.identity.name,
+            labels=dict(self.identity.labels),
+            cgroups=runtime.cgroup_kind or "",
+            features=list(runtime.features),
+            cpus=len(os.sched_getaffinity(0)),
+            memory_bytes=os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
+            running_jobs=sum(1 for j in jobs if j.state is State.RUNNING),
+            jobs=len(jobs),
         )
 
     @caller_stream

@@ -151,7 +151,7 @@ class Server:
         finally:
             gc.freeze()
             gc.enable()
-        service = JobService(runtime, auth, config.limits, metrics)
+        service = JobService(runtime, auth, config.limits, metrics, config.identity)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -226,6 +226,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--listen", action="append", metavar="HOST:PORT", help="gRPC address (repeatable)"
+    )
+    parser.add_argument("--name", help="the server's name for clients (default: the host name)")
+    parser.add_argument(
+        "--label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a label fleets select this server by (repeatable), e.g. role=web",
     )
     parser.add_argument("--state-dir", metavar="DIR", help="jobs' records and output")
     parser.add_argument("--ca", metavar="FILE", help="CA certificate that signs clients")

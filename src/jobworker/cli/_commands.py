@@ -31,6 +31,7 @@ from ._render import (
     JOBCTL_FAILED,
     event_text,
     exit_status_of,
+    info_json,
     job_json,
     json_text,
     outcome,
@@ -524,30 +525,27 @@ async def _events(s: Session, args: argparse.Namespace, io: Io) -> int:
 
 
 async def _info(s: Session, args: argparse.Namespace, io: Io) -> int:
-    from .. import __version__  # noqa: PLC0415 - the one command that needs it
-
     info = await s.call("GetServerInfo", pb.ServerInfo, pb.ServerInfoRequest())
-    default = info.default_timeout_seconds if info.HasField("default_timeout_seconds") else None
-    maximum = info.max_timeout_seconds if info.HasField("max_timeout_seconds") else None
-    data = {
-        "client_version": __version__,
-        "server_version": info.version,
-        "server": s.target.server,
-        "caller": info.caller,
-        "role": info.role,
-        "default_timeout_seconds": default,
-        "max_timeout_seconds": maximum,
-    }
+    data = info_json(info, s.target.server)
     if args.json:
         await io.out(json_text(data).encode())
         return 0
     width = max(map(len, data))
     text = "".join(
-        f"{key.replace('_', ' '):<{width}}  {escape(str(value)) if value is not None else '-'}\n"
-        for key, value in data.items()
+        f"{key.replace('_', ' '):<{width}}  {_shown(value)}\n" for key, value in data.items()
     )
     await io.out(text.encode())
     return 0
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return escape(",".join(f"{k}={v}" for k, v in sorted(value.items()))) or "-"
+    if isinstance(value, list):
+        return escape(",".join(map(str, value))) or "-"
+    return escape(str(value))
 
 
 # Commands that exit like `docker run`: 125 when jobctl itself failed.

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 __all__ = [
     "event_text",
     "exit_status_of",
+    "info_json",
     "job_json",
     "json_text",
     "outcome",
@@ -122,6 +123,33 @@ def exit_status_of(job: Any) -> int:
     if job.reason == "lost":
         return JOBCTL_FAILED
     return CANNOT_EXECUTE
+
+
+def info_json(info: Any, server: str) -> dict[str, Any]:
+    """A ServerInfo as `jobctl info` shows it (``server``: the address it was reached at)."""
+    from .. import __version__  # noqa: PLC0415 - only info needs it
+
+    return {
+        "name": info.name,
+        "server": server,
+        "labels": dict(info.labels),
+        "server_version": info.version,
+        "client_version": __version__,
+        "caller": info.caller,
+        "role": info.role,
+        "cgroups": info.cgroups or None,
+        "features": list(info.features),
+        "cpus": info.cpus,
+        "memory_bytes": info.memory_bytes,
+        "running_jobs": info.running_jobs,
+        "jobs": info.jobs,
+        "default_timeout_seconds": info.default_timeout_seconds
+        if info.HasField("default_timeout_seconds")
+        else None,
+        "max_timeout_seconds": info.max_timeout_seconds
+        if info.HasField("max_timeout_seconds")
+        else None,
+    }
 
 
 def outcome(job: dict[str, Any]) -> str:

@@ -295,6 +295,20 @@ class Runtime:
     def sandboxed(self) -> bool:
         return self._config.sandbox and self._config.namespaces
 
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The isolation every job gets: "cgroups" (limits enforced), "namespaces",
+        "sandbox" (a uid, root and seccomp filter of its own)."""
+        return tuple(
+            name
+            for name, on in (
+                ("cgroups", self.cgroup_kind is not None),
+                ("namespaces", self._config.namespaces),
+                ("sandbox", self.sandboxed),
+            )
+            if on
+        )
+
     def _visible(self, spec: JobSpec, path: str) -> bool:
         """Whether ``path`` lies in a place a sandboxed job of ``spec.owner`` can see."""
         places = [WORKDIR, *PRIVATE_DIRS, *(b.path for b in self._config.binds_for(spec.owner))]

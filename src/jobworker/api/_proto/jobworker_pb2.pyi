@@ -1086,11 +1086,39 @@ class ServerInfo(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     VERSION_FIELD_NUMBER: _builtins.int
     CALLER_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     DEFAULT_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     MAX_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    CGROUPS_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    CPUS_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    RUNNING_JOBS_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """The jobworker release, e.g. "0.2.0"."""
     caller: _builtins.str
@@ -1101,6 +1129,27 @@ class ServerInfo(_message.Message):
     """The timeout a job gets when it asks for none, in seconds (unset: none)."""
     max_timeout_seconds: _builtins.float
     """The longest timeout a job may ask for, in seconds (unset: no maximum)."""
+    name: _builtins.str
+    """The server's name (`[server] name`, `--name`; by default its host name)."""
+    cgroups: _builtins.str
+    """The cgroup layout limits are enforced with: "v2", "hybrid" or "v1"; empty: none."""
+    cpus: _builtins.int
+    """CPUs this server may use."""
+    memory_bytes: _builtins.int
+    """The host's memory, in bytes."""
+    running_jobs: _builtins.int
+    """The caller's jobs (an admin's: everyone's) running now, and in all."""
+    jobs: _builtins.int
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The server's labels (`[server] labels`, `--label`), which fleets select servers by."""
+
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The isolation every job gets: "cgroups", "namespaces", "sandbox" (a uid, root and
+        seccomp filter of its own).
+        """
+
     def __init__(
         self,
         *,
@@ -1109,10 +1158,18 @@ class ServerInfo(_message.Message):
         role: _builtins.str = ...,
         default_timeout_seconds: _builtins.float | None = ...,
         max_timeout_seconds: _builtins.float | None = ...,
+        name: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        cgroups: _builtins.str = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+        cpus: _builtins.int = ...,
+        memory_bytes: _builtins.int = ...,
+        running_jobs: _builtins.int = ...,
+        jobs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_default_timeout_seconds", b"_default_timeout_seconds", "_max_timeout_seconds", b"_max_timeout_seconds", "default_timeout_seconds", b"default_timeout_seconds", "max_timeout_seconds", b"max_timeout_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_timeout_seconds", b"_default_timeout_seconds", "_max_timeout_seconds", b"_max_timeout_seconds", "caller", b"caller", "default_timeout_seconds", b"default_timeout_seconds", "max_timeout_seconds", b"max_timeout_seconds", "role", b"role", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_timeout_seconds", b"_default_timeout_seconds", "_max_timeout_seconds", b"_max_timeout_seconds", "caller", b"caller", "cgroups", b"cgroups", "cpus", b"cpus", "default_timeout_seconds", b"default_timeout_seconds", "features", b"features", "jobs", b"jobs", "labels", b"labels", "max_timeout_seconds", b"max_timeout_seconds", "memory_bytes", b"memory_bytes", "name", b"name", "role", b"role", "running_jobs", b"running_jobs", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__default_timeout_seconds: _TypeAlias = _typing.Literal["default_timeout_seconds"]  # noqa: Y015
     _WhichOneofArgType__default_timeout_seconds: _TypeAlias = _typing.Literal["_default_timeout_seconds", b"_default_timeout_seconds"]  # noqa: Y015

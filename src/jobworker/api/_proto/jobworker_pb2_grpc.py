@@ -205,7 +205,9 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetServerInfo(self, request, context):
-        """The server's version, and who the caller is to it.
+        """What the server is (name, labels, version, isolation, size), who the caller is to
+        it, and how many of the caller's jobs (an admin's: all) it holds. Open to every
+        authenticated caller.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -82,7 +82,10 @@ class JobServiceStub:
     a job created, changing state, or deleted. Open until the client goes away.
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.ServerInfoRequest, _jobworker_pb2.ServerInfo]
-    """The server's version, and who the caller is to it."""
+    """What the server is (name, labels, version, isolation, size), who the caller is to
+    it, and how many of the caller's jobs (an admin's: all) it holds. Open to every
+    authenticated caller.
+    """
     Attach: _grpc.StreamStreamMultiCallable[_jobworker_pb2.AttachRequest, _jobworker_pb2.AttachResponse]
     """Join a running job: its output as it comes (from the start, or only what is new) and,
     for a job started with stdin "pipe", input to it. The first request names the job
@@ -141,7 +144,10 @@ class JobServiceAsyncStub(JobServiceStub):
     a job created, changing state, or deleted. Open until the client goes away.
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.ServerInfoRequest, _jobworker_pb2.ServerInfo]  # type: ignore[assignment]
-    """The server's version, and who the caller is to it."""
+    """What the server is (name, labels, version, isolation, size), who the caller is to
+    it, and how many of the caller's jobs (an admin's: all) it holds. Open to every
+    authenticated caller.
+    """
     Attach: _aio.StreamStreamMultiCallable[_jobworker_pb2.AttachRequest, _jobworker_pb2.AttachResponse]  # type: ignore[assignment]
     """Join a running job: its output as it comes (from the start, or only what is new) and,
     for a job started with stdin "pipe", input to it. The first request names the job
@@ -275,7 +281,10 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobworker_pb2.ServerInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobworker_pb2.ServerInfo, _abc.Awaitable[_jobworker_pb2.ServerInfo]]:
-        """The server's version, and who the caller is to it."""
+        """What the server is (name, labels, version, isolation, size), who the caller is to
+        it, and how many of the caller's jobs (an admin's: all) it holds. Open to every
+        authenticated caller.
+        """
 
     @_abc_1.abstractmethod
     def Attach(
