@@ -1,7 +1,8 @@
-"""The API tests' certificate fixture, for the CLI tests' real server."""
+"""The API tests' fixtures the CLI tests share: certificates, and a subreaper for killed
+servers' orphans."""
 
 from __future__ import annotations
 
-from ..api.conftest import pki
+from ..api.conftest import pki, subreaper
 
-__all__ = ["pki"]
+__all__ = ["pki", "subreaper"]

@@ -48,6 +48,20 @@ def main(argv: list[str] | None = None) -> None:
             from ._environment import job_env  # noqa: PLC0415 - only these commands set one
 
             args.job_env = extra["env"] = job_env(args.env, args.env_file, os.environ)
+        if args.fleet:
+            from ._config import resolve_fleet  # noqa: PLC0415 - only a fleet needs it
+
+            fleet = resolve_fleet(
+                args.fleet,
+                ca=args.ca,
+                cert=args.cert,
+                key=args.key,
+                timeout=args.request_timeout,
+            )
+            from ._fleet import run_fleet  # noqa: PLC0415 - after parsing, by design
+
+            sys.exit(run_fleet(args, fleet))
+        _check_not_fleet_only(args)
         target = resolve_target(
             server=args.server,
             ca=args.ca,
@@ -72,6 +86,21 @@ def main(argv: list[str] | None = None) -> None:
     from ._commands import run_in_process  # noqa: PLC0415 - after parsing, by design (see above)
 
     sys.exit(run_in_process(args, target))
+
+
+def _check_not_fleet_only(args: object) -> None:
+    """Raises UsageError: a flag given that only means something with --fleet."""
+    for flag, given in (
+        ("-l/--selector before the command", getattr(args, "host_selector", "")),
+        ("--max-parallel", getattr(args, "max_parallel", None)),
+        ("--max-failures", getattr(args, "max_failures", None)),
+        ("--no-prefix", getattr(args, "no_prefix", False)),
+        ("run --json", getattr(args, "command", "") == "run" and getattr(args, "json", False)),
+    ):
+        if given:
+            raise UsageError(
+                f"{flag} works across a fleet only: add --fleet NAME (a fleet of the config file)"
+            )
 
 
 def _reads_stdin(args: object) -> bool:

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -40,7 +41,7 @@ from ._render import (
     table_text,
 )
 
-__all__ = ["run_command", "run_in_process"]
+__all__ = ["job_spec", "listed", "run_command", "run_in_process"]
 
 # How long a follower keeps trying to reach a restarting server before giving up.
 RECONNECT_FOR_S = 60.0
@@ -57,7 +58,7 @@ def _command(args: argparse.Namespace, example: str) -> list[str]:
     return cmd
 
 
-def _spec(args: argparse.Namespace) -> pb.JobSpec:
+def job_spec(args: argparse.Namespace) -> pb.JobSpec:
     """Raises UsageError: no command, or a malformed name or label."""
     cmd = _command(args, "jobctl run -- ls -l")
     labels = dict(item.split("=", 1) for item in args.label)
@@ -356,7 +357,7 @@ async def _run(s: Session, args: argparse.Namespace, io: Io) -> int:
         if remove:
             await s.call("RemoveJob", pb.Job, pb.JobRequest(id=resume.job))
         return status
-    job = await s.call("CreateJob", pb.Job, pb.CreateJobRequest(spec=_spec(args), start=True))
+    job = await s.call("CreateJob", pb.Job, pb.CreateJobRequest(spec=job_spec(args), start=True))
     if job.state == pb.JOB_STATE_FAILED:
         if args.command == "start" and not args.follow:
             await io.out((json_text(job_json(job)) if args.json else f"{job.id}\n").encode())
@@ -416,13 +417,23 @@ def _check_selector(text: str | None) -> str:
     return text
 
 
-async def _ls(s: Session, args: argparse.Namespace, io: Io) -> int:
+async def listed(s: Session, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The jobs `ls` shows, as JSON objects.
+
+    Raises:
+        UsageError: a malformed selector. CliError: the listing failed.
+    """
     selector = _check_selector(args.selector)
     jobs = [job_json(j) for j in await _listing(s, args.owner or "", selector)]
     if args.state:
-        jobs = [j for j in jobs if j["state"] == args.state]
-    elif not args.all:
-        jobs = [j for j in jobs if j["state"] in ("created", "running")]
+        return [j for j in jobs if j["state"] == args.state]
+    if not args.all:
+        return [j for j in jobs if j["state"] in ("created", "running")]
+    return jobs
+
+
+async def _ls(s: Session, args: argparse.Namespace, io: Io) -> int:
+    jobs = await listed(s, args)
     if args.quiet:
         await io.out("".join(f"{j['id']}\n" for j in jobs).encode())
     else:

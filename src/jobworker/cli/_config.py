@@ -9,25 +9,72 @@
     ca = "~/.config/jobworker/prod/ca.pem"
     cert = "~/.config/jobworker/prod/alice.pem"
     key = "~/.config/jobworker/prod/alice.key"
+
+and fleets, many servers addressed as one (`jobctl --fleet web ...`):
+
+    [fleets.web]
+    servers = ["web1.example:50051", "web2.example:50051"]
+    srv = "_jobworker._tcp.web.example.internal"   # and/or DNS SRV records
+    ca = "ca.pem"
+    cert = "alice.pem"
+    key = "alice.key"
+    max-parallel = 10
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .._units import UsageError, parse_duration
 
-__all__ = ["Target", "config_command", "config_path", "resolve_target"]
+__all__ = ["Fleet", "Target", "config_command", "config_path", "resolve_fleet", "resolve_target"]
 
 DEFAULT_SERVER = "127.0.0.1:50051"
-_TOP_KEYS = ("current-context", "contexts")
+_TOP_KEYS = ("current-context", "contexts", "fleets")
 _CONTEXT_KEYS = ("server", "ca", "cert", "key", "control-persist")
+_FLEET_KEYS = (
+    "servers",
+    "srv",
+    "resolver",
+    "ca",
+    "cert",
+    "key",
+    "max-parallel",
+    "timeout",
+    "connect-timeout",
+)
+# How long a fleet waits for each server to answer its first call (unreachable hosts must
+# not hold the others up for the whole request timeout).
+DEFAULT_CONNECT_TIMEOUT = 5.0
 
 
 # A NamedTuple, not the frozen dataclass values are elsewhere: importing dataclasses (which
 # imports inspect) costs 4 ms of every jobctl command, a tenth of one through the keeper.
+class Fleet(NamedTuple):
+    """Many servers addressed as one: listed, and/or found through DNS SRV records
+    (``srv``, asked of ``resolver`` "HOST:PORT", None: the system's), reached as one
+    identity. ``max_parallel`` and ``timeout`` are defaults for the rollout flags."""
+
+    name: str
+    servers: tuple[str, ...]
+    srv: str | None
+    resolver: str | None
+    ca: Path
+    cert: Path
+    key: Path
+    max_parallel: int | None = None
+    timeout: float | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    request_timeout: float = 30.0
+
+    def target(self, server: str) -> Target:
+        """One of its servers, as a single-server command connects to it."""
+        return Target(server, self.ca, self.cert, self.key, self.request_timeout)
+
+
 class Target(NamedTuple):
     """Where and as whom jobctl connects."""
 
@@ -85,6 +132,7 @@ def _validate(data: dict[str, Any], path: Path) -> None:
     contexts = data.get("contexts", {})
     if not isinstance(contexts, dict):
         raise UsageError(f"{path}: contexts must be tables, e.g. [contexts.prod]")
+    _validate_fleets(data.get("fleets", {}), path)
     for name, ctx in contexts.items():
         if not isinstance(ctx, dict):
             raise UsageError(f"{path}: contexts.{name} must be a table ([contexts.{name}])")
@@ -97,6 +145,103 @@ def _validate(data: dict[str, Any], path: Path) -> None:
                 raise UsageError(
                     f"{path}: contexts.{name}.{key} must be a string, got {type(value).__name__}"
                 )
+
+
+def _is_duration(value: object) -> bool:
+    return isinstance(value, str | int | float) and not isinstance(value, bool)
+
+
+# A fleet key -> what its value must be, and how to say it.
+_FLEET_VALUES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "servers": (
+        lambda v: isinstance(v, list) and all(isinstance(s, str) and s for s in v),
+        'a list such as ["web1:50051"]',
+    ),
+    "max-parallel": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+        "a whole number above 0",
+    ),
+    "timeout": (_is_duration, 'a duration such as "5m"'),
+    "connect-timeout": (_is_duration, 'a duration such as "5s"'),
+}
+
+
+def _validate_fleets(fleets: object, path: Path) -> None:
+    """Raises UsageError: a fleet's table has an unknown key, a value of the wrong type, or
+    no servers."""
+    if not isinstance(fleets, dict):
+        raise UsageError(f"{path}: fleets must be tables, e.g. [fleets.web]")
+    for name, fleet in fleets.items():
+        where = f"fleets.{name}"
+        if not isinstance(fleet, dict):
+            raise UsageError(f"{path}: {where} must be a table ([{where}])")
+        for key, value in fleet.items():
+            if key not in _FLEET_KEYS:
+                raise _unknown(key, _FLEET_KEYS, f"[{where}]", path)
+            ok, shape = _FLEET_VALUES.get(key, (lambda v: isinstance(v, str) and v, "a string"))
+            if not ok(value):
+                raise UsageError(f"{path}: {where}.{key} must be {shape}")
+        if not fleet.get("servers") and not fleet.get("srv"):
+            raise UsageError(
+                f"{path}: [{where}] lists no servers: give servers = [...] or srv = ..."
+            )
+
+
+def resolve_fleet(
+    name: str,
+    *,
+    ca: str | None,
+    cert: str | None,
+    key: str | None,
+    timeout: float = 30.0,
+) -> Fleet:
+    """The fleet ``name`` of the config file; its certificate files from its own keys, else
+    the flags and JOBWORKER_*. The resolver from JOBWORKER_DNS_RESOLVER, else its key.
+
+    Raises:
+        UsageError: no such fleet, a bad value, or no certificate configured anywhere.
+    """
+    path = config_path()
+    fleets = _load(path).get("fleets", {})
+    if name not in fleets:
+        known = ", ".join(sorted(fleets)) or "none"
+        raise UsageError(f"no fleet {name!r} in {path} (known: {known}); add [fleets.{name}]")
+    fleet = fleets[name]
+
+    def file(field: str, flag: str | None, env: str) -> Path:
+        value = fleet.get(field)
+        if value:
+            return path.absolute().parent / os.path.expanduser(str(value))
+        given = flag or os.environ.get(env)
+        if not given:
+            raise UsageError(
+                f"fleet {name!r} has no {field}: add {field} = ... to [fleets.{name}] in {path}, "
+                f"or pass --{field}"
+            )
+        return Path(os.path.expanduser(given)).absolute()
+
+    def duration(field: str) -> float | None:
+        value = fleet.get(field)
+        if value is None:
+            return None
+        try:
+            return parse_duration(str(value), f"fleets.{name}.{field}")
+        except UsageError as e:
+            raise UsageError(f"{path}: {e}") from None
+
+    return Fleet(
+        name=name,
+        servers=tuple(fleet.get("servers", ())),
+        srv=fleet.get("srv"),
+        resolver=os.environ.get("JOBWORKER_DNS_RESOLVER") or fleet.get("resolver"),
+        ca=file("ca", ca, "JOBWORKER_CA"),
+        cert=file("cert", cert, "JOBWORKER_CERT"),
+        key=file("key", key, "JOBWORKER_KEY"),
+        max_parallel=fleet.get("max-parallel"),
+        timeout=duration("timeout"),
+        connect_timeout=duration("connect-timeout") or DEFAULT_CONNECT_TIMEOUT,
+        request_timeout=timeout,
+    )
 
 
 def config_command(verb: str, name: str | None) -> str:

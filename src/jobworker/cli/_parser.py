@@ -34,7 +34,17 @@ STATES = ("created", "running", "exited", "stopped", "failed")
 # Flags every command takes, before or after it (as kubectl's): the name each sets.
 # As docker's (cli/_attach.py parses it; kept here so parsing imports nothing more).
 DEFAULT_DETACH_KEYS = "ctrl-p,ctrl-q"
-GLOBAL_FLAGS = ("server", "ca", "cert", "key", "context", "request_timeout")
+GLOBAL_FLAGS = (
+    "server",
+    "ca",
+    "cert",
+    "key",
+    "context",
+    "request_timeout",
+    "fleet",
+    "max_parallel",
+    "max_failures",
+)
 # The shells `jobctl completion` writes a script for (_completion.py).
 SHELLS = ("bash", "fish", "zsh")
 # How long completing a job name may wait for the server: a shell's Tab must not hang.
@@ -126,6 +136,27 @@ def _globals(p: argparse.ArgumentParser, *, top: bool) -> None:
     group.add_argument("--key", default=default, help="client key file (env JOBWORKER_KEY)")
     group.add_argument(
         "--context", default=default, help="context in ~/.config/jobworker/config.toml"
+    )
+    fleet = p.add_argument_group("many servers (before or after the command)")
+    fleet.add_argument(
+        "--fleet",
+        default=default,
+        metavar="NAME",
+        help="every server of [fleets.NAME] in the config file at once",
+    )
+    fleet.add_argument(
+        "--max-parallel",
+        type=_positive_int,
+        default=default,
+        metavar="N",
+        help="with --fleet: at most N servers at a time",
+    )
+    fleet.add_argument(
+        "--max-failures",
+        type=_positive_int,
+        default=default,
+        metavar="N",
+        help="with --fleet: after N servers failed, start no more (the rest: skipped)",
     )
     group.add_argument(
         "--request-timeout",
@@ -246,6 +277,16 @@ def parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per fl
     )
     p.add_argument("--version", action="version", version=f"jobctl {__version__}")
     _globals(p, top=True)
+    # Before the command only: after it, -l is the command's own (a job's labels).
+    p.add_argument(
+        "-l",
+        "--selector",
+        dest="host_selector",
+        default="",
+        metavar="SELECTOR",
+        help="with --fleet, before the command: only servers whose labels match, e.g. "
+        "role=web,zone!=b",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -259,6 +300,14 @@ def parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per fl
         default=DEFAULT_DETACH_KEYS,
         metavar="KEYS",
         help="under -it, the keys that detach (default ctrl-p,ctrl-q)",
+    )
+    run.add_argument(
+        "--no-prefix", action="store_true", help="with --fleet: no server name before each line"
+    )
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="with --fleet: one JSON object per server (its job, output and result)",
     )
     run.add_argument(
         "--rm",

@@ -219,9 +219,13 @@ def table_text(jobs: list[dict[str, Any]], io: Io) -> str:
     whole columns (OWNER, STATE, CREATED), and a listing must keep them.
     """
     now = dt.datetime.now(dt.UTC)
-    headers = ("ID", "NAME", "OWNER", "STATE", "RESULT", "CREATED", "COMMAND")
+    # Across a fleet each job names its server first (HOST/ID addresses it).
+    hosts = any("host" in job for job in jobs)
+    headers = ("HOST",) * hosts + ("ID", "NAME", "OWNER", "STATE", "RESULT", "CREATED", "COMMAND")
+    state_column = 3 + hosts
     rows = [
-        (
+        (escape(job.get("host", "")),) * hosts
+        + (
             job["id"][:12],
             escape(job.get("name") or "-"),
             escape(job["owner"]),
@@ -244,7 +248,7 @@ def table_text(jobs: list[dict[str, Any]], io: Io) -> str:
         parts = []
         for i, cell in enumerate(cells[:-1]):
             padded = cell.ljust(widths[i])
-            if styled and not header and i == 3 and cell in colors:
+            if styled and not header and i == state_column and cell in colors:
                 padded = f"\x1b[{colors[cell]}m{cell}\x1b[0m" + " " * (widths[i] - len(cell))
             parts.append(padded)
         parts.append(_fit(cells[-1], command_width))
