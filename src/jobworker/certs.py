@@ -5,11 +5,13 @@ overwritten by accident. Client certificates carry the role extension and a shor
 validity (30 days).
 
     jobworker-certs init DIR [--host NAME]...   # DIR/ca.pem, ca.key, server.pem, server.key
+    jobworker-certs server DIR NAME --host NAME...  # DIR/NAME.pem, NAME.key: one more server
     jobworker-certs client DIR NAME [--role admin|user] [--days N]   # DIR/NAME.pem, NAME.key
     jobworker-certs fingerprint CERT            # SHA-256, for allow and revocation lists
 
-The server certificate names localhost, 127.0.0.1 and ::1, plus each ``--host`` (a DNS name
-or an IP address).
+The server certificate names localhost, 127.0.0.1 and ::1, plus each ``--host`` (a DNS name,
+a wildcard such as ``*.jobworkerd.jobworker.svc.cluster.local``, or an IP address). A fleet
+has one CA and a certificate per server (``server``), each naming where clients reach it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from . import __version__
 from .identity import ROLE_OID, Role, encode_role, fingerprint
 
-__all__ = ["issue_client", "issue_server", "main", "make_ca", "make_dev_pki", "make_pki"]
+__all__ = [
+    "issue_client",
+    "issue_server",
+    "main",
+    "make_ca",
+    "make_dev_pki",
+    "make_pki",
+    "make_server",
+]
 
 CLIENT_DAYS = 30
 SERVER_DAYS = 365
@@ -253,10 +263,29 @@ def make_pki(directory: Path, hosts: Sequence[str] = (), *, ca_name: str = "jobw
     save(issue_server(ca, list(dict.fromkeys(dns)), list(dict.fromkeys(ips))), directory / "server")
 
 
-def _check_name(name: str) -> str:
+def make_server(directory: Path, name: str, hosts: Sequence[str]) -> Path:
+    """Write ``NAME.pem``/``NAME.key`` to ``directory``: a server certificate naming
+    ``hosts``, signed by its ``ca.key`` (one more server of a fleet); return its path.
+
+    Raises:
+        CertError: a bad name, no host, no CA in ``directory``, or the files exist already.
+    """
+    if not hosts:
+        raise CertError("name where clients reach this server: --host NAME (repeatable)")
+    for suffix in (".key", ".pem"):
+        if (directory / (name + suffix)).exists():
+            raise CertError(f"{directory / (name + suffix)} exists; choose another NAME")
+    dns = [h for h in hosts if not _is_ip(h)]
+    ips = [h for h in hosts if _is_ip(h)]
+    issued = issue_server(load(directory / "ca"), dns, ips)
+    _, cert = save(issued, directory / _check_name(name, "server"))
+    return cert
+
+
+def _check_name(name: str, what: str = "client") -> str:
     if not name or name.startswith(".") or any(not (c.isalnum() or c in "._-@") for c in name):
         raise CertError(
-            f"client name {name!r} is not usable as a user and file name; use letters, "
+            f"{what} name {name!r} is not usable as a name and file name; use letters, "
             "digits, '.', '_', '-' or '@', not starting with '.'"
         )
     return name
@@ -303,6 +332,19 @@ def _parser() -> argparse.ArgumentParser:
         help="another DNS name or IP address for the server certificate (repeatable)",
     )
     p.add_argument("--ca-name", default="jobworker CA", help="the CA's common name")
+    p = sub.add_parser(
+        "server",
+        help="write DIR/NAME.pem and NAME.key: a certificate for one more server, signed by "
+        "DIR/ca.key",
+    )
+    p.add_argument("dir", type=Path)
+    p.add_argument("name", help="the file name (e.g. the server's name)")
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a DNS name (or *.wildcard) or IP address clients reach it at (repeatable)",
+    )
     p = sub.add_parser("client", help="write DIR/NAME.pem and NAME.key, signed by DIR/ca.key")
     p.add_argument("dir", type=Path)
     p.add_argument("name", help="the user name (certificate subject CN)")
@@ -321,6 +363,9 @@ def _run(args: argparse.Namespace) -> str:
             f"wrote {args.dir}/ca.pem, ca.key, server.pem, server.key (keys 0600); "
             f"the server certificate names {names}"
         )
+    if args.command == "server":
+        path = make_server(args.dir, args.name, args.host)
+        return f"wrote {path} and its key (0600); it names {', '.join(args.host)}"
     if args.command == "client":
         path = make_client(args.dir, args.name, Role(args.role), days=args.days)
         return f"wrote {path} and its key ({args.role}, valid {args.days:g} days)"

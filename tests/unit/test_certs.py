@@ -84,6 +84,28 @@ def test_init_and_client_write_the_contract_files(tmp_path: Path) -> None:
     assert result.stdout.strip() == fingerprint(_cert(pki / "alice.pem"))
 
 
+def test_server_adds_a_certificate_for_one_more_server_of_a_fleet(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    assert _run("init", str(pki)).returncode == 0
+    hosts = ("web-1.example", "*.jobworkerd.jobworker.svc.cluster.local", "10.0.0.5")
+    result = _run("server", str(pki), "web-1", *(f"--host={h}" for h in hosts))
+    assert result.returncode == 0, result.stderr
+    cert = _cert(pki / "web-1.pem")
+    cert.verify_directly_issued_by(_cert(pki / "ca.pem"))
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == list(hosts[:2])
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address(hosts[2])]
+    assert stat.S_IMODE((pki / "web-1.key").stat().st_mode) == 0o600
+    for args, message in (
+        (("server", str(pki), "web-2"), "name where clients reach this server: --host NAME"),
+        (("server", str(pki), "web-1", "--host", "x"), "web-1.key exists; choose another"),
+    ):
+        refused = _run(*args)
+        assert refused.returncode == 1
+        assert refused.stderr.count("\n") == 1
+        assert message in refused.stderr, refused.stderr
+
+
 def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     assert _run("init", str(pki)).returncode == 0

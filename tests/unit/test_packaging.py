@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -93,3 +94,71 @@ def test_container_image_builds_and_runs() -> None:
         assert result.stdout == (REPO / "docs" / "config.toml").read_text()
     finally:
         subprocess.run([DOCKER, "rmi", "-f", tag], capture_output=True, timeout=300, check=False)
+
+
+# ------------------------------------------------------------------ many hosts
+K8S = REPO / "packaging" / "kubernetes" / "jobworkerd.yaml"
+NOMAD = REPO / "packaging" / "nomad" / "jobworkerd.nomad.hcl"
+OPERATIONS = (REPO / "docs" / "operations.md").read_text()
+
+
+def _flags_exist(args: list[str]) -> None:
+    help_text = subprocess.run(
+        [JOBWORKERD, "--help"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    for flag in (a for a in args if a.startswith("--")):
+        assert flag in help_text, flag
+
+
+def test_kubernetes_manifest_parses_and_is_what_the_guide_says() -> None:
+    import yaml  # noqa: PLC0415 - only this test reads YAML
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all(K8S.read_text())}
+    service, daemonset = docs["Service"], docs["DaemonSet"]
+    assert service["spec"]["clusterIP"] == "None"  # headless: DNS gives every pod
+    (port,) = service["spec"]["ports"]
+    meta = service["metadata"]
+    srv = f"_{port['name']}._{port['protocol'].lower()}.{meta['name']}.{meta['namespace']}"
+    assert f"{srv}.svc.cluster.local" in OPERATIONS
+    assert f"{srv}.svc.cluster.local" in K8S.read_text()
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["subdomain"] == meta["name"]
+    (container,) = pod["containers"]
+    assert container["securityContext"] == {"privileged": True}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["state"] == "/var/lib/jobworker"
+    assert volumes["state"]["hostPath"]["path"] == "/var/lib/jobworker"
+    assert container["ports"][0]["containerPort"] == port["port"]
+    _flags_exist(container["args"])
+    config = docs["ConfigMap"]["data"]["config.toml"]
+    assert tomllib.loads(config)["tls"]["ca"].startswith(mounts["tls"])
+
+
+def _unquote(value: object) -> object:
+    """python-hcl2 keeps a string's quotes."""
+    return value.strip('"') if isinstance(value, str) else value
+
+
+def test_nomad_job_parses_and_is_what_the_guide_says() -> None:
+    import hcl2  # noqa: PLC0415 - only this test reads HCL
+
+    with NOMAD.open() as f:
+        raw = hcl2.load(f)
+    (job,) = raw["job"]
+    ((name, body),) = job.items()
+    assert _unquote(body["type"]) == "system"
+    (group,) = body["group"]
+    ((_, group_body),) = group.items()
+    (service,) = group_body["service"]
+    srv = f"_{_unquote(service['name'])}._tcp.service.consul"
+    assert srv in OPERATIONS
+    assert srv in NOMAD.read_text()
+    (task,) = group_body["task"]
+    ((_, task_body),) = task.items()
+    (config,) = task_body["config"]
+    assert config["privileged"] is True
+    volumes = [_unquote(v) for v in config["volumes"]]
+    assert "/var/lib/jobworker:/var/lib/jobworker" in volumes
+    _flags_exist([str(_unquote(a)) for a in config["args"]])
+    assert _unquote(name) == "jobworkerd"
