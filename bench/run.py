@@ -10,7 +10,8 @@ Prints one table and rewrites docs/benchmarks.md. Run with ``./dev bench`` (as r
 (e) start latency with every namespace and a cgroup with limits, vs. (a) without them
 (e') the same with the tenant sandbox (own uid, own root, seccomp), vs. (e)
 (f) memory per idle sandboxed job, at 500 jobs
-(g)-(p) the API, jobctl and restarts: see api.py and restart.py; (q)-(t) scale: see scale.py
+(g)-(p) the API, jobctl and restarts: see api.py and restart.py; (q)-(t) scale: see scale.py;
+(u)-(w) interactive jobs: interactive.py; (x) fan-out to many servers: fleet.py
 
 (a)-(d) run with the mount/UTS/IPC/net/cgroup namespaces and cgroups off (the runtime core;
 the PID namespace is always on); (e') and (f) with everything on, as the server runs.
@@ -360,10 +361,12 @@ def main() -> None:
     rows = asyncio.run(measure(args))
     if not args.no_api:
         from api import measure as measure_api  # noqa: PLC0415 - imports grpc, optional
+        from fleet import measure as measure_fleet  # noqa: PLC0415
         from restart import measure as measure_restart  # noqa: PLC0415
 
         rows += asyncio.run(measure_api(args.n, 512 << 20))
         rows += asyncio.run(measure_restart())
+        rows += measure_fleet()
     if not args.no_scale:
         from scale import measure as measure_scale  # noqa: PLC0415 - imports grpc, optional
 
