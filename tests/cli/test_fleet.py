@@ -268,6 +268,8 @@ async def test_host_slash_id_reaches_every_verb(fleet: Fleet) -> None:
         follower.kill()
         await asyncio.wait_for(follower.wait(), 30)
     assert (await fleet("--fleet", "all", "logs", web2)).out == b"hi\n"
+    inside = await fleet("--fleet", "all", "exec", web2, "--", "sh", "-c", "exit 4")
+    assert inside.code == 4, inside.err
     assert (await fleet("--fleet", "all", "kill", "-s", "CONT", web2)).code == 0
     assert (await fleet("--fleet", "all", "stop", *refs[:2])).code == 0
     assert (await fleet("--fleet", "all", "stop", *refs[2:])).code == 0
@@ -319,6 +321,30 @@ def test_flags_that_need_a_fleet_say_so() -> None:
         done = _run_jobctl(args, {**env, "JOBWORKER_KEY": "x"})
         assert done[0] == 2, done
         assert "works across a fleet only: add --fleet NAME" in done[1]
+
+
+def test_a_bad_label_stops_the_server_at_start_up(tmp_path: Path, pki: Pki) -> None:
+    import subprocess  # noqa: PLC0415 - one synchronous test
+    import sys  # noqa: PLC0415
+
+    jobworkerd = str(Path(sys.executable).parent / "jobworkerd")
+    d = pki.dir
+    done = subprocess.run(
+        [
+            jobworkerd,
+            *("--ca", str(d / "ca.pem"), "--cert", str(d / "server.pem")),
+            *("--key", str(d / "server.key"), "--state-dir", str(tmp_path / "state")),
+            *("--listen", "127.0.0.1:0", "--label", "role=web", "--label", "zone=a b"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "--label: label 'zone' has a bad value 'a b'" in done.stderr
+    assert not (tmp_path / "state").exists()  # refused before anything was made
 
 
 def _run_jobctl(args: list[str], env: dict[str, str]) -> tuple[int, str]:
