@@ -41,7 +41,7 @@ from ._render import (
     table_text,
 )
 
-__all__ = ["job_spec", "listed", "run_command", "run_in_process"]
+__all__ = ["guarded", "job_spec", "listed", "run_command", "run_in_process"]
 
 # How long a follower keeps trying to reach a restarting server before giving up.
 RECONNECT_FOR_S = 60.0
@@ -569,23 +569,30 @@ async def run_command(
     """Run one parsed command over ``channel`` (None: a connection of its own); errors
     become one line on ``io``'s stderr. Returns the exit status (0, 1 error, 2 usage,
     130 interrupted; for run and wait the job's, or 125 when jobctl failed)."""
+    failed = JOBCTL_FAILED if args.command in _JOB_STATUS_COMMANDS else 1
+    return await guarded(_dispatch(args, target, io, channel), io, failed=failed)
 
-    task = asyncio.ensure_future(_dispatch(args, target, io, channel))
-    interrupted = False
+
+async def guarded(
+    work: Awaitable[int], io: Io, *, failed: int = 1, interrupted: str = "interrupted"
+) -> int:
+    """``work``'s exit status, with Ctrl+C (or SIGTERM) cancelling it (130, saying
+    ``interrupted``), and a UsageError (2) or CliError (``failed``) said in one line."""
+    task = asyncio.ensure_future(work)
+    stopped = False
 
     def interrupt() -> None:
-        nonlocal interrupted
-        interrupted = True
+        nonlocal stopped
+        stopped = True
         task.cancel()
 
-    failed = JOBCTL_FAILED if args.command in _JOB_STATUS_COMMANDS else 1
     try:
         with io.interrupts_to(interrupt):
             return await task
     except asyncio.CancelledError:
-        if not interrupted:
+        if not stopped:
             raise
-        await io.say("jobctl: interrupted\n")
+        await io.say(f"jobctl: {interrupted}\n")
         return DETACHED
     except UsageError as e:
         await io.say(f"jobctl: {escape(str(e))}\n")

@@ -40,7 +40,7 @@ from ..api._tls import TlsError, TlsFiles
 from ..api.client import connect, pb, stream_output
 from ._attach import DETACHED
 from ._client import CliError, Session
-from ._commands import job_spec, listed, run_command
+from ._commands import guarded, job_spec, listed, run_command
 from ._config import Fleet
 from ._io import Io
 from ._render import info_json, job_json, json_text, table_text
@@ -94,31 +94,8 @@ async def _here(args: argparse.Namespace, fleet: Fleet) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, io.interrupt)
-    task = asyncio.ensure_future(_main(args, fleet, io))
-    interrupted = False
-
-    def interrupt() -> None:
-        nonlocal interrupted
-        interrupted = True
-        task.cancel()
-
-    try:
-        with io.interrupts_to(interrupt):
-            return await task
-    except asyncio.CancelledError:
-        if not interrupted:
-            raise
-        await io.say(
-            f"jobctl: interrupted; jobs already started keep running (jobctl --fleet "
-            f"{fleet.name} ls)\n"
-        )
-        return DETACHED
-    except UsageError as e:
-        await io.say(f"jobctl: {escape(str(e))}\n")
-        return 2
-    except CliError as e:
-        await io.say(f"jobctl: {escape(str(e))}\n")
-        return 1
+    note = f"interrupted; jobs already started keep running (jobctl --fleet {fleet.name} ls)"
+    return await guarded(_main(args, fleet, io), io, interrupted=note)
 
 
 async def _main(args: argparse.Namespace, fleet: Fleet, io: Io) -> int:
