@@ -42,9 +42,11 @@ if TYPE_CHECKING:
     from ._spec import ExecSpec, IOLimit, JobSpec, Limits, check_signal, check_window
     from ._states import State
     from ._status import JobStatus, SandboxInfo, Usage
+    from ._usage import Sample
     from .cgroups import CgroupError
 
 _WHERE = {
+    "Sample": "_usage",
     "check_signal": "_spec",
     "check_window": "_spec",
     "ExecFailedError": "_errors",
@@ -119,6 +121,7 @@ __all__ = [
     "Runtime",
     "RuntimeClosedError",
     "RuntimeConfig",
+    "Sample",
     "SandboxInfo",
     "State",
     "StateDirError",

@@ -95,6 +95,8 @@ class RuntimeConfig:
     retention_bytes: int = 10 << 30
     retention_bytes_per_owner: int | None = None
     retention_interval: float = 60.0
+    # How often every running job's usage is sampled for its history; None: never.
+    usage_interval: float | None = 1.0
     sandbox: bool = True
     hide_paths: tuple[str, ...] = ()
     owner_paths: Mapping[str, tuple[Bind, ...]] = field(default_factory=dict)
@@ -112,8 +114,21 @@ class RuntimeConfig:
             raise InvalidSpecError("retention age and size must not be negative")
         if self.retention_interval <= 0:
             raise InvalidSpecError("retention_interval must be positive")
+        if self.usage_interval is not None and not 0.1 <= self.usage_interval <= 3600:
+            raise InvalidSpecError(
+                "the usage sampling interval must be between 100ms and 1h ([usage] interval)"
+            )
         if self.default_grace < 0:
             raise InvalidSpecError("default_grace must not be negative")
+        self._check_timeouts()
+        subtree = self.cgroup_subtree
+        if not subtree or "/" in subtree or subtree in {".", ".."}:
+            raise InvalidSpecError(
+                f"cgroup subtree name {subtree!r} must be a single directory name"
+            )
+        self._check_users()
+
+    def _check_timeouts(self) -> None:
         for name in ("default_timeout", "max_timeout"):
             value = getattr(self, name)
             if value is not None and not 0 < value < float("inf"):
@@ -126,12 +141,6 @@ class RuntimeConfig:
             raise InvalidSpecError(
                 "limits.default timeout is above limits.max timeout; lower it or raise the maximum"
             )
-        subtree = self.cgroup_subtree
-        if not subtree or "/" in subtree or subtree in {".", ".."}:
-            raise InvalidSpecError(
-                f"cgroup subtree name {subtree!r} must be a single directory name"
-            )
-        self._check_users()
         self._check_sandbox()
 
     def _check_sandbox(self) -> None:

@@ -98,6 +98,9 @@ class Lifecycle:
         self.cleanups: set[asyncio.Task[None]] = set()
         # Launches in flight: awaited first at close, as each may still start a watcher.
         self.launches: set[asyncio.Task[None]] = set()
+        # Held while usage samples are written into jobs' directories: a directory is not
+        # deleted under a write (which would leave it half-removed).
+        self.sampling = asyncio.Lock()
         # Jobs whose end is being recorded: their cgroups are still needed (for usage).
         self.ending: set[str] = set()
         self.closed = False
@@ -437,7 +440,8 @@ class Lifecycle:
         if not self.registry.discard(job):
             return  # deleted meanwhile
         job.deleted()
-        await asyncio.to_thread(shutil.rmtree, job.dir, True)
+        async with self.sampling:
+            await asyncio.to_thread(shutil.rmtree, job.dir, True)
 
 
 def _launch_failure(job: Job, error: Exception) -> str:

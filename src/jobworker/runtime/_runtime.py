@@ -46,11 +46,13 @@ from ._registry import Registry
 from ._restore import boot_id, restore
 from ._retention import prune_ended, retention_loop
 from ._rootfs import PRIVATE_DIRS, WORKDIR
+from ._sampler import Sampler
 from ._seccomp import build_filter
 from ._spec import ExecSpec, JobSpec, check_signal, check_window
 from ._states import State
 from ._status import JobStatus
 from ._stdin import StdinPipe
+from ._usage import Sample, UsageHistory, thin
 from .cgroups import CgroupDriver, CgroupError, open_driver, resolve_io
 
 __all__ = ["Runtime"]
@@ -92,6 +94,7 @@ class Runtime:
             boot_id=boot_id(),
         )
         self._life.after_end = functools.partial(prune_ended, self._life, measure_live=False)
+        self._sampler = Sampler(self._life, config.usage_interval)
         # Log reads go to their own small pool, so many followers cannot starve other work.
         self._readers = concurrent.futures.ThreadPoolExecutor(4, "jobworker-log")
         self._read_budget = ReadBudget(config.output_buffer_bytes, self._readers_gone)
@@ -138,6 +141,7 @@ class Runtime:
             keep = {j.id for j in runtime._registry if not j.state.is_final}
             await asyncio.to_thread(cgroups.prune, keep | life.ending)
         life.background(retention_loop(life), life.tasks)
+        life.background(runtime._sampler.run(), life.tasks)
         return runtime
 
     async def __aenter__(self) -> Self:
@@ -552,6 +556,34 @@ class Runtime:
                 await changed.wait()
         finally:
             job.remove_waiter(changed)
+
+    async def usage(self, job_id: str, since_ns: int = 0, step_ns: int = 0) -> list[Sample]:
+        """The job's usage history after ``since_ns``, at most one sample per ``step_ns``
+        (0: every one kept); each carries the largest memory and pids of those it stands
+        for, so a peak is never lost. [] before its first sample (or with sampling off).
+
+        Raises:
+            JobNotFoundError: no job has this id.
+            InvalidSpecError: a negative since or step.
+        """
+        if since_ns < 0 or step_ns < 0:
+            raise InvalidSpecError("since and step must not be negative")
+        history = UsageHistory(self._get(job_id).dir)
+        samples = await asyncio.get_running_loop().run_in_executor(self._readers, history.samples)
+        return thin(samples, since_ns, step_ns)
+
+    def watch_usage(self, job_id: str, since_ns: int = 0) -> AsyncGenerator[list[Sample], None]:
+        """The job's samples after ``since_ns``, then each new one as it is taken; ends
+        once the job has ended.
+
+        Raises:
+            JobNotFoundError: no job has this id.
+        """
+        return self._sampler.watch(self._get(job_id), since_ns)
+
+    @property
+    def sampler(self) -> Sampler:
+        return self._sampler
 
     def changes(self, wants: Callable[[JobStatus], bool]) -> AsyncGenerator[Change, None]:
         """Every change from now on to a job ``wants`` accepts (created, changed state,

@@ -20,6 +20,7 @@ from .._jobdir import CgroupPaths
 from .._locks import LockHeldError, lock_exclusive
 from .._spec import IOLimit, Limits
 from .._status import Usage
+from .._usage import Sample
 from ._files import CgroupError, read_keyed, read_text
 
 __all__ = [
@@ -46,6 +47,15 @@ class JobCgroup(Protocol):
 
     def usage(self) -> Usage:
         """CPU, memory and IO the job has used (zeros if its cgroup is gone).
+
+        Raises:
+            OSError: a usage file could not be read.
+        """
+        ...
+
+    def sample(self) -> Sample:
+        """What the job uses now, for its usage history: CPU and IO totals, memory and
+        processes now (zeros if its cgroup is gone).
 
         Raises:
             OSError: a usage file could not be read.

@@ -13,6 +13,7 @@ import time
 from .._jobdir import CgroupPaths
 from .._spec import Limits
 from .._status import Usage
+from .._usage import Sample
 from ._base import (
     CPU_PERIOD_US,
     job_dirs,
@@ -22,7 +23,7 @@ from ._base import (
     wait_unpopulated,
 )
 from ._detect import Layout
-from ._files import CgroupError, read_int, read_keyed, read_text, write
+from ._files import CgroupError, read_int, read_keyed, read_raw, read_text, write
 
 __all__ = ["V1Cgroup", "V1Driver"]
 
@@ -181,6 +182,29 @@ class V1Cgroup:
             memory_peak_bytes=read_int(f"{memory}/memory.max_usage_in_bytes"),
             io_read_bytes=read,
             io_write_bytes=write_,
+        )
+
+    def sample(self) -> Sample:
+        dirs = self.dirs
+
+        def raw(controller: str, name: str) -> bytes:
+            where = dirs.get(controller)
+            return read_raw(f"{where}/{name}") if where else b""
+
+        read = write_ = 0
+        for line in raw("blkio", "blkio.throttle.io_service_bytes").splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == b"Read":
+                read += int(parts[2])
+            elif len(parts) == 3 and parts[1] == b"Write":
+                write_ += int(parts[2])
+        return Sample(
+            time_ns=time.time_ns(),
+            cpu_seconds=int(raw("cpuacct", "cpuacct.usage") or 0) / 1e9,
+            memory_bytes=int(raw("memory", "memory.usage_in_bytes") or 0),
+            io_read_bytes=read,
+            io_write_bytes=write_,
+            pids=int(raw("pids", "pids.current") or 0),
         )
 
     def oom_killed(self) -> bool:

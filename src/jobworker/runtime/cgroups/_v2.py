@@ -16,6 +16,7 @@ import time
 from .._jobdir import CgroupPaths
 from .._spec import Limits
 from .._status import Usage
+from .._usage import Sample
 from ._base import (
     CPU_PERIOD_US,
     job_dirs,
@@ -24,7 +25,7 @@ from ._base import (
     remove_dirs,
     wait_unpopulated,
 )
-from ._files import CgroupError, read_int, read_keyed, read_text, write
+from ._files import CgroupError, keyed_value, read_int, read_keyed, read_raw, read_text, write
 
 __all__ = ["LEAF", "V2Cgroup", "V2Driver"]
 
@@ -190,6 +191,24 @@ class V2Cgroup:
             memory_peak_bytes=read_int(f"{directory}/memory.peak"),
             io_read_bytes=read,
             io_write_bytes=write_,
+        )
+
+    def sample(self) -> Sample:
+        directory = self._dir
+        read = write_ = 0
+        for line in read_raw(f"{directory}/io.stat").splitlines():
+            for field in line.split()[1:]:
+                if field.startswith(b"rbytes="):
+                    read += int(field[7:])
+                elif field.startswith(b"wbytes="):
+                    write_ += int(field[7:])
+        return Sample(
+            time_ns=time.time_ns(),
+            cpu_seconds=keyed_value(read_raw(f"{directory}/cpu.stat"), b"usage_usec") / 1e6,
+            memory_bytes=int(read_raw(f"{directory}/memory.current") or 0),
+            io_read_bytes=read,
+            io_write_bytes=write_,
+            pids=int(read_raw(f"{directory}/pids.current") or 0),
         )
 
     def oom_killed(self) -> bool:

@@ -1,0 +1,97 @@
+"""Sampling every running job's usage, on one timer, for its history (``_usage``).
+
+One loop for all jobs, not a timer per job: each tick reads the cgroups of every running job
+in one worker thread (cgroup files are small, but a thousand of them are not free), appends
+each job's sample to its history, then wakes whoever watches that job's usage. The ticks
+keep their rhythm from the clock, not from the end of the previous tick, and a tick that
+overruns is skipped, never stacked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator
+
+from ._job import Job
+from ._lifecycle import Lifecycle
+from ._states import State
+from ._usage import Sample, UsageHistory
+
+__all__ = ["Sampler"]
+
+log = logging.getLogger("jobworker.runtime")
+
+
+class Sampler:
+    """Every running job's usage, every ``interval`` seconds (None: never)."""
+
+    def __init__(self, life: Lifecycle, interval: float | None) -> None:
+        self._life = life
+        self.interval = interval
+        # Set and replaced after each tick: watchers wait for the next one.
+        self._tick = asyncio.Event()
+        self.cost_seconds = 0.0  # thread time spent sampling, for the benchmark and metrics
+        self.samples_taken = 0
+
+    async def run(self) -> None:
+        if self.interval is None:
+            return
+        next_at = time.monotonic()
+        while True:
+            next_at += self.interval
+            jobs = [j for j in self._life.registry.live() if _sampled(j)]
+            if jobs:
+                async with self._life.sampling:
+                    await asyncio.to_thread(self._take, jobs)
+            tick, self._tick = self._tick, asyncio.Event()
+            tick.set()
+            now = time.monotonic()
+            if now > next_at:  # overran: the next tick is the next one still ahead
+                next_at += ((now - next_at) // self.interval + 1) * self.interval
+            await asyncio.sleep(next_at - now)
+
+    def _take(self, jobs: list[Job]) -> None:
+        started = time.thread_time()
+        for job in jobs:
+            cgroup = job.cgroup
+            if cgroup is None:
+                continue
+            try:
+                UsageHistory(job.dir).append(cgroup.sample())
+            except OSError as e:
+                # The job ended under us (its cgroup is going), or its disk is full: the
+                # next tick tries again; the job itself is unaffected.
+                log.debug("usage sample of %s skipped: %s", job.id, e)
+                continue
+            self.samples_taken += 1
+        self.cost_seconds += time.thread_time() - started
+
+    async def watch(self, job: Job, since_ns: int) -> AsyncGenerator[list[Sample], None]:
+        """The job's samples after ``since_ns``, then each new one as it is taken, until
+        the job has ended (its last samples included)."""
+        history = UsageHistory(job.dir)
+        offset = 0
+        while True:
+            tick = self._tick
+            read, offset = history.read_from(offset)
+            samples = [s for s in read if s.time_ns > since_ns]
+            if samples:
+                since_ns = samples[-1].time_ns
+                yield samples
+            if job.state.is_final:
+                return
+            waits = {
+                asyncio.ensure_future(job.ended_event.wait()),
+                asyncio.ensure_future(tick.wait()),
+            }
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+
+
+def _sampled(job: Job) -> bool:
+    return job.state is State.RUNNING and job.cgroup is not None
