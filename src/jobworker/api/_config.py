@@ -626,6 +626,16 @@ class MetricsSection:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageSection:
+    interval: float = _setting(
+        _duration,
+        '"1s"',
+        "how often every running job's CPU, memory, IO and pids are sampled for its usage "
+        "history (GetUsage, jobctl top); 0: never",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class FileConfig:
     """The configuration file, one typed section per table."""
 
@@ -642,6 +652,7 @@ class FileConfig:
     sandbox: SandboxSection = field(default_factory=SandboxSection)
     images: ImagesSection = field(default_factory=ImagesSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    usage: UsageSection = field(default_factory=UsageSection)
 
 
 def _table(name: str) -> str:
@@ -840,6 +851,7 @@ def _build(file: FileConfig, problems: list[str]) -> ServerConfig | None:
             retention_seconds=file.retention.max_age,
             retention_bytes=file.retention.max_size,
             retention_bytes_per_owner=file.retention.max_size_per_owner,
+            usage_interval=file.usage.interval or None,
             cgroups=file.cgroups.enabled,
             cgroup_subtree=file.cgroups.subtree,
             cgroup_parent=file.cgroups.parent,

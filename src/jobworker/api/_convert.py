@@ -16,6 +16,7 @@ from ..runtime import (
     JobSpec,
     JobStatus,
     Limits,
+    Sample,
     SandboxInfo,
     State,
     Stream,
@@ -23,7 +24,14 @@ from ..runtime import (
 )
 from ._proto import jobworker_pb2 as pb
 
-__all__ = ["exec_spec_from_pb", "job_id", "job_to_pb", "limits_to_pb", "spec_from_pb"]
+__all__ = [
+    "exec_spec_from_pb",
+    "job_id",
+    "job_to_pb",
+    "limits_to_pb",
+    "spec_from_pb",
+    "usage_to_pb",
+]
 
 _STATES = {
     State.CREATED: pb.JOB_STATE_CREATED,
@@ -130,6 +138,17 @@ def exec_spec_from_pb(start: pb.ExecStart) -> ExecSpec:
         tty=start.tty,
         window=(start.window.rows or 24, start.window.cols or 80),
         term=start.term or "xterm",
+    )
+
+
+def usage_to_pb(sample: Sample) -> pb.UsageSample:
+    return pb.UsageSample(
+        time_unix_nano=sample.time_ns,
+        cpu_seconds=sample.cpu_seconds,
+        memory_bytes=sample.memory_bytes,
+        io_read_bytes=sample.io_read_bytes,
+        io_write_bytes=sample.io_write_bytes,
+        pids=sample.pids,
     )
 
 

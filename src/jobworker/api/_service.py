@@ -40,7 +40,7 @@ from ..runtime import (
 )
 from ._auth import Authenticator, authorize_job, list_filter
 from ._config import ServerIdentity, ServiceLimits
-from ._convert import STREAMS, exec_spec_from_pb, job_to_pb, spec_from_pb
+from ._convert import STREAMS, exec_spec_from_pb, job_to_pb, spec_from_pb, usage_to_pb
 from ._errors import ApiError, to_status
 from ._logs import AUDIT
 from ._proto import jobworker_pb2 as pb
@@ -520,6 +520,23 @@ class JobService:
             async for change in changes:
                 yield pb.JobEvent(job=job_to_pb(change.status), deleted=change.deleted)
 
+    @job_rpc
+    async def GetUsage(
+        self, request: pb.UsageRequest, _who: Identity, job: str
+    ) -> pb.UsageResponse:
+        since, step = _usage_window(request)
+        samples = await self.runtime.usage(job, since, step)
+        return pb.UsageResponse(samples=[usage_to_pb(s) for s in samples])
+
+    @job_stream
+    async def WatchUsage(
+        self, request: pb.UsageRequest, _who: Identity, job: str
+    ) -> AsyncGenerator[pb.UsageResponse, None]:
+        since, _ = _usage_window(request)
+        async with contextlib.aclosing(self.runtime.watch_usage(job, since)) as batches:
+            async for batch in batches:
+                yield pb.UsageResponse(samples=[usage_to_pb(s) for s in batch])
+
     @job_stream
     async def WatchJob(
         self, _request: pb.JobRequest, _who: Identity, job: str
@@ -812,6 +829,21 @@ async def _while_feeding(
                 step.cancel()
                 with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                     await step
+
+
+def _usage_window(request: pb.UsageRequest) -> tuple[int, int]:
+    """(since, step) of a UsageRequest in nanoseconds.
+
+    Raises:
+        InvalidSpecError: a step that is not a positive number of seconds.
+    """
+    since = request.since_unix_nano if request.HasField("since_unix_nano") else 0
+    step = 0
+    if request.HasField("step_seconds"):
+        if not 0 < request.step_seconds < 1e9:
+            raise InvalidSpecError("step must be a positive number of seconds, e.g. 60")
+        step = int(request.step_seconds * 1e9)
+    return since, step
 
 
 def _selector(text: str) -> Selector:

@@ -1548,3 +1548,99 @@ class ExecResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
 
 Global___ExecResponse: _TypeAlias = ExecResponse  # noqa: Y015
+
+@_typing.final
+class UsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SINCE_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    STEP_SECONDS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The job's id."""
+    since_unix_nano: _builtins.int
+    """Only samples taken after this time (nanoseconds since the Unix epoch)."""
+    step_seconds: _builtins.float
+    """At most one sample per this many seconds (GetUsage; unset: every sample kept)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        since_unix_nano: _builtins.int | None = ...,
+        step_seconds: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_since_unix_nano", b"_since_unix_nano", "_step_seconds", b"_step_seconds", "since_unix_nano", b"since_unix_nano", "step_seconds", b"step_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_since_unix_nano", b"_since_unix_nano", "_step_seconds", b"_step_seconds", "id", b"id", "since_unix_nano", b"since_unix_nano", "step_seconds", b"step_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__since_unix_nano: _TypeAlias = _typing.Literal["since_unix_nano"]  # noqa: Y015
+    _WhichOneofArgType__since_unix_nano: _TypeAlias = _typing.Literal["_since_unix_nano", b"_since_unix_nano"]  # noqa: Y015
+    _WhichOneofReturnType__step_seconds: _TypeAlias = _typing.Literal["step_seconds"]  # noqa: Y015
+    _WhichOneofArgType__step_seconds: _TypeAlias = _typing.Literal["_step_seconds", b"_step_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__since_unix_nano) -> _WhichOneofReturnType__since_unix_nano | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_seconds) -> _WhichOneofReturnType__step_seconds | None: ...
+
+Global___UsageRequest: _TypeAlias = UsageRequest  # noqa: Y015
+
+@_typing.final
+class UsageSample(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    IO_READ_BYTES_FIELD_NUMBER: _builtins.int
+    IO_WRITE_BYTES_FIELD_NUMBER: _builtins.int
+    PIDS_FIELD_NUMBER: _builtins.int
+    time_unix_nano: _builtins.int
+    """When it was taken, in nanoseconds since the Unix epoch."""
+    cpu_seconds: _builtins.float
+    """CPU time used since the job started (a rate is the difference of two samples)."""
+    memory_bytes: _builtins.int
+    """Memory in use then (the largest, for a sample standing for several)."""
+    io_read_bytes: _builtins.int
+    """Bytes read and written since the job started."""
+    io_write_bytes: _builtins.int
+    pids: _builtins.int
+    """Processes and threads then (the largest, for a sample standing for several)."""
+    def __init__(
+        self,
+        *,
+        time_unix_nano: _builtins.int = ...,
+        cpu_seconds: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        io_read_bytes: _builtins.int = ...,
+        io_write_bytes: _builtins.int = ...,
+        pids: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "io_read_bytes", b"io_read_bytes", "io_write_bytes", b"io_write_bytes", "memory_bytes", b"memory_bytes", "pids", b"pids", "time_unix_nano", b"time_unix_nano"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageSample: _TypeAlias = UsageSample  # noqa: Y015
+
+@_typing.final
+class UsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageSample]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        samples: _abc.Iterable[Global___UsageSample] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageResponse: _TypeAlias = UsageResponse  # noqa: Y015

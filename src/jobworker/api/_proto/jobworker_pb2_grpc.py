@@ -109,6 +109,16 @@ class JobServiceStub:
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.ExecRequest.SerializeToString,
                 response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ExecResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/jobworker.v1.JobService/GetUsage',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.UsageResponse.FromString,
+                _registered_method=True)
+        self.WatchUsage = channel.unary_stream(
+                '/jobworker.v1.JobService/WatchUsage',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.UsageResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -238,6 +248,24 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """A job's usage over time, sampled from its cgroup while it ran (every [usage] interval,
+        1 s by default): after `since`, at most one sample per `step`. Older samples are kept
+        at a coarser resolution; each kept sample carries the largest memory and pids of those
+        it stands for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchUsage(self, request, context):
+        """A job's samples after `since`, then each new one as it is taken; the stream ends once
+        the job has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -315,6 +343,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.Exec,
                     request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ExecRequest.FromString,
                     response_serializer=jobworker_dot_v1_dot_jobworker__pb2.ExecResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.UsageResponse.SerializeToString,
+            ),
+            'WatchUsage': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchUsage,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.UsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -722,6 +760,60 @@ class JobService:
             '/jobworker.v1.JobService/Exec',
             jobworker_dot_v1_dot_jobworker__pb2.ExecRequest.SerializeToString,
             jobworker_dot_v1_dot_jobworker__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobworker.v1.JobService/GetUsage',
+            jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.UsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jobworker.v1.JobService/WatchUsage',
+            jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.UsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

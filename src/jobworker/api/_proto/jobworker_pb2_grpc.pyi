@@ -103,6 +103,16 @@ class JobServiceStub:
     when the caller goes away, the process sees EOF on stdin, EPIPE on output and, with a
     terminal, SIGHUP, as under ssh. An ended job is FAILED_PRECONDITION.
     """
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.UsageRequest, _jobworker_pb2.UsageResponse]
+    """A job's usage over time, sampled from its cgroup while it ran (every [usage] interval,
+    1 s by default): after `since`, at most one sample per `step`. Older samples are kept
+    at a coarser resolution; each kept sample carries the largest memory and pids of those
+    it stands for.
+    """
+    WatchUsage: _grpc.UnaryStreamMultiCallable[_jobworker_pb2.UsageRequest, _jobworker_pb2.UsageResponse]
+    """A job's samples after `since`, then each new one as it is taken; the stream ends once
+    the job has ended.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -164,6 +174,16 @@ class JobServiceAsyncStub(JobServiceStub):
     first response says it started, the last how it ended. It ends when the job does;
     when the caller goes away, the process sees EOF on stdin, EPIPE on output and, with a
     terminal, SIGHUP, as under ssh. An ended job is FAILED_PRECONDITION.
+    """
+    GetUsage: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.UsageRequest, _jobworker_pb2.UsageResponse]  # type: ignore[assignment]
+    """A job's usage over time, sampled from its cgroup while it ran (every [usage] interval,
+    1 s by default): after `since`, at most one sample per `step`. Older samples are kept
+    at a coarser resolution; each kept sample carries the largest memory and pids of those
+    it stands for.
+    """
+    WatchUsage: _aio.UnaryStreamMultiCallable[_jobworker_pb2.UsageRequest, _jobworker_pb2.UsageResponse]  # type: ignore[assignment]
+    """A job's samples after `since`, then each new one as it is taken; the stream ends once
+    the job has ended.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -313,6 +333,28 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         first response says it started, the last how it ended. It ends when the job does;
         when the caller goes away, the process sees EOF on stdin, EPIPE on output and, with a
         terminal, SIGHUP, as under ssh. An ended job is FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _jobworker_pb2.UsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobworker_pb2.UsageResponse, _abc.Awaitable[_jobworker_pb2.UsageResponse]]:
+        """A job's usage over time, sampled from its cgroup while it ran (every [usage] interval,
+        1 s by default): after `since`, at most one sample per `step`. Older samples are kept
+        at a coarser resolution; each kept sample carries the largest memory and pids of those
+        it stands for.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchUsage(
+        self,
+        request: _jobworker_pb2.UsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_jobworker_pb2.UsageResponse], _abc.AsyncIterator[_jobworker_pb2.UsageResponse]]:
+        """A job's samples after `since`, then each new one as it is taken; the stream ends once
+        the job has ended.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

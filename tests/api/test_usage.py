@@ -1,0 +1,69 @@
+"""GetUsage and WatchUsage through a real server: samples of a job's real cgroup."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import grpc
+
+from jobworker.api._proto import jobworker_pb2 as pb
+
+from .conftest import Pki, code_of, serving
+
+HOLD = (
+    "import sys\n"
+    "held = bytearray(48 << 20)\n"
+    "for i in range(0, len(held), 4096): held[i] = 1\n"
+    "print('holding', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+async def test_usage_is_sampled_followed_and_authorized(tmp_path: Path, pki: Pki) -> None:
+    async with (
+        serving(tmp_path, pki, runtime={"usage_interval": 0.1}) as api,
+        api.client("alice") as alice,
+        api.client("bob") as bob,
+    ):
+        spec = pb.JobSpec(argv=[sys.executable, "-c", HOLD], stdin=pb.STDIN_MODE_PIPE)
+        job = await alice.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
+        seen: list[pb.UsageSample] = []
+        watch = alice.WatchUsage(pb.UsageRequest(id=job.id), timeout=60)
+        async for response in watch:
+            seen += response.samples
+            if seen[-1].memory_bytes >= 48 << 20:
+                break
+        watch.cancel()
+        times = [s.time_unix_nano for s in seen]
+        assert times == sorted(set(times))
+        assert seen[-1].pids >= 1
+        got = await alice.GetUsage(pb.UsageRequest(id=job.id), timeout=10)
+        assert list(got.samples[: len(seen)]) == seen
+        later = await alice.GetUsage(
+            pb.UsageRequest(id=job.id, since_unix_nano=seen[-1].time_unix_nano), timeout=10
+        )
+        assert all(s.time_unix_nano > seen[-1].time_unix_nano for s in later.samples)
+        one = await alice.GetUsage(pb.UsageRequest(id=job.id, step_seconds=3600), timeout=10)
+        assert len(one.samples) == 1
+        assert one.samples[0].memory_bytes >= 48 << 20
+        # Authorized as every RPC: another user's job is not found, and a bad step is said.
+        assert await code_of(bob.GetUsage(pb.UsageRequest(id=job.id), timeout=10)) == (
+            grpc.StatusCode.NOT_FOUND
+        )
+        assert await code_of(bob.WatchUsage(pb.UsageRequest(id=job.id), timeout=10)) == (
+            grpc.StatusCode.NOT_FOUND
+        )
+        bad = alice.GetUsage(pb.UsageRequest(id=job.id, step_seconds=-1), timeout=10)
+        assert await code_of(bad) == grpc.StatusCode.INVALID_ARGUMENT
+        # The stream ends when the job does.
+        call = alice.Attach(timeout=30)
+        await call.write(pb.AttachRequest(start=pb.AttachStart(id=job.id, stdin=True)))
+        await call.write(pb.AttachRequest(close_stdin=True))
+        await call.done_writing()
+        async for _ in call:
+            pass
+        async with asyncio.timeout(30):
+            async for _ in alice.WatchUsage(pb.UsageRequest(id=job.id), timeout=30):
+                pass
