@@ -32,7 +32,7 @@ class Terminal:
             os.execve(argv[0], argv, env)  # noqa: S606 - the program under test
         self.screen = b""
 
-    async def _read(self) -> bytes:
+    async def more(self) -> bytes:
         """What it shows next; b"" once it has closed the terminal."""
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
@@ -52,7 +52,7 @@ class Terminal:
         """Read until ``text`` has been shown; the screen so far."""
         async with asyncio.timeout(30):
             while text not in self.screen:
-                if not await self._read():
+                if not await self.more():
                     raise AssertionError(f"{text!r} never showed: {self.screen!r}")
         return self.screen
 
@@ -66,7 +66,7 @@ class Terminal:
     async def status(self) -> int:
         """Its exit status, reading the rest of what it shows meanwhile."""
         async with asyncio.timeout(30):
-            while await self._read():
+            while await self.more():
                 pass
         os.close(self.fd)
         _, status = await asyncio.to_thread(os.waitpid, self.pid, 0)

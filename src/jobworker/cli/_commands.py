@@ -40,6 +40,7 @@ from ._render import (
     status_text,
     table_text,
 )
+from ._top import top
 
 __all__ = ["guarded", "job_spec", "listed", "run_command", "run_in_process"]
 
@@ -330,6 +331,8 @@ async def _dispatch(  # noqa: C901, PLR0911, PLR0912 - one branch per command, a
             return await _wait(s, args, io)
         if command == "events":
             return await _events(s, args, io)
+        if command == "top":
+            return await top(s, args, io)
         if command == "attach":
             keys = parse_detach_keys(args.detach_keys)
             job_id = await s.resolve(args.job)

@@ -371,6 +371,13 @@ def parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per fl
             "as docker exec; exit with its status",
         )
     )
+    top = command("top", "a live table of running jobs' CPU, memory, IO and pids (docker stats)")
+    top.add_argument("jobs", nargs="*", metavar="JOB", help="only these (default: all running)")
+    top.add_argument("--no-stream", action="store_true", help="print one table and exit")
+    top.add_argument("--json", action="store_true", help="the samples, as JSON")
+    top.add_argument(
+        "--interval", type=_duration, default=1.0, metavar="DURATION", help="between refreshes"
+    )
     events = command("events", "stream changes to jobs as they happen")
     events.add_argument("--owner", help="only this owner's jobs (admins)")
     events.add_argument("--selector", "-l", metavar="SELECTOR")

@@ -19,6 +19,7 @@ __all__ = [
     "json_text",
     "outcome",
     "rfc3339",
+    "size_text",
     "status_text",
     "table_text",
 ]
@@ -264,13 +265,14 @@ def _command(argv: list[str]) -> str:
     return " ".join(escape(arg) for arg in argv)
 
 
-def _bytes(value: int | None) -> str:
+def size_text(value: float | None) -> str:
+    """A size for a person: 1.5 GiB, 12.0 MiB, 512 B; "-" for none."""
     if value is None:
         return "-"
     for power, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
         if value >= 1024**power:
             return f"{value / 1024**power:.1f} {unit}"
-    return f"{value} B"
+    return f"{value:.0f} B"
 
 
 def _limits_text(limits: dict[str, Any]) -> str:
@@ -278,11 +280,11 @@ def _limits_text(limits: dict[str, Any]) -> str:
     if limits["cpus"] is not None:
         parts.append(f"cpus {limits['cpus']:g}")
     if limits["memory_bytes"] is not None:
-        parts.append(f"memory {_bytes(limits['memory_bytes'])}")
+        parts.append(f"memory {size_text(limits['memory_bytes'])}")
     if limits["pids"] is not None:
         parts.append(f"pids {limits['pids']}")
     if limits.get("tmp_bytes") is not None:
-        parts.append(f"tmp {_bytes(limits['tmp_bytes'])}")
+        parts.append(f"tmp {size_text(limits['tmp_bytes'])}")
     parts += [f"io {io['device'] or 'workdir disk'}" for io in limits["io"]]
     text = ", ".join(parts) or "none"
     return text if limits["enforced"] else f"{text} (NOT enforced: the server runs without cgroups)"
@@ -294,7 +296,7 @@ def _sandbox_text(sandbox: dict[str, Any] | None) -> str:
     seccomp = "seccomp on" if sandbox["seccomp"] else "seccomp off"
     return (
         f"uid {sandbox['uid']}, gid {sandbox['gid']}, root {sandbox['root']}, {seccomp}, "
-        f"private tmp {_bytes(sandbox['tmp_bytes'])}"
+        f"private tmp {size_text(sandbox['tmp_bytes'])}"
     )
 
 
@@ -341,13 +343,14 @@ def status_text(job: dict[str, Any]) -> str:
         ("cpu", f"{usage['cpu_seconds']:.2f} s" if usage else "-"),
         (
             "memory",
-            f"{_bytes(usage['memory_bytes'])} (peak {_bytes(usage['memory_peak_bytes'])})"
+            f"{size_text(usage['memory_bytes'])} (peak {size_text(usage['memory_peak_bytes'])})"
             if usage
             else "-",
         ),
         (
             "io",
-            f"read {_bytes(usage['io_read_bytes'])}, written {_bytes(usage['io_write_bytes'])}"
+            f"read {size_text(usage['io_read_bytes'])}, "
+            f"written {size_text(usage['io_write_bytes'])}"
             if usage
             else "-",
         ),
