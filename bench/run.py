@@ -11,7 +11,8 @@ Prints one table and rewrites docs/benchmarks.md. Run with ``./dev bench`` (as r
 (e') the same with the tenant sandbox (own uid, own root, seccomp), vs. (e)
 (f) memory per idle sandboxed job, at 500 jobs
 (g)-(p) the API, jobctl and restarts: see api.py and restart.py; (q)-(t) scale: see scale.py;
-(u)-(w) interactive jobs: interactive.py; (x) fan-out to many servers: fleet.py
+(u)-(w) interactive jobs: interactive.py; (x) fan-out to many servers: fleet.py;
+(y) the cost of sampling usage: usage.py
 
 (a)-(d) run with the mount/UTS/IPC/net/cgroup namespaces and cgroups off (the runtime core;
 the PID namespace is always on); (e') and (f) with everything on, as the server runs.
@@ -367,6 +368,9 @@ def main() -> None:
         rows += asyncio.run(measure_api(args.n, 512 << 20))
         rows += asyncio.run(measure_restart())
         rows += measure_fleet()
+    from usage import measure as measure_usage  # noqa: PLC0415 - 1,000 jobs, ~1 minute
+
+    rows += asyncio.run(measure_usage())
     if not args.no_scale:
         from scale import measure as measure_scale  # noqa: PLC0415 - imports grpc, optional
 

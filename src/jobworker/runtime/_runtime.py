@@ -161,6 +161,8 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*life.tasks, return_exceptions=True)
         await asyncio.gather(*life.cleanups, return_exceptions=True)
+        # After a tick that was under way in its thread: it holds the sampler's lock.
+        await asyncio.to_thread(self._sampler.close)
         running = False
         for job in self._registry:
             if job.supervisor is not None:

@@ -1,7 +1,8 @@
 """Sampling every running job's usage, on one timer, for its history (``_usage``).
 
 One loop for all jobs, not a timer per job: each tick reads the cgroups of every running job
-in one worker thread (cgroup files are small, but a thousand of them are not free), appends
+in one worker thread, through descriptors kept open from one tick to the next (four per
+running job: at 1,000 jobs, opening each file every second cost 5.5% of a core), appends
 each job's sample to its history, then wakes whoever watches that job's usage. The ticks
 keep their rhythm from the clock, not from the end of the previous tick, and a tick that
 overruns is skipped, never stacked.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncGenerator
 
@@ -18,6 +20,7 @@ from ._job import Job
 from ._lifecycle import Lifecycle
 from ._states import State
 from ._usage import Sample, UsageHistory
+from .cgroups import UsageProbe
 
 __all__ = ["Sampler"]
 
@@ -34,6 +37,11 @@ class Sampler:
         self._tick = asyncio.Event()
         self.cost_seconds = 0.0  # thread time spent sampling, for the benchmark and metrics
         self.samples_taken = 0
+        # Each sampled job's cgroup files, held open from one tick to the next (a read
+        # through a kept descriptor costs a seventh of open, read and close).
+        self._probes: dict[str, UsageProbe] = {}
+        self._taking = threading.Lock()
+        self._closed = False
 
     async def run(self) -> None:
         if self.interval is None:
@@ -53,20 +61,39 @@ class Sampler:
             await asyncio.sleep(next_at - now)
 
     def _take(self, jobs: list[Job]) -> None:
+        with self._taking:
+            if not self._closed:
+                self._take_locked(jobs)
+
+    def _take_locked(self, jobs: list[Job]) -> None:
         started = time.thread_time()
+        probes, self._probes = self._probes, {}
         for job in jobs:
             cgroup = job.cgroup
             if cgroup is None:
                 continue
+            probe = probes.pop(job.id, None) or cgroup.probe()
+            self._probes[job.id] = probe
             try:
-                UsageHistory(job.dir).append(cgroup.sample())
+                UsageHistory(job.dir).append(probe.read())
             except OSError as e:
-                # The job ended under us (its cgroup is going), or its disk is full: the
-                # next tick tries again; the job itself is unaffected.
+                # The job ended under us (its cgroup is going), its disk is full, or we
+                # are out of descriptors: the next tick tries again; the job is unaffected.
                 log.debug("usage sample of %s skipped: %s", job.id, e)
                 continue
             self.samples_taken += 1
+        for gone in probes.values():  # jobs no longer running
+            gone.close()
         self.cost_seconds += time.thread_time() - started
+
+    def close(self) -> None:
+        """Let go of every job's cgroup files, once a tick under way is over (it may still
+        run in its thread after the loop's task was cancelled); no tick runs after."""
+        with self._taking:
+            self._closed = True
+            for probe in self._probes.values():
+                probe.close()
+            self._probes.clear()
 
     async def watch(self, job: Job, since_ns: int) -> AsyncGenerator[list[Sample], None]:
         """The job's samples after ``since_ns``, then each new one as it is taken, until

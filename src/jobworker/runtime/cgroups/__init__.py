@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ._base import CgroupDriver, JobCgroup, resolve_io
+from ._base import CgroupDriver, JobCgroup, UsageProbe, resolve_io
 from ._detect import Layout, detect
 from ._files import CgroupError
 from ._v1 import V1Driver
@@ -15,6 +15,7 @@ __all__ = [
     "CgroupError",
     "JobCgroup",
     "Layout",
+    "UsageProbe",
     "detect",
     "open_driver",
     "resolve_io",

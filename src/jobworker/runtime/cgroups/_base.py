@@ -26,6 +26,7 @@ from ._files import CgroupError, read_keyed, read_text
 __all__ = [
     "CgroupDriver",
     "JobCgroup",
+    "UsageProbe",
     "backoff",
     "block_device_of",
     "lock_subtree",
@@ -34,6 +35,17 @@ __all__ = [
 ]
 
 CPU_PERIOD_US = 100_000
+
+
+class UsageProbe(Protocol):
+    """What a job uses now, read again each time: CPU and IO totals, memory and processes
+    at that moment (zeros once its cgroup is gone)."""
+
+    def read(self) -> Sample:
+        """Raises OSError: a usage file could not be read (EMFILE: out of descriptors)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class JobCgroup(Protocol):
@@ -53,13 +65,9 @@ class JobCgroup(Protocol):
         """
         ...
 
-    def sample(self) -> Sample:
-        """What the job uses now, for its usage history: CPU and IO totals, memory and
-        processes now (zeros if its cgroup is gone).
-
-        Raises:
-            OSError: a usage file could not be read.
-        """
+    def probe(self) -> UsageProbe:
+        """A reader of what the job uses now, for its usage history, holding its cgroup
+        files open between reads; the caller closes it."""
         ...
 
     def oom_killed(self) -> bool:

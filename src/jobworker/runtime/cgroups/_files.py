@@ -12,7 +12,16 @@ import os
 
 from .._errors import JobworkerError
 
-__all__ = ["CgroupError", "keyed_value", "read_int", "read_keyed", "read_raw", "read_text", "write"]
+__all__ = [
+    "CgroupError",
+    "KeptFile",
+    "keyed_value",
+    "read_int",
+    "read_keyed",
+    "read_raw",
+    "read_text",
+    "write",
+]
 
 
 class CgroupError(JobworkerError):
@@ -67,6 +76,41 @@ def read_raw(path: str) -> bytes:
         raise
     finally:
         os.close(fd)
+
+
+class KeptFile:
+    """A cgroup file read again and again through one descriptor: ``pread`` at offset 0
+    makes the kernel generate it afresh, at ~1 us a read against ~7 us for open, read and
+    close (measured here), which is what sampling 1,000 jobs a second needs."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._fd = -1
+
+    def read(self) -> bytes:
+        """Its content now; b"" if it does not exist (any more).
+
+        Raises:
+            OSError: another error (EMFILE: out of descriptors).
+        """
+        if self._fd < 0:
+            try:
+                self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENODEV):
+                    return b""
+                raise
+        try:
+            return os.pread(self._fd, 65536, 0)
+        except OSError as e:
+            if e.errno == errno.ENODEV:  # the cgroup was removed
+                return b""
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def keyed_value(data: bytes, key: bytes) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Mapping
 
 from .._jobdir import CgroupPaths
 from .._spec import Limits
@@ -16,6 +17,7 @@ from .._status import Usage
 from .._usage import Sample
 from ._base import (
     CPU_PERIOD_US,
+    UsageProbe,
     job_dirs,
     lock_subtree,
     remove_all,
@@ -23,7 +25,7 @@ from ._base import (
     wait_unpopulated,
 )
 from ._detect import Layout
-from ._files import CgroupError, read_int, read_keyed, read_raw, read_text, write
+from ._files import CgroupError, KeptFile, read_int, read_keyed, read_text, write
 
 __all__ = ["V1Cgroup", "V1Driver"]
 
@@ -184,28 +186,8 @@ class V1Cgroup:
             io_write_bytes=write_,
         )
 
-    def sample(self) -> Sample:
-        dirs = self.dirs
-
-        def raw(controller: str, name: str) -> bytes:
-            where = dirs.get(controller)
-            return read_raw(f"{where}/{name}") if where else b""
-
-        read = write_ = 0
-        for line in raw("blkio", "blkio.throttle.io_service_bytes").splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[1] == b"Read":
-                read += int(parts[2])
-            elif len(parts) == 3 and parts[1] == b"Write":
-                write_ += int(parts[2])
-        return Sample(
-            time_ns=time.time_ns(),
-            cpu_seconds=int(raw("cpuacct", "cpuacct.usage") or 0) / 1e9,
-            memory_bytes=int(raw("memory", "memory.usage_in_bytes") or 0),
-            io_read_bytes=read,
-            io_write_bytes=write_,
-            pids=int(raw("pids", "pids.current") or 0),
-        )
+    def probe(self) -> UsageProbe:
+        return _Probe(self.dirs)
 
     def oom_killed(self) -> bool:
         oom = read_keyed(f"{self.dirs['memory']}/memory.oom_control")
@@ -235,3 +217,42 @@ class V1Cgroup:
             return False
         remove_dirs(list(dict.fromkeys(self.dirs.values())), max(0.0, deadline - time.monotonic()))
         return True
+
+
+class _Probe:
+    """A job's cgroup v1 usage files, kept open (see KeptFile); a controller the host
+    lacks reads as zero."""
+
+    def __init__(self, dirs: Mapping[str, str]) -> None:
+        self._files = [
+            KeptFile(f"{dirs[controller]}/{name}") if controller in dirs else None
+            for controller, name in (
+                ("cpuacct", "cpuacct.usage"),
+                ("memory", "memory.usage_in_bytes"),
+                ("blkio", "blkio.throttle.io_service_bytes"),
+                ("pids", "pids.current"),
+            )
+        ]
+
+    def read(self) -> Sample:
+        cpu, memory, io, pids = (f.read() if f is not None else b"" for f in self._files)
+        read = write_ = 0
+        for line in io.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == b"Read":
+                read += int(parts[2])
+            elif len(parts) == 3 and parts[1] == b"Write":
+                write_ += int(parts[2])
+        return Sample(
+            time_ns=time.time_ns(),
+            cpu_seconds=int(cpu or 0) / 1e9,
+            memory_bytes=int(memory or 0),
+            io_read_bytes=read,
+            io_write_bytes=write_,
+            pids=int(pids or 0),
+        )
+
+    def close(self) -> None:
+        for f in self._files:
+            if f is not None:
+                f.close()

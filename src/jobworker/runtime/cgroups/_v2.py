@@ -19,13 +19,14 @@ from .._status import Usage
 from .._usage import Sample
 from ._base import (
     CPU_PERIOD_US,
+    UsageProbe,
     job_dirs,
     lock_subtree,
     remove_all,
     remove_dirs,
     wait_unpopulated,
 )
-from ._files import CgroupError, keyed_value, read_int, read_keyed, read_raw, read_text, write
+from ._files import CgroupError, KeptFile, keyed_value, read_int, read_keyed, read_text, write
 
 __all__ = ["LEAF", "V2Cgroup", "V2Driver"]
 
@@ -193,23 +194,8 @@ class V2Cgroup:
             io_write_bytes=write_,
         )
 
-    def sample(self) -> Sample:
-        directory = self._dir
-        read = write_ = 0
-        for line in read_raw(f"{directory}/io.stat").splitlines():
-            for field in line.split()[1:]:
-                if field.startswith(b"rbytes="):
-                    read += int(field[7:])
-                elif field.startswith(b"wbytes="):
-                    write_ += int(field[7:])
-        return Sample(
-            time_ns=time.time_ns(),
-            cpu_seconds=keyed_value(read_raw(f"{directory}/cpu.stat"), b"usage_usec") / 1e6,
-            memory_bytes=int(read_raw(f"{directory}/memory.current") or 0),
-            io_read_bytes=read,
-            io_write_bytes=write_,
-            pids=int(read_raw(f"{directory}/pids.current") or 0),
-        )
+    def probe(self) -> UsageProbe:
+        return _Probe(self._dir)
 
     def oom_killed(self) -> bool:
         return read_keyed(f"{self._dir}/memory.events").get("oom_kill", 0) > 0
@@ -231,3 +217,35 @@ class V2Cgroup:
             return False
         remove_dirs([directory], max(0.0, deadline - time.monotonic()))
         return True
+
+
+class _Probe:
+    """A job's cgroup2 usage files, kept open (see KeptFile)."""
+
+    def __init__(self, directory: str) -> None:
+        self._files = [
+            KeptFile(f"{directory}/{name}")
+            for name in ("cpu.stat", "memory.current", "io.stat", "pids.current")
+        ]
+
+    def read(self) -> Sample:
+        cpu, memory, io, pids = (f.read() for f in self._files)
+        read = write_ = 0
+        for line in io.splitlines():
+            for field in line.split()[1:]:
+                if field.startswith(b"rbytes="):
+                    read += int(field[7:])
+                elif field.startswith(b"wbytes="):
+                    write_ += int(field[7:])
+        return Sample(
+            time_ns=time.time_ns(),
+            cpu_seconds=keyed_value(cpu, b"usage_usec") / 1e6,
+            memory_bytes=int(memory or 0),
+            io_read_bytes=read,
+            io_write_bytes=write_,
+            pids=int(pids or 0),
+        )
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
