@@ -36,8 +36,9 @@ async def _cost(state: Path, interval: float | None) -> tuple[float, float, int]
     async with await Runtime.open(config) as rt:
         ids = []
         try:
-            for _ in range(JOBS):  # noqa: PERF401 - each id kept as it comes, for the stop below
-                ids.append((await rt.run(JobSpec(["sleep", "3600"]))).id)
+            for _ in range(JOBS):
+                job = await rt.run(JobSpec(["sleep", "3600"]))
+                ids.append(job.id)  # as each comes: the stop below ends every one started
             sampler = rt.sampler
             before, taken = sampler.cost_seconds, sampler.samples_taken
             cpu0, wall0 = time.process_time(), time.monotonic()
