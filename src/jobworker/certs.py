@@ -6,7 +6,8 @@ validity (30 days).
 
     jobworker-certs init DIR [--host NAME]...   # DIR/ca.pem, ca.key, server.pem, server.key
     jobworker-certs server DIR NAME --host NAME...  # DIR/NAME.pem, NAME.key: one more server
-    jobworker-certs client DIR NAME [--role admin|user] [--days N]   # DIR/NAME.pem, NAME.key
+    jobworker-certs client DIR NAME [--role admin|user] [--days N] [--p12]
+                                                # DIR/NAME.pem, NAME.key (and NAME.p12)
     jobworker-certs fingerprint CERT            # SHA-256, for allow and revocation lists
 
 The server certificate names localhost, 127.0.0.1 and ::1, plus each ``--host`` (a DNS name,
@@ -20,6 +21,7 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import __version__
@@ -39,6 +42,7 @@ __all__ = [
     "main",
     "make_ca",
     "make_dev_pki",
+    "make_p12",
     "make_pki",
     "make_server",
 ]
@@ -308,6 +312,32 @@ def make_client(
     return cert
 
 
+def make_p12(directory: Path, name: str, password: str | None = None) -> str:
+    """Write ``NAME.p12`` (0600): ``NAME``'s key and certificate with the CA's, for
+    importing into a browser, encrypted with ``password`` (None: a new random one).
+    Returns the password.
+
+    Raises:
+        CertError: no such client in ``directory``, the file exists, or an empty password.
+    """
+    if password is not None and not password:
+        raise CertError("--p12-password must not be empty (a browser refuses an empty one)")
+    issued = load(directory / _check_name(name))
+    ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    # 18 random bytes: 24 characters a person can type, 144 bits against guessing.
+    secret = password if password is not None else secrets.token_urlsafe(18)
+    # PBES2 with AES-256 and PBKDF2-SHA256: what Chrome and Firefox import today.
+    data = pkcs12.serialize_key_and_certificates(
+        name.encode(),
+        issued.key,
+        issued.cert,
+        [ca],
+        serialization.BestAvailableEncryption(secret.encode()),
+    )
+    _write_private(_with(directory / name, ".p12"), data)
+    return secret
+
+
 def make_dev_pki(directory: Path, users: dict[str, Role] | None = None) -> Path:
     """:func:`make_pki` plus one client per user (default: ``admin`` as admin, ``alice`` as
     user); returns ``directory``."""
@@ -350,6 +380,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the user name (certificate subject CN)")
     p.add_argument("--role", choices=[r.value for r in Role], default=Role.USER.value)
     p.add_argument("--days", type=float, default=CLIENT_DAYS, help="validity (default %(default)s)")
+    p.add_argument(
+        "--p12",
+        action="store_true",
+        help="also write DIR/NAME.p12 (key, certificate and CA) to import into a browser",
+    )
+    p.add_argument(
+        "--p12-password",
+        metavar="PASSWORD",
+        help="the .p12's password (default: a random one, printed once)",
+    )
     p = sub.add_parser("fingerprint", help="print a certificate's SHA-256 fingerprint")
     p.add_argument("cert", type=Path)
     return parser
@@ -367,8 +407,19 @@ def _run(args: argparse.Namespace) -> str:
         path = make_server(args.dir, args.name, args.host)
         return f"wrote {path} and its key (0600); it names {', '.join(args.host)}"
     if args.command == "client":
+        if args.p12_password is not None and not args.p12:
+            raise CertError("--p12-password goes with --p12")
+        if args.p12 and args.p12_password == "":
+            raise CertError("--p12-password must not be empty (a browser refuses an empty one)")
         path = make_client(args.dir, args.name, Role(args.role), days=args.days)
-        return f"wrote {path} and its key ({args.role}, valid {args.days:g} days)"
+        done = f"wrote {path} and its key ({args.role}, valid {args.days:g} days)"
+        if args.p12:
+            secret = make_p12(args.dir, args.name, args.p12_password)
+            p12 = _with(args.dir / args.name, ".p12")
+            done += f"\nwrote {p12} (0600) for a browser"
+            if args.p12_password is None:
+                done += f"; its password, shown only now: {secret}"
+        return done
     try:
         cert = x509.load_pem_x509_certificate(args.cert.read_bytes())
     except (OSError, ValueError) as e:

@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from jobworker.certs import issue_client, load, make_dev_pki
@@ -104,6 +105,33 @@ def test_server_adds_a_certificate_for_one_more_server_of_a_fleet(tmp_path: Path
         assert refused.returncode == 1
         assert refused.stderr.count("\n") == 1
         assert message in refused.stderr, refused.stderr
+
+
+def test_client_p12_for_a_browser_holds_key_certificate_and_ca(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    assert _run("init", str(pki)).returncode == 0
+    result = _run("client", str(pki), "carol", "--p12")
+    assert result.returncode == 0, result.stderr
+    password = result.stdout.strip().rsplit(": ", 1)[1]
+    assert len(password) >= 20
+    p12 = pki / "carol.p12"
+    assert stat.S_IMODE(p12.stat().st_mode) == 0o600
+    key, cert, cas = pkcs12.load_key_and_certificates(p12.read_bytes(), password.encode())
+    assert cert == _cert(pki / "carol.pem")
+    assert key is not None
+    assert key.public_key() == load(pki / "carol").key.public_key()
+    assert cas == [_cert(pki / "ca.pem")]
+    chosen = _run("client", str(pki), "dave", "--p12", "--p12-password", "s3cret")
+    assert "password" not in chosen.stdout  # given, so not printed
+    pkcs12.load_key_and_certificates((pki / "dave.p12").read_bytes(), b"s3cret")
+    for args, message in (
+        (("client", str(pki), "erin", "--p12-password", "x"), "--p12-password goes with --p12"),
+        (("client", str(pki), "erin", "--p12", "--p12-password", ""), "must not be empty"),
+    ):
+        refused = _run(*args)
+        assert refused.returncode == 1
+        assert refused.stderr.count("\n") == 1
+        assert message in refused.stderr
 
 
 def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path: Path) -> None:
