@@ -283,6 +283,9 @@ async def test_host_slash_id_reaches_every_verb(fleet: Fleet) -> None:
     plain = await fleet("--fleet", "all", "logs", "abcd1234")
     assert plain.code == 2
     assert "name a job as HOST/ID" in plain.err
+    unnamed = await fleet("--fleet", "all", "rm", "--selector", "app=x")
+    assert unnamed.code == 2
+    assert "name the jobs as HOST/ID" in unnamed.err
 
 
 async def test_ls_and_info_gather_every_server(fleet: Fleet) -> None:

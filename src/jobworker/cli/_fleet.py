@@ -472,6 +472,10 @@ async def _addressed(args: argparse.Namespace, fleet: Fleet, io: Io) -> int:
     several servers: one command per server, in the order given)."""
     field = "jobs" if hasattr(args, "jobs") else "job"
     refs = getattr(args, field)
+    if not refs:
+        raise UsageError(
+            f"in a fleet, name the jobs as HOST/ID (jobctl --fleet {fleet.name} ls shows them)"
+        )
     by_host: dict[str, list[str]] = {}
     for ref in refs if isinstance(refs, list) else [refs]:
         host, sep, job = ref.partition("/")
