@@ -183,3 +183,12 @@ async def test_an_attach_can_signal_the_job_without_sending_input(api: Running) 
         out, final = await _collect(call, accepted=True)
         assert b"got USR1\n" in out, out  # (its sleep, signalled too, may be reported)
         assert (final.state, final.exit_code) == (pb.JOB_STATE_EXITED, 3)
+
+
+async def test_input_before_the_start_is_refused(api: Running) -> None:
+    async with api.client("alice") as alice:
+        for rpc in (alice.Attach, alice.Exec):
+            call = rpc(timeout=30)
+            await call.write(pb.AttachRequest(stdin=b"too early"))
+            await call.done_writing()
+            assert await code_of(call) == grpc.StatusCode.INVALID_ARGUMENT
