@@ -616,6 +616,7 @@ class JobService:
         feeding = asyncio.ensure_future(
             _feed(requests, _JobInput(runtime, job), sends_input=start.stdin)
         )
+        feeding.add_done_callback(_retrieved)
         try:
             yield _ATTACHED
             async with contextlib.aclosing(_while_feeding(batches, feeding)) as reader:
@@ -630,8 +631,6 @@ class JobService:
                 await asyncio.wait_for(asyncio.shield(feeding), _FINISH_SENDING_S)
         finally:
             feeding.cancel()
-            if feeding.done() and not feeding.cancelled():
-                feeding.exception()  # retrieved: it was raised above, or the job had ended
             AUDIT.info("attach %s ends", job, extra={"fields": {**fields, "event": "end"}})
 
     @job_bidi
@@ -659,6 +658,7 @@ class JobService:
         feeding = asyncio.ensure_future(
             _feed(requests, _ProcessInput(process), sends_input=spec.stdin)
         )
+        feeding.add_done_callback(_retrieved)
         ended: dict[str, object] = {}
         try:
             yield pb.ExecResponse(started=True)
@@ -673,12 +673,18 @@ class JobService:
                 await asyncio.wait_for(asyncio.shield(feeding), _FINISH_SENDING_S)
         finally:
             feeding.cancel()
-            if feeding.done() and not feeding.cancelled():
-                feeding.exception()  # retrieved: it was raised above, or the process had ended
             process.close()
             AUDIT.info(
                 "exec in %s ends", job, extra={"fields": {**fields, **ended, "event": "end"}}
             )
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """An input side's failure is raised through the output side (``_while_feeding``), or
+    was moot (the call was over); either way it is not "never retrieved", even when it
+    ends only after the call did."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _Input(Protocol):
