@@ -19,7 +19,9 @@ import dns.rrset
 import pytest
 import pytest_asyncio
 
-from ..api.conftest import Pki
+from jobworker.api._config import ServerIdentity
+
+from ..api.conftest import Pki, serving
 from ..api.test_network import Daemon, _reap_orphans, take_back
 from .test_jobctl import JOBCTL, Result
 
@@ -355,3 +357,48 @@ def _run_jobctl(args: list[str], env: dict[str, str]) -> tuple[int, str]:
 
     done = subprocess.run([JOBCTL, *args], env=env, capture_output=True, text=True, check=False)
     return done.returncode, done.stderr
+
+
+async def test_what_a_server_says_of_itself_is_checked(tmp_path: Path, pki: Pki) -> None:
+    """A server (modified, or not ours) that calls itself something no jobworkerd accepts
+    at start-up is shown and addressed by its address, and matches no label."""
+    identity = ServerIdentity(name="evil\x1b[2J", labels={"role": "we b"})
+    async with serving(tmp_path, pki, identity=identity) as odd:
+        d = pki.dir
+        config = tmp_path / ".config" / "jobworker" / "config.toml"
+        config.parent.mkdir(parents=True)
+        config.write_text(
+            f'[fleets.odd]\nservers = ["127.0.0.1:{odd.port}"]\n'
+            f'ca = "{d}/ca.pem"\ncert = "{d}/alice.pem"\nkey = "{d}/alice.key"\n'
+        )
+        env = {"PATH": os.environ["PATH"], "XDG_CONFIG_HOME": str(tmp_path / ".config")}
+        proc = await asyncio.create_subprocess_exec(
+            JOBCTL,
+            "--fleet",
+            "odd",
+            "run",
+            "--",
+            "echo",
+            "hi",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err
+        assert b"\x1b" not in out + err
+        assert out == f"127.0.0.1:{odd.port} | hi\n".encode()
+        selected = await asyncio.create_subprocess_exec(
+            JOBCTL,
+            "--fleet",
+            "odd",
+            "-l",
+            "role",
+            "info",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(selected.communicate(), 60)
+        assert selected.returncode == 1
+        assert b"no server of fleet 'odd' matches 'role'" in err

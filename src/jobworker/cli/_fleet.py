@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from .._allocator import keep_large_buffers
-from .._labels import LabelError, parse_selector
+from .._labels import LabelError, check_labels, check_name, parse_selector
 from .._text import escape
 from .._units import UsageError
 from ..api._config import split_address
@@ -195,7 +195,15 @@ async def _meet(fleet: Fleet, address: str, channel: grpc.aio.Channel) -> Host:
         )
     except grpc.aio.AioRpcError as e:
         return Host(address, address, {}, None, _reason(e, fleet.connect_timeout))
-    return Host(address, info.name or address, dict(info.labels), session)
+    # What a server says of itself is checked as its own start-up checks it: a name or
+    # labels that would not pass there (a terminal escape in a name, say) are not shown
+    # or matched here; the server goes by its address and no labels instead.
+    try:
+        name = check_name(info.name)
+        labels = check_labels(dict(info.labels))
+    except LabelError:
+        name, labels = address, {}
+    return Host(address, name, labels, session)
 
 
 def _unique_names(hosts: list[Host]) -> list[Host]:
