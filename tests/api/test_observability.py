@@ -248,3 +248,39 @@ async def test_an_unparseable_request_is_invalid_argument_and_audited(
     audited = [r for r in audit_lines if r.getMessage() == "rpc GetJob INVALID_ARGUMENT"]
     assert audited
     assert getattr(audited[0], "fields", {})["user"] == "alice"
+
+
+async def test_attach_and_exec_are_audited_and_their_input_is_not(
+    tmp_path: Path, pki: Pki, audit_lines: list[logging.LogRecord]
+) -> None:
+    async with serving(tmp_path, pki) as running, running.client("alice") as stub:
+        spec = pb.JobSpec(argv=["cat"], stdin=pb.STDIN_MODE_PIPE)
+        job = await stub.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
+        call = stub.Exec(timeout=30)
+        await call.write(pb.ExecRequest(start=pb.ExecStart(id=job.id, argv=["cat"], stdin=True)))
+        await call.write(pb.ExecRequest(stdin=b"exec-secret\n"))
+        await call.write(pb.ExecRequest(close_stdin=True))
+        await call.done_writing()
+        async for response in call:
+            if response.HasField("ended"):
+                assert response.ended.exit_code == 0
+        call = stub.Attach(timeout=30)
+        await call.write(pb.AttachRequest(start=pb.AttachStart(id=job.id, stdin=True)))
+        await call.write(pb.AttachRequest(stdin=b"attach-secret\n"))
+        await call.write(pb.AttachRequest(close_stdin=True))
+        await call.done_writing()
+        async for _ in call:
+            pass
+    fields = [r.fields for r in audit_lines]  # type: ignore[attr-defined]
+    events = [(f["rpc"], f.get("event"), f["user"]) for f in fields if "event" in f]
+    assert events == [
+        ("Exec", "begin", "alice"),
+        ("Exec", "end", "alice"),
+        ("Attach", "begin", "alice"),
+        ("Attach", "end", "alice"),
+    ]
+    exec_end = next(f for f in fields if f.get("event") == "end" and f["rpc"] == "Exec")
+    assert (exec_end["argv"], exec_end["stdin"], exec_end["exit_code"]) == (["cat"], True, 0)
+    # Keystrokes and piped input are never recorded.
+    text = repr(fields) + "".join(r.getMessage() for r in audit_lines)
+    assert "secret" not in text
