@@ -59,9 +59,8 @@ def read_text(path: str) -> str | None:
 
 
 def read_raw(path: str) -> bytes:
-    """The file's bytes (b"" if it does not exist), with no text layer: the sampler reads
-    a few of these per running job every second, where ``open()``'s text wrapper cost
-    more than the read itself."""
+    """The file's bytes (b"" if it does not exist), with no text layer (what a
+    :class:`KeptFile` reads again and again, read once)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:

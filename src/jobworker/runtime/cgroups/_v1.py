@@ -25,7 +25,7 @@ from ._base import (
     wait_unpopulated,
 )
 from ._detect import Layout
-from ._files import CgroupError, KeptFile, read_int, read_keyed, read_text, write
+from ._files import CgroupError, KeptFile, read_int, read_keyed, read_raw, read_text, write
 
 __all__ = ["V1Cgroup", "V1Driver"]
 
@@ -169,15 +169,7 @@ class V1Cgroup:
 
     def usage(self) -> Usage:
         memory = self.dirs["memory"]
-        read = write_ = 0
-        for line in (
-            read_text(f"{self.dirs['blkio']}/blkio.throttle.io_service_bytes") or ""
-        ).splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[1] == "Read":
-                read += int(parts[2])
-            elif len(parts) == 3 and parts[1] == "Write":
-                write_ += int(parts[2])
+        read, write_ = _io_totals(read_raw(f"{self.dirs['blkio']}/blkio.throttle.io_service_bytes"))
         return Usage(
             cpu_seconds=(read_int(f"{self.dirs['cpuacct']}/cpuacct.usage") or 0) / 1e9,
             memory_bytes=read_int(f"{memory}/memory.usage_in_bytes") or 0,
@@ -236,13 +228,7 @@ class _Probe:
 
     def read(self) -> Sample:
         cpu, memory, io, pids = (f.read() if f is not None else b"" for f in self._files)
-        read = write_ = 0
-        for line in io.splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[1] == b"Read":
-                read += int(parts[2])
-            elif len(parts) == 3 and parts[1] == b"Write":
-                write_ += int(parts[2])
+        read, write_ = _io_totals(io)
         return Sample(
             time_ns=time.time_ns(),
             cpu_seconds=int(cpu or 0) / 1e9,
@@ -256,3 +242,15 @@ class _Probe:
         for f in self._files:
             if f is not None:
                 f.close()
+
+
+def _io_totals(service_bytes: bytes) -> tuple[int, int]:
+    """Bytes read and written, over every device of a ``blkio.throttle.io_service_bytes``."""
+    read = write_ = 0
+    for line in service_bytes.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == b"Read":
+            read += int(parts[2])
+        elif len(parts) == 3 and parts[1] == b"Write":
+            write_ += int(parts[2])
+    return read, write_

@@ -26,7 +26,16 @@ from ._base import (
     remove_dirs,
     wait_unpopulated,
 )
-from ._files import CgroupError, KeptFile, keyed_value, read_int, read_keyed, read_text, write
+from ._files import (
+    CgroupError,
+    KeptFile,
+    keyed_value,
+    read_int,
+    read_keyed,
+    read_raw,
+    read_text,
+    write,
+)
 
 __all__ = ["LEAF", "V2Cgroup", "V2Driver"]
 
@@ -178,14 +187,7 @@ class V2Cgroup:
 
     def usage(self) -> Usage:
         directory = self._dir
-        read = write_ = 0
-        for line in (read_text(f"{directory}/io.stat") or "").splitlines():
-            for field in line.split()[1:]:
-                key, _, value = field.partition("=")
-                if key == "rbytes":
-                    read += int(value)
-                elif key == "wbytes":
-                    write_ += int(value)
+        read, write_ = _io_totals(read_raw(f"{directory}/io.stat"))
         return Usage(
             cpu_seconds=read_keyed(f"{directory}/cpu.stat").get("usage_usec", 0) / 1e6,
             memory_bytes=read_int(f"{directory}/memory.current") or 0,
@@ -230,13 +232,7 @@ class _Probe:
 
     def read(self) -> Sample:
         cpu, memory, io, pids = (f.read() for f in self._files)
-        read = write_ = 0
-        for line in io.splitlines():
-            for field in line.split()[1:]:
-                if field.startswith(b"rbytes="):
-                    read += int(field[7:])
-                elif field.startswith(b"wbytes="):
-                    write_ += int(field[7:])
+        read, write_ = _io_totals(io)
         return Sample(
             time_ns=time.time_ns(),
             cpu_seconds=keyed_value(cpu, b"usage_usec") / 1e6,
@@ -249,3 +245,15 @@ class _Probe:
     def close(self) -> None:
         for f in self._files:
             f.close()
+
+
+def _io_totals(io_stat: bytes) -> tuple[int, int]:
+    """Bytes read and written, over every device of an ``io.stat``."""
+    read = write_ = 0
+    for line in io_stat.splitlines():
+        for field in line.split()[1:]:
+            if field.startswith(b"rbytes="):
+                read += int(field[7:])
+            elif field.startswith(b"wbytes="):
+                write_ += int(field[7:])
+    return read, write_
