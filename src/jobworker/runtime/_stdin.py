@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import struct
@@ -50,7 +51,11 @@ class StdinPipe:
                     view = view[os.write(fd, view) :]
                 except BlockingIOError:
                     await wait_fd(fd, write=True)
-                except BrokenPipeError:
+                except OSError as e:
+                    # EPIPE: nobody reads the pipe; EIO: a terminal whose processes are
+                    # all gone (the job is ending). Anything else is not ours to hide.
+                    if e.errno not in (errno.EPIPE, errno.EIO):
+                        raise
                     return False
             return True
 
