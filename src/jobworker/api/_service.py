@@ -31,7 +31,6 @@ from ..runtime import (
     InvalidSpecError,
     JobEndedError,
     JobStatus,
-    NoStdinError,
     Runtime,
     State,
     Window,
@@ -596,10 +595,7 @@ class JobService:
         """Serialized AttachResponse messages: the output as it comes, then the final
         status; meanwhile the requests' input goes to the job's stdin."""
         runtime = self.runtime
-        # Read once: a status read measures a running job's cgroup.
-        status = await runtime.status(job) if start.stdin else None
-        if status is not None:
-            _check_input(status)
+        mode = runtime.input_mode(job) if start.stdin else None
         # "Only new output" starts here, before the resize below makes the job redraw.
         batches = runtime.output_batches(
             job,
@@ -611,7 +607,7 @@ class JobService:
         fields = {"rpc": "Attach", "user": who.name, "job": job, "stdin": start.stdin}
         AUDIT.info("attach %s begins", job, extra={"fields": {**fields, "event": "begin"}})
         window = start.window
-        if status is not None and status.stdin == "tty" and window.rows and window.cols:
+        if mode == "tty" and window.rows and window.cols:
             await runtime.resize(job, window.rows, window.cols, redraw=True)
         feeding = asyncio.ensure_future(
             _feed(requests, _JobInput(runtime, job), sends_input=start.stdin)
@@ -792,17 +788,6 @@ async def _exec_output(process: ExecProcess) -> AsyncGenerator[pb.OutputChunk, N
 _FINISH_SENDING_S = 10.0
 # The AttachResponse {attached: true} (field 3, varint 1).
 _ATTACHED = b"\x18\x01"
-
-
-def _check_input(status: JobStatus) -> None:
-    """Raises NoStdinError (the job reads no input) or JobEndedError (it has ended)."""
-    if status.stdin == "none":
-        raise NoStdinError(
-            f"job {status.id} reads no input (it was started with stdin none); start a job "
-            "that reads input with stdin pipe (jobctl run -i)"
-        )
-    if status.state.is_final:
-        raise JobEndedError(f"job {status.id} has ended: it reads no more input")
 
 
 Item = TypeVar("Item")

@@ -440,7 +440,19 @@ class Runtime:
         if reply.outcome is not Outcome.OK:
             raise JobEndedError(f"cannot signal job {job.id}: {reply.detail}")
 
-    def _stdin_of(self, job: Job) -> tuple[StdinPipe, SupervisorHandle]:
+    def input_mode(self, job_id: str) -> str:
+        """The job's stdin mode ("pipe" or "tty"), once it is known to take input now.
+
+        Raises:
+            JobNotFoundError: no job has this id.
+            NoStdinError: the job's stdin is /dev/null.
+            JobNotRunningError, JobEndedError: it has not started, or has ended.
+        """
+        job = self._get(job_id)
+        self._taking_input(job)
+        return job.spec.stdin
+
+    def _taking_input(self, job: Job) -> SupervisorHandle:
         """Raises NoStdinError (stdin "none"), JobNotRunningError (not started) or
         JobEndedError (ended)."""
         if job.spec.stdin == "none":
@@ -448,7 +460,11 @@ class Runtime:
                 f"job {job.id} reads no input (it was started with stdin none); start a job "
                 "that reads input with stdin pipe (jobctl run -i)"
             )
-        supervisor = self._running(job, "send input to")
+        return self._running(job, "send input to")
+
+    def _stdin_of(self, job: Job) -> tuple[StdinPipe, SupervisorHandle]:
+        """Raises as :meth:`_taking_input`."""
+        supervisor = self._taking_input(job)
         if job.stdin_pipe is None:
             job.stdin_pipe = StdinPipe()
         return job.stdin_pipe, supervisor
