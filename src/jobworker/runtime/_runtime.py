@@ -165,6 +165,8 @@ class Runtime:
         await asyncio.to_thread(self._sampler.close)
         running = False
         for job in self._registry:
+            if job.stdin_pipe is not None:
+                job.stdin_pipe.release()  # the supervisor keeps its own end: the job reads on
             if job.supervisor is not None:
                 running = running or not job.state.is_final
                 job.supervisor.close()
