@@ -20,6 +20,9 @@ import pytest
 import pytest_asyncio
 
 from jobworker.api._config import ServerIdentity
+from jobworker.api.client import pb
+from jobworker.cli._fleet import _Lines
+from jobworker.cli._io import Io
 
 from ..api.conftest import Pki, serving
 from ..api.test_network import Daemon, _reap_orphans, take_back
@@ -402,3 +405,21 @@ async def test_what_a_server_says_of_itself_is_checked(tmp_path: Path, pki: Pki)
         _, err = await asyncio.wait_for(selected.communicate(), 60)
         assert selected.returncode == 1
         assert b"no server of fleet 'odd' matches 'role'" in err
+
+
+async def test_a_line_that_never_ends_is_not_held_back_whole(tmp_path: Path) -> None:
+    """The prefixer holds at most 64 KiB of an unfinished line per server and stream."""
+    out = (tmp_path / "out").open("w+b")
+    try:
+        lines = _Lines(Io(out.fileno(), out.fileno()), 4, prefix=True)
+        for _ in range(100):
+            await lines.write("db-1", pb.STREAM_STDOUT, b"x" * 4096)
+        shown = Path(out.name).read_bytes()
+        assert len(shown) >= 100 * 4096 - 64 * 1024  # all but the last piece is out
+        await lines.flush("db-1")
+        pieces = Path(out.name).read_bytes().split(b"\n")[:-1]
+    finally:
+        out.close()
+    assert len(pieces) > 1
+    assert all(p.startswith(b"db-1 | ") for p in pieces)
+    assert b"".join(p.removeprefix(b"db-1 | ") for p in pieces) == b"x" * 4096 * 100

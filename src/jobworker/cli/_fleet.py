@@ -241,6 +241,10 @@ def _reason(error: grpc.aio.AioRpcError, timeout: float) -> str:
 
 
 # ------------------------------------------------------------------ run
+# The most of one unfinished line held back per server and stream.
+_LONGEST_LINE = 64 * 1024
+
+
 class _Lines:
     """Output from every server, a whole line at a time, each after its server's name."""
 
@@ -256,17 +260,24 @@ class _Lines:
             return
         text = self._partial.pop((host, stream), b"") + data
         *lines, rest = text.split(b"\n")
+        if len(rest) > _LONGEST_LINE:
+            # A line that never ends (one huge write, a progress bar) is shown in pieces
+            # rather than held in memory whole.
+            lines.append(rest)
+            rest = b""
         if rest:
             self._partial[(host, stream)] = rest
         if lines:
-            head = f"{host:<{self._width}} | ".encode()
-            await self._emit(stream, b"".join(head + line + b"\n" for line in lines))
+            await self._emit(stream, b"".join(self._head(host) + line + b"\n" for line in lines))
 
     async def flush(self, host: str) -> None:
         for stream in (pb.STREAM_STDOUT, pb.STREAM_STDERR):
             rest = self._partial.pop((host, stream), b"")
             if rest:
-                await self._emit(stream, f"{host:<{self._width}} | ".encode() + rest + b"\n")
+                await self._emit(stream, self._head(host) + rest + b"\n")
+
+    def _head(self, host: str) -> bytes:
+        return f"{host:<{self._width}} | ".encode()
 
     async def _emit(self, stream: int, data: bytes) -> None:
         await (self._io.err(data) if stream == pb.STREAM_STDERR else self._io.out(data))
