@@ -42,7 +42,7 @@ from ._render import (
 )
 from ._top import top
 
-__all__ = ["guarded", "job_spec", "listed", "run_command", "run_in_process"]
+__all__ = ["guarded", "job_spec", "listed", "run_command", "run_here", "run_in_process"]
 
 # How long a follower keeps trying to reach a restarting server before giving up.
 RECONNECT_FOR_S = 60.0
@@ -608,21 +608,26 @@ async def guarded(
         return 0
 
 
-async def _run_here(args: argparse.Namespace, target: Target) -> int:
-    io = Io.here()
-    # SIGTERM detaches as Ctrl+C does: whatever was changed (a terminal in raw mode) is
-    # put back on the way out.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(signum, io.interrupt)
-    return await run_command(args, target, io)
-
-
 def run_in_process(args: argparse.Namespace, target: Target) -> int:
     """Run one parsed command in this process, on jobctl's own stdout and stderr; its exit
     status."""
+    return run_here(lambda io: run_command(args, target, io))
+
+
+def run_here(work: Callable[[Io], Awaitable[int]]) -> int:
+    """``work`` on jobctl's own stdout and stderr, in an event loop of its own; its exit
+    status. SIGTERM interrupts it as Ctrl+C does: whatever was changed (a terminal in raw
+    mode) is put back on the way out."""
     keep_large_buffers()
+
+    async def here() -> int:
+        io = Io.here()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, io.interrupt)
+        return await work(io)
+
     try:
-        return asyncio.run(_run_here(args, target))
+        return asyncio.run(here())
     except KeyboardInterrupt:
         sys.stderr.write("jobctl: interrupted\n")
         return DETACHED

@@ -23,24 +23,20 @@ import argparse
 import asyncio
 import contextlib
 import copy
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 import grpc
 
-from .._allocator import keep_large_buffers
 from .._labels import LabelError, check_labels, check_name, parse_selector
 from .._text import escape
 from .._units import UsageError
 from ..api._config import split_address
 from ..api._tls import TlsError, TlsFiles
 from ..api.client import connect, pb, stream_output
-from ._attach import DETACHED
 from ._client import CliError, Session
-from ._commands import guarded, job_spec, listed, run_command
+from ._commands import guarded, job_spec, listed, run_command, run_here
 from ._config import Fleet
 from ._io import Io
 from ._render import info_json, job_json, json_text, table_text
@@ -81,21 +77,8 @@ class Result(NamedTuple):
 def run_fleet(args: argparse.Namespace, fleet: Fleet) -> int:
     """Run one parsed command across ``fleet``; its exit status (0 only when it went well
     on every server; 2 bad usage; 130 interrupted, the jobs started going on)."""
-    keep_large_buffers()
-    try:
-        return asyncio.run(_here(args, fleet))
-    except KeyboardInterrupt:
-        sys.stderr.write("jobctl: interrupted\n")
-        return DETACHED
-
-
-async def _here(args: argparse.Namespace, fleet: Fleet) -> int:
-    io = Io.here()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, io.interrupt)
     note = f"interrupted; jobs already started keep running (jobctl --fleet {fleet.name} ls)"
-    return await guarded(_main(args, fleet, io), io, interrupted=note)
+    return run_here(lambda io: guarded(_main(args, fleet, io), io, interrupted=note))
 
 
 async def _main(args: argparse.Namespace, fleet: Fleet, io: Io) -> int:
