@@ -375,36 +375,14 @@ async def test_what_a_server_says_of_itself_is_checked(tmp_path: Path, pki: Pki)
             f'ca = "{d}/ca.pem"\ncert = "{d}/alice.pem"\nkey = "{d}/alice.key"\n'
         )
         env = {"PATH": os.environ["PATH"], "XDG_CONFIG_HOME": str(tmp_path / ".config")}
-        proc = await asyncio.create_subprocess_exec(
-            JOBCTL,
-            "--fleet",
-            "odd",
-            "run",
-            "--",
-            "echo",
-            "hi",
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, err
-        assert b"\x1b" not in out + err
-        assert out == f"127.0.0.1:{odd.port} | hi\n".encode()
-        selected = await asyncio.create_subprocess_exec(
-            JOBCTL,
-            "--fleet",
-            "odd",
-            "-l",
-            "role",
-            "info",
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _, err = await asyncio.wait_for(selected.communicate(), 60)
-        assert selected.returncode == 1
-        assert b"no server of fleet 'odd' matches 'role'" in err
+        jobctl = Fleet([], env, "")
+        ran = await jobctl("--fleet", "odd", "run", "--", "echo", "hi")
+        assert ran.code == 0, ran.err
+        assert "\x1b" not in ran.err
+        assert ran.out == f"127.0.0.1:{odd.port} | hi\n".encode()
+        selected = await jobctl("--fleet", "odd", "-l", "role", "info")
+        assert selected.code == 1
+        assert "no server of fleet 'odd' matches 'role'" in selected.err
 
 
 async def test_a_line_that_never_ends_is_not_held_back_whole(tmp_path: Path) -> None:
