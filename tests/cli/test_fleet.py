@@ -226,25 +226,37 @@ async def test_timeout_stops_each_job_and_counts_it_failed(fleet: Fleet) -> None
 
 
 async def test_a_server_killed_mid_run_is_reported_and_the_rest_finish(fleet: Fleet) -> None:
-    run = asyncio.ensure_future(
-        fleet("--fleet", "all", "run", "--", "sh", "-c", "echo started; sleep 2; echo done")
+    run = await asyncio.create_subprocess_exec(
+        JOBCTL,
+        "--fleet",
+        "all",
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 5; echo done",
+        env=fleet.env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
-    victim = fleet.daemons[1]
+    assert run.stdout is not None
+    assert run.stderr is not None
+    out = b""
     async with asyncio.timeout(60):
-        # Once every server runs the job (each has it, running), kill one.
-        while True:
-            ls = json.loads((await fleet("--fleet", "all", "ls", "--json")).out)
-            if len(ls) == 5:
-                break
-    victim.proc.kill()
-    result = await run
-    assert result.code == 1
-    summary = _summary(result.err)
+        # Once every server's job has said it started, kill one server.
+        while out.count(b"| started") < 5:
+            line = await run.stdout.readline()
+            assert line, "the fleet run ended early"
+            out += line
+    fleet.daemons[1].proc.kill()
+    rest, err = await asyncio.wait_for(run.communicate(), 60)
+    assert run.returncode == 1
+    summary = _summary(err.decode())
     assert summary["web-2"][0] == "unreachable", summary
     assert "lost the connection" in " ".join(summary["web-2"])
     others = {k: v for k, v in summary.items() if k != "web-2"}
     assert all(row[:2] == ["exited", "0"] for row in others.values()), summary
-    assert result.out.decode().count("| done") == 4
+    assert (out + rest).decode().count("| done") == 4
 
 
 async def test_an_unreachable_server_is_named_with_one_reason(fleet: Fleet) -> None:
