@@ -47,12 +47,15 @@ async def test_a_running_job_is_sampled_and_its_samples_can_be_followed(tmp_path
         async with asyncio.timeout(60), contextlib.aclosing(rt.watch_usage(job.id)) as samples:
             async for _ in samples:
                 pass
-        assert (await rt.wait(job.id)).exit_code == 0
+            assert (await rt.wait(job.id)).exit_code == 0
 
 
 async def test_sampling_off_keeps_no_history(tmp_path: Path) -> None:
-    config = make_config(tmp_path / "off", usage_interval=None)
-    async with opened(config) as rt:
-        job = await rt.run(py("import time; time.sleep(0.5)"))
-        await rt.wait(job.id)
-        assert await rt.usage(job.id) == []
+    """The same job, sampled every 100 ms and not at all: samples only in the first."""
+    sleeper = py("import time; time.sleep(0.5)")
+    for interval, sampled in ((0.1, True), (None, False)):
+        config = make_config(tmp_path / f"state-{interval}", usage_interval=interval)
+        async with opened(config) as rt, asyncio.timeout(60):
+            job = await rt.run(sleeper)
+            await rt.wait(job.id)
+            assert bool(await rt.usage(job.id)) is sampled, interval
