@@ -76,9 +76,10 @@ class Sampler:
             self._probes[job.id] = probe
             try:
                 UsageHistory(job.dir).append(probe.read())
-            except OSError as e:
-                # The job ended under us (its cgroup is going), its disk is full, or we
-                # are out of descriptors: the next tick tries again; the job is unaffected.
+            except (OSError, ValueError) as e:
+                # The job ended under us (its cgroup is going), its disk is full, we are
+                # out of descriptors, or a cgroup file read oddly: the next tick tries
+                # again; the job is unaffected, and so is sampling for the others.
                 log.debug("usage sample of %s skipped: %s", job.id, e)
                 continue
             self.samples_taken += 1
