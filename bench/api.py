@@ -402,10 +402,15 @@ async def jobworkerd(
         server.wait()
 
 
-def start_jobworkerd(work: Path, pki: Path) -> tuple[subprocess.Popen[str], int]:
-    """The real server, in its own process, as a client would meet it."""
+def start_jobworkerd(
+    work: Path, pki: Path, settings: str = ""
+) -> tuple[subprocess.Popen[str], int]:
+    """The real server, in its own process, as a client would meet it: its state and
+    config file in ``work``, ``settings`` (TOML tables) added to the config."""
     config = work / "jobworkerd.toml"
-    config.write_text("[quotas]\nmax_jobs_per_user = 100000\nmax_streams_per_user = 1000\n")
+    config.write_text(
+        "[quotas]\nmax_jobs_per_user = 100000\nmax_streams_per_user = 1000\n" + settings
+    )
     proc = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "jobworkerd"),

@@ -17,11 +17,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from api import start_jobworkerd
 from jobworker.certs import make_dev_pki
 from table import Row
 
@@ -52,44 +52,16 @@ def _jobworkerds(work: Path, pki: Path, n: int) -> Iterator[list[int]]:
     ports: list[int] = []
     try:
         for i in range(n):
-            state = work / f"server-{i}"
-            state.mkdir()
-            config = work / f"server-{i}.toml"
-            config.write_text(
+            home = work / f"server-{i}"
+            home.mkdir()
+            proc, port = start_jobworkerd(
+                home,
+                pki,
                 f'[server]\nname = "bench-{i}"\nlabels = {{ bench = "fleet" }}\n'
-                f'[cgroups]\nsubtree = "jobworker-bench-fleet-{os.getpid()}-{i}"\n'
+                f'[cgroups]\nsubtree = "jobworker-bench-fleet-{os.getpid()}-{i}"\n',
             )
-            procs.append(
-                subprocess.Popen(
-                    [
-                        str(BIN / "jobworkerd"),
-                        "--listen",
-                        "127.0.0.1:0",
-                        "--state-dir",
-                        str(state / "state"),
-                        "--ca",
-                        str(pki / "ca.pem"),
-                        "--cert",
-                        str(pki / "server.pem"),
-                        "--key",
-                        str(pki / "server.key"),
-                        "--config",
-                        str(config),
-                    ],
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
-        for proc in procs:
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                if "serving on" in line:
-                    ports.append(int(line.split("serving on ")[1].split()[0].rsplit(":", 1)[1]))
-                    break
-            else:
-                raise RuntimeError(f"jobworkerd exited with {proc.wait()} before serving")
-            # Keep draining its log, so it never blocks on a full pipe.
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            procs.append(proc)
+            ports.append(port)
         yield ports
     finally:
         for proc in procs:
