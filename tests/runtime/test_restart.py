@@ -327,23 +327,32 @@ async def test_remove_deletes_ended_jobs_and_refuses_running_ones(
 
 async def test_a_removed_job_is_freed_without_the_cycle_collector(restarts: Restarts) -> None:
     """jobworkerd freezes what is alive after start-up (gc.freeze): a job read back then
-    must still be freed when it is removed, so it may hold no reference cycle."""
+    must still be freed when it is removed, so it may hold no reference cycle. Nor may the
+    usage sampler hold a job it sampled until its next tick (an hour away here): the job
+    running across the restart is sampled by the new runtime's first tick."""
+    restarts.config = replace(restarts.config, usage_interval=3600.0)
     rt = await restarts.open()
     async with asyncio.timeout(60):
         done = await rt.run(JobSpec(["echo", "hi"]))
         await rt.wait(done.id)
+        sampled = await rt.run(JobSpec(["sleep", "600"]))
         await rt.close()
         rt = await restarts.open()
+        async with contextlib.aclosing(rt.watch_usage(sampled.id)) as usage:
+            assert await anext(usage)
+        await rt.stop(sampled.id, grace=0)
+        await rt.wait(sampled.id)
         fresh = await rt.run(JobSpec(["echo", "hi"]))
         await rt.wait(fresh.id)
-        jobs = [weakref.ref(rt._get(i)) for i in (done.id, fresh.id)]  # noqa: SLF001
+        ids = (done.id, sampled.id, fresh.id)
+        jobs = [weakref.ref(rt._get(i)) for i in ids]  # noqa: SLF001
         gc.disable()
         try:
-            for job_id in (done.id, fresh.id):
+            for job_id in ids:
                 await rt.remove(job_id)
             # Tasks that handled the job's end may still hold it until they are collected.
             await rt.settled()
-            assert [ref() for ref in jobs] == [None, None]
+            assert [ref() for ref in jobs] == [None, None, None]
         finally:
             gc.enable()
 

@@ -49,16 +49,22 @@ class Sampler:
         next_at = time.monotonic()
         while True:
             next_at += self.interval
-            jobs = [j for j in self._life.registry.live() if _sampled(j)]
-            if jobs:
-                async with self._life.sampling:
-                    await asyncio.to_thread(self._take, jobs)
+            await self._sample()
             tick, self._tick = self._tick, asyncio.Event()
             tick.set()
             now = time.monotonic()
             if now > next_at:  # overran: the next tick is the next one still ahead
                 next_at += ((now - next_at) // self.interval + 1) * self.interval
             await asyncio.sleep(next_at - now)
+
+    async def _sample(self) -> None:
+        # A call of its own, so that no job stays referenced from the loop's frame while it
+        # sleeps: a removed job must be freed at once, not at the next tick (an hour away,
+        # perhaps), nor left to the cycle collector.
+        jobs = [j for j in self._life.registry.live() if _sampled(j)]
+        if jobs:
+            async with self._life.sampling:
+                await asyncio.to_thread(self._take, jobs)
 
     def _take(self, jobs: list[Job]) -> None:
         with self._taking:
