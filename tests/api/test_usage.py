@@ -33,7 +33,7 @@ async def test_usage_is_sampled_followed_and_authorized(tmp_path: Path, pki: Pki
         watch = alice.WatchUsage(pb.UsageRequest(id=job.id), timeout=60)
         async for response in watch:
             seen += response.samples
-            if seen[-1].memory_bytes >= 48 << 20:
+            if seen[-1].memory_bytes >= 48 << 20 and len(seen) >= 2:
                 break
         watch.cancel()
         times = [s.time_unix_nano for s in seen]
@@ -57,6 +57,17 @@ async def test_usage_is_sampled_followed_and_authorized(tmp_path: Path, pki: Pki
         )
         bad = alice.GetUsage(pb.UsageRequest(id=job.id, step_seconds=-1), timeout=10)
         assert await code_of(bad) == grpc.StatusCode.INVALID_ARGUMENT
+        # ListUsage: the caller's running jobs' latest two samples; an admin's: any owner's.
+        mine = (await alice.ListUsage(pb.ListUsageRequest(), timeout=10)).jobs
+        assert [u.id for u in mine] == [job.id]
+        assert len(mine[0].samples) == 2
+        assert mine[0].samples[0].time_unix_nano < mine[0].samples[1].time_unix_nano
+        assert not (await bob.ListUsage(pb.ListUsageRequest(), timeout=10)).jobs
+        other = bob.ListUsage(pb.ListUsageRequest(owner="alice"), timeout=10)
+        assert await code_of(other) == grpc.StatusCode.PERMISSION_DENIED
+        async with api.client("admin") as admin:
+            seen_by_admin = await admin.ListUsage(pb.ListUsageRequest(owner="alice"), timeout=10)
+        assert [u.id for u in seen_by_admin.jobs] == [job.id]
         # The stream ends when the job does.
         call = alice.Attach(timeout=30)
         await call.write(pb.AttachRequest(start=pb.AttachStart(id=job.id, stdin=True)))

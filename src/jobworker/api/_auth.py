@@ -130,7 +130,8 @@ class Authenticator:
         )
 
     def identify(self, context: Any) -> Identity:
-        """The caller of a grpc.aio call.
+        """The caller of a grpc.aio call (Any: grpc.aio's context is untyped; the web
+        console's stand-in answers the same ``auth_context``).
 
         Raises:
             AuthError: no verified certificate, a malformed identity, or a certificate

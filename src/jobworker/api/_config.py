@@ -86,6 +86,8 @@ class ServerConfig:
     log_format: str = "text"
     # HOST:PORT of the Prometheus endpoint; None: no endpoint.
     metrics_listen: str | None = None
+    # HOST:PORT of the web console (HTTPS, the same TLS and authorization); None: off.
+    web_listen: str | None = None
     handshake_timeout: float = 5.0
     max_connections: int = 1000
 
@@ -636,6 +638,17 @@ class UsageSection:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSection:
+    listen: str | None = _setting(
+        _optional_address,
+        "",
+        "the web console's HOST:PORT: HTTPS with the same TLS 1.3 certificates, client "
+        "certificates and authorization as the gRPC API; unset: off",
+        '"127.0.0.1:8443"',
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class FileConfig:
     """The configuration file, one typed section per table."""
 
@@ -653,6 +666,7 @@ class FileConfig:
     images: ImagesSection = field(default_factory=ImagesSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     usage: UsageSection = field(default_factory=UsageSection)
+    web: WebSection = field(default_factory=WebSection)
 
 
 def _table(name: str) -> str:
@@ -680,6 +694,7 @@ FLAG_KEYS = {
     "cert": "tls.cert",
     "key": "tls.key",
     "metrics_listen": "metrics.listen",
+    "web_listen": "web.listen",
 }
 
 
@@ -884,6 +899,7 @@ def _build(file: FileConfig, problems: list[str]) -> ServerConfig | None:
         shutdown_grace=file.server.shutdown_grace,
         log_format=file.server.log_format,
         metrics_listen=file.metrics.listen,
+        web_listen=file.web.listen,
         handshake_timeout=file.server.handshake_timeout,
         max_connections=file.server.max_connections,
     )
@@ -965,7 +981,7 @@ def default_config_text() -> str:
         "# Sizes: 512M, 10G or bytes. Durations: 500ms, 5s, 12h, 7d or seconds.",
         "# Relative paths are taken from this file's directory.",
         "# Command-line flags (--name, --label, --listen, --state-dir, --ca, --cert, --key,",
-        "# --log-format, --metrics-listen) override what is set here.",
+        "# --log-format, --metrics-listen, --web-listen) override what is set here.",
     ]
     for section, keys in SCHEMA.items():
         lines += ["", f"[{section}]"]

@@ -527,6 +527,16 @@ class JobService:
         samples = await self.runtime.usage(job, since, step)
         return pb.UsageResponse(samples=[usage_to_pb(s) for s in samples])
 
+    @caller_rpc
+    async def ListUsage(self, request: pb.ListUsageRequest, who: Identity) -> pb.ListUsageResponse:
+        recent = self.runtime.recent_usage(list_filter(who, request.owner))
+        return pb.ListUsageResponse(
+            jobs=[
+                pb.JobUsage(id=job, samples=[usage_to_pb(s) for s in samples])
+                for job, samples in recent.items()
+            ]
+        )
+
     @job_stream
     async def WatchUsage(
         self, request: pb.UsageRequest, _who: Identity, job: str

@@ -601,6 +601,14 @@ class Runtime:
         """
         return self._sampler.watch(self._get(job_id), since_ns)
 
+    def recent_usage(self, owner: str | None = None) -> dict[str, tuple[Sample, ...]]:
+        """Every running job's latest two samples (one after its first), by id, of
+        ``owner`` (None: every owner's); from memory, as of the last tick."""
+        recent = self._sampler.recent
+        if owner is None:
+            return dict(recent)
+        return {i: s for i, s in recent.items() if self._registry.owner_of(i) == owner}
+
     @property
     def sampler(self) -> Sampler:
         return self._sampler

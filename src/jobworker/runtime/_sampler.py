@@ -42,6 +42,9 @@ class Sampler:
         self._probes: dict[str, UsageProbe] = {}
         self._taking = threading.Lock()
         self._closed = False
+        # Each running job's latest two samples (oldest first), replaced whole each tick:
+        # the jobs list's CPU and memory come from here, not from each job's history file.
+        self.recent: dict[str, tuple[Sample, ...]] = {}
 
     async def run(self) -> None:
         if self.interval is None:
@@ -74,6 +77,7 @@ class Sampler:
     def _take_locked(self, jobs: list[Job]) -> None:
         started = time.thread_time()
         probes, self._probes = self._probes, {}
+        recent: dict[str, tuple[Sample, ...]] = {}
         for job in jobs:
             cgroup = job.cgroup
             if cgroup is None:
@@ -81,7 +85,8 @@ class Sampler:
             probe = probes.pop(job.id, None) or cgroup.probe()
             self._probes[job.id] = probe
             try:
-                UsageHistory(job.dir).append(probe.read())
+                sample = probe.read()
+                UsageHistory(job.dir).append(sample)
             except (OSError, ValueError) as e:
                 # The job ended under us (its cgroup is going), its disk is full, we are
                 # out of descriptors, or a cgroup file read oddly: the next tick tries
@@ -89,8 +94,10 @@ class Sampler:
                 log.debug("usage sample of %s skipped: %s", job.id, e)
                 continue
             self.samples_taken += 1
+            recent[job.id] = (*self.recent.get(job.id, ())[-1:], sample)
         for gone in probes.values():  # jobs no longer running
             gone.close()
+        self.recent = recent
         self.cost_seconds += time.thread_time() - started
 
     def close(self) -> None:
@@ -101,6 +108,7 @@ class Sampler:
             for probe in self._probes.values():
                 probe.close()
             self._probes.clear()
+            self.recent = {}
 
     async def watch(self, job: Job, since_ns: int) -> AsyncGenerator[list[Sample], None]:
         """The job's samples after ``since_ns``, then each new one as it is taken, until

@@ -119,6 +119,11 @@ class JobServiceStub:
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.SerializeToString,
                 response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.UsageResponse.FromString,
                 _registered_method=True)
+        self.ListUsage = channel.unary_unary(
+                '/jobworker.v1.JobService/ListUsage',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListUsageRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListUsageResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -266,6 +271,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUsage(self, request, context):
+        """Every running job's two latest samples (the caller's; an admin's: all, or one owner's),
+        from memory: one call where a GetUsage per job would read each job's history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -353,6 +366,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.WatchUsage,
                     request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.FromString,
                     response_serializer=jobworker_dot_v1_dot_jobworker__pb2.UsageResponse.SerializeToString,
+            ),
+            'ListUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsage,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListUsageRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -814,6 +832,33 @@ class JobService:
             '/jobworker.v1.JobService/WatchUsage',
             jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.SerializeToString,
             jobworker_dot_v1_dot_jobworker__pb2.UsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobworker.v1.JobService/ListUsage',
+            jobworker_dot_v1_dot_jobworker__pb2.ListUsageRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.ListUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -113,6 +113,10 @@ class JobServiceStub:
     """A job's samples after `since`, then each new one as it is taken; the stream ends once
     the job has ended.
     """
+    ListUsage: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.ListUsageRequest, _jobworker_pb2.ListUsageResponse]
+    """Every running job's two latest samples (the caller's; an admin's: all, or one owner's),
+    from memory: one call where a GetUsage per job would read each job's history.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -184,6 +188,10 @@ class JobServiceAsyncStub(JobServiceStub):
     WatchUsage: _aio.UnaryStreamMultiCallable[_jobworker_pb2.UsageRequest, _jobworker_pb2.UsageResponse]  # type: ignore[assignment]
     """A job's samples after `since`, then each new one as it is taken; the stream ends once
     the job has ended.
+    """
+    ListUsage: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.ListUsageRequest, _jobworker_pb2.ListUsageResponse]  # type: ignore[assignment]
+    """Every running job's two latest samples (the caller's; an admin's: all, or one owner's),
+    from memory: one call where a GetUsage per job would read each job's history.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -355,6 +363,16 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_jobworker_pb2.UsageResponse], _abc.AsyncIterator[_jobworker_pb2.UsageResponse]]:
         """A job's samples after `since`, then each new one as it is taken; the stream ends once
         the job has ended.
+        """
+
+    @_abc_1.abstractmethod
+    def ListUsage(
+        self,
+        request: _jobworker_pb2.ListUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobworker_pb2.ListUsageResponse, _abc.Awaitable[_jobworker_pb2.ListUsageResponse]]:
+        """Every running job's two latest samples (the caller's; an admin's: all, or one owner's),
+        from memory: one call where a GetUsage per job would read each job's history.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
