@@ -201,7 +201,17 @@ async def test_watch_jobs_sees_every_change_of_ones_own_jobs(api: Running) -> No
         x = await _create(alice, ["true"], labels={"app": "x"})
         event = await asyncio.wait_for(labelled.read(), 30)
         assert (event.job.id, event.job.state) == (x.id, pb.JOB_STATE_CREATED)
-        for call in (mine, everyone, labelled):
+        # With existing: the jobs there are first (alice's own, oldest first), then synced,
+        # then changes.
+        listed = [j.id for j in (await alice.ListJobs(pb.ListJobsRequest(), timeout=10)).jobs]
+        both = alice.WatchJobs(pb.WatchJobsRequest(existing=True), timeout=60)
+        first = [await asyncio.wait_for(both.read(), 30) for _ in listed]
+        assert [e.job.id for e in first] == listed
+        assert (await asyncio.wait_for(both.read(), 30)).synced
+        later = await _create(alice, ["true"])
+        event = await asyncio.wait_for(both.read(), 30)
+        assert (event.job.id, event.synced) == (later.id, False)
+        for call in (mine, everyone, labelled, both):
             call.cancel()
         refused = bob.WatchJobs(pb.WatchJobsRequest(owner="alice"), timeout=10)
         assert await code_of(refused) == grpc.StatusCode.PERMISSION_DENIED

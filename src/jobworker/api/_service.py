@@ -515,9 +515,15 @@ class JobService:
         def wants(status: JobStatus) -> bool:
             return (owner is None or status.owner == owner) and selector.matches(status.labels)
 
-        async with contextlib.aclosing(self.runtime.changes(wants)) as changes:
-            async for change in changes:
-                yield pb.JobEvent(job=job_to_pb(change.status), deleted=change.deleted)
+        changes = self.runtime.changes(wants, existing=request.existing)
+        async with contextlib.aclosing(changes) as batches:
+            if request.existing:
+                for change in await anext(batches):
+                    yield pb.JobEvent(job=job_to_pb(change.status))
+                yield pb.JobEvent(synced=True)
+            async for batch in batches:
+                for change in batch:
+                    yield pb.JobEvent(job=job_to_pb(change.status), deleted=change.deleted)
 
     @job_rpc
     async def GetUsage(

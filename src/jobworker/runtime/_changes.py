@@ -66,8 +66,16 @@ class ChangeFeed:
         for watcher in self._watchers:
             watcher.put(Change(last, deleted=True))
 
-    async def watch(self, wants: Callable[[JobStatus], bool]) -> AsyncGenerator[Change, None]:
-        """Yield every change from now on to a job ``wants`` accepts; never ends by itself.
+    async def watch(
+        self,
+        wants: Callable[[JobStatus], bool],
+        existing: Callable[[], list[JobStatus]] | None = None,
+    ) -> AsyncGenerator[list[Change], None]:
+        """Yield every change from now on to a job ``wants`` accepts, in batches of what
+        piled up meanwhile; never ends by itself. With ``existing``, the first batch is
+        the jobs it returns, called in the same step as the watch begins: no change falls
+        between that list and the changes after it (Kubernetes' list-then-watch leaves a
+        gap its clients must close with a resource version).
 
         Raises:
             WatcherBehindError: more than MAX_PENDING changes piled up unread.
@@ -75,6 +83,8 @@ class ChangeFeed:
         watcher = _Watcher(wants)
         self._watchers.add(watcher)
         try:
+            if existing is not None:
+                yield [Change(status) for status in existing()]
             while True:
                 await watcher.wake.wait()
                 watcher.wake.clear()
@@ -83,7 +93,9 @@ class ChangeFeed:
                         f"more than {MAX_PENDING} changes were waiting to be read; watch again "
                         "(and list the jobs to catch up)"
                     )
-                while watcher.pending:
-                    yield watcher.pending.popleft()
+                if watcher.pending:
+                    batch = list(watcher.pending)
+                    watcher.pending.clear()
+                    yield batch
         finally:
             self._watchers.discard(watcher)

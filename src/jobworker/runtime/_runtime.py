@@ -613,15 +613,24 @@ class Runtime:
     def sampler(self) -> Sampler:
         return self._sampler
 
-    def changes(self, wants: Callable[[JobStatus], bool]) -> AsyncGenerator[Change, None]:
+    def changes(
+        self, wants: Callable[[JobStatus], bool], *, existing: bool = False
+    ) -> AsyncGenerator[list[Change], None]:
         """Every change from now on to a job ``wants`` accepts (created, changed state,
-        deleted), in the order they happened; the iterator never ends by itself.
+        deleted), in the order they happened, in batches of what came meanwhile; the
+        iterator never ends by itself. With ``existing``, the first batch is every job
+        ``wants`` accepts as the watch begins (oldest first), with no gap before the
+        changes that follow.
 
         Raises:
             WatcherBehindError: (while iterating) the caller fell far behind.
         """
         self._check_open()
-        return self._changes.watch(wants)
+
+        def now() -> list[JobStatus]:
+            return [j.status for j in self._registry.of(None) if wants(j.status)]
+
+        return self._changes.watch(wants, now if existing else None)
 
     async def settled(self) -> None:
         """Return once every job end seen so far has been dealt with: cgroups removed,

@@ -1017,19 +1017,25 @@ class WatchJobsRequest(_message.Message):
 
     OWNER_FIELD_NUMBER: _builtins.int
     SELECTOR_FIELD_NUMBER: _builtins.int
+    EXISTING_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
     """Admins only: only this owner's jobs (as ListJobsRequest.owner)."""
     selector: _builtins.str
     """Only jobs whose labels match (as ListJobsRequest.selector)."""
+    existing: _builtins.bool
+    """First an event for every job that exists (oldest first), then one with `synced`, then
+    the changes: no change is missed between the list and the watch.
+    """
     def __init__(
         self,
         *,
         owner: _builtins.str = ...,
         selector: _builtins.str = ...,
+        existing: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["existing", b"existing", "owner", b"owner", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1043,8 +1049,11 @@ class JobEvent(_message.Message):
 
     JOB_FIELD_NUMBER: _builtins.int
     DELETED_FIELD_NUMBER: _builtins.int
+    SYNCED_FIELD_NUMBER: _builtins.int
     deleted: _builtins.bool
     """True when the job was deleted."""
+    synced: _builtins.bool
+    """(WatchJobsRequest.existing) every existing job has been sent; no job is set."""
     @_builtins.property
     def job(self) -> Global___Job:
         """Its status after the change (its last one, when it was deleted)."""
@@ -1054,10 +1063,11 @@ class JobEvent(_message.Message):
         *,
         job: Global___Job | None = ...,
         deleted: _builtins.bool = ...,
+        synced: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "job", b"job"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "job", b"job", "synced", b"synced"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
