@@ -45,7 +45,14 @@ from ._logs import AUDIT
 from ._proto import jobworker_pb2 as pb
 from ._wire import encode_field, encode_list_response, encode_output_response
 
-__all__ = ["RPC_SCOPES", "JobService", "NoMetrics", "ServiceMetrics", "add_to_server"]
+__all__ = [
+    "PRESERIALIZED",
+    "RPC_SCOPES",
+    "JobService",
+    "NoMetrics",
+    "ServiceMetrics",
+    "add_to_server",
+]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -886,7 +893,7 @@ _HANDLERS = {
     (True, True): grpc.stream_stream_rpc_method_handler,
 }
 # Methods whose handler yields already-serialized messages.
-_PRESERIALIZED = frozenset({"StreamOutput", "ListJobs", "Attach"})
+PRESERIALIZED = frozenset({"StreamOutput", "ListJobs", "Attach"})
 
 
 def add_to_server(service: JobService, server: grpc.aio.Server) -> None:
@@ -905,7 +912,7 @@ def add_to_server(service: JobService, server: grpc.aio.Server) -> None:
             getattr(service, method.name),
             request_deserializer=_lenient(request.FromString, method.input_type.name),
             response_serializer=None
-            if method.name in _PRESERIALIZED
+            if method.name in PRESERIALIZED
             else response.SerializeToString,
         )
     generic = grpc.method_handlers_generic_handler(descriptor.full_name, handlers)

@@ -50,6 +50,7 @@ from ._service import JobService, add_to_server
 
 if TYPE_CHECKING:
     from ._metrics import Metrics
+    from ._web import WebConsole
 from ._tls import (
     MAX_FRAME_BYTES,
     TlsError,
@@ -99,6 +100,36 @@ async def _serve_metrics(metrics: Metrics, address: str) -> None:
     log.info("metrics on http://%s:%d/metrics", _split(address)[0], port)
 
 
+async def _serve_web(service: JobService, config: ServerConfig) -> WebConsole | None:
+    """The web console on ``config.web_listen``, TLS 1.3 only (proved as the gRPC side's);
+    None when it is off.
+
+    Raises:
+        StartupError: the address cannot be bound, or it would serve TLS 1.2.
+    """
+    if config.web_listen is None:
+        return None
+    from ._web import WebConsole  # noqa: PLC0415 - only when on (aiohttp's imports)
+
+    try:
+        web = await WebConsole.start(
+            service, config.tls, config.web_listen, config.handshake_timeout
+        )
+    except OSError as e:
+        raise StartupError(
+            f"cannot serve the web console on {config.web_listen}: {e.strerror or e}; pick "
+            "another --web-listen"
+        ) from e
+    host, _ = _split(config.web_listen)
+    try:
+        await asyncio.to_thread(check_tls13_only, host or "127.0.0.1", web.port)
+    except TlsError:
+        await web.stop()
+        raise
+    log.info("web console on https://%s:%d", host or "127.0.0.1", web.port)
+    return web
+
+
 class Server:
     """A running jobworkerd: runtime, gRPC server, health and reflection."""
 
@@ -116,6 +147,8 @@ class Server:
         self.ports = ports
         # With its endpoint's port, when metrics are on.
         self.metrics = metrics
+        # With its port, when the web console is on.
+        self.web: WebConsole | None = None
 
     @classmethod
     async def start(cls, config: ServerConfig) -> Server:
@@ -180,6 +213,7 @@ class Server:
             for address, port in zip(config.listen, ports, strict=True):
                 host, _ = _split(address)
                 await asyncio.to_thread(check_tls13_only, host or "127.0.0.1", port)
+            web = await _serve_web(service, config)
         except (StartupError, TlsError) as e:
             await server.stop(None)
             await runtime.close()
@@ -190,7 +224,9 @@ class Server:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         bound = [f"{_split(a)[0]}:{p}" for a, p in zip(config.listen, ports, strict=True)]
         log.info("serving on %s (TLS 1.3 only, client certificates required)", ", ".join(bound))
-        return cls(server, runtime, service, ports, metrics)
+        running = cls(server, runtime, service, ports, metrics)
+        running.web = web
+        return running
 
     def reload_certificates(self) -> None:
         try:
@@ -202,6 +238,8 @@ class Server:
         """Stop accepting calls, end open streams after ``grace`` s, close the runtime.
         Jobs keep running."""
         self.service.shutting_down.set()
+        if self.web is not None:
+            await self.web.stop()
         await self._server.stop(grace)
         await self.runtime.close()
         if self.metrics is not None:
@@ -241,6 +279,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", choices=["text", "json"], help="stderr log lines")
     parser.add_argument(
         "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics there"
+    )
+    parser.add_argument(
+        "--web-listen",
+        metavar="HOST:PORT",
+        help="serve the web console there (HTTPS, the same certificates and authorization)",
     )
     return parser
 

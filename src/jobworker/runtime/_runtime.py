@@ -295,6 +295,11 @@ class Runtime:
         return timeout
 
     @property
+    def default_grace(self) -> float:
+        """Seconds between SIGTERM and SIGKILL when a stop names none."""
+        return self._config.default_grace
+
+    @property
     def timeouts(self) -> tuple[float | None, float | None]:
         """The server's default and maximum job timeout, in seconds (None: none)."""
         return self._config.default_timeout, self._config.max_timeout

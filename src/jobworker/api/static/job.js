@@ -1,0 +1,196 @@
+"use strict";
+// One job's page: its status, CPU and memory charts and output, all kept live over
+// server-sent events; the output is paged (the server sends a page, then "more").
+
+(() => {
+  const main = document.getElementById("main");
+  const id = main.dataset.job;
+  const notice = document.getElementById("notice");
+  const usageNote = document.getElementById("usage-note");
+  let job = null;
+
+  function set(key, text) {
+    const dd = document.querySelector('dd[data-field="' + key + '"]');
+    if (dd) dd.textContent = text === null || text === undefined ? "" : String(text);
+  }
+
+  function limitsText(job) {
+    const l = job.limits || {};
+    const parts = [];
+    if (l.cpus !== null && l.cpus !== undefined) parts.push("CPUs " + l.cpus);
+    if (job.memoryLimit) parts.push("memory " + jw.bytes(job.memoryLimit));
+    if (l.pids) parts.push("processes " + l.pids);
+    if (l.tmp) parts.push("private /tmp " + jw.bytes(l.tmp));
+    let text = parts.length ? parts.join(", ") : "none";
+    if (l.enforced === false) text += " (not enforced: the server runs without cgroups)";
+    return text;
+  }
+
+  function sandboxText(job) {
+    const s = job.sandbox;
+    if (!s) return "none";
+    return "uid " + s.uid + ", root " + s.root + ", seccomp " + (s.seccomp ? "on" : "off");
+  }
+
+  function show(next) {
+    job = next;
+    const badge = document.getElementById("state");
+    badge.textContent = job.state;
+    badge.dataset.state = job.state;
+    set("state", job.state);
+    set("exit", jw.exit(job));
+    set("reason", job.reason);
+    set("created", jw.time(job.created));
+    set("started", jw.time(job.started));
+    set("ended", jw.time(job.ended));
+    set("timeout", job.timeout ? job.timeout + " s" : "none");
+    set("limits", limitsText(job));
+    set("sandbox", sandboxText(job));
+    set("labels", job.labels);
+    const running = job.state === "running";
+    for (const b of document.querySelectorAll('button[data-when="running"]')) b.disabled = !running;
+    for (const b of document.querySelectorAll('button[data-when="ended"]')) b.disabled = running;
+    if (job.oom) {
+      usageNote.textContent = "The kernel's OOM killer ended a process of this job at "
+        + jw.time(job.ended) + " (marked on the memory chart).";
+    }
+    charts.limit(job.memoryLimit);
+  }
+
+  // ------------------------------------------------------------------ charts
+  const charts = (() => {
+    const t = [];
+    const cpu = [];
+    const mem = [];
+    const limit = [];
+    let last = null;
+    let limitMiB = null;
+    const cpuEl = document.getElementById("cpu-chart");
+    const memEl = document.getElementById("mem-chart");
+    const oomMarker = {
+      hooks: {
+        draw: [(u) => {
+          if (!job || !job.oom || !job.ended) return;
+          const x = u.valToPos(job.ended / 1000, "x", true);
+          const ctx = u.ctx;
+          ctx.save();
+          ctx.strokeStyle = "#b3261e";
+          ctx.lineWidth = 2 * devicePixelRatio;
+          ctx.beginPath();
+          ctx.moveTo(x, u.bbox.top);
+          ctx.lineTo(x, u.bbox.top + u.bbox.height);
+          ctx.stroke();
+          ctx.fillStyle = "#b3261e";
+          ctx.font = (12 * devicePixelRatio) + "px sans-serif";
+          ctx.textAlign = "right";
+          ctx.fillText("OOM kill", x - 4 * devicePixelRatio, u.bbox.top + 14 * devicePixelRatio);
+          ctx.restore();
+        }],
+      },
+    };
+    function options(series, el) {
+      return {
+        width: Math.max(320, el.clientWidth || 600),
+        height: 220,
+        scales: { x: { time: true } },
+        series: [{}, ...series],
+        plugins: [oomMarker],
+        legend: { live: false },
+      };
+    }
+    const cpuChart = new uPlot(options([{ label: "CPU %", stroke: "#0b57d0", width: 2 }], cpuEl), [t, cpu], cpuEl);
+    const memChart = new uPlot(options([
+      { label: "Memory MiB", stroke: "#116329", width: 2 },
+      { label: "Limit MiB", stroke: "#b3261e", dash: [6, 4], width: 1 },
+    ], memEl), [t, mem, limit], memEl);
+
+    function redraw() {
+      cpuChart.setData([t, cpu]);
+      memChart.setData([t, mem, limit]);
+      cpuEl.dataset.points = String(t.length);
+      memEl.dataset.points = String(t.length);
+    }
+    addEventListener("resize", () => {
+      cpuChart.setSize({ width: Math.max(320, cpuEl.clientWidth), height: 220 });
+      memChart.setSize({ width: Math.max(320, memEl.clientWidth), height: 220 });
+    });
+    return {
+      add(samples) {
+        for (const [ms, cpuSeconds, bytes] of samples) {
+          const at = ms / 1000;
+          if (t.length && at <= t[t.length - 1]) continue;
+          let percent = null;
+          if (last && at > last[0]) percent = Math.max(0, 100 * (cpuSeconds - last[1]) / (at - last[0]));
+          last = [at, cpuSeconds];
+          t.push(at);
+          cpu.push(percent);
+          mem.push(bytes / 1048576);
+          limit.push(limitMiB);
+        }
+        redraw();
+      },
+      limit(bytes) {
+        limitMiB = bytes ? bytes / 1048576 : null;
+        limit.fill(limitMiB);
+        redraw();
+      },
+    };
+  })();
+
+  const statusEvents = new EventSource("/events/jobs/" + id);
+  statusEvents.addEventListener("status", (e) => show(JSON.parse(e.data)));
+  statusEvents.addEventListener("usage", (e) => charts.add(JSON.parse(e.data)));
+  statusEvents.addEventListener("end", () => statusEvents.close());
+  statusEvents.addEventListener("problem", (e) => {
+    notice.textContent = JSON.parse(e.data).error;
+    statusEvents.close();
+  });
+
+  // ------------------------------------------------------------------ output
+  const pre = document.getElementById("output");
+  const state = document.getElementById("output-state");
+  const more = document.getElementById("more");
+  const moreText = document.getElementById("more-text");
+  const ansi = new AnsiText(pre, 0);
+  let output = null;
+  let moreAt = null;
+
+  function follow(query, keep) {
+    if (output) output.close();
+    more.hidden = true;
+    if (!keep) ansi.clear();
+    // Following the tail keeps the last 20,000 pieces; a page from the start keeps all.
+    ansi.maxNodes = query.startsWith("tail") ? 20000 : 0;
+    state.textContent = "Following…";
+    const source = new EventSource("/events/jobs/" + id + "/output" + (query ? "?" + query : ""));
+    output = source;
+    source.addEventListener("output", (e) => {
+      const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+      for (const [stream, text] of JSON.parse(e.data)) ansi.append(stream, text);
+      if (atEnd) pre.scrollTop = pre.scrollHeight;
+    });
+    source.addEventListener("more", (e) => {
+      source.close();
+      moreAt = JSON.parse(e.data).offset;
+      moreText.textContent = "There is more output than one page.";
+      more.hidden = false;
+      state.textContent = "Paused after a page.";
+    });
+    source.addEventListener("end", () => {
+      source.close();
+      state.textContent = "The job has ended; this is all of its output.";
+    });
+    source.addEventListener("problem", (e) => {
+      source.close();
+      state.textContent = JSON.parse(e.data).error;
+    });
+  }
+
+  document.getElementById("load-more").addEventListener("click", () => follow("offset=" + moreAt, true));
+  document.getElementById("jump-end").addEventListener("click", () => follow("tail=1000", false));
+  document.getElementById("tail").addEventListener("click", () => follow("tail=1000", false));
+  document.getElementById("from-start").addEventListener("click", () => follow("", false));
+  const wrap = document.getElementById("wrap");
+  wrap.addEventListener("change", () => pre.classList.toggle("wrap", wrap.checked));
+  follow("", false);
+})();
