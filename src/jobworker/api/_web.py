@@ -64,7 +64,9 @@ _HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: with it a browser sends "Origin: null" even on the console's own
+    # forms, and the same-origin check below could not tell them from a foreign page's.
+    "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
     "Strict-Transport-Security": "max-age=31536000",
@@ -101,7 +103,7 @@ class _Visit:
     token: str
 
 
-_VISIT = "jobworker.visit"
+_VISIT = web.RequestKey("jobworker.visit", _Visit)
 
 
 class WebConsole:
@@ -255,8 +257,7 @@ def _html(text: str, status: int = 200) -> web.Response:
 
 
 def _visit(request: web.Request) -> _Visit:
-    visit: _Visit = request[_VISIT]
-    return visit
+    return request[_VISIT]
 
 
 class _Events:

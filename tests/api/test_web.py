@@ -1,0 +1,335 @@
+"""The web console in a real browser: Debian's chromium, driven by Playwright, against a real
+jobworkerd on 127.0.0.1 with the test PKI's client certificates.
+
+Waits are Playwright's own (each with a timeout); nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from playwright.async_api import Browser, Page, Response, async_playwright, expect
+
+from jobworker.api._proto import jobworker_pb2 as pb
+
+from .conftest import Pki, Running, serving
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("JOBWORKER_ARTIFACTS", Path(__file__).parents[2] / "artifacts"))
+WAIT_MS = 15_000
+expect.set_options(timeout=WAIT_MS)
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="chromium is installed by ./dev test"
+)
+
+
+@dataclass
+class Console:
+    api: Running
+    browser: Browser
+    pages: list[Page] = field(default_factory=list)
+    # Every URL a page asked for, to prove none left the server's origin.
+    requests: list[str] = field(default_factory=list)
+
+    @property
+    def origin(self) -> str:
+        assert self.api.server.web is not None
+        return f"https://127.0.0.1:{self.api.server.web.port}"
+
+    async def page(self, user: str) -> Page:
+        context = await self.browser.new_context(
+            # Chromium does not trust the test's CA; the client certificate is what counts.
+            ignore_https_errors=True,
+            client_certificates=[
+                {
+                    "origin": self.origin,
+                    "certPath": str(self.api.pki.dir / f"{user}.pem"),
+                    "keyPath": str(self.api.pki.dir / f"{user}.key"),
+                }
+            ],
+            viewport={"width": 1280, "height": 900},
+        )
+        context.set_default_timeout(WAIT_MS)
+        page = await context.new_page()
+        page.on("request", lambda request: self.requests.append(request.url))
+        self.pages.append(page)
+        return page
+
+
+@contextlib.asynccontextmanager
+async def console(tmp_path: Path, pki: Pki, **kw: object) -> AsyncIterator[Console]:
+    async with (
+        serving(tmp_path, pki, web_listen="127.0.0.1:0", **kw) as api,
+        async_playwright() as playwright,
+    ):
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield Console(api, browser)
+        finally:
+            await browser.close()
+
+
+async def _start(api: Running, user: str, argv: list[str], **spec: Any) -> pb.Job:
+    """Any: JobSpec's keyword fields, as protobuf takes them."""
+    async with api.client(user) as client:
+        request = pb.CreateJobRequest(spec=pb.JobSpec(argv=argv, **spec), start=True)
+        job: pb.Job = await client.CreateJob(request, timeout=10)
+        return job
+
+
+async def _screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"web-{name}.png"), full_page=True)
+
+
+async def test_the_list_shows_ones_jobs_and_follows_them_start_to_end(
+    tmp_path: Path, pki: Pki
+) -> None:
+    async with console(tmp_path, pki) as c:
+        bobs = await _start(c.api, "bob", ["sleep", "600"])
+        early = await _start(c.api, "alice", ["true"], name="early")
+        page = await c.page("alice")
+        await page.goto(c.origin + "/")
+        rows = page.locator("#jobs tbody tr")
+        await expect(rows).to_have_count(1)
+        await expect(page.locator(f'tr[data-id="{early.id}"]')).to_contain_text("early")
+        await expect(page.locator(f'tr[data-id="{bobs.id}"]')).to_have_count(0)
+        # A job started after the page loaded appears, running, then ended; no reload.
+        late = await _start(
+            c.api,
+            "alice",
+            [sys.executable, "-c", "import sys; sys.stdin.read()"],
+            stdin=pb.STDIN_MODE_PIPE,
+        )
+        row = page.locator(f'tr[data-id="{late.id}"]')
+        await expect(row.locator(".state")).to_have_text("running")
+        await _screenshot(page, "list")
+        async with c.api.client("alice") as alice:
+            call = alice.Attach(timeout=30)
+            await call.write(pb.AttachRequest(start=pb.AttachStart(id=late.id, stdin=True)))
+            await call.write(pb.AttachRequest(close_stdin=True))
+            await call.done_writing()
+            async for _ in call:
+                pass
+        await expect(row.locator(".state")).to_have_text("exited")
+        await expect(row.locator("td").nth(5)).to_have_text("0")
+        await expect(rows).to_have_count(2)
+
+
+async def test_a_jobs_output_shows_live_and_its_markup_is_only_text(
+    tmp_path: Path, pki: Pki
+) -> None:
+    echo = (
+        "import sys\n"
+        "print('<script>document.title=\"pwned\"</script>', flush=True)\n"
+        "print('<img src=/x onerror=\"document.title=1\">', flush=True)\n"
+        "print('\\x1b[31mred\\x1b[0m plain', flush=True)\n"
+        "for line in sys.stdin: print('got', line.strip(), flush=True)\n"
+    )
+    async with console(tmp_path, pki) as c:
+        job = await _start(c.api, "alice", [sys.executable, "-c", echo], stdin=pb.STDIN_MODE_PIPE)
+        page = await c.page("alice")
+        await page.goto(f"{c.origin}/jobs/{job.id}")
+        output = page.locator("#output")
+        await expect(output).to_contain_text("red plain")
+        # Markup in the output is text: shown as written, and nothing of it ran or loaded.
+        await expect(output).to_contain_text('<script>document.title="pwned"</script>')
+        await expect(output).to_contain_text('<img src=/x onerror="document.title=1">')
+        assert await output.locator("script, img").count() == 0
+        assert await page.title() == f"Job {job.id[:8]} · jobworker"
+        await expect(output.locator("span.f31")).to_have_text("red")
+        # A line written after the page loaded appears without a reload, within 1 s.
+        async with c.api.client("alice") as alice:
+            call = alice.Attach(timeout=30)
+            await call.write(pb.AttachRequest(start=pb.AttachStart(id=job.id, stdin=True)))
+            await call.write(pb.AttachRequest(stdin=b"hello\n"))
+            await expect(output).to_contain_text("got hello", timeout=1000)
+            await call.write(pb.AttachRequest(close_stdin=True))
+            await call.done_writing()
+            async for _ in call:
+                pass
+        await expect(page.locator("#output-state")).to_contain_text("all of its output")
+        assert all(url.startswith(c.origin + "/") for url in c.requests), c.requests
+        assert not any(url.endswith("/x") for url in c.requests)
+
+
+async def test_charts_appear_and_gain_points(tmp_path: Path, pki: Pki) -> None:
+    hold = "import sys, time\nheld = bytearray(32 << 20)\nsys.stdin.read()\n"
+    async with console(tmp_path, pki, runtime={"usage_interval": 0.2}) as c:
+        job = await _start(
+            c.api,
+            "alice",
+            [sys.executable, "-c", hold],
+            stdin=pb.STDIN_MODE_PIPE,
+            limits=pb.Limits(memory_bytes=256 << 20),
+        )
+        page = await c.page("alice")
+        await page.goto(f"{c.origin}/jobs/{job.id}")
+        chart = page.locator("#mem-chart")
+        await expect(chart.locator("canvas")).to_have_count(1)
+        await expect(page.locator("#cpu-chart canvas")).to_have_count(1)
+        await expect(chart).to_have_attribute("data-points", re.compile(r"^([2-9]|\d{2,})$"))
+        first = await chart.get_attribute("data-points")
+        # Points are only ever added: a different count is more.
+        await expect(chart).not_to_have_attribute("data-points", first or "")
+        await expect(page.locator('dd[data-field="limits"]')).to_contain_text("memory 256 MiB")
+        await _screenshot(page, "job")
+
+
+async def test_stop_asks_first_then_stops_the_job(tmp_path: Path, pki: Pki) -> None:
+    async with console(tmp_path, pki) as c:
+        job = await _start(c.api, "alice", ["sleep", "600"])
+        page = await c.page("alice")
+        await page.goto(f"{c.origin}/jobs/{job.id}")
+        await expect(page.locator("#state")).to_have_text("running")
+        # Keyboard only: the Stop button is reachable by name, and the dialog asks first.
+        stop = page.get_by_role("button", name="Stop", exact=True)
+        await stop.focus()
+        await page.keyboard.press("Enter")
+        dialog = page.locator("dialog#confirm")
+        await expect(dialog).to_be_visible()
+        await expect(dialog).to_contain_text("Stop this job?")
+        await page.get_by_role("button", name="Cancel").press("Enter")
+        await expect(dialog).to_be_hidden()
+        async with c.api.client("alice") as alice:
+            assert (await alice.GetJob(pb.JobRequest(id=job.id))).state == pb.JOB_STATE_RUNNING
+        await stop.click()
+        await page.get_by_role("button", name="Confirm").click()
+        await expect(page.locator("#state")).to_have_text("stopped")
+        async with c.api.client("alice") as alice:
+            assert (await alice.GetJob(pb.JobRequest(id=job.id))).state == pb.JOB_STATE_STOPPED
+        # Remove: asked, then gone, and the list is where it leads.
+        await page.get_by_role("button", name="Remove").click()
+        await page.get_by_role("button", name="Confirm").click()
+        await expect(page).to_have_url(c.origin + "/")
+        async with c.api.client("alice") as alice:
+            assert not (await alice.ListJobs(pb.ListJobsRequest())).jobs
+
+
+async def test_another_users_job_is_not_found_and_not_listed(tmp_path: Path, pki: Pki) -> None:
+    async with console(tmp_path, pki) as c:
+        alices = await _start(c.api, "alice", ["sleep", "600"])
+        bob = await c.page("bob")
+        response = await bob.goto(f"{c.origin}/jobs/{alices.id}")
+        assert response is not None
+        assert response.status == 404
+        unknown = await bob.goto(f"{c.origin}/jobs/{'0' * 8}-0000-4000-8000-{'0' * 12}")
+        assert unknown is not None
+        assert unknown.status == 404
+        assert await bob.locator(".problem").inner_text() == await _problem_of(unknown)
+        for stream in ("", "/output"):
+            events = await bob.request.get(f"{c.origin}/events/jobs/{alices.id}{stream}")
+            assert events.status == 404
+        await bob.goto(c.origin + "/")
+        await expect(bob.locator("#summary")).to_contain_text("0 jobs")
+        # bob's Stop on alice's job (with his own page's token) is not found either.
+        await bob.goto(c.origin + "/new")
+        token = await bob.locator('input[name="csrf"]').get_attribute("value")
+        refused = await bob.request.post(
+            f"{c.origin}/jobs/{alices.id}/stop",
+            form={"csrf": token or "", "grace": "0"},
+            headers={"Origin": c.origin},
+        )
+        assert refused.status == 404
+        # The admin sees both, and may narrow the list to one owner.
+        admin = await c.page("admin")
+        await admin.goto(c.origin + "/?owner=alice")
+        await expect(admin.locator(f'tr[data-id="{alices.id}"]')).to_have_count(1)
+        await expect(admin.locator("#summary")).to_contain_text("1 jobs")
+
+
+async def _problem_of(response: Response) -> str:
+    text = await response.text()
+    return text.split('<p class="problem" role="alert">')[1].split("</p>", maxsplit=1)[0]
+
+
+async def test_pages_are_locked_down_and_cross_origin_posts_refused(
+    tmp_path: Path, pki: Pki
+) -> None:
+    async with console(tmp_path, pki) as c:
+        job = await _start(c.api, "alice", ["sleep", "600"])
+        page = await c.page("alice")
+        response = await page.goto(f"{c.origin}/jobs/{job.id}")
+        assert response is not None
+        headers = await response.all_headers()
+        csp = headers["content-security-policy"]
+        assert "script-src 'self'" in csp
+        assert "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp
+        assert headers["x-content-type-options"] == "nosniff"
+        # A page of another origin posts a form to the console: refused, job untouched.
+        attacker = web.Application()
+        target = f"{c.origin}/jobs/{job.id}/kill"
+
+        async def lure(_request: web.Request) -> web.Response:
+            return web.Response(
+                text=f'<form id="f" method="post" action="{target}">'
+                '<input name="csrf" value="guess"><button id="go">go</button></form>',
+                content_type="text/html",
+            )
+
+        attacker.router.add_get("/", lure)
+        runner = web.AppRunner(attacker)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            port = runner.addresses[0][1]
+            await page.goto(f"http://127.0.0.1:{port}/")
+            async with page.expect_response(target) as answer:
+                await page.click("#go")
+            assert (await answer.value).status == 403
+        finally:
+            await runner.cleanup()
+        await expect(page.locator(".problem")).to_contain_text("cross-site request check")
+        # Same origin but no token (as a script elsewhere that forged the Origin could not
+        # know it): refused too.
+        forged = await page.request.post(target, form={}, headers={"Origin": c.origin})
+        assert forged.status == 403
+        async with c.api.client("alice") as alice:
+            assert (await alice.GetJob(pb.JobRequest(id=job.id))).state == pb.JOB_STATE_RUNNING
+
+
+async def test_the_start_form_starts_a_job_or_says_what_is_wrong(tmp_path: Path, pki: Pki) -> None:
+    async with console(tmp_path, pki) as c:
+        page = await c.page("alice")
+        await page.goto(c.origin + "/new")
+        await page.get_by_label("Command").fill("echo\nhello from the form")
+        await page.get_by_label("Memory").fill("lots")
+        await page.get_by_role("button", name="Start").click()
+        await expect(page.locator(".problem")).to_have_text(
+            "memory 'lots' is not a size; use e.g. 256M, 1G or 1048576"
+        )
+        # What was typed is kept.
+        await expect(page.get_by_label("Command")).to_have_value("echo\nhello from the form")
+        await page.get_by_label("Memory").fill("64M")
+        await page.get_by_label("Environment").fill("GREETING=hi")
+        await page.get_by_role("button", name="Start").click()
+        await expect(page.locator("#output")).to_contain_text("hello from the form")
+        await expect(page.locator('dd[data-field="limits"]')).to_contain_text("memory 64 MiB")
+        await expect(page.locator("#state")).to_have_text("exited")
+
+
+async def test_an_event_stream_ends_when_the_browser_goes(tmp_path: Path, pki: Pki) -> None:
+    """A closed page leaves no stream open on the server (its RPC is cancelled)."""
+    async with console(tmp_path, pki) as c:
+        job = await _start(c.api, "alice", ["sleep", "600"])
+        page = await c.page("alice")
+        await page.goto(f"{c.origin}/jobs/{job.id}")
+        await expect(page.locator("#state")).to_have_text("running")
+        service = c.api.server.service
+        assert service.active_streams > 0
+        await page.context.close()
+        async with asyncio.timeout(WAIT_MS / 1000):
+            await service.no_streams.wait()
