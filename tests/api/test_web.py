@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import os
 import re
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,11 +20,13 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from cryptography import x509
 from playwright.async_api import Browser, Page, Response, async_playwright, expect
 
 from jobworker.api._proto import jobworker_pb2 as pb
+from jobworker.identity import fingerprint
 
-from .conftest import Pki, Running, serving
+from .conftest import Pki, Running, cert_pool, serving
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("JOBWORKER_ARTIFACTS", Path(__file__).parents[2] / "artifacts"))
@@ -333,3 +337,62 @@ async def test_an_event_stream_ends_when_the_browser_goes(tmp_path: Path, pki: P
         await page.context.close()
         async with asyncio.timeout(WAIT_MS / 1000):
             await service.no_streams.wait()
+
+
+def _https_get(port: int, context: ssl.SSLContext, path: str = "/") -> tuple[int, str]:
+    """A plain HTTPS GET (in a thread): what a client that is not a browser gets."""
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def _client_tls(pki: Pki, user: str | None, *, tls12: bool = False) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.dir / "ca.pem"))
+    context.check_hostname = False
+    if user is not None:
+        context.load_cert_chain(pki.dir / f"{user}.pem", pki.dir / f"{user}.key")
+    if tls12:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+async def test_the_console_takes_only_tls13_with_a_valid_certificate(
+    tmp_path: Path, pki: Pki
+) -> None:
+    bob = fingerprint(x509.load_pem_x509_certificate((pki.dir / "bob.pem").read_bytes()))
+    pool = cert_pool(tmp_path, revoked=[bob])
+    async with serving(tmp_path, pki, web_listen="127.0.0.1:0", pool=pool) as api:
+        assert api.server.web is not None
+        port = api.server.web.port
+        status, page = await asyncio.to_thread(_https_get, port, _client_tls(pki, "alice"))
+        assert status == 200
+        assert "alice (user)" in page
+        # No certificate: the handshake is refused (TLS 1.3 says so on the first read).
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.to_thread(_https_get, port, _client_tls(pki, None))
+        with pytest.raises(ssl.SSLError):
+            await asyncio.to_thread(_https_get, port, _client_tls(pki, "alice", tls12=True))
+        # A revoked certificate passes TLS (the CA signed it) but not the service.
+        status, page = await asyncio.to_thread(_https_get, port, _client_tls(pki, "bob"))
+        assert status == 401
+        assert "the client certificate has been revoked" in page
+        for path in ("/events/jobs", "/new"):
+            status, _ = await asyncio.to_thread(_https_get, port, _client_tls(pki, "bob"), path)
+            assert status == 401
+
+
+async def test_an_oom_kill_is_marked(tmp_path: Path, pki: Pki) -> None:
+    grow = "held = []\nwhile True: held.append(bytearray(8 << 20))\n"
+    async with console(tmp_path, pki, runtime={"usage_interval": 0.2}) as c:
+        job = await _start(
+            c.api, "alice", [sys.executable, "-c", grow], limits=pb.Limits(memory_bytes=64 << 20)
+        )
+        page = await c.page("alice")
+        await page.goto(f"{c.origin}/jobs/{job.id}")
+        await expect(page.locator("#usage-note")).to_contain_text("OOM killer")
+        await expect(page.locator('dd[data-field="exit"]')).to_have_text("OOM killed")
+        await _screenshot(page, "oom")

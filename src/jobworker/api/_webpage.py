@@ -262,6 +262,14 @@ def job_json(job: pb.Job, *, full: bool = False) -> dict[str, Any]:
             if job.HasField("sandbox")
             else None,
             "labels": _labels(job.labels.items()),
+            "usage": {
+                "cpu": job.usage.cpu_seconds,
+                "peak": job.usage.memory_peak_bytes
+                if job.usage.HasField("memory_peak_bytes")
+                else None,
+            }
+            if job.HasField("usage")
+            else None,
             "truncated": job.output_truncated,
             "pidsLimited": job.pids_limited,
         }

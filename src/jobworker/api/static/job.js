@@ -55,6 +55,11 @@
         + jw.time(job.ended) + " (marked on the memory chart).";
     }
     charts.limit(job.memoryLimit);
+    if (job.ended && job.usage) {
+      // The final figures close the lines at the job's end; after an OOM kill the memory
+      // line ends at its peak, which is where the kill came.
+      charts.finish(job.ended, job.usage.cpu, job.oom ? job.usage.peak : null);
+    }
   }
 
   // ------------------------------------------------------------------ charts
@@ -82,27 +87,41 @@
           ctx.stroke();
           ctx.fillStyle = "#b3261e";
           ctx.font = (12 * devicePixelRatio) + "px sans-serif";
-          ctx.textAlign = "right";
-          ctx.fillText("OOM kill", x - 4 * devicePixelRatio, u.bbox.top + 14 * devicePixelRatio);
+          const room = x - u.bbox.left > 70 * devicePixelRatio;
+          ctx.textAlign = room ? "right" : "left";
+          const gap = (room ? -4 : 4) * devicePixelRatio;
+          ctx.fillText("OOM kill", x + gap, u.bbox.top + 14 * devicePixelRatio);
           ctx.restore();
         }],
       },
     };
-    function options(series, el) {
+    // At least a minute of time across, ending no earlier than the job did: one sample
+    // alone would otherwise be spread over years.
+    // (From the samples, not uPlot's min and max: for one point it makes those 1,000 days
+    // apart.)
+    function range() {
+      const now = Date.now() / 1000;
+      let lo = t.length ? t[0] : now - 60;
+      let hi = t.length ? t[t.length - 1] : now;
+      if (job && job.ended) hi = Math.max(hi, job.ended / 1000);
+      if (hi - lo < 60) lo = hi - 60;
+      return [lo, hi];
+    }
+    function options(series, el, plugins) {
       return {
         width: Math.max(320, el.clientWidth || 600),
         height: 220,
-        scales: { x: { time: true } },
+        scales: { x: { time: true, range } },
         series: [{}, ...series],
-        plugins: [oomMarker],
+        plugins,
         legend: { live: false },
       };
     }
-    const cpuChart = new uPlot(options([{ label: "CPU %", stroke: "#0b57d0", width: 2 }], cpuEl), [t, cpu], cpuEl);
+    const cpuChart = new uPlot(options([{ label: "CPU %", stroke: "#0b57d0", width: 2 }], cpuEl, []), [t, cpu], cpuEl);
     const memChart = new uPlot(options([
       { label: "Memory MiB", stroke: "#116329", width: 2 },
       { label: "Limit MiB", stroke: "#b3261e", dash: [6, 4], width: 1 },
-    ], memEl), [t, mem, limit], memEl);
+    ], memEl, [oomMarker]), [t, mem, limit], memEl);
 
     function redraw() {
       cpuChart.setData([t, cpu]);
@@ -114,8 +133,21 @@
       cpuChart.setSize({ width: Math.max(320, cpuEl.clientWidth), height: 220 });
       memChart.setSize({ width: Math.max(320, memEl.clientWidth), height: 220 });
     });
+    let finished = false;
     return {
+      finish(endedMs, cpuSeconds, memoryBytes) {
+        if (finished) return;
+        finished = true;
+        const at = endedMs / 1000;
+        if (t.length && at <= t[t.length - 1]) return;
+        t.push(at);
+        cpu.push(last && at > last[0] ? Math.max(0, 100 * (cpuSeconds - last[1]) / (at - last[0])) : null);
+        mem.push(memoryBytes === null ? null : memoryBytes / 1048576);
+        limit.push(limitMiB);
+        redraw();
+      },
       add(samples) {
+        if (finished) return;
         for (const [ms, cpuSeconds, bytes] of samples) {
           const at = ms / 1000;
           if (t.length && at <= t[t.length - 1]) continue;
