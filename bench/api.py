@@ -403,10 +403,11 @@ async def jobworkerd(
 
 
 def start_jobworkerd(
-    work: Path, pki: Path, settings: str = ""
+    work: Path, pki: Path, settings: str = "", log: list[str] | None = None
 ) -> tuple[subprocess.Popen[str], int]:
     """The real server, in its own process, as a client would meet it: its state and
-    config file in ``work``, ``settings`` (TOML tables) added to the config."""
+    config file in ``work``, ``settings`` (TOML tables) added to the config; the lines it
+    logged while starting go to ``log``."""
     config = work / "jobworkerd.toml"
     config.write_text(
         "[quotas]\nmax_jobs_per_user = 100000\nmax_streams_per_user = 1000\n" + settings
@@ -432,6 +433,8 @@ def start_jobworkerd(
     )
     assert proc.stderr is not None
     for line in proc.stderr:
+        if log is not None:
+            log.append(line)
         if "serving on" in line:
             port = int(line.split("serving on ")[1].split()[0].rsplit(":", 1)[1])
             # Keep draining its log (so it never blocks on a full pipe) into SERVER_LOG, which

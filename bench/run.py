@@ -368,6 +368,9 @@ def main() -> None:
         rows += asyncio.run(measure_api(args.n, 512 << 20))
         rows += asyncio.run(measure_restart())
         rows += measure_fleet()
+        from web import measure as measure_web  # noqa: PLC0415 - a browser, ~1 minute
+
+        rows += asyncio.run(measure_web())
     from usage import measure as measure_usage  # noqa: PLC0415 - 1,000 jobs, ~1 minute
 
     rows += asyncio.run(measure_usage())
