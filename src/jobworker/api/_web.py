@@ -212,6 +212,8 @@ def _guard(service: JobService, secret: bytes) -> Any:
         try:
             if request.method == "POST":
                 await _check_same_origin(request, token)
+            elif request.path.startswith("/events/"):
+                _check_not_cross_site(request)
             return await handler(request)
         except CallRefusedError as e:
             status = _HTTP_STATUS.get(e.code, 500)
@@ -250,6 +252,13 @@ async def _check_same_origin(request: web.Request, token: str) -> None:
             "refused: this action must come from the console's own page (cross-site "
             "request check); reload the page and try again",
         )
+
+
+def _check_not_cross_site(request: web.Request) -> None:
+    """Raises _RefusedError: another site's page opened an event stream (it could not read
+    it without CORS, which the console never grants; it is refused before any RPC runs)."""
+    if request.headers.get("Sec-Fetch-Site") not in (None, "same-origin", "none"):
+        raise _RefusedError(403, "refused: the console's event streams are for its own pages")
 
 
 def _html(text: str, status: int = 200) -> web.Response:
@@ -367,24 +376,34 @@ class Routes:
                     break
                 snapshot.append(job_json(event.job))
 
+            running = {j["id"] for j in snapshot if j["state"] == "running"}
+
             async def changes(events: _Events) -> None:
                 await events.send("snapshot", snapshot)
                 snapshot.clear()
-                async with _beside(self._usage(caller, owner, events)):
+                async with _beside(self._usage(caller, owner, running, events)):
                     async for event in feed:
-                        if event.deleted:
-                            await events.send("deleted", {"id": event.job.id})
+                        job = event.job
+                        if event.deleted or job.state != pb.JOB_STATE_RUNNING:
+                            running.discard(job.id)
                         else:
-                            await events.send("job", job_json(event.job))
+                            running.add(job.id)
+                        if event.deleted:
+                            await events.send("deleted", {"id": job.id})
+                        else:
+                            await events.send("job", job_json(job))
 
             return await _event_stream(request, changes)
 
-    async def _usage(self, caller: Caller, owner: str, events: _Events) -> None:
+    async def _usage(self, caller: Caller, owner: str, running: set[str], events: _Events) -> None:
+        """Every USAGE_EVERY_S, the running jobs' CPU and memory; no call (and so no audit
+        line) while none of the listed jobs runs."""
         while True:
-            listed = await caller.unary(
-                "ListUsage", pb.ListUsageRequest(owner=owner), pb.ListUsageResponse
-            )
-            await events.send("usage", {u.id: _rates(u.samples) for u in listed.jobs})
+            if running:
+                listed = await caller.unary(
+                    "ListUsage", pb.ListUsageRequest(owner=owner), pb.ListUsageResponse
+                )
+                await events.send("usage", {u.id: _rates(u.samples) for u in listed.jobs})
             await asyncio.sleep(USAGE_EVERY_S)
 
     async def job_events(self, request: web.Request) -> web.StreamResponse:
@@ -398,10 +417,10 @@ class Routes:
             await events.send("status", job_json(job, full=True))
             await events.send("usage", usage_json(history.samples))
             since = history.samples[-1].time_unix_nano if history.samples else 0
-            await asyncio.gather(
-                self._follow_status(caller, job.id, events),
-                self._follow_usage(caller, job.id, since, events),
-            )
+            # Both end when the job has ended; a refusal of either ends the other too.
+            async with asyncio.TaskGroup() as both:
+                both.create_task(self._follow_status(caller, job.id, events))
+                both.create_task(self._follow_usage(caller, job.id, since, events))
             await events.send("end", {})
 
         return await _event_stream(request, follow)
@@ -459,8 +478,10 @@ async def _event_stream(
     try:
         async with _beside(events.keepalive()):
             await body(events)
-    except CallRefusedError as e:
-        await events.send("problem", {"error": e.message})
+    except* CallRefusedError as group:
+        refused = group.exceptions[0]
+        assert isinstance(refused, CallRefusedError)  # noqa: S101 - what except* matched
+        await events.send("problem", {"error": refused.message})
     return events.response
 
 
