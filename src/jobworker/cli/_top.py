@@ -1,7 +1,8 @@
 """`jobctl top`: a live table of running jobs' usage, refreshed in place like `docker stats`.
 
-Each refresh lists the running jobs and asks each one's last samples (GetUsage since a few
-seconds ago, all at once): CPU % is the CPU time between its last two samples over the time
+Each refresh lists the running jobs and asks their last two samples (ListUsage, one call for
+all; with ``--json``, each job's every sample of the last few seconds, GetUsage, so none is
+skipped): CPU % is the CPU time between its last two samples over the time
 between them (100% is one CPU, as docker counts), memory is the last sample's against the
 job's limit, IO the rates between the two samples, PIDS the last count. On a terminal each
 frame is drawn over the last; elsewhere frames follow each other, and ``--no-stream`` prints
@@ -35,8 +36,7 @@ async def top(s: Session, args: argparse.Namespace, io: Io) -> int:
     seen: dict[str, int] = {}  # job id -> time of the last sample printed (--json stream)
     while True:
         jobs = await _running(s, args.jobs)
-        since = time.time_ns() - _LOOK_BACK_NS
-        usages = await asyncio.gather(*(_samples(s, j.id, since) for j in jobs))
+        usages = await _usages(s, jobs, every=args.json)
         if args.json:
             await io.out(_json(jobs, usages, seen, stream=not args.no_stream).encode())
         else:
@@ -54,6 +54,17 @@ async def _running(s: Session, refs: list[str]) -> list[pb.Job]:
         return running
     wanted = {await s.resolve(ref) for ref in refs}
     return [j for j in running if j.id in wanted]
+
+
+async def _usages(s: Session, jobs: list[pb.Job], *, every: bool) -> list[list[Any]]:
+    """Each job's recent samples, oldest first (Any: protobuf's UsageSample); ``every``:
+    all of the last few seconds', else the last two."""
+    if every:
+        since = time.time_ns() - _LOOK_BACK_NS
+        return await asyncio.gather(*(_samples(s, j.id, since) for j in jobs))
+    recent = await s.call("ListUsage", pb.ListUsageResponse, pb.ListUsageRequest())
+    by_id = {u.id: list(u.samples) for u in recent.jobs}
+    return [by_id.get(j.id, []) for j in jobs]
 
 
 async def _samples(s: Session, job_id: str, since: int) -> list[Any]:
