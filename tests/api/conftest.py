@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 
 from jobworker.api._auth import CertPool
+from jobworker.api._proto import jobworker_pb2 as pb
 from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
 from jobworker.api._tls import TlsFiles
 from jobworker.api.client import connect
@@ -113,6 +114,16 @@ def cert_pool(
     revoked_path = tmp_path / "revoked.txt"
     revoked_path.write_text("# revoked\n" + "\n".join(revoked or []) + "\n")
     return CertPool(allow_path, revoked_path)
+
+
+async def end_stdin(client: pb_grpc.JobServiceStub, job_id: str) -> None:
+    """Attach to the job, send EOF on its stdin, and read on until it has ended."""
+    call = client.Attach(timeout=30)
+    await call.write(pb.AttachRequest(start=pb.AttachStart(id=job_id, stdin=True)))
+    await call.write(pb.AttachRequest(close_stdin=True))
+    await call.done_writing()
+    async for _ in call:
+        pass
 
 
 async def code_of(call: Any) -> grpc.StatusCode:

@@ -10,7 +10,7 @@ import grpc
 
 from jobworker.api._proto import jobworker_pb2 as pb
 
-from .conftest import Pki, code_of, serving
+from .conftest import Pki, code_of, end_stdin, serving
 
 HOLD = (
     "import sys\n"
@@ -69,12 +69,7 @@ async def test_usage_is_sampled_followed_and_authorized(tmp_path: Path, pki: Pki
             seen_by_admin = await admin.ListUsage(pb.ListUsageRequest(owner="alice"), timeout=10)
         assert [u.id for u in seen_by_admin.jobs] == [job.id]
         # The stream ends when the job does.
-        call = alice.Attach(timeout=30)
-        await call.write(pb.AttachRequest(start=pb.AttachStart(id=job.id, stdin=True)))
-        await call.write(pb.AttachRequest(close_stdin=True))
-        await call.done_writing()
-        async for _ in call:
-            pass
+        await end_stdin(alice, job.id)
         async with asyncio.timeout(30):
             async for _ in alice.WatchUsage(pb.UsageRequest(id=job.id), timeout=30):
                 pass

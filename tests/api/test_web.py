@@ -26,7 +26,7 @@ from playwright.async_api import Browser, Page, Response, async_playwright, expe
 from jobworker.api._proto import jobworker_pb2 as pb
 from jobworker.identity import fingerprint
 
-from .conftest import Pki, Running, cert_pool, serving
+from .conftest import Pki, Running, cert_pool, end_stdin, serving
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("JOBWORKER_ARTIFACTS", Path(__file__).parents[2] / "artifacts"))
@@ -50,6 +50,14 @@ class Console:
     def origin(self) -> str:
         assert self.api.server.web is not None
         return f"https://127.0.0.1:{self.api.server.web.port}"
+
+    async def running_job_page(self, user: str = "alice") -> tuple[pb.Job, Page]:
+        """A ``sleep 600`` job of ``user``'s, and its page once it shows running."""
+        job = await _start(self.api, user, ["sleep", "600"])
+        page = await self.page(user)
+        await page.goto(f"{self.origin}/jobs/{job.id}")
+        await expect(page.locator("#state")).to_have_text("running")
+        return job, page
 
     async def page(self, user: str) -> Page:
         context = await self.browser.new_context(
@@ -120,12 +128,7 @@ async def test_the_list_shows_ones_jobs_and_follows_them_start_to_end(
         await expect(row.locator(".state")).to_have_text("running")
         await _screenshot(page, "list")
         async with c.api.client("alice") as alice:
-            call = alice.Attach(timeout=30)
-            await call.write(pb.AttachRequest(start=pb.AttachStart(id=late.id, stdin=True)))
-            await call.write(pb.AttachRequest(close_stdin=True))
-            await call.done_writing()
-            async for _ in call:
-                pass
+            await end_stdin(alice, late.id)
         await expect(row.locator(".state")).to_have_text("exited")
         await expect(row.locator("td").nth(5)).to_have_text("0")
         await expect(rows).to_have_count(2)
@@ -193,10 +196,7 @@ async def test_charts_appear_and_gain_points(tmp_path: Path, pki: Pki) -> None:
 
 async def test_stop_asks_first_then_stops_the_job(tmp_path: Path, pki: Pki) -> None:
     async with console(tmp_path, pki) as c:
-        job = await _start(c.api, "alice", ["sleep", "600"])
-        page = await c.page("alice")
-        await page.goto(f"{c.origin}/jobs/{job.id}")
-        await expect(page.locator("#state")).to_have_text("running")
+        job, page = await c.running_job_page()
         # Keyboard only: the Stop button is reachable by name, and the dialog asks first.
         stop = page.get_by_role("button", name="Stop", exact=True)
         await stop.focus()
@@ -328,10 +328,7 @@ async def test_the_start_form_starts_a_job_or_says_what_is_wrong(tmp_path: Path,
 async def test_an_event_stream_ends_when_the_browser_goes(tmp_path: Path, pki: Pki) -> None:
     """A closed page leaves no stream open on the server (its RPC is cancelled)."""
     async with console(tmp_path, pki) as c:
-        job = await _start(c.api, "alice", ["sleep", "600"])
-        page = await c.page("alice")
-        await page.goto(f"{c.origin}/jobs/{job.id}")
-        await expect(page.locator("#state")).to_have_text("running")
+        _, page = await c.running_job_page()
         service = c.api.server.service
         assert service.active_streams > 0
         await page.context.close()
