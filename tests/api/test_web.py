@@ -393,3 +393,29 @@ async def test_an_oom_kill_is_marked(tmp_path: Path, pki: Pki) -> None:
         await expect(page.locator("#usage-note")).to_contain_text("OOM killer")
         await expect(page.locator('dd[data-field="exit"]')).to_have_text("OOM killed")
         await _screenshot(page, "oom")
+
+
+async def test_a_large_output_is_paged_not_loaded_whole(tmp_path: Path, pki: Pki) -> None:
+    lines = 40_000  # 80 bytes each: 3.2 MB, a bit over three pages
+    write = f"for i in range({lines}): print(f'line {{i:06d}}', '.' * 67)\n"
+    async with console(tmp_path, pki) as c:
+        job = await _start(c.api, "alice", [sys.executable, "-c", write])
+        async with c.api.client("alice") as alice:
+            await alice.WaitJob(pb.JobRequest(id=job.id), timeout=60)
+        page = await c.page("alice")
+        await page.goto(f"{c.origin}/jobs/{job.id}")
+        more = page.locator("#more")
+        await expect(more).to_be_visible()
+        output = page.locator("#output")
+        first = await output.inner_text()
+        assert first.startswith("line 000000 ")
+        assert 1 << 20 <= len(first) < 3 << 20
+        assert f"line {lines - 1:06d}" not in first
+        await page.get_by_role("button", name="Load more").click()
+        await expect(output).to_contain_text(f"line {len(first) // 80 + 1:06d}")
+        # Jump to the end: the last 1,000 lines, and nothing is said to be missing after them.
+        await page.get_by_role("button", name="Jump to the end").click()
+        await expect(output).to_contain_text(f"line {lines - 1:06d}")
+        await expect(page.locator("#output-state")).to_contain_text("all of its output")
+        tail = await output.inner_text()
+        assert tail.startswith(f"line {lines - 1000:06d} ")
