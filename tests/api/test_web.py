@@ -246,6 +246,11 @@ async def test_another_users_job_is_not_found_and_not_listed(tmp_path: Path, pki
             headers={"Origin": c.origin},
         )
         assert refused.status == 404
+        # Only an admin may ask for another owner's list: bob is told so, on the page.
+        response = await bob.goto(c.origin + "/?owner=alice")
+        assert response is not None
+        assert response.status == 403
+        await expect(bob.locator(".problem")).to_contain_text("only admins may list")
         # The admin sees both, and may narrow the list to one owner.
         admin = await c.page("admin")
         await admin.goto(c.origin + "/?owner=alice")

@@ -314,7 +314,14 @@ class Routes:
     # ----------------------------------------------------------------- pages
     async def jobs(self, request: web.Request) -> web.StreamResponse:
         chrome = await self._chrome(request)
-        return _html(jobs_page(chrome, request.query.get("owner", "")))
+        owner = request.query.get("owner", "")
+        if owner:
+            # Asked now, so that a user who may not list another owner's jobs is told on
+            # the page (403, the service's words), not by a list that never loads.
+            await _visit(request).caller.unary(
+                "ListUsage", pb.ListUsageRequest(owner=owner), pb.ListUsageResponse
+            )
+        return _html(jobs_page(chrome, owner))
 
     async def job(self, request: web.Request) -> web.StreamResponse:
         chrome = await self._chrome(request)

@@ -124,7 +124,8 @@
     events.close();
   });
   events.addEventListener("error", () => {
-    if (events.readyState === EventSource.CONNECTING) summary.textContent = "Reconnecting…";
+    summary.textContent = events.readyState === EventSource.CONNECTING
+      ? "Reconnecting…" : "The list could not be loaded; reload the page to try again.";
   });
 
   stateFilter.addEventListener("change", () => { page = 0; redraw(); });
