@@ -35,6 +35,7 @@ report = {
     "cgroup_files_visible": os.path.exists("/sys/fs/cgroup/cgroup.procs")
         or os.path.exists("/sys/fs/cgroup/memory"),
     "ns": {n: os.readlink(f"/proc/self/ns/{n}") for n in NAMESPACES},
+    "cgroups": [l.split(":", 2)[2].strip() for l in open("/proc/self/cgroup")],
 }
 s = socket.socket()
 s.bind(("127.0.0.1", 0))
@@ -85,6 +86,10 @@ async def test_job_sees_its_own_namespaces(runtime: Runtime) -> None:
     assert isinstance(job_ns, dict)
     for kind in NAMESPACES:
         assert job_ns[kind] != host_ns[kind], f"the job shares the host's {kind} namespace"
+    # Its cgroup namespace is rooted at its own cgroups: it sees itself at "/" in each
+    # hierarchy it was moved into (made before the move, it would see "/<its id>" there).
+    assert report["cgroups"], "no /proc/self/cgroup lines"
+    assert all(path == "/" for path in report["cgroups"]), report["cgroups"]
 
 
 async def test_job_runs_unprivileged(runtime: Runtime) -> None:

@@ -49,7 +49,7 @@ from ._jobdir import (
 )
 from ._logformat import Stream
 from ._logwriter import LogWriter
-from ._preexec import ExecError, exec_command, exec_in_job, job_env
+from ._preexec import ExecError, exec_command, exec_in_job, job_env, join_cgroups_of
 from ._protocol import (
     DEFAULT_GRACE_S,
     MAX_CONTROL_BYTES,
@@ -166,9 +166,24 @@ class _Supervisor:
         status, status_w = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
         )
+        attached_r, attached_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
-            exec_command(self.spec, env, (out_w, err_w), status_w.fileno(), new_root, stdin=in_r)
+            os.close(attached_w)
+            exec_command(
+                self.spec,
+                env,
+                (out_w, err_w),
+                status_w.fileno(),
+                new_root,
+                attached=attached_r,
+                stdin=in_r,
+            )
+        os.close(attached_r)
+        problem = join_cgroups_of(self.spec, pid)
+        with contextlib.suppress(OSError):  # it failed before it waited: it says why
+            os.write(attached_w, b"ok" if problem is None else problem.encode())
+        os.close(attached_w)
         os.close(out_w)
         os.close(err_w)
         status_w.close()
