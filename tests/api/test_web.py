@@ -424,3 +424,29 @@ async def test_a_large_output_is_paged_not_loaded_whole(tmp_path: Path, pki: Pki
         await expect(page.locator("#output-state")).to_contain_text("all of its output")
         tail = await output.inner_text()
         assert tail.startswith(f"line {lines - 1000:06d} ")
+
+
+async def test_idle_connections_are_let_go_and_their_number_capped(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Past TLS, a connection that sends nothing is closed after a while (aiohttp's own
+    default keeps it an hour), and past max_connections one is closed at once."""
+    async with serving(
+        tmp_path, pki, web_listen="127.0.0.1:0", handshake_timeout=0.5, max_connections=2
+    ) as api:
+        assert api.server.web is not None
+        port = api.server.web.port
+        context = _client_tls(pki, "alice")
+        held = [await asyncio.open_connection("127.0.0.1", port, ssl=context) for _ in range(2)]
+        extra, extra_writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+        async with asyncio.timeout(10):
+            assert await extra.read() == b""  # over the limit: closed at once...
+            # ...not for being idle: the two opened before it are still open.
+            assert not any(reader.at_eof() for reader, _ in held)
+            for reader, _ in held:
+                assert await reader.read() == b""  # idle: closed after 3 x 0.5 s
+        # With the idle ones gone, a request is served again.
+        status, _ = await asyncio.to_thread(_https_get, port, context)
+        assert status == 200
+        for writer in (extra_writer, *(w for _, w in held)):
+            writer.close()

@@ -88,8 +88,10 @@ async def test_job_sees_its_own_namespaces(runtime: Runtime) -> None:
         assert job_ns[kind] != host_ns[kind], f"the job shares the host's {kind} namespace"
     # Its cgroup namespace is rooted at its own cgroups: it sees itself at "/" in each
     # hierarchy it was moved into (made before the move, it would see "/<its id>" there).
-    assert report["cgroups"], "no /proc/self/cgroup lines"
-    assert all(path == "/" for path in report["cgroups"]), report["cgroups"]
+    cgroups = report["cgroups"]
+    assert isinstance(cgroups, list)
+    assert cgroups, "no /proc/self/cgroup lines"
+    assert all(path == "/" for path in cgroups), cgroups
 
 
 async def test_job_runs_unprivileged(runtime: Runtime) -> None:

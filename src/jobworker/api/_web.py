@@ -48,7 +48,7 @@ from ._webpage import (
     usage_json,
 )
 
-__all__ = ["CSP", "WebConsole"]
+__all__ = ["CSP", "ConnectionLimits", "WebConsole"]
 
 log = logging.getLogger("jobworker.web")
 
@@ -116,7 +116,7 @@ class WebConsole:
 
     @classmethod
     async def start(
-        cls, service: JobService, tls: TlsFiles, address: str, handshake_timeout: float
+        cls, service: JobService, tls: TlsFiles, address: str, limits: ConnectionLimits
     ) -> WebConsole:
         """Bind ``address`` and serve.
 
@@ -125,19 +125,34 @@ class WebConsole:
             ssl.SSLError: the TLS files do not load (checked before, by the gRPC side).
         """
         app = _application(service)
-        # Cancelled with the browser's connection: an event stream's RPC ends with it.
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(
+            app,
+            # Cancelled with the browser's connection: an event stream's RPC ends with it.
+            handler_cancellation=True,
+            access_log=None,
+            # A connection that sends no request for this long is closed (aiohttp's own
+            # default is an hour: idle connections of anyone past TLS would pile up).
+            keepalive_timeout=limits.idle_s,
+        )
         await runner.setup()
         protocols = runner.server
         assert protocols is not None  # noqa: S101 - set by setup() just above
+
+        def accept() -> asyncio.BaseProtocol:
+            # As the gRPC listener's max_connections: past it, a connection is closed as
+            # soon as it is made, so a flood cannot use up the server's descriptors.
+            if len(protocols.connections) >= limits.max_connections:
+                return _Closed()
+            return protocols()
+
         host, port = split_address(address)
         try:
             server = await asyncio.get_running_loop().create_server(
-                protocols,
+                accept,
                 host,
                 port,
                 ssl=_tls_context(tls),
-                ssl_handshake_timeout=handshake_timeout,
+                ssl_handshake_timeout=limits.handshake_s,
                 reuse_address=True,
             )
         except BaseException:
@@ -149,6 +164,22 @@ class WebConsole:
         """Stop listening and end every open connection (event streams included)."""
         self._server.close()
         await self._runner.cleanup()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """How long a connection may take to say something, and how many may be open."""
+
+    handshake_s: float
+    idle_s: float
+    max_connections: int
+
+
+class _Closed(asyncio.Protocol):
+    """A connection over the limit: closed once made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
 
 
 def _tls_context(files: TlsFiles) -> ssl.SSLContext:

@@ -109,12 +109,15 @@ async def _serve_web(service: JobService, config: ServerConfig) -> WebConsole | 
     """
     if config.web_listen is None:
         return None
-    from ._web import WebConsole  # noqa: PLC0415 - only when on (aiohttp's imports)
+    from ._web import ConnectionLimits, WebConsole  # noqa: PLC0415 - only when on (aiohttp)
 
+    # A browser holds a connection between requests (keep-alive); one that says nothing
+    # for a few handshake timeouts (15 s at the default) is let go.
+    limits = ConnectionLimits(
+        config.handshake_timeout, 3 * config.handshake_timeout, config.max_connections
+    )
     try:
-        web = await WebConsole.start(
-            service, config.tls, config.web_listen, config.handshake_timeout
-        )
+        web = await WebConsole.start(service, config.tls, config.web_listen, limits)
     except OSError as e:
         raise StartupError(
             f"cannot serve the web console on {config.web_listen}: {e.strerror or e}; pick "
