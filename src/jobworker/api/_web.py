@@ -276,7 +276,7 @@ async def _check_same_origin(request: web.Request, token: str) -> None:
         origin != own
         or site not in (None, "same-origin")
         or not isinstance(sent, str)
-        or not hmac.compare_digest(sent, token)
+        or not hmac.compare_digest(sent.encode(), token.encode())
     ):
         raise _RefusedError(
             403,
