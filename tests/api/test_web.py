@@ -142,6 +142,7 @@ async def test_a_jobs_output_shows_live_and_its_markup_is_only_text(
         "print('<script>document.title=\"pwned\"</script>', flush=True)\n"
         "print('<img src=/x onerror=\"document.title=1\">', flush=True)\n"
         "print('\\x1b[31mred\\x1b[0m plain', flush=True)\n"
+        "print('to stderr', file=sys.stderr, flush=True)\n"
         "for line in sys.stdin: print('got', line.strip(), flush=True)\n"
     )
     async with console(tmp_path, pki) as c:
@@ -167,6 +168,13 @@ async def test_a_jobs_output_shows_live_and_its_markup_is_only_text(
             async for _ in call:
                 pass
         await expect(page.locator("#output-state")).to_contain_text("all of its output")
+        await expect(output.locator("span.err")).to_have_text("to stderr\n")
+        # One stream alone, for whoever cannot tell the colours apart.
+        await page.get_by_label("Show").select_option("stderr")
+        await expect(output).to_have_text("to stderr\n")
+        await page.get_by_label("Show").select_option("stdout")
+        await expect(output).to_contain_text("got hello")
+        await expect(output).not_to_contain_text("to stderr")
         assert all(url.startswith(c.origin + "/") for url in c.requests), c.requests
         assert not any(url.endswith("/x") for url in c.requests)
 
@@ -308,7 +316,8 @@ async def test_pages_are_locked_down_and_cross_origin_posts_refused(
         await expect(page.locator(".problem")).to_contain_text("cross-site request check")
         # Same origin but no token (as a script elsewhere that forged the Origin could not
         # know it): refused too.
-        for form in ({}, {"csrf": "é"}):
+        forms: list[dict[str, str | float | bool]] = [{}, {"csrf": "é"}]
+        for form in forms:
             forged = await page.request.post(target, form=form, headers={"Origin": c.origin})
             assert forged.status == 403
         async with c.api.client("alice") as alice:

@@ -71,6 +71,7 @@ PAIRS = [
     ("output", VARS["code-fg"], VARS["code-bg"]),
     ("stderr", "#ffa198", VARS["code-bg"]),
     ("jobworker's notes", "#d2a8ff", VARS["code-bg"]),
+    ("the legend's notes", "#6f42c1", VARS["bg"]),
 ] + [(f"ANSI colour {c}", c, VARS["code-bg"]) for c in ANSI]
 
 

@@ -93,6 +93,11 @@ CHART_POINTS = 1500
 # A comment line on an idle event stream now and then lets a dead connection be noticed.
 _KEEPALIVE_S = 15.0
 _STREAM_LETTER = {pb.STREAM_STDOUT: "o", pb.STREAM_STDERR: "e", pb.STREAM_SYSTEM: "x"}
+_STREAMS = {
+    "": pb.OUTPUT_SELECTOR_BOTH,
+    "stdout": pb.OUTPUT_SELECTOR_STDOUT,
+    "stderr": pb.OUTPUT_SELECTOR_STDERR,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,10 +483,11 @@ class Routes:
                 await events.send("usage", usage_json(batch.samples))
 
     async def output_events(self, request: web.Request) -> web.StreamResponse:
-        """A job's output, from the start (or ``offset``, or the last ``tail`` lines),
-        followed live: "output" events of [stream, text] pairs, each with the offset to
-        resume from as its id; after PAGE_BYTES, "more" (the browser asks for the next
-        page); "end" once the job has ended and all is sent."""
+        """A job's output (``streams``: both, ``stdout`` or ``stderr``), from the start (or
+        ``offset``, or the last ``tail`` lines), followed live: "output" events of
+        [stream, text] pairs, each with the offset to resume from as its id; after
+        PAGE_BYTES, "more" (the browser asks for the next page); "end" once the job has
+        ended and all is sent."""
         caller = _visit(request).caller
         job = await caller.unary("GetJob", pb.JobRequest(id=request.match_info["id"]), pb.Job)
         wanted = _output_request(job.id, request)
@@ -571,7 +577,10 @@ def _history_request(job: pb.Job) -> pb.UsageRequest:
 
 def _output_request(job: str, request: web.Request) -> pb.OutputRequest:
     """Raises _RefusedError: an offset or tail that is not a number."""
-    wanted = pb.OutputRequest(id=job, follow=True)
+    streams = _STREAMS.get(request.query.get("streams", ""))
+    if streams is None:
+        raise _RefusedError(400, "streams must be stdout, stderr or left out (both)")
+    wanted = pb.OutputRequest(id=job, follow=True, streams=streams)
     # A reconnecting EventSource says where it was (the id of the last event it had).
     offset = request.headers.get("Last-Event-ID") or request.query.get("offset")
     tail = request.query.get("tail")

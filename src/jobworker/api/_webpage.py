@@ -159,8 +159,14 @@ def job_page(chrome: Chrome, job: pb.Job, grace: float) -> str:
         '<section aria-labelledby="output-h"><h2 id="output-h">Output</h2>'
         '<div class="output-tools"><button type="button" id="from-start">From the start</button>'
         '<button type="button" id="tail">Last 1,000 lines</button>'
+        '<label>Show <select id="streams"><option value="">stdout and stderr</option>'
+        '<option value="stdout">stdout only</option><option value="stderr">stderr only'
+        "</option></select></label>"
         '<label><input type="checkbox" id="wrap" checked> Wrap lines</label>'
         '<span id="output-state" role="status" aria-live="polite"></span></div>'
+        '<p class="legend">Standard error is in <span class="err">red</span>, '
+        "jobworker's own notes in <span class=\"sys\">purple italics</span>; "
+        "to read one stream alone, choose it above.</p>"
         '<pre id="output" tabindex="0" aria-label="Job output" class="wrap"></pre>'
         '<div class="output-more" id="more" hidden><span id="more-text"></span>'
         '<button type="button" id="load-more">Load more</button>'

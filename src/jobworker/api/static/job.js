@@ -194,7 +194,9 @@
     // Following the tail keeps the last 20,000 pieces; a page from the start keeps all.
     ansi.maxNodes = query.startsWith("tail") ? 20000 : 0;
     state.textContent = "Following…";
-    const source = new EventSource("/events/jobs/" + id + "/output" + (query ? "?" + query : ""));
+    const chosen = streams.value ? "streams=" + streams.value : "";
+    const params = [query, chosen].filter((p) => p).join("&");
+    const source = new EventSource("/events/jobs/" + id + "/output" + (params ? "?" + params : ""));
     output = source;
     source.addEventListener("output", (e) => {
       const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
@@ -222,6 +224,10 @@
   document.getElementById("jump-end").addEventListener("click", () => follow("tail=1000", false));
   document.getElementById("tail").addEventListener("click", () => follow("tail=1000", false));
   document.getElementById("from-start").addEventListener("click", () => follow("", false));
+  // Another stream choice starts over from the start: offsets of one selection are not
+  // pages of another.
+  const streams = document.getElementById("streams");
+  streams.addEventListener("change", () => follow("", false));
   const wrap = document.getElementById("wrap");
   wrap.addEventListener("change", () => pre.classList.toggle("wrap", wrap.checked));
   follow("", false);
