@@ -165,7 +165,7 @@ def job_page(chrome: Chrome, job: pb.Job, grace: float) -> str:
         '<label><input type="checkbox" id="wrap" checked> Wrap lines</label>'
         '<span id="output-state" role="status" aria-live="polite"></span></div>'
         '<p class="legend">Standard error is in <span class="err">red</span>, '
-        "jobworker's own notes in <span class=\"sys\">purple italics</span>; "
+        'jobworker\'s own notes in <span class="sys">purple italics</span>; '
         "to read one stream alone, choose it above.</p>"
         '<pre id="output" tabindex="0" aria-label="Job output" class="wrap"></pre>'
         '<div class="output-more" id="more" hidden><span id="more-text"></span>'
