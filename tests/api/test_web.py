@@ -180,7 +180,15 @@ async def test_a_jobs_output_shows_live_and_its_markup_is_only_text(
 
 
 async def test_charts_appear_and_gain_points(tmp_path: Path, pki: Pki) -> None:
-    hold = "import sys, time\nheld = bytearray(32 << 20)\nsys.stdin.read()\n"
+    hold = (
+        "import sys, time\n"
+        "print('\\x1b[1mbuilding\\x1b[0m step 1 of 2', flush=True)\n"
+        "held = bytearray(32 << 20)\n"
+        "for i in range(0, len(held), 4096): held[i] = 1\n"
+        "print('\\x1b[32mok\\x1b[0m: 32 MiB held', flush=True)\n"
+        "print('warning: this is stderr', file=sys.stderr, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
     async with console(tmp_path, pki, runtime={"usage_interval": 0.2}) as c:
         job = await _start(
             c.api,
@@ -199,6 +207,8 @@ async def test_charts_appear_and_gain_points(tmp_path: Path, pki: Pki) -> None:
         # Points are only ever added: a different count is more.
         await expect(chart).not_to_have_attribute("data-points", first or "")
         await expect(page.locator('dd[data-field="limits"]')).to_contain_text("memory 256 MiB")
+        await expect(page.locator("#output")).to_contain_text("this is stderr")
+        await expect(chart).to_have_attribute("data-points", re.compile(r"^([89]|\d{2,})$"))
         await _screenshot(page, "job")
 
 

@@ -95,16 +95,14 @@
         }],
       },
     };
-    // At least a minute of time across, ending no earlier than the job did: one sample
-    // alone would otherwise be spread over years.
-    // (From the samples, not uPlot's min and max: for one point it makes those 1,000 days
-    // apart.)
+    // The samples' span (at least 5 s), ending no earlier than the job did. From the
+    // samples, not uPlot's min and max: for one point it makes those 1,000 days apart.
     function range() {
       const now = Date.now() / 1000;
-      let lo = t.length ? t[0] : now - 60;
+      let lo = t.length ? t[0] : now - 5;
       let hi = t.length ? t[t.length - 1] : now;
       if (job && job.ended) hi = Math.max(hi, job.ended / 1000);
-      if (hi - lo < 60) lo = hi - 60;
+      if (hi - lo < 5) lo = hi - 5;
       return [lo, hi];
     }
     function options(series, el, plugins) {
