@@ -202,7 +202,8 @@ async def test_watch_jobs_sees_every_change_of_ones_own_jobs(api: Running) -> No
         event = await asyncio.wait_for(labelled.read(), 30)
         assert (event.job.id, event.job.state) == (x.id, pb.JOB_STATE_CREATED)
         # With existing: the jobs there are first (alice's own, oldest first), then synced,
-        # then changes.
+        # then changes. (x has ended first: no change of its may come between.)
+        await alice.WaitJob(pb.JobRequest(id=x.id), timeout=30)
         listed = [j.id for j in (await alice.ListJobs(pb.ListJobsRequest(), timeout=10)).jobs]
         both = alice.WatchJobs(pb.WatchJobsRequest(existing=True), timeout=60)
         first = [await asyncio.wait_for(both.read(), 30) for _ in listed]
