@@ -202,33 +202,31 @@ def _drop_privileges(spec: SpecRecord, last_cap: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _join_cgroups(spec: SpecRecord) -> None:
-    """Move this process into the job's cgroups. "0" names the writing process: its host
-    pid would mean nothing here, inside the job's PID namespace."""
+def _join_cgroups(spec: SpecRecord, pid: int = 0) -> None:
+    """Move process ``pid`` into the job's cgroups; 0 (the default) names the writing
+    process, as the kernel reads the number in the writer's PID namespace (a host pid
+    would mean nothing inside the job's).
+
+    Raises:
+        OSError: a cgroup.procs file refused it.
+    """
     if spec.cgroup is not None:
-        for procs in spec.cgroup.procs_files:
-            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
-
-
-def join_cgroups_of(spec: SpecRecord, pid: int) -> str | None:
-    """In the supervisor: move its just-forked command ``pid`` into the job's cgroups while
-    the command builds its walls (:func:`exec_command`). The first move of a quiet host
-    waits out an RCU grace period in the kernel (cgroup_threadgroup_rwsem: 5 ms measured
-    here, on cgroup v1 and v2 alike); done beside the command's namespace and root set-up,
-    that wait no longer adds to the start. None, or what failed, in words."""
-    if spec.cgroup is None:
-        return None
-    try:
         for procs in spec.cgroup.procs_files:
             fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 os.write(fd, str(pid).encode())
             finally:
                 os.close(fd)
+
+
+def join_cgroups_of(spec: SpecRecord, pid: int) -> str | None:
+    """In the supervisor: move its just-forked command ``pid`` into the job's cgroups while
+    the command builds its walls (:func:`exec_command`). The first move on a quiet host
+    waits out an RCU grace period in the kernel (cgroup_threadgroup_rwsem: 5 ms measured
+    on this hybrid host's v1 hierarchies); done beside the command's namespace and root
+    set-up, that wait no longer adds to the start. None, or what failed, in words."""
+    try:
+        _join_cgroups(spec, pid)
     except OSError as e:
         return f"cannot move the command into the job's cgroups: {e.strerror}"
     return None
