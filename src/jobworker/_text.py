@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["escape"]
+from collections.abc import Iterable
+
+__all__ = ["command_text", "escape"]
 
 
 def escape(text: str) -> str:
@@ -12,3 +14,10 @@ def escape(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def command_text(argv: Iterable[str]) -> str:
+    """argv for a person (jobctl's tables, the web console): joined by spaces, every
+    control character escaped (an argv may carry terminal sequences meant for whoever lists
+    it, an admin included)."""
+    return " ".join(escape(arg) for arg in argv)

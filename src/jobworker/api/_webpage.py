@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from html import escape
 from typing import Any
 
+from .._text import command_text
 from ._proto import jobworker_pb2 as pb
 
 __all__ = [
@@ -130,7 +131,7 @@ def job_page(chrome: Chrome, job: pb.Job, grace: float) -> str:
         (
             _row("ID", "id", job.id),
             _row("Owner", "owner", job.owner),
-            _row("Command", "command", _command(job.argv)),
+            _row("Command", "command", command_text(job.argv)),
             _row("State", "state", state),
             _row("Exit", "exit"),
             _row("Reason", "reason", job.reason or job.error),
@@ -218,10 +219,6 @@ def error_page(status: int, message: str, chrome: Chrome | None = None) -> str:
     return _page(chrome, f"Error {status}", body)
 
 
-def _command(argv: Iterable[str]) -> str:
-    return " ".join(a if a and " " not in a else repr(a) for a in argv)
-
-
 def _labels(items: Iterable[tuple[str, str]]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(items))
 
@@ -239,7 +236,7 @@ def job_json(job: pb.Job, *, full: bool = False) -> dict[str, Any]:
         "id": job.id,
         "name": job.name,
         "owner": job.owner,
-        "command": _command(job.argv),
+        "command": command_text(job.argv),
         "state": STATES.get(job.state, "unknown"),
         "exit": job.exit_code if job.HasField("exit_code") else None,
         "signal": job.signal if job.HasField("signal") else None,

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 from typing import TYPE_CHECKING, Any
 
-from .._text import escape
+from .._text import command_text, escape
 
 if TYPE_CHECKING:
     from ._io import Io
@@ -233,7 +233,7 @@ def table_text(jobs: list[dict[str, Any]], io: Io) -> str:
             job["state"],
             _result(job),
             _ago(job["created_at"], now),
-            _command(job["argv"]),
+            command_text(job["argv"]),
         )
         for job in jobs
     ]
@@ -257,12 +257,6 @@ def table_text(jobs: list[dict[str, Any]], io: Io) -> str:
         return f"\x1b[1m{text}\x1b[0m" if styled and header else text
 
     return line(headers, header=True) + "\n" + "".join(line(r) + "\n" for r in rows)
-
-
-def _command(argv: list[str]) -> str:
-    """argv for a person: joined by spaces, every control character escaped (an argv may
-    carry terminal sequences meant for whoever lists it, an admin included)."""
-    return " ".join(escape(arg) for arg in argv)
 
 
 def size_text(value: float | None) -> str:
@@ -330,7 +324,7 @@ def status_text(job: dict[str, Any]) -> str:
         ("name", escape(job.get("name") or "-")),
         ("owner", escape(job["owner"])),
         ("labels", _labels_text(job.get("labels") or {})),
-        ("command", _command(job["argv"])),
+        ("command", command_text(job["argv"])),
         ("state", job["state"] + (f" ({_result(job)})" if _result(job) else "")),
         ("reason", (job.get("reason") or "-").replace("_", " ")),
         ("error", escape(job["error"] or "-")),
@@ -367,5 +361,5 @@ def event_text(job: dict[str, Any], ns: int, *, deleted: bool) -> str:
     name = escape(job["name"]) if job.get("name") else "-"
     return (
         f"{rfc3339(ns)}  {job['id'][:12]}  {name}  {escape(job['owner'])}  {what}  "
-        f"{_command(job['argv'])}\n"
+        f"{command_text(job['argv'])}\n"
     )
