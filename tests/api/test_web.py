@@ -126,6 +126,9 @@ async def test_the_list_shows_ones_jobs_and_follows_them_start_to_end(
         )
         row = page.locator(f'tr[data-id="{late.id}"]')
         await expect(row.locator(".state")).to_have_text("running")
+        # Its CPU and memory, from the sampler, within a refresh or two.
+        await expect(row.locator(".mem")).to_have_text(re.compile(r"^\d.* (B|KiB|MiB)$"))
+        await expect(row.locator(".cpu")).to_have_text(re.compile(r"^\d+\.\d%$"))
         await _screenshot(page, "list")
         async with c.api.client("alice") as alice:
             await end_stdin(alice, late.id)
@@ -144,6 +147,7 @@ async def test_a_jobs_output_shows_live_and_its_markup_is_only_text(
         "print('\\x1b[31mred\\x1b[0m plain', flush=True)\n"
         "print('to stderr', file=sys.stderr, flush=True)\n"
         "for line in sys.stdin: print('got', line.strip(), flush=True)\n"
+        "sys.stdout.buffer.write(b'cut \\xe2\\x82')\n"
     )
     async with console(tmp_path, pki) as c:
         job = await _start(c.api, "alice", [sys.executable, "-c", echo], stdin=pb.STDIN_MODE_PIPE)
@@ -168,6 +172,8 @@ async def test_a_jobs_output_shows_live_and_its_markup_is_only_text(
             async for _ in call:
                 pass
         await expect(page.locator("#output-state")).to_contain_text("all of its output")
+        # A character the log ends inside is shown as U+FFFD, not dropped.
+        await expect(output).to_contain_text("cut \ufffd")
         await expect(output.locator("span.err")).to_have_text("to stderr\n")
         # One stream alone, for whoever cannot tell the colours apart.
         await page.get_by_label("Show").select_option("stderr")
@@ -225,18 +231,20 @@ async def test_stop_asks_first_then_stops_the_job(tmp_path: Path, pki: Pki) -> N
         await page.get_by_role("button", name="Cancel").press("Enter")
         await expect(dialog).to_be_hidden()
         async with c.api.client("alice") as alice:
-            assert (await alice.GetJob(pb.JobRequest(id=job.id))).state == pb.JOB_STATE_RUNNING
+            status = await alice.GetJob(pb.JobRequest(id=job.id), timeout=10)
+            assert status.state == pb.JOB_STATE_RUNNING
         await stop.click()
         await page.get_by_role("button", name="Confirm").click()
         await expect(page.locator("#state")).to_have_text("stopped")
         async with c.api.client("alice") as alice:
-            assert (await alice.GetJob(pb.JobRequest(id=job.id))).state == pb.JOB_STATE_STOPPED
+            status = await alice.GetJob(pb.JobRequest(id=job.id), timeout=10)
+            assert status.state == pb.JOB_STATE_STOPPED
         # Remove: asked, then gone, and the list is where it leads.
         await page.get_by_role("button", name="Remove").click()
         await page.get_by_role("button", name="Confirm").click()
         await expect(page).to_have_url(c.origin + "/")
         async with c.api.client("alice") as alice:
-            assert not (await alice.ListJobs(pb.ListJobsRequest())).jobs
+            assert not (await alice.ListJobs(pb.ListJobsRequest(), timeout=10)).jobs
 
 
 async def test_another_users_job_is_not_found_and_not_listed(tmp_path: Path, pki: Pki) -> None:
@@ -331,7 +339,8 @@ async def test_pages_are_locked_down_and_cross_origin_posts_refused(
             forged = await page.request.post(target, form=form, headers={"Origin": c.origin})
             assert forged.status == 403
         async with c.api.client("alice") as alice:
-            assert (await alice.GetJob(pb.JobRequest(id=job.id))).state == pb.JOB_STATE_RUNNING
+            status = await alice.GetJob(pb.JobRequest(id=job.id), timeout=10)
+            assert status.state == pb.JOB_STATE_RUNNING
 
 
 async def test_the_start_form_starts_a_job_or_says_what_is_wrong(tmp_path: Path, pki: Pki) -> None:
@@ -461,9 +470,9 @@ async def test_idle_connections_are_let_go_and_their_number_capped(
         assert api.server.web is not None
         port = api.server.web.port
         context = _client_tls(pki, "alice")
-        held = [await asyncio.open_connection("127.0.0.1", port, ssl=context) for _ in range(2)]
-        extra, extra_writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
         async with asyncio.timeout(10):
+            held = [await asyncio.open_connection("127.0.0.1", port, ssl=context) for _ in range(2)]
+            extra, extra_writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
             assert await extra.read() == b""  # over the limit: closed at once...
             # ...not for being idle: the two opened before it are still open.
             assert not any(reader.at_eof() for reader, _ in held)

@@ -446,7 +446,7 @@ class Routes:
                 listed = await caller.unary(
                     "ListUsage", pb.ListUsageRequest(owner=owner), pb.ListUsageResponse
                 )
-                await events.send("usage", {u.id: _rates(u.samples) for u in listed.jobs})
+                await events.send("usage", {u.id: usage_json(u.samples) for u in listed.jobs})
             await asyncio.sleep(USAGE_EVERY_S)
 
     async def job_events(self, request: web.Request) -> web.StreamResponse:
@@ -494,6 +494,16 @@ class Routes:
 
         async def follow(events: _Events) -> None:
             decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in _STREAM_LETTER}
+
+            def rest() -> list[tuple[str, str]]:
+                # Bytes a decoder still holds (a character cut by the page's or the log's
+                # end) are shown, as U+FFFD, rather than dropped.
+                return [
+                    (_STREAM_LETTER[s], text)
+                    for s, decoder in decoders.items()
+                    if (text := decoder.decode(b"", final=True))
+                ]
+
             sent = 0
             out = caller.stream("StreamOutput", wanted, pb.OutputResponse)
             async with contextlib.aclosing(out) as responses:
@@ -504,10 +514,13 @@ class Routes:
                         if text:
                             pieces.append((_STREAM_LETTER[chunk.stream], text))
                         sent += len(chunk.data)
-                    await events.send("output", pieces, str(response.offset))
                     if sent >= PAGE_BYTES:
+                        await events.send("output", pieces + rest(), str(response.offset))
                         await events.send("more", {"offset": response.offset})
                         return
+                    await events.send("output", pieces, str(response.offset))
+            if last := rest():
+                await events.send("output", last)
             await events.send("end", {})
 
         return await _event_stream(request, follow)
@@ -549,19 +562,6 @@ async def _beside(*side: Awaitable[None]) -> AsyncGenerator[None, None]:
             task.remove_done_callback(failed)
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _rates(samples: Any) -> list[float | None]:
-    """[CPU % of one core, memory bytes] from a job's latest samples (Any: protobuf's
-    repeated field); CPU None until there are two."""
-    last = samples[-1]
-    cpu = None
-    if len(samples) > 1:
-        first = samples[0]
-        seconds = (last.time_unix_nano - first.time_unix_nano) / 1e9
-        if seconds > 0:
-            cpu = round(100 * (last.cpu_seconds - first.cpu_seconds) / seconds, 1)
-    return [cpu, last.memory_bytes]
 
 
 def _history_request(job: pb.Job) -> pb.UsageRequest:

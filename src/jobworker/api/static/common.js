@@ -22,6 +22,12 @@ const jw = {
   time(ms) {
     return ms ? new Date(ms).toLocaleString() : "";
   },
+  // CPU % of one core between two [seconds, CPU seconds] points; null without an earlier
+  // one (the list and the job page's chart both count it so).
+  cpuPercent(before, after) {
+    if (!before || after[0] <= before[0]) return null;
+    return Math.max(0, 100 * (after[1] - before[1]) / (after[0] - before[0]));
+  },
   exit(job) {
     if (job.oom) return "OOM killed";
     if (job.signal !== null && job.signal !== undefined) return "signal " + job.signal;

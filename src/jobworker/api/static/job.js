@@ -139,7 +139,7 @@
         const at = endedMs / 1000;
         if (t.length && at <= t[t.length - 1]) return;
         t.push(at);
-        cpu.push(last && at > last[0] ? Math.max(0, 100 * (cpuSeconds - last[1]) / (at - last[0])) : null);
+        cpu.push(jw.cpuPercent(last, [at, cpuSeconds]));
         mem.push(memoryBytes === null ? null : memoryBytes / 1048576);
         limit.push(limitMiB);
         redraw();
@@ -149,11 +149,10 @@
         for (const [ms, cpuSeconds, bytes] of samples) {
           const at = ms / 1000;
           if (t.length && at <= t[t.length - 1]) continue;
-          let percent = null;
-          if (last && at > last[0]) percent = Math.max(0, 100 * (cpuSeconds - last[1]) / (at - last[0]));
-          last = [at, cpuSeconds];
+          const point = [at, cpuSeconds];
           t.push(at);
-          cpu.push(percent);
+          cpu.push(jw.cpuPercent(last, point));
+          last = point;
           mem.push(bytes / 1048576);
           limit.push(limitMiB);
         }

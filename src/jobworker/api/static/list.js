@@ -32,11 +32,15 @@
     return list;
   }
 
+  // A running job's latest samples ([ms, CPU seconds, memory bytes, pids], oldest first).
   function usageCells(job, cpu, mem) {
-    const u = job.state === "running" ? usage[job.id] : undefined;
-    cpu.textContent = u && u[0] !== null ? u[0].toFixed(1) + "%" : "";
-    if (!u) { mem.textContent = ""; return; }
-    mem.textContent = jw.bytes(u[1]) + (job.memoryLimit ? " / " + jw.bytes(job.memoryLimit) : "");
+    const rows = job.state === "running" ? usage[job.id] : undefined;
+    if (!rows || !rows.length) { cpu.textContent = ""; mem.textContent = ""; return; }
+    const newer = rows[rows.length - 1];
+    const older = rows.length > 1 ? rows[0] : null;
+    const percent = older && jw.cpuPercent([older[0] / 1000, older[1]], [newer[0] / 1000, newer[1]]);
+    cpu.textContent = percent === null ? "" : percent.toFixed(1) + "%";
+    mem.textContent = jw.bytes(newer[2]) + (job.memoryLimit ? " / " + jw.bytes(job.memoryLimit) : "");
   }
 
   function row(job) {
