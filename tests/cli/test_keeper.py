@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import struct
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,16 +27,22 @@ from ..api.conftest import Pki, serving
 from .test_jobctl import JOBCTL, Cli, _pty_run, cli_env
 
 
-def _keeper_pid(run_dir: Path) -> int | None:
-    for path in (run_dir / "jobworker").glob("ctl-*.sock"):
+def _keeper_pids(run_dir: Path) -> list[int]:
+    pids = []
+    for path in sorted((run_dir / "jobworker").glob("ctl-*.sock")):
         with socket.socket(socket.AF_UNIX) as sock:
             try:
                 sock.connect(str(path))
             except OSError:
                 continue
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            return int(struct.unpack("3i", creds)[0])
-    return None
+            pids.append(int(struct.unpack("3i", creds)[0]))
+    return pids
+
+
+def _keeper_pid(run_dir: Path) -> int | None:
+    pids = _keeper_pids(run_dir)
+    return pids[0] if pids else None
 
 
 async def _gone(pid: int, timeout: float) -> None:
@@ -82,8 +89,7 @@ async def kept(tmp_path: Path, pki: Pki) -> AsyncIterator[tuple[Cli, Path]]:
         try:
             yield Cli(running, env), run_dir
         finally:
-            pid = _keeper_pid(run_dir)
-            if pid is not None:
+            for pid in _keeper_pids(run_dir):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 await _gone(pid, 30)
@@ -115,6 +121,77 @@ async def test_commands_run_through_one_kept_connection(
     peers = {record.fields["peer"] for record in audit[start:]}  # type: ignore[attr-defined]
     assert len(peers) == 1
     assert _keeper_pid(run_dir) == pid
+
+
+async def _imports_and_result(cli: Cli, *args: str, env: dict[str, str]) -> tuple[set[str], int]:
+    """The modules jobctl's own process loaded for a command (``-X importtime``), and its
+    exit status."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-X",
+        "importtime",
+        JOBCTL,
+        *args,
+        env={**cli.env, **env},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    loaded = {
+        line.rsplit("|", 1)[1].strip()
+        for line in err.decode().splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    return loaded, proc.returncode or 0
+
+
+async def test_later_commands_hand_their_argv_over_unparsed(kept: tuple[Cli, Path]) -> None:
+    """Once a keeper runs for these settings, jobctl's own process neither parses nor
+    resolves anything: it loads no argparse, no config reader, no gRPC."""
+    cli, run_dir = kept
+    loaded, status = await _imports_and_result(cli, "ls", env={})
+    assert status == 0
+    assert {"argparse", "jobworker.cli._parser"} <= loaded  # the first: the full way
+    links = list((run_dir / "jobworker").glob("quick-*.sock"))
+    assert len(links) == 1
+    assert links[0].readlink().name.startswith("ctl-")
+    loaded, status = await _imports_and_result(cli, "ls", env={})
+    assert status == 0
+    assert not {"argparse", "typing", "jobworker.cli._parser", "grpc", "json"} & loaded
+    # Help and usage errors are the front end's own, also when a keeper runs.
+    usage = await cli("run", "--cpus", "-1", "true")
+    assert usage.code == 2
+    assert usage.err.startswith("usage: jobctl run")
+    helped = await cli("ls", "--help")
+    assert (helped.code, helped.out[:13]) == (0, b"usage: jobctl")
+
+
+async def test_another_server_never_takes_a_keeper_for_other_settings(
+    kept: tuple[Cli, Path],
+) -> None:
+    """A flag or a setting naming another server is never run by the keeper these settings
+    made, also when a link for the new settings leads to it."""
+    cli, run_dir = kept
+    assert (await cli("ls")).code == 0
+    keeper = _keeper_pid(run_dir)
+    refused = await cli("--server", "127.0.0.1:1", "ls")
+    assert (refused.code, "connection refused" in refused.err) == (1, True)
+    elsewhere = {"JOBWORKER_SERVER": "127.0.0.1:1", "JOBWORKER_CONTROL_PERSIST": "no"}
+    # A link for those settings leading to the keeper: it must answer "not mine".
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from jobworker.cli._quick import inputs, keeper_dir, quick_path;"
+        "print(quick_path(keeper_dir(), inputs()))",
+        env={**cli.env, **elsewhere},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    ctl = next((run_dir / "jobworker").glob("ctl-*.sock"))
+    Path(out.decode().strip()).symlink_to(ctl.name)
+    refused = await cli("ls", env=elsewhere)
+    assert (refused.code, "connection refused" in refused.err) == (1, True)
+    assert keeper in _keeper_pids(run_dir)
 
 
 async def test_ctrl_c_through_the_keeper_detaches(kept: tuple[Cli, Path]) -> None:
@@ -158,7 +235,7 @@ async def test_keeper_exits_once_idle(kept: tuple[Cli, Path]) -> None:
     pid = _keeper_pid(run_dir)
     assert pid is not None
     await _gone(pid, 30)
-    assert list((run_dir / "jobworker").glob("ctl-*.sock")) == []
+    assert list((run_dir / "jobworker").iterdir()) == []
 
 
 async def test_an_unsafe_directory_means_no_keeper(kept: tuple[Cli, Path]) -> None:

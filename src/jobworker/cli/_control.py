@@ -23,38 +23,26 @@ import hashlib
 import json
 import os
 import select
-import signal
 import socket
-import stat
-import struct
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
+
+from ._quick import LENGTH, Resume, interruptible, keeper_dir, private, quick_path, status
 
 if TYPE_CHECKING:
     from ._config import Target
 
 __all__ = [
-    "INTERRUPT",
-    "LENGTH",
     "MAX_REQUEST",
-    "PROGRESS",
     "READY",
-    "STATUS",
-    "Resume",
     "connect_keeper",
     "control_path",
+    "file_stamps",
     "forward",
 ]
 
-LENGTH = struct.Struct("!I")
-# From the keeper, each message a tag and its fields: the exit status (last), or how far a
-# follow has got (a job id and a log offset), so that the front end can follow on by
-# itself if the keeper goes away.
-STATUS = struct.Struct("!ci")
-PROGRESS = struct.Struct("!c36sQ")
 MAX_REQUEST = 1 << 20
-INTERRUPT = b"I"
 READY = b"R"
 _START_TIMEOUT = 10.0
 _MAX_SOCKET_PATH = 108
@@ -63,18 +51,10 @@ _MAX_SOCKET_PATH = 108
 def _private_dir() -> Path | None:
     """$XDG_RUNTIME_DIR/jobworker, or /tmp/jobworker-UID: made 0700 if missing; None if
     it exists but is not a directory of ours that only we can enter."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    uid = os.getuid()
-    directory = Path(base) / "jobworker" if base else Path(f"/tmp/jobworker-{uid}")  # noqa: S108 - checked below
+    directory = keeper_dir()
     with contextlib.suppress(FileExistsError):
-        directory.mkdir(mode=0o700)
-    try:
-        info = directory.lstat()
-    except OSError:
-        return None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid or info.st_mode & 0o077:
-        return None
-    return directory
+        os.mkdir(directory, 0o700)
+    return Path(directory) if private(directory) else None
 
 
 def control_path(target: Target) -> Path | None:
@@ -85,17 +65,25 @@ def control_path(target: Target) -> Path | None:
     directory = _private_dir()
     if directory is None:
         return None
-    parts = [target.server]
+    stamps = file_stamps(target)
+    if stamps is None:
+        return None
+    key = "\0".join([target.server, *stamps])
+    path = directory / f"ctl-{hashlib.sha256(key.encode()).hexdigest()[:24]}.sock"
+    # A Unix socket's path has room for 107 bytes.
+    return path if len(os.fsencode(path)) < _MAX_SOCKET_PATH else None
+
+
+def file_stamps(target: Target) -> list[str] | None:
+    """Each TLS file's name and version (mtime, size); None if one is missing."""
+    stamps = []
     for file in (target.ca, target.cert, target.key):
         try:
             info = file.stat()
         except OSError:
             return None
-        parts += [str(file), str(info.st_mtime_ns), str(info.st_size)]
-    key = "\0".join(parts)
-    path = directory / f"ctl-{hashlib.sha256(key.encode()).hexdigest()[:24]}.sock"
-    # A Unix socket's path has room for 107 bytes.
-    return path if len(os.fsencode(path)) < _MAX_SOCKET_PATH else None
+        stamps += [str(file), str(info.st_mtime_ns), str(info.st_size)]
+    return stamps
 
 
 def connect_keeper(path: Path) -> socket.socket | None:
@@ -161,18 +149,15 @@ def _request(argv: list[str], extra: dict[str, object]) -> bytes:
     return LENGTH.pack(len(body)) + body
 
 
-class Resume(NamedTuple):
-    """The keeper went away while following ``job``: go on from ``offset`` here."""
-
-    job: str
-    offset: int
-
-
-def forward(argv: list[str], target: Target, extra: dict[str, object]) -> int | Resume | None:
+def forward(
+    argv: list[str], target: Target, extra: dict[str, object], *, alias: str | None = None
+) -> int | Resume | None:
     """Run ``argv`` in the keeper for ``target``, starting one if there is none; return the
     exit status, where to follow on if the keeper went away mid-follow, or None if no
     keeper can be reached (then the caller runs it itself). ``extra`` goes along: what only
-    this process could resolve (the job's environment)."""
+    this process could resolve (the job's environment). ``alias``: the inputs (see
+    ``_quick``) that resolved to ``target`` with no flag naming it; the keeper is told to
+    take quick requests with exactly those, and the alias is pointed at it."""
     path = control_path(target)
     if path is None:
         return None
@@ -188,58 +173,26 @@ def forward(argv: list[str], target: Target, extra: dict[str, object]) -> int | 
         if sock is None:
             return None
     with sock:
+        if alias is not None:
+            extra = {**extra, "alias": alias}
         try:
             socket.send_fds(sock, [_request(argv, extra)], [1, 2])
         except OSError:
             return None
-
-        def interrupt(_signum: int, _frame: object) -> None:
-            with contextlib.suppress(OSError):
-                sock.send(INTERRUPT)
-
-        previous = signal.signal(signal.SIGINT, interrupt)
-        try:
-            return _status(sock)
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        if alias is not None:
+            _point_alias(quick_path(str(path.parent), alias), path.name)
+        return interruptible(sock, lambda: status(sock))
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
-    data = b""
-    while len(data) < size:
-        try:
-            chunk = sock.recv(size - len(data))
-        except OSError:
-            chunk = b""
-        if not chunk:
-            return None
-        data += chunk
-    return data
-
-
-def _status(sock: socket.socket) -> int | Resume:
-    """The command's exit status, as the keeper reports it; or, if the keeper went away
-    while following a job, where to follow on."""
-    resume: Resume | None = None
-    while True:
-        tag = _recv_exactly(sock, 1)
-        rest = None
-        if tag == b"P":
-            rest = _recv_exactly(sock, PROGRESS.size - 1)
-            if rest is not None:
-                _tag, job, offset = PROGRESS.unpack(tag + rest)
-                resume = Resume(job.decode("ascii"), offset)
-                continue
-        elif tag == b"S":
-            rest = _recv_exactly(sock, STATUS.size - 1)
-            if rest is not None:
-                return int(STATUS.unpack(tag + rest)[1])
-        if resume is not None:
-            return resume
-        # It may have run part of the command, so running it again here could do it twice:
-        # say so instead.
-        sys.stderr.write(
-            "jobctl: the connection keeper went away before the command ended;"
-            " check with 'jobctl ls' before running it again\n"
-        )
-        return 1
+def _point_alias(alias: str, socket_name: str) -> None:
+    """Make ``alias`` a link to ``socket_name`` (in the same directory), atomically."""
+    with contextlib.suppress(OSError):
+        if os.readlink(alias) == socket_name:
+            return
+    temporary = f"{alias}.{os.getpid()}"
+    try:
+        os.symlink(socket_name, temporary)
+        os.replace(temporary, alias)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)

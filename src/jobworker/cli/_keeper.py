@@ -8,6 +8,7 @@ It holds one mutual-TLS channel to the server and runs each forwarded command
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import concurrent.futures
 import contextlib
@@ -27,20 +28,36 @@ from ..api._tls import TlsError, TlsFiles
 from ..api.client import connect
 from ._commands import run_command
 from ._config import Target
-from ._control import INTERRUPT, LENGTH, MAX_REQUEST, PROGRESS, READY, STATUS, connect_keeper
+from ._control import MAX_REQUEST, READY, connect_keeper, file_stamps
+from ._environment import job_env
 from ._io import Io
-from ._parser import parse
+from ._parser import check_not_fleet_only, names_target, parse, reads_stdin
+from ._quick import FALLBACK, INTERRUPT, LENGTH, PROGRESS, QUICK, STATUS, quick_path
 
 __all__ = ["main"]
 
 
+# At most this many inputs (see _quick) are taken quick requests for: a user's shells in
+# as many directories with relative certificate paths, say.
+MAX_ALIASES = 64
+
+
 class _Request:
-    """One forwarded command: its argv and the facts of the terminal it came from."""
+    """One forwarded command: its argv, the facts of the terminal it came from, and the
+    job environment it resolved (a full request); or, for a quick request (see _quick),
+    the inputs it resolved nothing from and the front end's whole environment."""
 
-    __slots__ = ("argv", "columns", "env", "no_color", "out_tty")
+    __slots__ = ("alias", "argv", "columns", "env", "environ", "inputs", "no_color", "out_tty")
 
-    def __init__(self, data: object) -> None:
-        """Raises TypeError: not a request the front end sends."""
+    def __init__(self, body: bytes) -> None:
+        """Raises TypeError or ValueError: not a request the front end sends."""
+        self.alias: str | None = None
+        self.inputs: str | None = None
+        self.environ: dict[str, str] = {}
+        if body.startswith(QUICK.encode() + b"\0"):
+            self._quick(body.decode("utf-8", "surrogateescape").split("\0"))
+            return
+        data = json.loads(body)
         if not isinstance(data, dict) or not isinstance(data.get("argv"), list):
             raise TypeError("malformed request")
         self.argv: list[str] = [str(a) for a in data["argv"]]
@@ -54,6 +71,24 @@ class _Request:
         ):
             raise TypeError("malformed environment")
         self.env: dict[str, str] = env
+        alias = data.get("alias")
+        self.alias = alias if isinstance(alias, str) else None
+
+    def _quick(self, fields: list[str]) -> None:
+        """Raises ValueError: a field missing or malformed (see _quick._request)."""
+        _tag, inputs, out_tty, columns, count, *rest = fields
+        self.inputs = inputs.replace("\x1f", "\0")
+        self.out_tty = out_tty == "1"
+        self.columns = int(columns) if columns else None
+        self.argv = rest[: int(count)]
+        if len(self.argv) != int(count):
+            raise ValueError("malformed quick request")
+        for item in rest[int(count) :]:
+            name, sep, value = item.partition("=")
+            if sep:
+                self.environ[name] = value
+        self.no_color = "NO_COLOR" in self.environ
+        self.env = {}
 
 
 def _tell(sock: socket.socket, message: bytes) -> None:
@@ -81,13 +116,18 @@ async def _receive(sock: socket.socket) -> tuple[_Request, list[int]]:
         data += chunk
     if len(fds) != 2:
         raise ValueError("expected stdout and stderr descriptors")
-    return _Request(json.loads(data[LENGTH.size :])), fds
+    return _Request(data[LENGTH.size :]), fds
 
 
 class _Keeper:
     def __init__(self, target: Target, persist: float) -> None:
         self.target = target
         self.persist = persist
+        # The TLS files' versions at start: a quick request after a renewal goes the
+        # full way, to a fresh keeper (as control_path does for full requests).
+        self.stamps = file_stamps(target)
+        # Inputs a front end resolved to this keeper's target with no flag (see _quick).
+        self.aliases: dict[str, None] = {}
         self.active = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -98,6 +138,21 @@ class _Keeper:
         if peer_uid(sock) != os.getuid():
             return
         request, fds = await _receive(sock)
+        if request.inputs is None:
+            if request.alias is not None:
+                self._remember(request.alias)
+            args = None
+        else:
+            args = self._quick_args(request)
+            if args is None:
+                # Nothing has run: the front end goes the full way (and prints a usage
+                # error or help itself).
+                for fd in fds:
+                    os.close(fd)
+                with contextlib.suppress(OSError):
+                    sock.setblocking(True)
+                    sock.sendall(FALLBACK)
+                return
         writer = concurrent.futures.ThreadPoolExecutor(1, "jobctl-write")
         io = Io(
             fds[0],
@@ -109,8 +164,9 @@ class _Keeper:
             progress=lambda job, offset: _tell(sock, PROGRESS.pack(b"P", job.encode(), offset)),
         )
         try:
-            args = parse(request.argv)
-            args.job_env = request.env
+            if args is None:
+                args = parse(request.argv)
+                args.job_env = request.env
             target = self.target._replace(timeout=args.request_timeout)
             command = asyncio.ensure_future(run_command(args, target, io, self.channel))
             listen = asyncio.ensure_future(self._listen(sock, io))
@@ -136,6 +192,34 @@ class _Keeper:
         with contextlib.suppress(OSError):
             sock.setblocking(True)
             sock.sendall(STATUS.pack(b"S", status))
+
+    def _remember(self, inputs: str) -> None:
+        self.aliases.pop(inputs, None)
+        self.aliases[inputs] = None
+        while len(self.aliases) > MAX_ALIASES:
+            del self.aliases[next(iter(self.aliases))]
+
+    def _quick_args(self, request: _Request) -> argparse.Namespace | None:
+        """A quick request's argv parsed, if this keeper runs it as the full way would;
+        None if not (see _quick for when)."""
+        if request.inputs not in self.aliases or file_stamps(self.target) != self.stamps:
+            return None
+        try:
+            args = parse(request.argv)
+            check_not_fleet_only(args)
+        except (SystemExit, UsageError):
+            return None
+        if (
+            args.command in ("config", "completion")
+            or names_target(args)
+            or args.fleet
+            or reads_stdin(args)
+            or getattr(args, "env_file", None)
+        ):
+            return None
+        if args.command in ("run", "start", "exec"):
+            args.job_env = job_env(args.env, [], request.environ)
+        return args
 
     async def _listen(self, sock: socket.socket, io: Io) -> None:
         """Ctrl+C bytes from the jobctl that asked, until it hangs up."""
@@ -213,12 +297,19 @@ def _keep(target: Target, path: Path, ready_fd: int) -> None:
     os.close(ready_fd)
     # Colours follow each request's NO_COLOR, not the environment this keeper started in.
     os.environ.pop("NO_COLOR", None)
+    keeper = _Keeper(target, target.control_persist)
     try:
-        asyncio.run(_Keeper(target, target.control_persist).serve(listener))
+        asyncio.run(keeper.serve(listener))
     finally:
         with contextlib.suppress(OSError):
             if path.stat().st_ino == mine:
                 path.unlink()
+        # The aliases still leading here (another keeper may have taken one over since).
+        for inputs in keeper.aliases:
+            alias = quick_path(str(path.parent), inputs)
+            with contextlib.suppress(OSError):
+                if os.readlink(alias) == path.name:
+                    os.unlink(alias)
         listener.close()
 
 
