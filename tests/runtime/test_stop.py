@@ -134,3 +134,19 @@ async def test_supervisor_killed_from_outside_marks_job_failed(runtime: Runtime)
         final = await runtime.wait(job.id)
     assert final.state is State.FAILED
     assert "supervisor was killed" in (final.error or "")
+
+
+async def test_a_launched_job_is_steered_over_its_kept_connection(runtime: Runtime) -> None:
+    """Signals and stops of a job this runtime launched go over the connection made with
+    the launch, not a connect to the control socket each (the socket is gone here), and
+    any number of them in turn; a job's control socket still serves a restarted server."""
+    async with asyncio.timeout(30):
+        job = await runtime.run(py(IGNORES_SIGTERM))
+        await read_until(runtime, job.id, b"ready")
+        control = os.path.join(runtime._config.state_dir, "jobs", job.id, "control.sock")  # noqa: SLF001 - the socket to take away
+        os.unlink(control)
+        for _ in range(3):
+            await runtime.signal(job.id, signal.SIGTERM)  # ignored: it runs on
+        final = await runtime.stop(job.id, grace=0)
+    assert final.state is State.STOPPED
+    assert final.signal == signal.SIGKILL

@@ -41,11 +41,20 @@ class LaunchFailed:
 
 
 class SupervisorHandle:
-    """A running job's supervisor: a pidfd to watch it end, and its control socket."""
+    """A running job's supervisor: a pidfd to watch it end, and its control socket.
 
-    def __init__(self, job_dir: str, pidfd: int) -> None:
+    ``kept`` is a connection to the supervisor made with the launch (None for a job
+    restored after a restart): requests without descriptors go over it, one at a time,
+    instead of a connection each (a connect under a 1,000-stop storm cost 0.3 ms of the
+    event loop's time). Requests that pass descriptors, or keep their connection (exec),
+    connect to the control socket.
+    """
+
+    def __init__(self, job_dir: str, pidfd: int, kept: socket.socket | None = None) -> None:
         self._job_dir = job_dir
         self._pidfd = pidfd
+        self._kept = kept
+        self._kept_lock = asyncio.Lock()
 
     async def wait(self) -> None:
         """Return once the supervisor process has exited."""
@@ -57,9 +66,18 @@ class SupervisorHandle:
             signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     def close(self) -> None:
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
+        for fd in self.release():
+            os.close(fd)
+
+    def release(self) -> list[int]:
+        """The descriptors this handle holds, now the caller's to close (in a worker
+        thread, say: closing a dead process's pidfd can take the event loop a while)."""
+        fds = [self._pidfd] if self._pidfd >= 0 else []
+        self._pidfd = -1
+        if self._kept is not None:
+            fds.append(self._kept.detach())
+            self._kept = None
+        return fds
 
     async def command(self, request: Control, timeout: float = 5.0) -> Reply:
         """Send one control request; return the reply (ENDED if the job has ended).
@@ -67,10 +85,32 @@ class SupervisorHandle:
         Raises:
             LaunchError: the supervisor did not answer within ``timeout`` seconds.
         """
-        reply, fds = await self.exchange(request, timeout)
-        for fd in fds:
-            os.close(fd)
-        return reply
+        if self._kept is None:
+            reply, fds = await self.exchange(request, timeout)
+            for fd in fds:
+                os.close(fd)
+            return reply
+        async with self._kept_lock:
+            kept = self._kept
+            if kept is None:  # closed while this request waited for the lock
+                return Reply(Outcome.ENDED)
+            try:
+                async with asyncio.timeout(timeout):
+                    return await _kept_exchange(kept, request)
+            except TimeoutError:
+                # A late reply would answer the next request: this connection is done.
+                self._drop_kept()
+                raise LaunchError(
+                    f"the job's supervisor did not answer {request.verb.value} in time"
+                ) from None
+            except OSError:
+                self._drop_kept()
+                return Reply(Outcome.ENDED)  # the supervisor closed it on the way out
+
+    def _drop_kept(self) -> None:
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = None
 
     async def stdin_fd(self, timeout: float = 5.0) -> int:
         """A descriptor of the write end of the job's stdin pipe (the caller owns it).
@@ -162,6 +202,23 @@ class SupervisorHandle:
         return sock, Reply.decode(reply), fds
 
 
+async def _kept_exchange(sock: socket.socket, request: Control) -> Reply:
+    """One request and its reply (a line) over a kept connection.
+
+    Raises:
+        OSError: the connection closed (the supervisor ended) or failed.
+    """
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, request.encode())
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = await loop.sock_recv(sock, 4096)
+        if not chunk:
+            raise ConnectionResetError("the supervisor closed its connection")
+        reply += chunk
+    return Reply.decode(reply)
+
+
 class Launcher:
     """The launcher process (see ``_launcher``), started once per runtime."""
 
@@ -217,7 +274,7 @@ class Launcher:
             async with asyncio.timeout(timeout):
                 while True:
                     try:
-                        msg, fds, _flags, _addr = socket.recv_fds(ours, 65536, 1)
+                        msg, fds, _flags, _addr = socket.recv_fds(ours, 65536, 2)
                         break
                     except BlockingIOError:
                         await wait_fd(ours.fileno())
@@ -268,11 +325,13 @@ def _outcome(job_dir: str, msg: bytes, fds: list[int]) -> Launched | LaunchFaile
     except CorruptRecordError as e:
         raise LaunchError(f"the job's supervisor sent a bad report: {e}") from e
     finally:
-        if report is None or report.run is None or len(fds) != 1:
+        if report is None or report.run is None or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
-    if report.run is not None and len(fds) == 1:
-        return Launched(report.run, SupervisorHandle(job_dir, fds[0]))
+    if report.run is not None and len(fds) == 2:
+        kept = socket.socket(fileno=fds[1])
+        kept.setblocking(False)
+        return Launched(report.run, SupervisorHandle(job_dir, fds[0], kept))
     if report.exit is not None:
         return LaunchFailed(report.exit.error or "the command could not start", report.exit)
     return LaunchFailed(report.error or "unknown launch error", None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections.abc import Iterator
 
 from ._config import RuntimeConfig
 from ._job import Job
@@ -27,29 +27,45 @@ __all__ = ["prune_ended", "retention_loop"]
 log = logging.getLogger("jobworker.runtime")
 
 
+class _Oldest:
+    """One owner's ended jobs, oldest first, looked at one at a time: a pass that deletes
+    nothing reads one job per owner, not every ended job."""
+
+    __slots__ = ("_jobs", "first")
+
+    def __init__(self, jobs: Iterator[Job]) -> None:
+        self._jobs = jobs
+        self.first = next(jobs, None)
+
+    def advance(self) -> None:
+        self.first = next(self._jobs, None)
+
+
 def _choose(
-    config: RuntimeConfig, ended: dict[str, deque[Job]], used: dict[str, int], cutoff: float
+    config: RuntimeConfig, ended: dict[str, Iterator[Job]], used: dict[str, int], cutoff: float
 ) -> list[Job]:
     """The ended jobs to delete (``ended``: each owner's, oldest first; ``used``: the disk
     each owner's jobs take). Both are consumed."""
     doomed: list[Job] = []
+    oldest = {owner: _Oldest(jobs) for owner, jobs in ended.items()}
 
-    def take(owner: str) -> None:
-        job = ended[owner].popleft()
+    def take(owner: str, job: Job) -> None:
+        oldest[owner].advance()
         used[owner] -= job.disk_bytes
         doomed.append(job)
 
     cap = config.retention_bytes_per_owner
-    for owner, mine in ended.items():
-        while mine and ended_seconds(mine[0]) < cutoff:
-            take(owner)
-        while cap is not None and mine and used[owner] > cap:
-            take(owner)
+    for owner, mine in oldest.items():
+        while (job := mine.first) is not None and ended_seconds(job) < cutoff:
+            take(owner, job)
+        while cap is not None and (job := mine.first) is not None and used[owner] > cap:
+            take(owner, job)
     while sum(used.values()) > config.retention_bytes:
-        owners = [o for o in ended if ended[o]]
-        if not owners:
+        firsts = {o: mine.first for o, mine in oldest.items() if mine.first is not None}
+        if not firsts:
             break
-        take(max(owners, key=lambda o: used[o]))
+        owner = max(firsts, key=lambda o: used[o])
+        take(owner, firsts[owner])
     return doomed
 
 
@@ -67,16 +83,15 @@ async def prune_ended(
     config = life.config
     now = time.time() if now is None else now
     registry = life.registry
-    live = registry.live()
     if measure_live:
-        measured = await asyncio.to_thread(lambda: {j.id: dir_bytes(j.dir) for j in live})
-        life.live_bytes = measured
-    used = registry.ended_bytes()
-    for job in live:
-        used[job.owner] = used.get(job.owner, 0) + life.live_bytes.get(job.id, 0)
+        live = registry.live()
+        registry.measured_live(
+            await asyncio.to_thread(lambda: {j.id: dir_bytes(j.dir) for j in live})
+        )
     # Each owner's ended jobs, oldest first: the candidates.
-    ended = {owner: deque(jobs) for owner, jobs in registry.ended_by_owner().items()}
-    doomed = _choose(config, ended, used, now - config.retention_seconds)
+    doomed = _choose(
+        config, registry.ended_by_owner(), registry.used_bytes(), now - config.retention_seconds
+    )
     doomed.sort(key=ended_seconds)
     for job in doomed:
         await life.delete(job)
