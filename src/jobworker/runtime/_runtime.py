@@ -155,7 +155,7 @@ class Runtime:
         life = self._life
         if life.closed:
             return
-        life.closed = True
+        life.begin_close()
         await asyncio.gather(*life.launches, return_exceptions=True)
         for task in life.tasks:
             task.cancel()
