@@ -68,7 +68,9 @@ def control_path(target: Target) -> Path | None:
     stamps = file_stamps(target)
     if stamps is None:
         return None
-    key = "\0".join([target.server, *stamps])
+    # The protocol's version first: a keeper of an earlier jobctl, which would not
+    # understand a quick request (see _quick), has a socket of another name.
+    key = "\0".join(["2", target.server, *stamps])
     path = directory / f"ctl-{hashlib.sha256(key.encode()).hexdigest()[:24]}.sock"
     # A Unix socket's path has room for 107 bytes.
     return path if len(os.fsencode(path)) < _MAX_SOCKET_PATH else None
