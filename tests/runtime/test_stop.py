@@ -66,12 +66,16 @@ async def test_stop_kills_setsid_double_forked_grandchild(runtime: Runtime) -> N
                     time.sleep(1)
             os._exit(0)
         os.wait()
+        print('reaped', flush=True)
         while True:
             time.sleep(1)
     """
     async with asyncio.timeout(30):
         job = await runtime.run(py(code))
+        # Both: the escapee may print before or after its parent has been reaped (until
+        # then the namespace holds one process more).
         await read_until(runtime, job.id, b"escaped")
+        await read_until(runtime, job.id, b"reaped")
         assert job.pid is not None
         members = pid_namespace_members(job.pid)
         # the supervisor (PID 1 of the namespace), the command and the escapee

@@ -55,6 +55,7 @@ class SupervisorHandle:
         self._pidfd = pidfd
         self._kept = kept
         self._kept_lock = asyncio.Lock()
+        self._released = False
 
     async def wait(self) -> None:
         """Return once the supervisor process has exited."""
@@ -71,10 +72,17 @@ class SupervisorHandle:
 
     def release(self) -> list[int]:
         """The descriptors this handle holds, now the caller's to close (in a worker
-        thread, say: closing a dead process's pidfd can take the event loop a while)."""
+        thread, say: closing a dead process's pidfd can take the event loop a while).
+
+        A kept connection with a request under way is not among them: that request owns
+        it until it ends (at once once the supervisor is gone: its end of the connection
+        closed with it), and closes it then. Taking its descriptor from under it would
+        leave the event loop watching a number the next socket may get.
+        """
+        self._released = True
         fds = [self._pidfd] if self._pidfd >= 0 else []
         self._pidfd = -1
-        if self._kept is not None:
+        if self._kept is not None and not self._kept_lock.locked():
             fds.append(self._kept.detach())
             self._kept = None
         return fds
@@ -106,6 +114,9 @@ class SupervisorHandle:
             except OSError:
                 self._drop_kept()
                 return Reply(Outcome.ENDED)  # the supervisor closed it on the way out
+            finally:
+                if self._released:
+                    self._drop_kept()
 
     def _drop_kept(self) -> None:
         if self._kept is not None:
