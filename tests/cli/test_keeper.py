@@ -194,6 +194,18 @@ async def test_another_server_never_takes_a_keeper_for_other_settings(
     assert keeper in _keeper_pids(run_dir)
 
 
+async def test_a_request_too_big_for_a_keeper_runs_in_jobctl_itself(
+    kept: tuple[Cli, Path],
+) -> None:
+    """A keeper reads requests of up to 1 MiB: a bigger one (here, the environment the
+    quick way sends, 1.2 MB) is run by jobctl itself, not refused halfway."""
+    cli, _ = kept
+    assert (await cli("run", "true")).code == 0  # a keeper runs, with its link
+    big = {f"BIG{i}": "x" * 120_000 for i in range(10)}
+    result = await cli("run", "--", "echo", "ok", env=big)
+    assert (result.code, result.out, result.err) == (0, b"ok\n", "")
+
+
 async def test_ctrl_c_through_the_keeper_detaches(kept: tuple[Cli, Path]) -> None:
     cli, _ = kept
     assert (await cli("run", "true")).code == 0

@@ -28,13 +28,21 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._quick import LENGTH, Resume, interruptible, keeper_dir, private, quick_path, status
+from ._quick import (
+    LENGTH,
+    MAX_REQUEST,
+    Resume,
+    interruptible,
+    keeper_dir,
+    private,
+    quick_path,
+    status,
+)
 
 if TYPE_CHECKING:
     from ._config import Target
 
 __all__ = [
-    "MAX_REQUEST",
     "READY",
     "connect_keeper",
     "control_path",
@@ -42,7 +50,6 @@ __all__ = [
     "forward",
 ]
 
-MAX_REQUEST = 1 << 20
 READY = b"R"
 _START_TIMEOUT = 10.0
 _MAX_SOCKET_PATH = 108
@@ -161,7 +168,10 @@ def forward(
     ``_quick``) that resolved to ``target`` with no flag naming it; the keeper is told to
     take quick requests with exactly those, and the alias is pointed at it."""
     path = control_path(target)
-    if path is None:
+    if alias is not None:
+        extra = {**extra, "alias": alias}
+    request = _request(argv, extra)
+    if path is None or len(request) - LENGTH.size > MAX_REQUEST:
         return None
     sock = connect_keeper(path)
     if sock is None:
@@ -175,10 +185,8 @@ def forward(
         if sock is None:
             return None
     with sock:
-        if alias is not None:
-            extra = {**extra, "alias": alias}
         try:
-            socket.send_fds(sock, [_request(argv, extra)], [1, 2])
+            socket.send_fds(sock, [request], [1, 2])
         except OSError:
             return None
         if alias is not None:

@@ -28,11 +28,20 @@ from ..api._tls import TlsError, TlsFiles
 from ..api.client import connect
 from ._commands import run_command
 from ._config import Target
-from ._control import MAX_REQUEST, READY, connect_keeper, file_stamps
+from ._control import READY, connect_keeper, file_stamps
 from ._environment import job_env
 from ._io import Io
 from ._parser import check_not_fleet_only, names_target, parse, reads_stdin
-from ._quick import FALLBACK, INTERRUPT, LENGTH, PROGRESS, QUICK, STATUS, quick_path
+from ._quick import (
+    FALLBACK,
+    INTERRUPT,
+    LENGTH,
+    MAX_REQUEST,
+    PROGRESS,
+    QUICK,
+    STATUS,
+    quick_path,
+)
 
 __all__ = ["main"]
 

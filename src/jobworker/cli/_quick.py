@@ -40,6 +40,7 @@ __all__ = [
     "INPUT_VARIABLES",
     "INTERRUPT",
     "LENGTH",
+    "MAX_REQUEST",
     "PROGRESS",
     "QUICK",
     "STATUS",
@@ -60,6 +61,8 @@ LENGTH = _struct.Struct("!I")
 STATUS = _struct.Struct("!ci")
 PROGRESS = _struct.Struct("!c36sQ")
 INTERRUPT = b"I"
+# The largest request a keeper reads; a command with a bigger one runs in jobctl itself.
+MAX_REQUEST = 1 << 20
 # The keeper's answer to a quick request it will not run: nothing has been done.
 FALLBACK = b"F"
 # A quick request's first field (the full request is JSON, so it starts with "{").
@@ -165,7 +168,8 @@ def try_quick(argv: list[str]) -> int | Resume | None:
         return None
     key = inputs()
     path = quick_path(directory, key)
-    if len(path.encode()) >= _MAX_SOCKET_PATH:
+    request = _request(argv, key)
+    if len(path.encode()) >= _MAX_SOCKET_PATH or len(request) - LENGTH.size > MAX_REQUEST:
         return None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
@@ -175,7 +179,7 @@ def try_quick(argv: list[str]) -> int | Resume | None:
             if _struct.unpack("3i", creds)[1] != os.getuid():
                 return None
             sock.sendmsg(
-                [_request(argv, key)],
+                [request],
                 [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _struct.pack("2i", 1, 2))],
             )
         except OSError:
