@@ -186,7 +186,10 @@ def forward(
             return None
     with sock:
         try:
-            socket.send_fds(sock, [request], [1, 2])
+            sent = socket.send_fds(sock, [request], [1, 2])
+            # sendmsg may send only part (a signal during a send bigger than the
+            # socket's buffer): the rest follows.
+            sock.sendall(request[sent:])
         except OSError:
             return None
         if alias is not None:

@@ -178,10 +178,13 @@ def try_quick(argv: list[str]) -> int | Resume | None:
             creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
             if _struct.unpack("3i", creds)[1] != os.getuid():
                 return None
-            sock.sendmsg(
+            sent = sock.sendmsg(
                 [request],
                 [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _struct.pack("2i", 1, 2))],
             )
+            # sendmsg may send only part (a signal during a send bigger than the
+            # socket's buffer): the rest follows.
+            sock.sendall(request[sent:])
         except OSError:
             return None
         return interruptible(sock, lambda: status(sock, quick=True))
