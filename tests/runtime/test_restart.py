@@ -174,9 +174,8 @@ async def test_a_job_that_ended_while_no_runtime_ran_shows_how(
         second = await restarts.open()
         final = await second.status(job.id)
         output = joined(await collect(second, job.id))
-    assert final.state is State.EXITED
-    assert final.exit_code == 3
-    assert output == b"ready\ngot usr1\n"
+    # One comparison, so that a failure shows the job's output (stderr included) too.
+    assert (final.state, final.exit_code, output) == (State.EXITED, 3, b"ready\ngot usr1\n")
     assert final.usage is not None
     assert final.usage.cpu_seconds > 0
 
