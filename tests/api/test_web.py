@@ -434,7 +434,11 @@ async def test_an_oom_kill_is_marked(tmp_path: Path, pki: Pki) -> None:
 
 
 async def test_a_large_output_is_paged_not_loaded_whole(tmp_path: Path, pki: Pki) -> None:
-    lines = 40_000  # 80 bytes each: 3.2 MB, a bit over three pages
+    # 80 bytes each: 6.4 MB. A page ends with the read batch that takes it past 1 MiB, so
+    # it can hold well over 1 MiB (under 3, checked below): with 3.2 MB the second page was
+    # once the last, and "Jump to the end" never showed (a CI failure). 6.4 MB leaves a
+    # third page after two of up to 3 MiB.
+    lines = 80_000
     write = f"for i in range({lines}): print(f'line {{i:06d}}', '.' * 67)\n"
     async with console(tmp_path, pki) as c:
         job = await _start(c.api, "alice", [sys.executable, "-c", write])
