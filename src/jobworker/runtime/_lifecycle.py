@@ -112,8 +112,12 @@ class Lifecycle:
         # Jobs whose end is being recorded: their cgroups are still needed (for usage).
         self.ending: set[str] = set()
         self.closed = False
-        # Set when the runtime closes: deferred removals go ahead at once.
-        self._closing = asyncio.Event()
+        # Set once no job's end has begun for _REMOVE_QUIET_S (and when the runtime
+        # closes): deferred removals wait on it. One timer keeps it, rather than each
+        # waiting removal polling (1,000 of them would wake 20,000 times a second).
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._quiet_timer: asyncio.TimerHandle | None = None
         # When the latest job's end began (event loop time).
         self._last_end = 0.0
         # Called after jobs' ends have been dealt with (the retention pass), coalesced: a
@@ -133,7 +137,10 @@ class Lifecycle:
 
     def begin_close(self) -> None:
         self.closed = True
-        self._closing.set()
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
+            self._quiet_timer = None
+        self._quiet.set()
 
     def shutdown(self) -> None:
         """Stop the worker pools (once nothing can submit to them any more)."""
@@ -321,7 +328,7 @@ class Lifecycle:
     async def watch(self, job: Job, supervisor: SupervisorHandle) -> None:
         """Wait for the job's supervisor to exit, then record the job's end."""
         await supervisor.wait()
-        self._last_end = asyncio.get_running_loop().time()
+        self._end_began()
         closing = supervisor.release()
         # Its cgroup is read for the final usage from here on (see ``ending``).
         self.ending.add(job.id)
@@ -407,25 +414,37 @@ class Lifecycle:
             cgroup = self.cgroups.find(job.id)
         empty = True
         if cgroup is not None:
-            await self._quiet()
+            await self._after_the_ends()
             empty = await self._remove_cgroup(cgroup)
         if empty:
             # Nothing the job started remains: its uid may serve another job.
             self.uids.give_back(job.record.uid)
         self._after_ends()
 
-    async def _quiet(self) -> None:
+    def _end_began(self) -> None:
+        if self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._last_end = loop.time()
+        self._quiet.clear()
+        if self._quiet_timer is None:
+            self._quiet_timer = loop.call_later(_REMOVE_QUIET_S, self._check_quiet)
+
+    def _check_quiet(self) -> None:
+        loop = asyncio.get_running_loop()
+        left = self._last_end + _REMOVE_QUIET_S - loop.time()
+        if left > 0:
+            self._quiet_timer = loop.call_later(left, self._check_quiet)
+        else:
+            self._quiet_timer = None
+            self._quiet.set()
+
+    async def _after_the_ends(self) -> None:
         """Return once no job's end has begun for _REMOVE_QUIET_S, after _REMOVE_DEFER_S
         at the most, or at once when the runtime closes."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _REMOVE_DEFER_S
-        while not self.closed:
-            wait = min(self._last_end + _REMOVE_QUIET_S, deadline) - loop.time()
-            if wait <= 0:
-                return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._closing.wait()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_REMOVE_DEFER_S):
+                await self._quiet.wait()
 
     async def _remove_cgroup(self, cgroup: JobCgroup) -> bool:
         """Remove the job's cgroup once it has emptied, within ``cgroup_remove_timeout``;
