@@ -236,6 +236,8 @@ for line in open("/proc/self/mountinfo"):
 for p in ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/sys", "/", "/usr"):
     r["ro " + p] = "ro" in opts.get(p, ["ro"])
 r["cgroup"] = sorted(os.listdir("/sys/fs/cgroup"))
+r["cgroup_dirs"] = [n for n in r["cgroup"] if os.path.isdir("/sys/fs/cgroup/" + n)]
+r["own_cgroup"] = open("/proc/self/cgroup").read().split("\n")[0]
 procs = "/sys/fs/cgroup/cgroup.procs"
 r["cgroup_procs"] = open(procs).read().split() if os.path.exists(procs) else None
 r["home"] = os.listdir("/home")
@@ -260,9 +262,13 @@ async def test_proc_sys_and_dev_are_narrowed(sandboxed: Runtime) -> None:
         assert r["ro " + path], f"{path} is writable"
     if detect().kind == "v2":
         # A cgroup2 view rooted at the job's own cgroup: only its processes.
+        # A pid outside the reader's PID namespace reads 0: none may be there, and no
+        # other cgroup (a job's own has no children) may be listed.
         assert "cgroup.procs" in r["cgroup"]
         assert r["cgroup_procs"]
-        assert all(int(p) < 10 for p in r["cgroup_procs"])
+        assert all(0 < int(p) < 10 for p in r["cgroup_procs"]), r["cgroup_procs"]
+        assert r["cgroup_dirs"] == []
+        assert r["own_cgroup"] == "0::/"
     else:
         assert r["cgroup"] == []
     assert r["home"] == []

@@ -53,7 +53,7 @@ from ._linux import (
     unshare,
 )
 from ._protocol import ExecOrder
-from ._rootfs import build_root
+from ._rootfs import build_root, show_own_cgroup
 
 __all__ = [
     "DEFAULT_PATH",
@@ -255,6 +255,8 @@ def _isolate(spec: SpecRecord, new_root: str, attached: int) -> None:
     _wait_attached(attached)
     if spec.namespaces:
         unshare(CLONE_NEWCGROUP, "cgroup")
+        if spec.sandbox is not None and spec.sandbox.cgroup2 and not spec.host_network:
+            show_own_cgroup()
     _drop_privileges(spec, last_cap)
 
 

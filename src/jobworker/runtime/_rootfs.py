@@ -17,7 +17,7 @@ bubblewrap and nsjail, it builds a fresh root and ``pivot_root``s into it:
   and its read-only paths read-only;
 - ``/sys`` is a fresh read-only sysfs (the host's, read-only, with the host network), with
   ``/sys/fs/cgroup`` empty, or on cgroup v2 a read-only cgroup2 mount of the job's own
-  cgroup (through its cgroup namespace);
+  cgroup (``show_own_cgroup``, once the job is in its cgroup namespace);
 - paths an operator exposes to the owner are bound at the same path, read-only or writable.
 """
 
@@ -44,7 +44,7 @@ from ._linux import (
     umount,
 )
 
-__all__ = ["PRIVATE_DIRS", "WORKDIR", "build_root", "plan_tree"]
+__all__ = ["PRIVATE_DIRS", "WORKDIR", "build_root", "plan_tree", "show_own_cgroup"]
 
 WORKDIR = "/job"
 # Where the private writable places appear, and their directory in the private tmpfs.
@@ -238,15 +238,23 @@ def _sys(new: str, *, own_network: bool, cgroup2: bool) -> None:
         read_only_tree(sys_dir)
     for name in _SYS_MASKED:
         _mask(new, f"{sys_dir}/{name}", is_dir=True)
-    cgroup_dir = f"{sys_dir}/fs/cgroup"
-    if cgroup2 and own_network:
-        # The job's cgroup namespace is rooted at its own cgroup: this shows only that.
-        # (Over the host's /sys bound for a host-network job, the kernel refuses a new
-        # cgroup2 mount with EBUSY: such a job sees an empty directory instead.)
-        with contextlib.suppress(FileNotFoundError):
-            mount("cgroup2", cgroup_dir, "cgroup2", _NODEV | MS_NOEXEC | MS_RDONLY)
-    else:
-        _mask(new, cgroup_dir, is_dir=True)
+    if not (cgroup2 and own_network):
+        # Empty: on v1, and for a host-network job (over the host's /sys bound there, the
+        # kernel refuses a new cgroup2 mount with EBUSY). Else show_own_cgroup mounts it.
+        _mask(new, f"{sys_dir}/fs/cgroup", is_dir=True)
+
+
+def show_own_cgroup() -> None:
+    """A read-only cgroup2 mount at /sys/fs/cgroup (cgroup v2, a job with its own network
+    and so its own sysfs), in the job's root. Only once the job has its cgroup namespace:
+    a cgroup2 mount shows the tree from the mounting process's namespace root, so one made
+    before it would show every job's cgroup on the host.
+
+    Raises:
+        OSError: the kernel refused the mount.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        mount("cgroup2", "/sys/fs/cgroup", "cgroup2", _NODEV | MS_NOEXEC | MS_RDONLY)
 
 
 def build_root(new: str, sandbox: SandboxRecord, uid: int, gid: int, *, own_network: bool) -> None:
