@@ -7,12 +7,14 @@ view shows, so nothing depends on where this checkout lives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,6 +32,8 @@ from jobworker.runtime import (
     Runtime,
     State,
 )
+from jobworker.runtime._jobdir import NEW_ROOT
+from jobworker.runtime._linux import mount, umount
 from jobworker.runtime.cgroups import detect
 
 from ..conftest import make_config, opened
@@ -68,11 +72,70 @@ def _world_writable_dirs() -> list[str]:
     return sorted(set(found))
 
 
-@pytest_asyncio.fixture
-async def sandboxed(tmp_path: Path) -> AsyncIterator[Runtime]:
-    """A runtime whose jobs see nothing of the host's beyond its read-only root."""
-    async with opened(make_config(tmp_path / "state", owner_paths={})) as rt:
+async def _spare_ready(rt: Runtime) -> None:
+    """Wait until the launcher holds a spare root (a mount namespace descriptor among its
+    open files; checked every 10 ms, 30 s at most: nothing announces it)."""
+    fds = Path(f"/proc/{rt._launcher._proc.pid}/fd")  # noqa: SLF001 - what the launcher holds
+
+    def held() -> bool:
+        for fd in fds.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # closed since it was listed
+                if os.readlink(fd).startswith("mnt:"):
+                    return True
+        return False
+
+    async with asyncio.timeout(30):
+        while not held():  # noqa: ASYNC110 - another process's fds: /proc cannot be watched
+            await asyncio.sleep(0.01)
+
+
+def _took_a_spare(state_dir: Path, job_id: str) -> bool:
+    """Whether the job's root was the spare: a job building its own makes it in its
+    directory."""
+    return not (state_dir / "jobs" / job_id / NEW_ROOT).exists()
+
+
+@pytest_asyncio.fixture(params=["spare root", "own root"])
+async def sandboxed(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Runtime]:
+    """A runtime whose jobs see nothing of the host's beyond its read-only root: its first
+    job on the root the launcher built ahead (``_spare``), or every job building its own."""
+    spare = request.param == "spare root"
+    async with opened(make_config(tmp_path / "state", owner_paths={}, spare_roots=spare)) as rt:
+        if spare:
+            await _spare_ready(rt)
         yield rt
+
+
+async def test_a_spare_root_is_taken_and_never_hides_a_newer_mount(tmp_path: Path) -> None:
+    """The launcher's spare root is a copy of the host's mounts when it was built: a job
+    takes it, and a mount made on the host since throws it away (the job then sees the
+    mount, as a job building its own root does)."""
+    place = Path(tempfile.mkdtemp(prefix="jobworker-test-", dir="/mnt"))
+    place.chmod(0o755)
+    mounted = False
+    try:
+        state = tmp_path / "state"
+        async with opened(make_config(state, owner_paths={})) as rt:
+            await _spare_ready(rt)
+            job = await rt.run(JobSpec(["/bin/ls", "-A", str(place)]))
+            async with asyncio.timeout(30):
+                await rt.wait(job.id)
+                assert joined(await collect(rt, job.id)) == b""
+            assert _took_a_spare(state, job.id)
+            await _spare_ready(rt)
+            mount("tmpfs", str(place), "tmpfs", 0, "size=64k,mode=0755")
+            mounted = True
+            (place / "marker").write_text("fresh")
+            job = await rt.run(JobSpec(["/bin/cat", f"{place}/marker"]))
+            async with asyncio.timeout(30):
+                final = await rt.wait(job.id)
+                out = joined(await collect(rt, job.id))
+            assert (final.exit_code, out) == (0, b"fresh")
+            assert not _took_a_spare(state, job.id)
+    finally:
+        if mounted:
+            umount(str(place))
+        place.rmdir()
 
 
 # Writes a marker into every place given, then stops itself until SIGCONT; then reports

@@ -59,7 +59,9 @@ class RuntimeConfig:
     a private /dev, masked /proc and /sys, no capabilities and a seccomp filter (see
     ``_rootfs`` and ``_seccomp``). ``hide_paths`` are shown empty (the state dir always
     is); ``owner_paths`` are shown to an owner (or every owner, ``"*"``) at the same path;
-    owners in ``seccomp_optional_owners`` may ask for no seccomp filter.
+    owners in ``seccomp_optional_owners`` may ask for no seccomp filter. ``spare_roots``:
+    the launcher builds the common root (the host's, no shown path) ahead for the next job
+    (``_spare``); off, each job builds all of its root as it starts.
 
     Retention: ended jobs and their output are deleted once ``retention_seconds`` have
     passed since they ended; oldest first while an owner's jobs take more than
@@ -102,6 +104,7 @@ class RuntimeConfig:
     owner_paths: Mapping[str, tuple[Bind, ...]] = field(default_factory=dict)
     seccomp_optional_owners: frozenset[str] = frozenset()
     images: Mapping[str, str] = field(default_factory=dict)
+    spare_roots: bool = True
 
     def __post_init__(self) -> None:
         if self.output_limit < 1:
@@ -168,6 +171,11 @@ class RuntimeConfig:
     def user_for(self, owner: str) -> RunAs | None:
         """Who ``owner``'s jobs run as; None: a uid of each job's own."""
         return self.owner_run_as.get(owner, self.run_as)
+
+    @property
+    def hidden_paths(self) -> tuple[str, ...]:
+        """What every sandboxed job is shown empty: the state dir and ``hide_paths``."""
+        return (str(self.state_dir), *self.hide_paths)
 
     def binds_for(self, owner: str) -> tuple[Bind, ...]:
         """The host paths shown to ``owner``'s jobs."""

@@ -39,6 +39,7 @@ __all__ = [
     "LOG",
     "NEW_ROOT",
     "RUN",
+    "SPARE_ROOT",
     "SPEC",
     "Bind",
     "CgroupPaths",
@@ -69,6 +70,9 @@ FINAL = "final.json"
 CONTROL = "control.sock"
 # The empty directory a sandboxed job's root is built on, in its own mount namespace.
 NEW_ROOT = "root"
+# The empty directory, under the state dir, where the launcher builds spare roots (each in
+# a mount namespace of its own: ``_spare``).
+SPARE_ROOT = "spare-root"
 # The state dir's lock file (flock, held by the one server using the state dir).
 LOCK_FILE = "jobworkerd.lock"
 # Where directories whose records cannot be read are moved, under the state dir.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -239,8 +240,11 @@ class Launcher:
         self._send_lock = asyncio.Lock()
 
     @classmethod
-    def spawn(cls, seccomp_bpf: bytes = b"") -> Launcher:
-        """Start the launcher process, handing it the jobs' seccomp program (if any).
+    def spawn(
+        cls, seccomp_bpf: bytes = b"", spare: tuple[str, tuple[str, ...]] | None = None
+    ) -> Launcher:
+        """Start the launcher process, handing it the jobs' seccomp program (if any), and
+        where to build sandboxed roots ahead and what they hide (``_spare``; None: no spares).
 
         Raises:
             LaunchError: it could not be started.
@@ -255,7 +259,8 @@ class Launcher:
                     "-m",
                     "jobworker.runtime._launcher",
                     str(theirs.fileno()),
-                    *([seccomp_bpf.hex()] if seccomp_bpf else []),
+                    seccomp_bpf.hex(),
+                    *([json.dumps({"at": spare[0], "hide": spare[1]})] if spare else []),
                 ],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,

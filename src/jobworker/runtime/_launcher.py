@@ -11,7 +11,11 @@ exited are re-parented here and reaped by the kernel, so none becomes a zombie e
 host's PID 1 does not reap. When the server goes away, the launcher keeps doing that until its
 last supervisor has ended, then exits.
 
-Run as ``python -m jobworker.runtime._launcher FD [SECCOMP_BPF_HEX]``.
+It also keeps a sandboxed root built ahead for the next job, when asked to (``_spare``).
+
+Run as ``python -m jobworker.runtime._launcher FD [SECCOMP_BPF_HEX [SPARE_JSON]]``: the
+seccomp program (empty: none), and where to build spare roots and what they hide (JSON
+``{"at": DIR, "hide": [PATH, ...]}``; absent: no spares).
 """
 
 from __future__ import annotations
@@ -33,11 +37,16 @@ from ._logformat import HEADER, Stream
 from ._preexec import DEFAULT_PATH, job_env, set_seccomp_filter, which
 from ._protocol import Control, Reply, Report
 from ._rootfs import plan_tree
+from ._spare import Spare, SpareRoots
 from ._supervisor import run_supervisor
 
 __all__ = ["main"]
 
 MAX_REQUEST = 8192
+# How long after a launch the next spare root is built. At once, its build competed with
+# the launched job's start for both CPUs and the kernel's mount lock: a spare then saved
+# 0.1-1.1 ms of a sandboxed start; 5 ms later, 2.1-2.7 ms (docs/benchmarks.md (e')).
+_REFILL_DELAY = 0.005
 
 
 def _send_error(report: socket.socket, message: str) -> None:
@@ -45,8 +54,11 @@ def _send_error(report: socket.socket, message: str) -> None:
         report.send(Report(error=message).encode())
 
 
-def _intermediate(server: socket.socket, job_dir: str, report: socket.socket) -> NoReturn:
-    """In the forked child: enter a new PID namespace for the next fork, fork the supervisor."""
+def _intermediate(
+    server: socket.socket, job_dir: str, report: socket.socket, spare: Spare | None
+) -> NoReturn:
+    """In the forked child: enter a new PID namespace for the next fork, fork the supervisor
+    (handing it the spare root, if any)."""
     code = 0
     try:
         server.close()
@@ -58,16 +70,16 @@ def _intermediate(server: socket.socket, job_dir: str, report: socket.socket) ->
         os.setsid()  # the job must not get the terminal's Ctrl+C aimed at the server
         unshare(CLONE_NEWPID, "CLONE_NEWPID")
         if os.fork() == 0:
-            _supervisor_main(job_dir, report)
+            _supervisor_main(job_dir, report, spare)
     except BaseException as e:  # noqa: BLE001 - any failure must reach the server as a report
         _send_error(report, f"cannot start the job's supervisor: {e}")
         code = 1
     os._exit(code)
 
 
-def _supervisor_main(job_dir: str, report: socket.socket) -> NoReturn:
+def _supervisor_main(job_dir: str, report: socket.socket, spare: Spare | None) -> NoReturn:
     try:
-        run_supervisor(job_dir, report)
+        run_supervisor(job_dir, report, spare)
     except BaseException as e:  # noqa: BLE001 - any failure must reach the server as a report
         _send_error(report, f"job supervisor failed: {e!r}")
     os._exit(1)
@@ -129,7 +141,7 @@ def _prepare() -> None:
     # The seccomp program, built by the server (hex in argv): building it here would load
     # libseccomp and its binding into the process every supervisor is forked from, which
     # measured +0.4 MiB per idle job (docs/benchmarks.md (d)).
-    if len(sys.argv) > 2:
+    if len(sys.argv) > 2 and sys.argv[2]:
         set_seccomp_filter(bytes.fromhex(sys.argv[2]))
     _warm_up()
     # Made once here, shared by every job on the host's root (see _rootfs._trees).
@@ -140,31 +152,68 @@ def _prepare() -> None:
     gc.freeze()
 
 
+def _spares(poller: select.poll) -> SpareRoots | None:
+    if len(sys.argv) <= 3:
+        return None
+    where = json.loads(sys.argv[3])
+    return SpareRoots(where["at"], tuple(where["hide"]), poller)
+
+
+def _launch(server: socket.socket, spares: SpareRoots | None) -> bool:
+    """Serve one request of the server's: fork the intermediate of a job's supervisor.
+    False once the server is gone."""
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(server, MAX_REQUEST, 1)
+    except ConnectionResetError:
+        return False
+    if not msg or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        return bool(msg)
+    report = socket.socket(fileno=fds[0])
+    spare = spares.take() if spares is not None else None
+    try:
+        pid = os.fork()
+    except OSError as e:
+        _send_error(report, f"cannot fork the job's supervisor: {e.strerror}")
+        pid = -1
+    if pid == 0:
+        _intermediate(server, msg.decode(), report, spare)
+    report.close()
+    if spare is not None:
+        os.close(spare.fd)
+    return True
+
+
 def main() -> None:
     server = socket.socket(fileno=int(sys.argv[1]))
     _prepare()
+    poller = select.poll()
+    poller.register(server, select.POLLIN)
+    spares = _spares(poller)
+    if spares is not None:
+        spares.refill()
+    refill_at: float | None = None
     while True:
-        try:
-            msg, fds, _flags, _addr = socket.recv_fds(server, MAX_REQUEST, 1)
-        except ConnectionResetError:
-            break
-        if not msg:
-            for fd in fds:
-                os.close(fd)
-            break
-        if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            continue
-        report = socket.socket(fileno=fds[0])
-        try:
-            pid = os.fork()
-        except OSError as e:
-            _send_error(report, f"cannot fork the job's supervisor: {e.strerror}")
-            pid = -1
-        if pid == 0:
-            _intermediate(server, msg.decode(), report)
-        report.close()
+        timeout = None if refill_at is None else max(0, (refill_at - time.monotonic()) * 1000)
+        events = poller.poll(timeout)
+        # The spare's events first: a mount the server made before it asked for a launch
+        # must throw away a spare built before it.
+        if spares is not None:
+            for fd, _event in events:
+                spares.handle(fd)
+            if refill_at is not None and time.monotonic() >= refill_at:
+                refill_at = None
+                spares.refill()
+        if any(fd == server.fileno() for fd, _event in events):
+            if not _launch(server, spares):
+                break
+            if spares is not None:
+                # Later: building the next spare now would compete with this job's start
+                # for the CPUs and the kernel's mount lock.
+                refill_at = time.monotonic() + _REFILL_DELAY
+    if spares is not None:
+        spares.close()
     server.close()
     # The server is gone; our stdio may be its pipes, which its reader waits to see closed.
     devnull = os.open(os.devnull, os.O_RDWR)

@@ -310,7 +310,7 @@ class Lifecycle:
             image=config.images[spec.image] if spec.image is not None else None,
             image_name=spec.image,
             tmp_bytes=job.limits.tmp_bytes or DEFAULT_TMP_BYTES,
-            hide=(str(config.state_dir), *config.hide_paths),
+            hide=config.hidden_paths,
             binds=config.binds_for(spec.owner),
             seccomp=spec.seccomp,
             cgroup2=self.cgroups is not None and self.cgroups.kind == "v2" and uid >= 0,

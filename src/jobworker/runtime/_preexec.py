@@ -53,7 +53,8 @@ from ._linux import (
     unshare,
 )
 from ._protocol import ExecOrder
-from ._rootfs import build_root, show_own_cgroup
+from ._rootfs import build_root, finish_prepared_root, show_own_cgroup
+from ._spare import Spare
 
 __all__ = [
     "DEFAULT_PATH",
@@ -156,25 +157,37 @@ def resolve(argv0: str, env: dict[str, str]) -> str:
     return found
 
 
-def _enter_namespaces(spec: SpecRecord, new_root: str) -> None:
+def _enter_namespaces(spec: SpecRecord, new_root: str, spare: Spare | None) -> None:
     """Every namespace but the cgroup one (its root is the cgroup we are in when it is made,
-    so it waits for the move into the job's cgroups)."""
-    flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC
-    unshare(flags | (0 if spec.host_network else CLONE_NEWNET), "mount, UTS, IPC, net")
-    # Nothing mounted from here on may propagate back to the host.
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
-    if spec.sandbox is not None:
-        build_root(new_root, spec.sandbox, spec.uid, spec.gid, own_network=not spec.host_network)
+    so it waits for the move into the job's cgroups). With a ``spare``, the mount namespace
+    is the one built ahead for us, and only our own part of the root is left to build."""
+    flags = CLONE_NEWUTS | CLONE_NEWIPC | (0 if spec.host_network else CLONE_NEWNET)
+    own_network = not spec.host_network
+    if spare is not None and spec.sandbox is not None:
+        unshare(flags, "UTS, IPC, net")
+        setns(spare.fd, CLONE_NEWNS, "the mount namespace built ahead")
+        os.close(spare.fd)
+        finish_prepared_root(spare.at, spec.sandbox, spec.uid, spec.gid, own_network=own_network)
     else:
-        # A /proc of the job's PID namespace: ps shows only the job's processes.
-        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        if not spec.host_network:
-            # sysfs shows the network devices of the namespace that mounts it; also hides
-            # the host's cgroup files. Read-only.
-            mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    if not spec.host_network:
+        unshare(flags | CLONE_NEWNS, "mount, UTS, IPC, net")
+        # Nothing mounted from here on may propagate back to the host.
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        if spec.sandbox is not None:
+            build_root(new_root, spec.sandbox, spec.uid, spec.gid, own_network=own_network)
+        else:
+            _proc_and_sys(own_network=own_network)
+    if own_network:
         loopback_up()
     sethostname(spec.hostname)
+
+
+def _proc_and_sys(*, own_network: bool) -> None:
+    """With no sandbox: a /proc of the job's PID namespace (ps shows only the job's
+    processes), and with its own network a sysfs of it (it shows the network devices of
+    the namespace that mounts it, and hides the host's cgroup files), read-only."""
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    if own_network:
+        mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def _cap_last() -> int:
@@ -244,14 +257,14 @@ def _wait_attached(attached: int) -> None:
         raise ExecError(word.decode(errors="replace") or "the supervisor went away")
 
 
-def _isolate(spec: SpecRecord, new_root: str, attached: int) -> None:
+def _isolate(spec: SpecRecord, new_root: str, attached: int, spare: Spare | None) -> None:
     """Enter the job's own namespaces and root while the supervisor moves us into its
     cgroups; once there, the cgroup namespace; then drop privileges. Only the root's
     skeleton (a few directories on its size-capped tmpfs) is built before the move; the
     job's processes, its tmpfs pages and all it runs are counted in its cgroups."""
     last_cap = _cap_last()  # read while the host's /proc is still there
     if spec.namespaces:
-        _enter_namespaces(spec, new_root)
+        _enter_namespaces(spec, new_root, spare)
     _wait_attached(attached)
     if spec.namespaces:
         unshare(CLONE_NEWCGROUP, "cgroup")
@@ -269,6 +282,7 @@ def exec_command(  # noqa: PLR0913 - each is one descriptor or fact the child ne
     *,
     attached: int,
     stdin: int | None = None,
+    spare: Spare | None = None,
 ) -> NoReturn:
     """In the forked child: stdio (``stdin`` the read end of the job's stdin pipe, or None
     for /dev/null; ``stdio`` = stdout and stderr write ends; a terminal job gets its
@@ -283,8 +297,8 @@ def exec_command(  # noqa: PLR0913 - each is one descriptor or fact the child ne
         _Command(spec.argv, env, spec.cwd, spec.window if spec.stdin_mode == "tty" else None),
         stdio=(stdin, *stdio),
         status_w=status_w,
-        enter=lambda: _isolate(spec, new_root, attached),
-        keep=(attached,),
+        enter=lambda: _isolate(spec, new_root, attached, spare),
+        keep=(attached,) if spare is None else (attached, spare.fd),
         root=new_root,
     )
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from ._jobdir import SandboxRecord
@@ -44,7 +45,15 @@ from ._linux import (
     umount,
 )
 
-__all__ = ["PRIVATE_DIRS", "WORKDIR", "build_root", "plan_tree", "show_own_cgroup"]
+__all__ = [
+    "PRIVATE_DIRS",
+    "WORKDIR",
+    "build_root",
+    "finish_prepared_root",
+    "plan_tree",
+    "prepare_root",
+    "show_own_cgroup",
+]
 
 WORKDIR = "/job"
 # Where the private writable places appear, and their directory in the private tmpfs.
@@ -89,6 +98,8 @@ _PROC_MASKED = (
 _PROC_READ_ONLY = ("bus", "fs", "irq", "sys", "sysrq-trigger")
 _SYS_MASKED = ("firmware", "devices/virtual/powercap")
 _NODEV = MS_NOSUID | MS_NODEV
+# The private tmpfs's size in a root built ahead, until a job's own is set.
+_PLACEHOLDER_TMP = 64 << 10
 
 
 class _Tree(NamedTuple):
@@ -270,22 +281,59 @@ def build_root(new: str, sandbox: SandboxRecord, uid: int, gid: int, *, own_netw
     Raises:
         OSError: a mount failed (the job then fails to start, with the reason).
     """
-    # Modes as given, without the umask (no chmod after each mkdir); the job gets the
-    # umask back.
+    with _modes_as_given():
+        _walls(new, sandbox.image or "/", sandbox, sandbox.tmp_bytes, (uid, gid))
+    _finish(new, sandbox, own_network=own_network)
+
+
+def prepare_root(new: str, hide: tuple[str, ...]) -> None:
+    """Build ahead, at the empty directory ``new`` of a fresh mount namespace of its own,
+    what :func:`build_root` builds for any job on the host's root that hides ``hide`` and
+    shows no path: everything but /proc and /sys (they show the job's own PID and network
+    namespaces). Its private tmpfs is as small as it can be and its /job is root's:
+    :func:`finish_prepared_root` gives both to the job.
+
+    Raises:
+        OSError: a mount failed.
+    """
+    spare = SandboxRecord(None, None, _PLACEHOLDER_TMP, hide, (), seccomp=True, cgroup2=False)
+    with _modes_as_given():
+        _walls(new, "/", spare, _PLACEHOLDER_TMP, (0, 0))
+
+
+def finish_prepared_root(
+    new: str, sandbox: SandboxRecord, uid: int, gid: int, *, own_network: bool
+) -> None:
+    """In the prepared mount namespace: finish the root :func:`prepare_root` built at
+    ``new`` for this job (its tmpfs size, its /job, its /proc and /sys), and make it this
+    process's root.
+
+    Raises:
+        OSError: a mount failed.
+    """
+    # A remount of the private tmpfs through one of its binds: the size is the superblock's,
+    # so every place on it shares it. The flags are those it was bound with.
+    mount(None, new + "/tmp", None, MS_REMOUNT | _NODEV, f"size={sandbox.tmp_bytes}")
+    os.chown(new + WORKDIR, uid, gid)
+    _finish(new, sandbox, own_network=own_network)
+
+
+@contextlib.contextmanager
+def _modes_as_given() -> Iterator[None]:
+    """Modes as given, without the umask (no chmod after each mkdir); the job gets the
+    umask back."""
     umask = os.umask(0)
     try:
-        _build(new, sandbox, uid, gid, own_network=own_network)
+        yield
     finally:
         os.umask(umask)
-    # pivot_root(".", "."): the old root ends up stacked under the new one, and is detached
-    # at once (runc does the same); no directory for it is needed.
-    os.chdir(new)
-    pivot_root(".", ".")
-    umount(".")
-    os.chdir("/")
 
 
-def _build(new: str, sandbox: SandboxRecord, uid: int, gid: int, *, own_network: bool) -> None:
+def _walls(
+    new: str, source_root: str, sandbox: SandboxRecord, tmp_bytes: int, owner: tuple[int, int]
+) -> None:
+    """Every part of the root but /proc and /sys; the empty tmpfs stays at its staging
+    place for their masks."""
     mount("tmpfs", new, "tmpfs", _NODEV, "size=1m,mode=0755")
     # The new root lies in the state dir, which a shown path may contain: unbindable, so
     # no recursive bind below copies it into itself.
@@ -296,11 +344,11 @@ def _build(new: str, sandbox: SandboxRecord, uid: int, gid: int, *, own_network:
     # itself cannot be a bind's source: it is unbindable).
     # Read-only at the superblock: every bind of it is read-only too, in one call each.
     mount("tmpfs", new + _EMPTY, "tmpfs", _NODEV | MS_NOEXEC | MS_RDONLY, "size=4k,mode=0755")
-    _host_tree(new, sandbox.image or "/")
+    _host_tree(new, source_root)
     for path in _EMPTY_PLACES:
         _mask(new, new + path, is_dir=True)
     read_only_tree(new)
-    _private(new, uid, gid, sandbox.tmp_bytes)
+    _private(new, *owner, tmp_bytes)
     for bind in sandbox.binds:
         if os.path.exists(bind.path) and _show(new, bind.path) and not bind.writable:
             read_only_tree(new + bind.path)
@@ -308,10 +356,21 @@ def _build(new: str, sandbox: SandboxRecord, uid: int, gid: int, *, own_network:
     for path in sandbox.hide:
         _mask_any(new, new + path)
     _dev(new)
+    umount(new + _PRIVATE)
+
+
+def _finish(new: str, sandbox: SandboxRecord, *, own_network: bool) -> None:
+    """/proc and /sys, then ``new`` becomes the root."""
     _proc(new)
     _sys(new, own_network=own_network, cgroup2=sandbox.cgroup2)
-    umount(new + _PRIVATE)
-    umount(new + _EMPTY)
+    # The empty tmpfs stays mounted at /.empty, as empty and read-only as the place that
+    # would be left: an unmount waits out an RCU grace period (0.05-0.1 ms) on the start.
+    # pivot_root(".", "."): the old root ends up stacked under the new one, and is detached
+    # at once (runc does the same); no directory for it is needed.
+    os.chdir(new)
+    pivot_root(".", ".")
+    umount(".")
+    os.chdir("/")
 
 
 def _show(new: str, path: str) -> bool:

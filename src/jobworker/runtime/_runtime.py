@@ -33,7 +33,7 @@ from ._errors import (
 )
 from ._exec import ExecProcess
 from ._job import Job
-from ._jobdir import LOCK_FILE, LOG
+from ._jobdir import LOCK_FILE, LOG, SPARE_ROOT
 from ._launch import Launcher, SupervisorHandle
 from ._lifecycle import Lifecycle
 from ._locks import LockHeldError, lock_exclusive
@@ -128,7 +128,12 @@ class Runtime:
                 cgroups.release()
             os.close(lock)
             raise
-        runtime = cls(config, Launcher.spawn(bpf), cgroups, observer or NullObserver())
+        spare = None
+        if bpf and config.spare_roots:
+            at = config.state_dir / SPARE_ROOT
+            await asyncio.to_thread(at.mkdir, mode=0o700, exist_ok=True)
+            spare = (str(at), config.hidden_paths)
+        runtime = cls(config, Launcher.spawn(bpf, spare), cgroups, observer or NullObserver())
         runtime._state_lock = lock
         life = runtime._life
         try:

@@ -62,6 +62,7 @@ from ._protocol import (
     Verb,
 )
 from ._rootfs import WORKDIR
+from ._spare import Spare
 
 __all__ = ["Phase", "run_supervisor"]
 
@@ -98,7 +99,7 @@ _NEXT = {
 
 
 class _Supervisor:
-    def __init__(self, job_dir: str, report: socket.socket) -> None:
+    def __init__(self, job_dir: str, report: socket.socket, spare: Spare | None) -> None:
         os.chdir(job_dir)  # every name below is relative, which also keeps the socket path short
         self.dir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.report: socket.socket | None = report
@@ -139,6 +140,16 @@ class _Supervisor:
         # then costs no connect (a tenth of a 1,000-stop storm's event loop, issue 15).
         # A restarted server connects to the control socket per request instead.
         self.kept: socket.socket | None = None
+        # The sandboxed root the launcher built ahead (``_spare``), if it fits this job.
+        self.spare = self._fitting(spare)
+
+    def _fitting(self, spare: Spare | None) -> Spare | None:
+        if spare is None:
+            return None
+        if self.spec.sandbox is not None and spare.fits(self.spec.sandbox):
+            return spare
+        os.close(spare.fd)
+        return None
 
     def _enter(self, phase: Phase) -> None:
         if phase not in _NEXT[self.phase]:
@@ -157,11 +168,7 @@ class _Supervisor:
         env = job_env(self.spec.env, self.spec.id, home)
         if self.spec.stdin_mode == "tty":
             env.setdefault("TERM", self.spec.term)
-        # The empty mount point the job's root is built on (never seen by anyone else).
-        new_root = os.path.abspath(NEW_ROOT)
-        if self.spec.sandbox is not None:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(new_root, 0o700)
+        new_root = self._root_place()
         (out_r, out_w), (err_r, err_w) = _big_pipe(), _big_pipe()
         in_r = None
         if self.spec.stdin_mode == "pipe":
@@ -183,8 +190,12 @@ class _Supervisor:
                 new_root,
                 attached=attached_r,
                 stdin=in_r,
+                spare=self.spare,
             )
         os.close(attached_r)
+        if self.spare is not None:
+            os.close(self.spare.fd)
+            self.spare = None
         problem = join_cgroups_of(self.spec, pid)
         with contextlib.suppress(OSError):  # it failed before it waited: it says why
             os.write(attached_w, b"ok" if problem is None else problem.encode())
@@ -212,6 +223,17 @@ class _Supervisor:
             os.close(err_r)
             return {self.tty_master: Stream.STDOUT}
         return {out_r: Stream.STDOUT, err_r: Stream.STDERR}
+
+    def _root_place(self) -> str:
+        """Where the job's root is built, as the host names it: where the spare's was, or
+        an empty directory of the job's (never seen by anyone else)."""
+        if self.spare is not None:
+            return self.spare.at
+        new_root = os.path.abspath(NEW_ROOT)
+        if self.spec.sandbox is not None:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(new_root, 0o700)
+        return new_root
 
     def _read_status(self, status: socket.socket) -> ExecError | None:
         """What the command reported before exec (its terminal's master is kept); None when
@@ -570,13 +592,14 @@ def _first_child(host_pid: int) -> int:
     return int(children[0]) if children else 0
 
 
-def run_supervisor(job_dir: str, report: socket.socket) -> NoReturn:
-    """Run the job in ``job_dir`` as PID 1 of a fresh PID namespace. Never returns."""
+def run_supervisor(job_dir: str, report: socket.socket, spare: Spare | None) -> NoReturn:
+    """Run the job in ``job_dir`` as PID 1 of a fresh PID namespace, its root on ``spare``
+    if that fits the job. Never returns."""
     wakeup_r, wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
     for signum in (signal.SIGCHLD, *_CLOSE_SIGNALS):
         signal.signal(signum, _noop)
-    sup = _Supervisor(job_dir, report)
+    sup = _Supervisor(job_dir, report, spare)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(CONTROL)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -1,0 +1,175 @@
+"""A sandboxed job's root built ahead: the launcher keeps one mount namespace ready, so a
+job's start does only the part of its walls that is its own (docs/benchmarks.md (e')).
+
+Most of a sandboxed root does not depend on the job: the host's tree bound read-only, the
+empty and hidden places, /dev and the private tmpfs are the same for every job on the host's
+root that is shown no extra path. A builder process forked from the launcher makes a mount
+namespace of its own, builds that part there (``_rootfs.prepare_root``), hands the namespace
+back as a descriptor and exits. The launcher gives the descriptor to the next job's
+supervisor; its command joins that namespace (``setns``) instead of copying the host's and
+building its root, then finishes the root for itself (``_rootfs.finish_prepared_root``):
+its tmpfs size, its /job, and the /proc and /sys of its own PID and network namespaces.
+
+A spare is a copy of the host's mount table as it was when built, as any job's root is a
+copy of it as it was at the job's start. So it is thrown away, and the job builds its own
+root, when the host's mount table changed since (the launcher watches
+/proc/self/mountinfo, which the kernel marks on every mount or unmount in its namespace),
+when the top level of the host's root changed, or when it is older than ``MAX_AGE``. One is
+kept at most, and the next is built only once one was taken: an idle host does no work. A
+job that finds none ready (one of a burst of starts) builds its own, as with no spares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import time
+from typing import NamedTuple, NoReturn
+
+from ._jobdir import SandboxRecord
+from ._linux import CLONE_NEWNS, MS_PRIVATE, MS_REC, mount, unshare
+from ._rootfs import prepare_root
+
+__all__ = ["MAX_AGE", "Spare", "SpareRoots"]
+
+# Seconds a spare may wait for a job: what a change the mount table does not show (a hidden
+# path created after it was built) can go unseen for, at most.
+MAX_AGE = 60.0
+_POLL_MOUNTS = select.POLLPRI | select.POLLERR
+
+
+class Spare(NamedTuple):
+    """A mount namespace ready for a job (``fd`` names it), its root built at ``at``,
+    hiding ``hide``."""
+
+    fd: int
+    at: str
+    hide: tuple[str, ...]
+
+    def fits(self, sandbox: SandboxRecord) -> bool:
+        """Whether it is the root ``sandbox`` asks for, but for the job's own part."""
+        return sandbox.image is None and not sandbox.binds and sandbox.hide == self.hide
+
+
+class SpareRoots:
+    """The launcher's spare: built by a child, taken by the next launch. Single-threaded,
+    driven by the launcher's poll loop."""
+
+    def __init__(self, at: str, hide: tuple[str, ...], poller: select.poll) -> None:
+        self._at = at
+        self._hide = hide
+        self._poller = poller
+        self._ready = -1
+        self._built_at = 0.0
+        self._root_mtime = 0
+        self._builder: socket.socket | None = None
+        # A build failed: none is tried again until the mount table changes, so a host that
+        # cannot build one costs a fork per change, not per start.
+        self._failed = False
+        # The kernel marks this file (POLLPRI) on every change to the mount table of the
+        # namespace it was opened in: ours, the host's.
+        self._mounts = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        poller.register(self._mounts, _POLL_MOUNTS)
+
+    def handle(self, fd: int) -> bool:
+        """Act on a poll event of ``fd``; whether it was one of ours."""
+        if fd == self._mounts:
+            self._discard()
+            self._failed = False
+            return True
+        if self._builder is not None and fd == self._builder.fileno():
+            self._collect(self._builder)
+            return True
+        return False
+
+    def take(self) -> Spare | None:
+        """The spare for the next job, if one is ready and still current; the caller owns
+        its descriptor."""
+        if self._ready >= 0 and (
+            time.monotonic() - self._built_at > MAX_AGE or _root_mtime() != self._root_mtime
+        ):
+            self._discard()
+        spare = Spare(self._ready, self._at, self._hide) if self._ready >= 0 else None
+        self._ready = -1
+        return spare
+
+    def refill(self) -> None:
+        """Start building a spare, unless one is ready or being built (or the last build
+        failed and the mount table has not changed since)."""
+        if self._ready < 0 and self._builder is None and not self._failed:
+            self._build()
+
+    def close(self) -> None:
+        self._discard()
+        if self._builder is not None:
+            self._poller.unregister(self._builder)
+            self._builder.close()
+            self._builder = None
+        self._poller.unregister(self._mounts)
+        os.close(self._mounts)
+
+    def _discard(self) -> None:
+        if self._ready >= 0:
+            os.close(self._ready)
+            self._ready = -1
+
+    def _build(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mtime = _root_mtime()
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            self._failed = True
+            return
+        if pid == 0:
+            _builder(theirs, self._at, self._hide)
+        theirs.close()
+        self._builder = ours
+        self._root_mtime = mtime
+        self._poller.register(ours, select.POLLIN)
+
+    def _collect(self, builder: socket.socket) -> None:
+        self._poller.unregister(builder)
+        self._builder = None
+        with builder:
+            try:
+                _msg, fds, _flags, _addr = socket.recv_fds(builder, 16, 1)
+            except OSError:
+                fds = []
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            self._failed = True
+            return
+        self._discard()
+        self._ready = fds[0]
+        self._built_at = time.monotonic()
+
+
+def _root_mtime() -> int:
+    try:
+        return os.stat("/").st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _builder(report: socket.socket, at: str, hide: tuple[str, ...]) -> NoReturn:
+    """In the forked child: a mount namespace of its own with the spare root built at
+    ``at``, sent back on ``report``; exits. A failure sends nothing (the launcher then
+    builds no more until the mount table changes; each job builds its own)."""
+    code = 1
+    with contextlib.suppress(BaseException):
+        # Only its own socket: nothing of the launcher's (the server's socket) stays open.
+        os.closerange(3, report.fileno())
+        os.closerange(report.fileno() + 1, 1 << 20)
+        unshare(CLONE_NEWNS, "mount")
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        prepare_root(at, hide)
+        namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        socket.send_fds(report, [b"ok"], [namespace])
+        code = 0
+    os._exit(code)
