@@ -106,6 +106,22 @@ async def sandboxed(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIter
         yield rt
 
 
+async def test_a_supervisor_holds_nothing_of_the_launchers(tmp_path: Path) -> None:
+    """The launcher's own descriptors (its mount table watch, a spare being built) stay
+    out of the supervisors it forks, which outlive it."""
+    state = tmp_path / "state"
+    async with opened(make_config(state, owner_paths={})) as rt:
+        await _spare_ready(rt)
+        job = await rt.run(_host_py("import time; print('up', flush=True); time.sleep(600)"))
+        await read_until(rt, job.id, b"up")
+        supervisor = json.loads((state / "jobs" / job.id / "run.json").read_text())
+        fds = Path(f"/proc/{supervisor['supervisor_pid']}/fd")
+        links = [os.readlink(fd) for fd in fds.iterdir()]
+        assert not [link for link in links if link.endswith("/mountinfo")], links
+        assert not [link for link in links if link.startswith("mnt:")], links
+        await rt.stop(job.id, grace=0)
+
+
 async def test_a_spare_root_is_taken_and_never_hides_a_newer_mount(tmp_path: Path) -> None:
     """The launcher's spare root is a copy of the host's mounts when it was built: a job
     takes it, and a mount made on the host since throws it away (the job then sees the

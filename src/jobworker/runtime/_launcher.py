@@ -32,7 +32,7 @@ import time
 from typing import NoReturn
 
 from ._jobdir import ExitRecord, RunRecord, SpecRecord, start_ticks
-from ._linux import CLONE_NEWPID, PR_SET_CHILD_SUBREAPER, prctl, unshare
+from ._linux import CLONE_NEWPID, PR_SET_CHILD_SUBREAPER, close_all_but, prctl, unshare
 from ._logformat import HEADER, Stream
 from ._preexec import DEFAULT_PATH, job_env, set_seccomp_filter, which
 from ._protocol import Control, Reply, Report
@@ -61,7 +61,10 @@ def _intermediate(
     (handing it the spare root, if any)."""
     code = 0
     try:
-        server.close()
+        # Nothing of the launcher's stays open in the job's processes: the server's socket,
+        # the spare root being built, the mount table watch.
+        server.detach()
+        close_all_but(report.fileno(), *([spare.fd] if spare is not None else []))
         # Supervisors outlive the server: they must not hold its stdio pipes open.
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):

@@ -35,6 +35,7 @@ __all__ = [
     "PR_SET_NO_NEW_PRIVS",
     "PR_SET_SECUREBITS",
     "SECBITS_LOCKED_NOROOT",
+    "close_all_but",
     "load_seccomp",
     "loopback_up",
     "mount",
@@ -275,3 +276,13 @@ def loopback_up() -> None:
         request = _IFREQ_FLAGS.pack(b"lo", 0)
         flags = _IFREQ_FLAGS.unpack(fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
         fcntl.ioctl(sock, _SIOCSIFFLAGS, _IFREQ_FLAGS.pack(b"lo", flags | _IFF_UP))
+
+
+def close_all_but(*keep: int) -> None:
+    """Close every descriptor above stdio (0-2) but ``keep``, in a forked child: nothing of
+    its parent's stays open by accident."""
+    low = 3
+    for fd in sorted(set(keep)):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)

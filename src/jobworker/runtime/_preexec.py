@@ -43,6 +43,7 @@ from ._linux import (
     PR_SET_NO_NEW_PRIVS,
     PR_SET_SECUREBITS,
     SECBITS_LOCKED_NOROOT,
+    close_all_but,
     load_seccomp,
     loopback_up,
     mount,
@@ -369,12 +370,7 @@ def _start(  # noqa: PLR0913 - each is one descriptor or fact the child needs
         os.dup2(stdout, 1)
         os.dup2(stderr, 2)
         # Only 0-2 survive: nothing of the launcher or the server can leak into the job.
-        kept = sorted({status_w, *keep})
-        low = 3
-        for fd in kept:
-            os.closerange(low, fd)
-            low = fd + 1
-        os.closerange(low, 1 << 20)
+        close_all_but(status_w, *keep)
         signal.set_wakeup_fd(-1)
         # Python ignores SIGPIPE and SIGXFSZ, and ignored signals stay ignored across exec.
         for signum in range(1, signal.NSIG):

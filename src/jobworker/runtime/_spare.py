@@ -29,7 +29,7 @@ import time
 from typing import NamedTuple, NoReturn
 
 from ._jobdir import SandboxRecord
-from ._linux import CLONE_NEWNS, MS_PRIVATE, MS_REC, mount, unshare
+from ._linux import CLONE_NEWNS, MS_PRIVATE, MS_REC, close_all_but, mount, unshare
 from ._rootfs import prepare_root
 
 __all__ = ["MAX_AGE", "Spare", "SpareRoots"]
@@ -164,8 +164,7 @@ def _builder(report: socket.socket, at: str, hide: tuple[str, ...]) -> NoReturn:
     code = 1
     with contextlib.suppress(BaseException):
         # Only its own socket: nothing of the launcher's (the server's socket) stays open.
-        os.closerange(3, report.fileno())
-        os.closerange(report.fileno() + 1, 1 << 20)
+        close_all_but(report.fileno())
         unshare(CLONE_NEWNS, "mount")
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         prepare_root(at, hide)
