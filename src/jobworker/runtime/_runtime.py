@@ -19,7 +19,7 @@ from typing import Self
 
 from .._allocator import release_free_memory
 from ._changes import Change, ChangeFeed
-from ._config import RuntimeConfig
+from ._config import ALL_OWNERS, RuntimeConfig
 from ._errors import (
     InvalidSpecError,
     JobEndedError,
@@ -129,7 +129,8 @@ class Runtime:
             os.close(lock)
             raise
         spare = None
-        if bpf and config.spare_roots:
+        # Paths shown to every owner: no job could take a spare (it shows none).
+        if bpf and config.spare_roots and not config.owner_paths.get(ALL_OWNERS):
             at = config.state_dir / SPARE_ROOT
             await asyncio.to_thread(at.mkdir, mode=0o700, exist_ok=True)
             spare = (str(at), config.hidden_paths)
