@@ -200,8 +200,8 @@ def main() -> None:
     while True:
         timeout = None if refill_at is None else max(0, (refill_at - time.monotonic()) * 1000)
         events = poller.poll(timeout)
-        # The spare's events first: a mount the server made before it asked for a launch
-        # must throw away a spare built before it.
+        # The spare's events first: a mount made on the host before the server asked for
+        # this launch must throw away a spare built before that mount.
         if spares is not None:
             for fd, _event in events:
                 spares.handle(fd)
