@@ -106,6 +106,23 @@ async def sandboxed(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIter
         yield rt
 
 
+async def test_a_host_network_job_never_takes_a_spare_root(tmp_path: Path) -> None:
+    """A spare root's /sys is made by each job for its own network; a job on the host's
+    network builds its own root, which shows the host's /sys."""
+    state = tmp_path / "state"
+    config = make_config(state, owner_paths={}, host_network_owners=frozenset({"ops"}))
+    async with opened(config) as rt:
+        await _spare_ready(rt)
+        spec = JobSpec(["/bin/ls", "/sys/class/net"], owner="ops", host_network=True)
+        job = await rt.run(spec)
+        async with asyncio.timeout(30):
+            final = await rt.wait(job.id)
+            out = joined(await collect(rt, job.id)).decode()
+    assert final.exit_code == 0, out
+    assert sorted(out.split()) == sorted(os.listdir("/sys/class/net"))
+    assert not _took_a_spare(state, job.id)
+
+
 async def test_a_supervisor_holds_nothing_of_the_launchers(tmp_path: Path) -> None:
     """The launcher's own descriptors (its mount table watch, a spare being built) stay
     out of the supervisors it forks, which outlive it."""

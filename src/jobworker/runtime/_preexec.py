@@ -166,9 +166,10 @@ def _enter_namespaces(spec: SpecRecord, new_root: str, spare: Spare | None) -> N
     own_network = not spec.host_network
     if spare is not None and spec.sandbox is not None:
         unshare(flags, "UTS, IPC, net")
+        # Its root is the root built ahead: setns puts us there.
         setns(spare.fd, CLONE_NEWNS, "the mount namespace built ahead")
         os.close(spare.fd)
-        finish_prepared_root(spare.at, spec.sandbox, spec.uid, spec.gid, own_network=own_network)
+        finish_prepared_root(spec.sandbox, spec.uid, spec.gid)
     else:
         unshare(flags | CLONE_NEWNS, "mount, UTS, IPC, net")
         # Nothing mounted from here on may propagate back to the host.

@@ -289,9 +289,9 @@ def build_root(new: str, sandbox: SandboxRecord, uid: int, gid: int, *, own_netw
 def prepare_root(new: str, hide: tuple[str, ...]) -> None:
     """Build ahead, at the empty directory ``new`` of a fresh mount namespace of its own,
     what :func:`build_root` builds for any job on the host's root that hides ``hide`` and
-    shows no path: everything but /proc and /sys (they show the job's own PID and network
-    namespaces). Its private tmpfs is as small as it can be and its /job is root's:
-    :func:`finish_prepared_root` gives both to the job.
+    shows no path, and make it the namespace's root: everything but /proc and /sys (they
+    show the job's own PID and network namespaces). Its private tmpfs is as small as it can
+    be and its /job is root's: :func:`finish_prepared_root` gives both to the job.
 
     Raises:
         OSError: a mount failed.
@@ -299,23 +299,23 @@ def prepare_root(new: str, hide: tuple[str, ...]) -> None:
     spare = SandboxRecord(None, None, _PLACEHOLDER_TMP, hide, (), seccomp=True, cgroup2=False)
     with _modes_as_given():
         _walls(new, "/", spare, _PLACEHOLDER_TMP, (0, 0))
+    _pivot(new)
 
 
-def finish_prepared_root(
-    new: str, sandbox: SandboxRecord, uid: int, gid: int, *, own_network: bool
-) -> None:
-    """In the prepared mount namespace: finish the root :func:`prepare_root` built at
-    ``new`` for this job (its tmpfs size, its /job, its /proc and /sys), and make it this
-    process's root.
+def finish_prepared_root(sandbox: SandboxRecord, uid: int, gid: int) -> None:
+    """In a mount namespace :func:`prepare_root` made, which is this process's root once
+    it has joined it: give the job its tmpfs size and /job, and mount its /proc and its own
+    network's /sys (a job on the host's network builds all of its root itself).
 
     Raises:
         OSError: a mount failed.
     """
     # A remount of the private tmpfs through one of its binds: the size is the superblock's,
     # so every place on it shares it. The flags are those it was bound with.
-    mount(None, new + "/tmp", None, MS_REMOUNT | _NODEV, f"size={sandbox.tmp_bytes}")
-    os.chown(new + WORKDIR, uid, gid)
-    _finish(new, sandbox, own_network=own_network)
+    mount(None, "/tmp", None, MS_REMOUNT | _NODEV, f"size={sandbox.tmp_bytes}")
+    os.chown(WORKDIR, uid, gid)
+    _proc("")
+    _sys("", own_network=True, cgroup2=sandbox.cgroup2)
 
 
 @contextlib.contextmanager
@@ -363,8 +363,13 @@ def _finish(new: str, sandbox: SandboxRecord, *, own_network: bool) -> None:
     """/proc and /sys, then ``new`` becomes the root."""
     _proc(new)
     _sys(new, own_network=own_network, cgroup2=sandbox.cgroup2)
-    # The empty tmpfs stays mounted at /.empty, as empty and read-only as the place that
-    # would be left: an unmount waits out an RCU grace period (0.05-0.1 ms) on the start.
+    _pivot(new)
+
+
+def _pivot(new: str) -> None:
+    """Make ``new`` this process's (and its mount namespace's) root; the old root is
+    detached. The empty tmpfs stays mounted at /.empty, as empty and read-only as the place
+    that would be left: an unmount waits out an RCU grace period."""
     # pivot_root(".", "."): the old root ends up stacked under the new one, and is detached
     # at once (runc does the same); no directory for it is needed.
     os.chdir(new)

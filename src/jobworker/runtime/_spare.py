@@ -8,7 +8,9 @@ namespace of its own, builds that part there (``_rootfs.prepare_root``), hands t
 back as a descriptor and exits. The launcher gives the descriptor to the next job's
 supervisor; its command joins that namespace (``setns``) instead of copying the host's and
 building its root, then finishes the root for itself (``_rootfs.finish_prepared_root``):
-its tmpfs size, its /job, and the /proc and /sys of its own PID and network namespaces.
+its tmpfs size, its /job, and the /proc and /sys of its own PID and network namespaces. The
+builder has already made the root the namespace's own (``pivot_root``), so joining the
+namespace is entering the root.
 
 A spare is a copy of the host's mount table as it was when built, as any job's root is a
 copy of it as it was at the job's start. So it is thrown away, and the job builds its own
@@ -48,9 +50,15 @@ class Spare(NamedTuple):
     at: str
     hide: tuple[str, ...]
 
-    def fits(self, sandbox: SandboxRecord) -> bool:
-        """Whether it is the root ``sandbox`` asks for, but for the job's own part."""
-        return sandbox.image is None and not sandbox.binds and sandbox.hide == self.hide
+    def fits(self, sandbox: SandboxRecord, *, host_network: bool) -> bool:
+        """Whether it is the root ``sandbox`` asks for, but for the job's own part (a job
+        on the host's network is shown the host's /sys, which a spare has no way to)."""
+        return (
+            sandbox.image is None
+            and not sandbox.binds
+            and sandbox.hide == self.hide
+            and not host_network
+        )
 
 
 class SpareRoots:
@@ -166,9 +174,10 @@ def _builder(report: socket.socket, at: str, hide: tuple[str, ...]) -> NoReturn:
         # Only its own socket: nothing of the launcher's (the server's socket) stays open.
         close_all_but(report.fileno())
         unshare(CLONE_NEWNS, "mount")
+        # Before the root is built: the new root has no /proc (the job mounts its own).
+        namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         prepare_root(at, hide)
-        namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         socket.send_fds(report, [b"ok"], [namespace])
         code = 0
     os._exit(code)

@@ -146,7 +146,8 @@ class _Supervisor:
     def _fitting(self, spare: Spare | None) -> Spare | None:
         if spare is None:
             return None
-        if self.spec.sandbox is not None and spare.fits(self.spec.sandbox):
+        sandbox = self.spec.sandbox
+        if sandbox is not None and spare.fits(sandbox, host_network=self.spec.host_network):
             return spare
         os.close(spare.fd)
         return None
