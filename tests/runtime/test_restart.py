@@ -42,11 +42,14 @@ from .helpers import collect, joined, py, read_until
 
 # Prints, then waits for SIGUSR1 and exits 3 once it comes; a second line proves the
 # signal came through whichever runtime sent it.
+# The handlers write with os.write and leave with os._exit: the signal may land while
+# print("ready") is still inside stdout's buffer, where a print raises "reentrant call"
+# and the job exits 1 (seen in CI, and reproduced under load).
 WAITS_FOR_USR1 = """
-    import signal, sys
+    import os, signal
     def done(*_):
-        print("got usr1", flush=True)
-        sys.exit(3)
+        os.write(1, b"got usr1\\n")
+        os._exit(3)
     signal.signal(signal.SIGUSR1, done)
     print("ready", flush=True)
     while True:
@@ -54,10 +57,10 @@ WAITS_FOR_USR1 = """
 """
 
 TERM_SAYS_BYE = """
-    import signal, sys
+    import os, signal
     def bye(*_):
-        print("bye", flush=True)
-        sys.exit(0)
+        os.write(1, b"bye\\n")
+        os._exit(0)
     signal.signal(signal.SIGTERM, bye)
     print("ready", flush=True)
     while True:
