@@ -76,21 +76,21 @@ class SpareRoots:
         # A build failed: none is tried again until the mount table changes, so a host that
         # cannot build one costs a fork per change, not per start.
         self._failed = False
+        # The mount table changed while a build ran: what it copied may be older.
+        self._stale = False
         # The kernel marks this file (POLLPRI) on every change to the mount table of the
         # namespace it was opened in: ours, the host's.
         self._mounts = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
         poller.register(self._mounts, _POLL_MOUNTS)
 
-    def handle(self, fd: int) -> bool:
-        """Act on a poll event of ``fd``; whether it was one of ours."""
+    def handle(self, fd: int) -> None:
+        """Act on a poll event of ``fd``, if it is one of ours."""
         if fd == self._mounts:
             self._discard()
             self._failed = False
-            return True
-        if self._builder is not None and fd == self._builder.fileno():
+            self._stale = self._builder is not None
+        elif self._builder is not None and fd == self._builder.fileno():
             self._collect(self._builder)
-            return True
-        return False
 
     def take(self) -> Spare | None:
         """The spare for the next job, if one is ready and still current; the caller owns
@@ -148,10 +148,16 @@ class SpareRoots:
                 _msg, fds, _flags, _addr = socket.recv_fds(builder, 16, 1)
             except OSError:
                 fds = []
+        stale, self._stale = self._stale, False
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             self._failed = True
+            return
+        if stale:
+            # Built from a copy of the mount table that may predate the change: the next
+            # launch builds anew.
+            os.close(fds[0])
             return
         self._discard()
         self._ready = fds[0]
