@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import stat
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from jobworker.runtime import (
     State,
     Stream,
 )
+from jobworker.runtime._errors import LaunchError
+from jobworker.runtime._protocol import MAX_ORDER_BYTES, LaunchOrder, Report
 
 from .helpers import collect, joined, py, read_until
 
@@ -236,3 +239,27 @@ async def test_start_cancelled_mid_launch_still_tracks_the_job(runtime: Runtime)
         out = joined(await collect(runtime, job.id))
     assert final.state is State.EXITED
     assert out == b"ran\n"
+
+
+async def test_a_launch_order_too_long_for_the_launcher_is_refused_whole(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """Cut to the launcher's read size, an order could name a parent cgroup of the job's."""
+    launcher = runtime._launcher  # noqa: SLF001 - the guard sits below the runtime's API
+    huge = LaunchOrder(str(tmp_path), 1, "none", None, None, ("/" + "x" * MAX_ORDER_BYTES,))
+    async with asyncio.timeout(30):
+        with pytest.raises(LaunchError, match=f"over the {MAX_ORDER_BYTES} the launcher reads"):
+            await launcher.launch(huge, 10)
+        # Past the server's check, the launcher refuses it as well.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        with ours:
+            try:
+                await launcher._send(huge.encode(), theirs.fileno())  # noqa: SLF001 - as above
+            finally:
+                theirs.close()
+            report = Report.decode(await asyncio.get_running_loop().sock_recv(ours, 65536))
+        assert report.error == "the job's launch order was cut short"
+        assert not tmp_path.joinpath("log").exists()  # no supervisor ever ran there
+        job = await runtime.run(JobSpec(["true"]))
+        assert (await runtime.wait(job.id)).state is State.EXITED

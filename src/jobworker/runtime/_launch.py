@@ -22,7 +22,16 @@ from ._errors import ExecFailedError, JobEndedError, LaunchError
 from ._exec import ExecProcess
 from ._jobdir import CONTROL, CorruptRecordError, ExitRecord, RunRecord
 from ._logformat import Stream
-from ._protocol import Control, ExecOrder, Outcome, Reply, Report, Verb
+from ._protocol import (
+    MAX_ORDER_BYTES,
+    Control,
+    ExecOrder,
+    LaunchOrder,
+    Outcome,
+    Reply,
+    Report,
+    Verb,
+)
 
 __all__ = ["LaunchFailed", "Launched", "Launcher", "SupervisorHandle"]
 
@@ -274,17 +283,26 @@ class Launcher:
         ours.setblocking(False)
         return cls(proc, ours)
 
-    async def launch(self, job_dir: str, timeout: float) -> Launched | LaunchFailed:
-        """Start the job in ``job_dir`` (its spec.json written); return once exec is done.
+    async def launch(self, order: LaunchOrder, timeout: float) -> Launched | LaunchFailed:
+        """Start the job in ``order.job_dir`` (its spec.json written); return once exec is
+        done.
 
         Raises:
             LaunchError: the launcher is gone, or the supervisor did not report in time.
         """
+        msg = order.encode()
+        if len(msg) > MAX_ORDER_BYTES:
+            # Only cgroup paths of absurd length could get here. Cut short, an order could
+            # name a parent cgroup: refuse it whole.
+            raise LaunchError(
+                f"the job's launch order is {len(msg)} bytes, over the {MAX_ORDER_BYTES} the "
+                "launcher reads (its cgroup paths are too long)"
+            )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
         try:
             try:
-                await self._send(job_dir.encode(), theirs.fileno())
+                await self._send(msg, theirs.fileno())
             finally:
                 theirs.close()
             async with asyncio.timeout(timeout):
@@ -300,7 +318,7 @@ class Launcher:
             raise LaunchError(f"cannot reach the launcher: {e}") from e
         finally:
             ours.close()
-        return _outcome(job_dir, msg, fds)
+        return _outcome(order.job_dir, msg, fds)
 
     async def _send(self, msg: bytes, fd: int) -> None:
         # The socket's queue is short (net.unix.max_dgram_qlen, often 10), so a burst of

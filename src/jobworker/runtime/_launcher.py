@@ -2,7 +2,8 @@
 
 The server runs threads (gRPC), and forking a threaded process is unsafe, so the server starts
 this process once, before any thread exists, with ``subprocess`` (fork+exec in C, no Python in
-between). Each launch request carries the job directory and one end of a report socket. The
+between). Each launch request carries a launch order (``_protocol.LaunchOrder``: the job
+directory, and what the supervisor needs) and one end of a report socket. The
 launcher forks an intermediate process that calls ``unshare(CLONE_NEWPID)``, forks the job's
 supervisor (PID 1 of the new namespace) and exits at once, so each job costs one process.
 
@@ -35,14 +36,13 @@ from ._jobdir import ExitRecord, RunRecord, SpecRecord, start_ticks
 from ._linux import CLONE_NEWPID, PR_SET_CHILD_SUBREAPER, close_all_but, prctl, unshare
 from ._logformat import HEADER, Stream
 from ._preexec import DEFAULT_PATH, job_env, set_seccomp_filter, which
-from ._protocol import Control, Reply, Report
+from ._protocol import MAX_ORDER_BYTES, Control, LaunchOrder, Reply, Report
 from ._rootfs import plan_tree
 from ._spare import Spare, SpareRoots
 from ._supervisor import run_supervisor
 
 __all__ = ["main"]
 
-MAX_REQUEST = 8192
 # How long after a launch the next spare root is built. At once, its build competed with
 # the launched job's start for both CPUs and the kernel's mount lock: a spare then saved
 # 0.1-1.1 ms of a sandboxed start; 5 ms later, 2.1-2.7 ms (docs/benchmarks.md (e')).
@@ -55,7 +55,7 @@ def _send_error(report: socket.socket, message: str) -> None:
 
 
 def _intermediate(
-    server: socket.socket, job_dir: str, report: socket.socket, spare: Spare | None
+    server: socket.socket, order: bytes, report: socket.socket, spare: Spare | None
 ) -> NoReturn:
     """In the forked child: enter a new PID namespace for the next fork, fork the supervisor
     (handing it the spare root, if any)."""
@@ -73,16 +73,16 @@ def _intermediate(
         os.setsid()  # the job must not get the terminal's Ctrl+C aimed at the server
         unshare(CLONE_NEWPID, "CLONE_NEWPID")
         if os.fork() == 0:
-            _supervisor_main(job_dir, report, spare)
+            _supervisor_main(order, report, spare)
     except BaseException as e:  # noqa: BLE001 - any failure must reach the server as a report
         _send_error(report, f"cannot start the job's supervisor: {e}")
         code = 1
     os._exit(code)
 
 
-def _supervisor_main(job_dir: str, report: socket.socket, spare: Spare | None) -> NoReturn:
+def _supervisor_main(order: bytes, report: socket.socket, spare: Spare | None) -> NoReturn:
     try:
-        run_supervisor(job_dir, report, spare)
+        run_supervisor(order, report, spare)
     except BaseException as e:  # noqa: BLE001 - any failure must reach the server as a report
         _send_error(report, f"job supervisor failed: {e!r}")
     os._exit(1)
@@ -94,10 +94,10 @@ _QUICKENED_AFTER = 8
 
 
 def _warm_up() -> None:
-    """Run the library code every supervisor runs until it is quickened, so that what it
-    creates on first use (caches, interned strings, specialised bytecode) exists before
-    forking and stays shared instead of being copied into each supervisor. Measured: see
-    docs/benchmarks.md (d)."""
+    """Run the library code every supervisor (or the command it forks, which parses the
+    job's spec) runs until it is quickened, so that what it creates on first use (caches,
+    interned strings, specialised bytecode) exists before forking and stays shared instead
+    of being copied into each process. Measured: see docs/benchmarks.md (d)."""
     spec = {
         "id": "x",
         "created_ns": 1,
@@ -110,7 +110,9 @@ def _warm_up() -> None:
         "namespaces": True,
         "cgroup": {"pids": "/x"},
     }
+    order = LaunchOrder("/x", 1, "none", None, 1.0, ("/x/cgroup.procs",)).encode()
     for _ in range(2 * _QUICKENED_AFTER):
+        LaunchOrder.decode(order)
         record = ExitRecord("exited", 0, None, None, time.time_ns(), output_truncated=False)
         ExitRecord.from_json(json.loads(json.dumps(record.to_json())))
         paths = SpecRecord.from_json(json.loads(json.dumps(spec).encode())).cgroup
@@ -166,7 +168,7 @@ def _launch(server: socket.socket, spares: SpareRoots | None) -> bool:
     """Serve one request of the server's: fork the intermediate of a job's supervisor.
     False once the server is gone."""
     try:
-        msg, fds, _flags, _addr = socket.recv_fds(server, MAX_REQUEST, 1)
+        msg, fds, flags, _addr = socket.recv_fds(server, MAX_ORDER_BYTES, 1)
     except ConnectionResetError:
         return False
     if not msg or len(fds) != 1:
@@ -174,6 +176,11 @@ def _launch(server: socket.socket, spares: SpareRoots | None) -> bool:
             os.close(fd)
         return bool(msg)
     report = socket.socket(fileno=fds[0])
+    if flags & socket.MSG_TRUNC:
+        # Cut short, an order could name a parent cgroup (the server refuses longer ones).
+        _send_error(report, "the job's launch order was cut short")
+        report.close()
+        return True
     spare = spares.take() if spares is not None else None
     try:
         pid = os.fork()
@@ -181,7 +188,7 @@ def _launch(server: socket.socket, spares: SpareRoots | None) -> bool:
         _send_error(report, f"cannot fork the job's supervisor: {e.strerror}")
         pid = -1
     if pid == 0:
-        _intermediate(server, msg.decode(), report, spare)
+        _intermediate(server, msg, report, spare)
     report.close()
     if spare is not None:
         os.close(spare.fd)

@@ -44,6 +44,7 @@ from ._jobdir import (
 from ._launch import Launched, Launcher, SupervisorHandle
 from ._notify import DirNotifier
 from ._observer import JobObserver
+from ._protocol import LaunchOrder
 from ._registry import Registry
 from ._spec import JobSpec, Limits
 from ._states import State
@@ -285,7 +286,8 @@ class Lifecycle:
                     sandbox=self._sandbox(job, record.uid),
                 )
                 await asyncio.to_thread(write_record, job.dir, SPEC, job.record.to_json())
-                result = await self.launcher.launch(job.dir, self.config.launch_timeout)
+                order = LaunchOrder.of(job.dir, job.record)
+                result = await self.launcher.launch(order, self.config.launch_timeout)
             except (LaunchError, CgroupError, OSError) as e:
                 reason = _launch_failure(job, e)
                 await self.start_failed(job, reason)

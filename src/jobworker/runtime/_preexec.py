@@ -1,7 +1,8 @@
 """The pre-exec step: what happens in the command's process between fork and exec.
 
 Forked from the job's supervisor (itself forked from the single-threaded launcher), so plain
-Python here is safe. In order: stdio, signal dispositions and mask, its namespaces and
+Python here is safe. In order: the job's spec.json (read here, not in the supervisor: what
+this process parses is gone at exec), stdio, signal dispositions and mask, its namespaces and
 mounts (while the supervisor moves it into the job's cgroups), its cgroup namespace, its
 user, ``no_new_privs``, the working directory, then ``execve``.
 Any failure is written to the exec-status pipe and the process exits 127; the supervisor
@@ -24,7 +25,7 @@ import termios
 from collections.abc import Callable
 from typing import NamedTuple, NoReturn
 
-from ._jobdir import SpecRecord
+from ._jobdir import NEW_ROOT, SPEC, CorruptRecordError, SpecRecord, read_json
 from ._linux import (
     CLONE_NEWCGROUP,
     CLONE_NEWIPC,
@@ -54,7 +55,7 @@ from ._linux import (
     unshare,
 )
 from ._protocol import ExecOrder
-from ._rootfs import build_root, finish_prepared_root, show_own_cgroup
+from ._rootfs import WORKDIR, build_root, finish_prepared_root, show_own_cgroup
 from ._spare import Spare
 
 __all__ = [
@@ -217,31 +218,30 @@ def _drop_privileges(spec: SpecRecord, last_cap: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _join_cgroups(spec: SpecRecord, pid: int = 0) -> None:
-    """Move process ``pid`` into the job's cgroups; 0 (the default) names the writing
-    process, as the kernel reads the number in the writer's PID namespace (a host pid
-    would mean nothing inside the job's).
+def _join_cgroups(procs_files: tuple[str, ...], pid: int = 0) -> None:
+    """Move process ``pid`` into the job's cgroups (their cgroup.procs files); 0 (the
+    default) names the writing process, as the kernel reads the number in the writer's PID
+    namespace (a host pid would mean nothing inside the job's).
 
     Raises:
         OSError: a cgroup.procs file refused it.
     """
-    if spec.cgroup is not None:
-        for procs in spec.cgroup.procs_files:
-            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, str(pid).encode())
-            finally:
-                os.close(fd)
+    for procs in procs_files:
+        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
 
 
-def join_cgroups_of(spec: SpecRecord, pid: int) -> str | None:
+def join_cgroups_of(procs_files: tuple[str, ...], pid: int) -> str | None:
     """In the supervisor: move its just-forked command ``pid`` into the job's cgroups while
     the command builds its walls (:func:`exec_command`). The first move on a quiet host
     waits out an RCU grace period in the kernel (cgroup_threadgroup_rwsem: 5 ms measured
     on this hybrid host's v1 hierarchies); done beside the command's namespace and root
     set-up, that wait no longer adds to the start. None, or what failed, in words."""
     try:
-        _join_cgroups(spec, pid)
+        _join_cgroups(procs_files, pid)
     except OSError as e:
         return f"cannot move the command into the job's cgroups: {e.strerror}"
     return None
@@ -275,28 +275,39 @@ def _isolate(spec: SpecRecord, new_root: str, attached: int, spare: Spare | None
     _drop_privileges(spec, last_cap)
 
 
-def exec_command(  # noqa: PLR0913 - each is one descriptor or fact the child needs
-    spec: SpecRecord,
-    env: dict[str, str],
+def exec_command(
     stdio: tuple[int, int],
     status_w: int,
-    new_root: str,
     *,
     attached: int,
     stdin: int | None = None,
     spare: Spare | None = None,
 ) -> NoReturn:
-    """In the forked child: stdio (``stdin`` the read end of the job's stdin pipe, or None
-    for /dev/null; ``stdio`` = stdout and stderr write ends; a terminal job gets its
-    terminal instead, once inside its root), signals,
-    isolation, cwd, the seccomp filter, then exec. ``attached`` says "ok" once the
-    supervisor has moved us into the job's cgroups (:func:`join_cgroups_of`). Never returns;
-    a failure is written to ``status_w``. The executable is looked up in the job's PATH
-    after the job's root is in place and as the job's user, so it is the job's own view
-    that decides."""
+    """In the forked child, in the job's directory: the job's spec, stdio (``stdin`` the
+    read end of the job's stdin pipe, or None for /dev/null; ``stdio`` = stdout and stderr
+    write ends; a terminal job gets its terminal instead, once inside its root), signals,
+    isolation (on ``spare``, the root built ahead, if it fits the job), cwd, the seccomp
+    filter, then exec. ``attached`` says "ok" once the supervisor has moved us into the
+    job's cgroups (:func:`join_cgroups_of`). Never returns; a failure is written to
+    ``status_w``. The executable is looked up in the job's PATH after the job's root is in
+    place and as the job's user, so it is the job's own view that decides."""
+    try:
+        spec = _read_spec()
+        if spare is not None and not (
+            spec.sandbox is not None and spare.fits(spec.sandbox, host_network=spec.host_network)
+        ):
+            os.close(spare.fd)
+            spare = None
+        new_root = _root_place(spec, spare)
+    except ExecError as e:
+        _fail(status_w, e.reason, str(e))
+    except OSError as e:
+        _fail(status_w, "start_error", f"cannot make the job's root: {e.strerror}")
+    tty = spec.stdin_mode == "tty"
+    env = _env(spec, {}, spec.term if tty else None)
     _start(
         spec,
-        _Command(spec.argv, env, spec.cwd, spec.window if spec.stdin_mode == "tty" else None),
+        _Command(spec.argv, env, spec.cwd, spec.window if tty else None),
         stdio=(stdin, *stdio),
         status_w=status_w,
         enter=lambda: _isolate(spec, new_root, attached, spare),
@@ -305,25 +316,74 @@ def exec_command(  # noqa: PLR0913 - each is one descriptor or fact the child ne
     )
 
 
-def exec_in_job(  # noqa: PLR0913 - each is one descriptor or fact the child needs
-    spec: SpecRecord,
+def _read_spec() -> SpecRecord:
+    """The job's spec.json, from the current directory (the job's).
+
+    Raises:
+        ExecError: it is missing or corrupt.
+    """
+    try:
+        data = read_json(SPEC)
+    except CorruptRecordError as e:
+        raise ExecError(f"the job's record is corrupt: {e}") from None
+    except OSError as e:
+        raise ExecError(f"cannot read the job's spec.json: {e.strerror}") from None
+    if data is None:
+        raise ExecError("the job's spec.json is missing")
+    try:
+        return SpecRecord.from_json(data)
+    except CorruptRecordError as e:
+        raise ExecError(f"the job's record is corrupt: {e}") from None
+
+
+def _root_place(spec: SpecRecord, spare: Spare | None) -> str:
+    """Where the job's root is built, as the host names it: where the spare's was, or an
+    empty directory of the job's (never seen by anyone else).
+
+    Raises:
+        OSError: that directory cannot be made.
+    """
+    if spare is not None:
+        return spare.at
+    new_root = os.path.abspath(NEW_ROOT)
+    if spec.sandbox is not None:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(new_root, 0o700)
+    return new_root
+
+
+def _env(spec: SpecRecord, extra: dict[str, str], term: str | None) -> dict[str, str]:
+    """The environment of a process of the job: the job's, then ``extra``, and ``TERM`` on
+    a terminal (unless given)."""
+    home = WORKDIR if spec.sandbox is not None else "/"
+    env = job_env({**spec.env, **extra}, spec.id, home)
+    if term is not None:
+        env.setdefault("TERM", term)
+    return env
+
+
+def exec_in_job(
     order: ExecOrder,
     *,
-    env: dict[str, str],
     stdio: tuple[int | None, int, int],
     status_w: int,
     job_pidfd: int,
 ) -> NoReturn:
-    """In a child the supervisor forked (so already in the job's PID namespace): run
-    ``order`` inside the running job whose command ``job_pidfd`` names, as ``docker exec``
-    does: its cgroups, then its other namespaces (and with its mount namespace, its root),
-    its terminal if asked, its user, its seccomp filter. Never returns; a failure is
-    written to ``status_w`` as :func:`exec_command` does."""
+    """In a child the supervisor forked (so already in the job's PID namespace, and in the
+    job's directory): run ``order`` inside the running job whose command ``job_pidfd``
+    names, as ``docker exec`` does: its cgroups, then its other namespaces (and with its
+    mount namespace, its root), its terminal if asked, its user, its seccomp filter. Never
+    returns; a failure is written to ``status_w`` as :func:`exec_command` does."""
+    try:
+        spec = _read_spec()
+    except ExecError as e:
+        _fail(status_w, e.reason, str(e))
     cwd = order.cwd if order.cwd is not None else spec.cwd
     window = order.window if order.tty else None
+    env = _env(spec, order.env, order.term if order.tty else None)
 
     def enter() -> None:
-        _join_cgroups(spec)
+        _join_cgroups(spec.cgroup.procs_files if spec.cgroup is not None else ())
         last_cap = _cap_last()
         if spec.namespaces:
             flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP | CLONE_NEWNET
@@ -404,6 +464,12 @@ def _start(  # noqa: PLR0913 - each is one descriptor or fact the child needs
         # The job's root is built in the server's state dir; a failing mount names its
         # target there. The user sees the path as the job would (".../root/sys" -> "/sys").
         message = message.replace(root, "")
+    _fail(status_w, reason, message)
+
+
+def _fail(status_w: int, reason: str, message: str) -> NoReturn:
+    """Report why the process cannot start (the supervisor makes it the job's failure, or
+    the exec's error), and exit."""
     with contextlib.suppress(OSError):
         os.write(status_w, b"E" + reason.encode() + b"\n" + message.encode())
     os._exit(127)

@@ -1,5 +1,8 @@
 """The messages between the server and its job processes, typed in one place.
 
+- A **launch order** goes from the server to the launcher, once per job, and on to the job's
+  supervisor: the job's directory and the few facts the supervisor needs for itself
+  (:class:`LaunchOrder`). The supervisor never parses spec.json: its command does.
 - A **report** goes once per launch from the launcher or the job's supervisor to the server,
   over the launch's own SEQPACKET socket: the command runs (its run record, plus a pidfd of
   the supervisor passed alongside), or it could not start (an exit record when the
@@ -22,14 +25,16 @@ import enum
 import json
 from typing import Any, NamedTuple
 
-from ._jobdir import CorruptRecordError, ExitRecord, RunRecord
+from ._jobdir import CorruptRecordError, ExitRecord, RunRecord, SpecRecord
 
 __all__ = [
     "DEFAULT_GRACE_S",
     "MAX_CONTROL_BYTES",
+    "MAX_ORDER_BYTES",
     "Control",
     "ExecExit",
     "ExecOrder",
+    "LaunchOrder",
     "Outcome",
     "Reply",
     "Report",
@@ -45,6 +50,69 @@ MAX_CONTROL_BYTES = 8 << 20
 # operator or a shutting-down host).
 DEFAULT_GRACE_S = 10.0
 
+# The longest launch order the launcher reads: a job directory and six cgroup.procs paths
+# fit many times over.
+MAX_ORDER_BYTES = 64 << 10
+
+
+class LaunchOrder(NamedTuple):
+    """What the server asks the launcher to start: the job in ``job_dir`` (its spec.json
+    written), and what the job's supervisor needs for itself: the output cap, the stdin
+    mode, the timeout and its grace, and the cgroup.procs files to move the command into.
+
+    Everything else is the command's business, and the command reads it from spec.json
+    between fork and exec, where what it parses is thrown away at exec. Whatever the
+    supervisor parses stays copied in every idle job's supervisor: reading and checking
+    spec.json there cost 320 KiB of each (docs/benchmarks.md (d)). Fields are
+    NUL-separated, which no path contains, so decoding is one split.
+    """
+
+    job_dir: str
+    output_limit: int
+    stdin_mode: str
+    timeout_s: float | None
+    stop_grace: float | None
+    cgroup_procs: tuple[str, ...]
+
+    @classmethod
+    def of(cls, job_dir: str, record: SpecRecord) -> LaunchOrder:
+        return cls(
+            job_dir,
+            record.output_limit,
+            record.stdin_mode,
+            record.timeout_s,
+            record.stop_grace,
+            record.cgroup.procs_files if record.cgroup is not None else (),
+        )
+
+    def encode(self) -> bytes:
+        def number(value: float | None) -> str:
+            return "" if value is None else repr(value)
+
+        return "\0".join(
+            (
+                self.job_dir,
+                str(self.output_limit),
+                self.stdin_mode,
+                number(self.timeout_s),
+                number(self.stop_grace),
+                *self.cgroup_procs,
+            )
+        ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> LaunchOrder:
+        """Raises ValueError: not an order this release sends."""
+        job_dir, limit, stdin_mode, timeout, grace, *procs = data.decode().split("\0")
+        return cls(
+            job_dir,
+            int(limit),
+            stdin_mode,
+            float(timeout) if timeout else None,
+            float(grace) if grace else None,
+            tuple(procs),
+        )
+
 
 class Report(NamedTuple):
     """The outcome of one launch."""
@@ -58,6 +126,10 @@ class Report(NamedTuple):
         return self.run is not None
 
     def encode(self) -> bytes:
+        if self.run is not None and self.exit is None and self.error is None:
+            # The supervisor's one report of a running job, without the json module (see
+            # RunRecord.json_bytes).
+            return b'{"run":%s,"exit":null,"error":null}' % self.run.json_bytes()
         return json.dumps(
             {
                 "run": self.run.to_json() if self.run is not None else None,

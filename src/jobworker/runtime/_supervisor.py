@@ -36,32 +36,29 @@ from .._peer import peer_uid
 from ._jobdir import (
     CONTROL,
     EXIT,
-    NEW_ROOT,
     RUN,
-    SPEC,
     ExitRecord,
     RunRecord,
-    SpecRecord,
-    read_json,
     reserve,
     start_ticks,
+    write_atomic,
     write_json_atomic,
 )
 from ._logformat import Stream
 from ._logwriter import LogWriter
-from ._preexec import ExecError, exec_command, exec_in_job, job_env, join_cgroups_of
+from ._preexec import ExecError, exec_command, exec_in_job, join_cgroups_of
 from ._protocol import (
     DEFAULT_GRACE_S,
     MAX_CONTROL_BYTES,
     Control,
     ExecExit,
     ExecOrder,
+    LaunchOrder,
     Outcome,
     Reply,
     Report,
     Verb,
 )
-from ._rootfs import WORKDIR
 from ._spare import Spare
 
 __all__ = ["Phase", "run_supervisor"]
@@ -99,17 +96,18 @@ _NEXT = {
 
 
 class _Supervisor:
-    def __init__(self, job_dir: str, report: socket.socket, spare: Spare | None) -> None:
-        os.chdir(job_dir)  # every name below is relative, which also keeps the socket path short
+    def __init__(self, order: LaunchOrder, report: socket.socket, spare: Spare | None) -> None:
+        # Every name below is relative, which also keeps the socket path short; and the
+        # processes it forks find spec.json here.
+        os.chdir(order.job_dir)
         self.dir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.report: socket.socket | None = report
-        data = read_json(SPEC)
-        if data is None:
-            raise ExecError("the job's spec.json is missing")
-        self.spec = SpecRecord.from_json(data)
+        # All the supervisor knows of its job: spec.json is read by the processes it forks,
+        # whose copies of what they parse go at exec (see LaunchOrder).
+        self.order = order
         # Before any output can fill the disk: the job's end must be recordable regardless.
         reserve(self.dir_fd, EXIT)
-        self.log = LogWriter(self.dir_fd, self.spec.output_limit)
+        self.log = LogWriter(self.dir_fd, order.output_limit)
         # Anonymous mmap, not bytearray: CPython zero-fills a bytearray, making all of it
         # resident at once; mmap pages cost nothing until output actually arrives, which
         # keeps an idle job's supervisor small.
@@ -140,17 +138,9 @@ class _Supervisor:
         # then costs no connect (a tenth of a 1,000-stop storm's event loop, issue 15).
         # A restarted server connects to the control socket per request instead.
         self.kept: socket.socket | None = None
-        # The sandboxed root the launcher built ahead (``_spare``), if it fits this job.
-        self.spare = self._fitting(spare)
-
-    def _fitting(self, spare: Spare | None) -> Spare | None:
-        if spare is None:
-            return None
-        sandbox = self.spec.sandbox
-        if sandbox is not None and spare.fits(sandbox, host_network=self.spec.host_network):
-            return spare
-        os.close(spare.fd)
-        return None
+        # The sandboxed root the launcher built ahead (``_spare``): the command takes it if
+        # it fits the job.
+        self.spare = spare
 
     def _enter(self, phase: Phase) -> None:
         if phase not in _NEXT[self.phase]:
@@ -165,14 +155,9 @@ class _Supervisor:
         Raises:
             ExecError: the command could not be started (the text names the OS error).
         """
-        home = WORKDIR if self.spec.sandbox is not None else "/"
-        env = job_env(self.spec.env, self.spec.id, home)
-        if self.spec.stdin_mode == "tty":
-            env.setdefault("TERM", self.spec.term)
-        new_root = self._root_place()
         (out_r, out_w), (err_r, err_w) = _big_pipe(), _big_pipe()
         in_r = None
-        if self.spec.stdin_mode == "pipe":
+        if self.order.stdin_mode == "pipe":
             in_r, self.stdin_w = _big_pipe()
         # The child reports on it: an error ("E"), its terminal's master ("T", passed
         # alongside), and EOF once exec succeeded (it is CLOEXEC).
@@ -184,20 +169,13 @@ class _Supervisor:
         if pid == 0:
             os.close(attached_w)
             exec_command(
-                self.spec,
-                env,
-                (out_w, err_w),
-                status_w.fileno(),
-                new_root,
-                attached=attached_r,
-                stdin=in_r,
-                spare=self.spare,
+                (out_w, err_w), status_w.fileno(), attached=attached_r, stdin=in_r, spare=self.spare
             )
         os.close(attached_r)
         if self.spare is not None:
             os.close(self.spare.fd)
             self.spare = None
-        problem = join_cgroups_of(self.spec, pid)
+        problem = join_cgroups_of(self.order.cgroup_procs, pid)
         with contextlib.suppress(OSError):  # it failed before it waited: it says why
             os.write(attached_w, b"ok" if problem is None else problem.encode())
         os.close(attached_w)
@@ -216,25 +194,14 @@ class _Supervisor:
                 os.close(self.tty_master)
             raise error
         self._enter(Phase.RUNNING)
-        if self.spec.timeout_s is not None:
-            self.timeout_at = time.monotonic() + self.spec.timeout_s
+        if self.order.timeout_s is not None:
+            self.timeout_at = time.monotonic() + self.order.timeout_s
         if self.tty_master >= 0:
             # Nothing is written to the pipes of a terminal job: its output is the master's.
             os.close(out_r)
             os.close(err_r)
             return {self.tty_master: Stream.STDOUT}
         return {out_r: Stream.STDOUT, err_r: Stream.STDERR}
-
-    def _root_place(self) -> str:
-        """Where the job's root is built, as the host names it: where the spare's was, or
-        an empty directory of the job's (never seen by anyone else)."""
-        if self.spare is not None:
-            return self.spare.at
-        new_root = os.path.abspath(NEW_ROOT)
-        if self.spec.sandbox is not None:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(new_root, 0o700)
-        return new_root
 
     def _read_status(self, status: socket.socket) -> ExecError | None:
         """What the command reported before exec (its terminal's master is kept); None when
@@ -254,10 +221,6 @@ class _Supervisor:
             job_pidfd = os.pidfd_open(self.cmd_pid)
         except OSError:
             return Reply(Outcome.ENDED), []
-        home = WORKDIR if self.spec.sandbox is not None else "/"
-        env = job_env({**self.spec.env, **order.env}, self.spec.id, home)
-        if order.tty:
-            env.setdefault("TERM", order.term)
         (out_r, out_w), (err_r, err_w) = _big_pipe(), _big_pipe()
         in_r, in_w = _big_pipe() if order.stdin and not order.tty else (None, -1)
         status, status_w = socket.socketpair(
@@ -266,9 +229,7 @@ class _Supervisor:
         pid = os.fork()
         if pid == 0:
             exec_in_job(
-                self.spec,
                 order,
-                env=env,
                 stdio=(in_r, out_w, err_w),
                 status_w=status_w.fileno(),
                 job_pidfd=job_pidfd,
@@ -319,7 +280,7 @@ class _Supervisor:
 
     def _check_deadline(self) -> None:
         if self.timeout_at is not None and time.monotonic() >= self.timeout_at:
-            grace = self.spec.stop_grace
+            grace = self.order.stop_grace
             self.request_stop(DEFAULT_GRACE_S if grace is None else grace, "timeout")
         if (
             self.phase is Phase.STOPPING
@@ -593,14 +554,18 @@ def _first_child(host_pid: int) -> int:
     return int(children[0]) if children else 0
 
 
-def run_supervisor(job_dir: str, report: socket.socket, spare: Spare | None) -> NoReturn:
-    """Run the job in ``job_dir`` as PID 1 of a fresh PID namespace, its root on ``spare``
-    if that fits the job. Never returns."""
+def run_supervisor(order: bytes, report: socket.socket, spare: Spare | None) -> NoReturn:
+    """Run the job a :class:`LaunchOrder` (encoded) names as PID 1 of a fresh PID namespace,
+    its root on ``spare`` if that fits the job. Never returns.
+
+    Raises:
+        ValueError: ``order`` is not a launch order.
+    """
     wakeup_r, wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
     for signum in (signal.SIGCHLD, *_CLOSE_SIGNALS):
         signal.signal(signum, _noop)
-    sup = _Supervisor(job_dir, report, spare)
+    sup = _Supervisor(LaunchOrder.decode(order), report, spare)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(CONTROL)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -620,7 +585,7 @@ def run_supervisor(job_dir: str, report: socket.socket, spare: Spare | None) -> 
         pid=_first_child(host_pid),
         started_ns=time.time_ns(),
     )
-    write_json_atomic(sup.dir_fd, RUN, run.to_json(), durable=False)
+    write_atomic(sup.dir_fd, RUN, run.json_bytes(), durable=False)
     # pidfd_open resolves pids in our own namespace, where we are 1.
     pidfd = os.pidfd_open(1)
     sup.kept, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
