@@ -323,7 +323,7 @@ async def measure(args: argparse.Namespace) -> list[Row]:
                 "(e) isolated start -> first byte, p50 / p99",
                 f"{pct(iso, 0.5) * 1e3:.2f} / {pct(iso, 0.99) * 1e3:.2f} ms",
                 f"{pct(ours, 0.5) * 1e3:.2f} / {pct(ours, 0.99) * 1e3:.2f} ms (a)",
-                f"+{delta * 1e3:.2f} ms",
+                f"{delta * 1e3:+.2f} ms",
                 "a few ms over (a)",
                 delta <= 0.005,
             )
@@ -335,7 +335,7 @@ async def measure(args: argparse.Namespace) -> list[Row]:
                     "(e') sandboxed start -> first byte, p50 / p99",
                     f"{pct(box, 0.5) * 1e3:.2f} / {pct(box, 0.99) * 1e3:.2f} ms",
                     f"{pct(iso, 0.5) * 1e3:.2f} / {pct(iso, 0.99) * 1e3:.2f} ms (e)",
-                    f"+{delta * 1e3:.2f} ms",
+                    f"{delta * 1e3:+.2f} ms",
                     "p50 <= +2 ms over (e)",
                     delta <= 0.002,
                 )
