@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from jobworker.runtime._jobdir import RunRecord
 from jobworker.runtime._protocol import LaunchOrder, Report
 
-# What a path can hold: anything but NUL (and the surrogates no file name decodes to).
-paths = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), min_size=1)
+# What a path can hold: anything UTF-8 can say but NUL.
+paths = st.text(st.characters(codec="utf-8", exclude_characters="\0"), min_size=1)
 seconds = st.none() | st.floats(min_value=0, max_value=1e9, allow_nan=False)
 orders = st.builds(
     LaunchOrder,
