@@ -281,7 +281,10 @@ async def measure(n: int, size: int) -> list[Row]:
                     )
                 )
                 figures += cli_figures(jobctl[0], last, env, ssh)
-                figures += await asyncio.to_thread(interactive_figures, jobctl[0], env, ssh, work)
+                with kept_connection(env) as kept:
+                    figures += await asyncio.to_thread(
+                        interactive_figures, jobctl[0], env, kept, ssh, work
+                    )
                 delays = await grpc_fanout(stub, 100, 100)
                 figures.append(
                     Row(

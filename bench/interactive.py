@@ -1,7 +1,8 @@
 """Interactive jobs (issue 17) against OpenSSH to localhost, measured in the same run.
 
 (u) stdin throughput: `jobctl run -i -- sh -c 'cat > /dev/null'` fed 300 MB from a file in
-    the page cache, vs `ssh host 'cat > /dev/null'` fed the same
+    the page cache, vs `ssh host 'cat > /dev/null'` fed the same; jobctl through its
+    connection keeper, as ssh through its ControlMaster connection
 (v) keystroke echo under `jobctl run -it -- cat`: from writing one byte to the client's
     terminal until its echo shows there, vs `ssh -tt host cat`
 (w) attach latency: from starting `jobctl attach` on a terminal to the first byte of the
@@ -111,14 +112,16 @@ def _stop_all(jobctl: str, env: dict[str, str]) -> None:
         )
 
 
-def interactive_figures(jobctl: str, env: dict[str, str], ssh: list[str], work: Path) -> list[Row]:
-    """(u), (v), (w)."""
+def interactive_figures(
+    jobctl: str, env: dict[str, str], kept: dict[str, str], ssh: list[str], work: Path
+) -> list[Row]:
+    """(u), (v), (w); ``kept``: ``env`` with jobctl's connection keeper on."""
     rows = []
     source = work / "stdin-source"
     with source.open("wb") as f:
         f.truncate(STDIN_BYTES)  # zeros, read from the page cache by both sides
     ours = max(
-        _rate([jobctl, "run", "-i", "--", "sh", "-c", "cat > /dev/null"], source, env)
+        _rate([jobctl, "run", "-i", "--", "sh", "-c", "cat > /dev/null"], source, kept)
         for _ in range(3)
     )
     theirs = max(_rate([*ssh, "cat > /dev/null"], source, env) for _ in range(3))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -365,11 +366,58 @@ async def test_many_runs_through_the_keeper_each_notice_their_stdout_closing(
         assert await asyncio.wait_for(proc.wait(), 30) == 130
 
 
-async def test_commands_that_read_stdin_run_in_jobctl_itself(kept: tuple[Cli, Path]) -> None:
-    """A keeper has only the front end's stdout and stderr: `run -i` reads jobctl's own
-    stdin in jobctl's process, and `-e NAME` takes NAME from jobctl's environment."""
-    cli, _ = kept
+async def _piped(cli: Cli, stdin: int, *args: str) -> tuple[int, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        JOBCTL, *args, env=cli.env, stdin=stdin, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out
+
+
+def _peers(records: list[logging.LogRecord]) -> set[str]:
+    """The clients that made the RPCs ``records`` (audit lines) are of."""
+    fields = (getattr(record, "fields", {}) for record in records)
+    return {f["peer"] for f in fields if "peer" in f}
+
+
+def _holds_pipe(pid: int, pipe_fd: int) -> bool:
+    """Whether process ``pid`` has a descriptor of the pipe ``pipe_fd`` is an end of."""
+    name = f"pipe:[{os.fstat(pipe_fd).st_ino}]"
+    fds = Path(f"/proc/{pid}/fd")
+    return any(os.readlink(fds / fd) == name for fd in os.listdir(fds))
+
+
+async def test_piped_input_goes_through_the_keeper_and_is_let_go_of(
+    kept: tuple[Cli, Path], audit: list[logging.LogRecord], tmp_path: Path
+) -> None:
+    """`run -i` fed from a pipe or a file runs in the keeper, which reads the descriptor
+    the front end hands it; once the command is over it holds nothing of it (its stdin
+    can stay open: the keeper must not read on). A terminal stays jobctl's own."""
+    cli, run_dir = kept
     assert (await cli("run", "true")).code == 0  # a keeper runs
+    keeper = _keeper_pid(run_dir)
+    assert keeper is not None
+    start = len(audit)
+    data = os.urandom(8 << 20)
+    source = tmp_path / "input"
+    source.write_bytes(data)
+    for _ in range(2):  # the full way, then the quick way
+        with source.open("rb") as f:
+            code, out = await _piped(cli, f.fileno(), "run", "-i", "--", "sha256sum")
+        assert (code, out.split()[0]) == (0, hashlib.sha256(data).hexdigest().encode())
+    # A job that stops reading while jobctl's stdin stays open.
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"x" * 1000)
+        code, out = await _piped(cli, read_end, "run", "-i", "--", "head", "-c", "3")
+        assert (code, out) == (0, b"xxx")
+        assert not _holds_pipe(keeper, write_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert len(_peers(audit[start:])) == 1  # all over the keeper's one connection
+    assert _keeper_pid(run_dir) == keeper
+    # -e NAME is resolved in the front end, also with input.
     proc = await asyncio.create_subprocess_exec(
         JOBCTL,
         "run",
@@ -386,11 +434,20 @@ async def test_commands_that_read_stdin_run_in_jobctl_itself(kept: tuple[Cli, Pa
     )
     out, _ = await asyncio.wait_for(proc.communicate(b"typed\n"), 60)
     assert (proc.returncode, out) == (0, b"typed\nfrom the front end\n")
-    # Without -i the command runs in the keeper, which gets the value resolved here.
-    forwarded = await cli(
-        "run", "-e", "MINE", "--", "sh", "-c", 'echo "$MINE"', env={"MINE": "resolved here"}
+    # A terminal's input is read by jobctl itself, over a connection of its own.
+    screen = await _pty_run(
+        cli.env,
+        "run",
+        "-i",
+        "--",
+        "sh",
+        "-c",
+        "echo ready; head -c 6",
+        until=b"ready",
+        then=b"typed\n",
     )
-    assert (forwarded.code, forwarded.out) == (0, b"resolved here\n")
+    assert screen.count(b"typed") == 2  # the terminal's echo, and the job's
+    assert len(_peers(audit[start:])) == 2
 
 
 TICKER = (

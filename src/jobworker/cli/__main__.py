@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(quick)
     # Parsing and the rest load only now (see the module's docstring).
     from .._units import UsageError  # noqa: PLC0415 - after the quick way, by design
-    from ._parser import check_not_fleet_only, names_target, parse, reads_stdin  # noqa: PLC0415 - as above
+    from ._parser import check_not_fleet_only, keeper_takes_stdin, names_target, parse  # noqa: PLC0415 - as above
 
     args = parse(argv)
     if args.command == "completion":
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as e:
         sys.stderr.write(f"jobctl: {e}\n")
         sys.exit(2)
-    # A command that reads jobctl's stdin runs here: a keeper has only our stdout and stderr.
-    if quick is None and target.control_persist and not reads_stdin(args):
+    # A command that reads jobctl's terminal runs here (see keeper_takes_stdin).
+    if quick is None and target.control_persist and keeper_takes_stdin(args, 0):
         # The settings alone chose this target: later commands with the same may take the
         # quick way to this keeper.
         alias = None if names_target(args) else inputs()

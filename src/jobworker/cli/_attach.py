@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import termios
 import threading
@@ -86,6 +87,7 @@ class _Outgoing:
         loop: asyncio.AbstractEventLoop,
         detach_keys: bytes | None,
         request: Callable[..., Any] = pb.AttachRequest,
+        in_fd: int = 0,
     ) -> None:
         self.queue: asyncio.Queue[Any | None] = asyncio.Queue()
         self._request = request
@@ -93,25 +95,69 @@ class _Outgoing:
         self._slots = threading.Semaphore(self.AHEAD)
         self._loop = loop
         self._keys = detach_keys
+        self._in_fd = in_fd
         # The last bytes typed, to find detach keys split across reads.
         self._tail = b""
+        self._reader: threading.Thread | None = None
+        self._stopping = False
+        self._wake_r, self._wake_w = -1, -1
 
     def read_stdin(self) -> None:
-        threading.Thread(target=self._read, name="jobctl-stdin", daemon=True).start()
+        """Read the input in a thread of its own until its end or :meth:`stop`. The thread
+        reads a copy of the descriptor, which it closes itself: a connection keeper closes
+        the original once the command is over, and its number may then be reused."""
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        fd = os.dup(self._in_fd)
+        self._reader = threading.Thread(target=self._read, args=(fd,), name="jobctl-stdin")
+        self._reader.daemon = True
+        self._reader.start()
 
-    def _read(self) -> None:
-        while True:
-            self._slots.acquire()
-            try:
-                data = os.read(0, 256 * 1024)
-            except OSError:
-                data = b""
-            try:
-                self._loop.call_soon_threadsafe(self._typed, data)
-            except RuntimeError:
-                return  # the loop is closed: jobctl is exiting
-            if not data:
-                return
+    def stop(self) -> None:
+        """End the reader, if one runs, and wait for it: nothing more is read once the
+        command is over (a keeper outlives it, and must not read on)."""
+        if self._reader is None:
+            return
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+        for _ in range(self.AHEAD):
+            self._slots.release()  # it may wait for a slot
+        # Prompt: it waits in poll (woken above) or for a slot, or reads what poll said is
+        # there. A read of a file that poll cannot watch (a FUSE or network file) might
+        # not be: then it is left to end on its own, a daemon thread.
+        self._reader.join(5)
+        if not self._reader.is_alive():
+            os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._reader = None
+
+    def _read(self, fd: int) -> None:
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+            while True:
+                self._slots.acquire()
+                if self._stopping:
+                    return
+                poller.poll()
+                if self._stopping:
+                    return
+                try:
+                    data = os.read(fd, 256 * 1024)
+                except BlockingIOError:
+                    # Its file was left non-blocking by another of its holders: poll again.
+                    self._slots.release()
+                    continue
+                except OSError:
+                    data = b""
+                try:
+                    self._loop.call_soon_threadsafe(self._typed, data)
+                except RuntimeError:
+                    return  # the loop is closed: jobctl is exiting
+                if not data:
+                    return
+        finally:
+            os.close(fd)
 
     def _typed(self, data: bytes) -> None:
         if not data:
@@ -209,9 +255,9 @@ async def attach(  # noqa: PLR0913 - each keyword is one choice of the command l
         CliError: the attach failed, or the connection was lost (the job keeps running).
     """
     loop = asyncio.get_running_loop()
-    outgoing = _Outgoing(loop, detach_keys)
-    terminal = stdin and os.isatty(0)
-    window = window_of(0) if terminal else None
+    outgoing = _Outgoing(loop, detach_keys, in_fd=io.in_fd)
+    terminal = stdin and os.isatty(io.in_fd)
+    window = window_of(io.in_fd) if terminal else None
     call = s.stub.Attach()
     try:
         start = pb.AttachStart(id=job_id, stdin=stdin, from_start=from_start, window=window)
@@ -229,7 +275,7 @@ async def attach(  # noqa: PLR0913 - each keyword is one choice of the command l
         if terminal and (await s.call("GetJob", pb.Job, pb.JobRequest(id=job_id))).stdin == (
             pb.STDIN_MODE_TTY
         ):
-            raw = _raw(0, loop, outgoing)
+            raw = _raw(io.in_fd, loop, outgoing)
         with raw:
             status = await _attached(s, call, job_id, io, outgoing, stdin=stdin, remove=remove)
     except grpc.aio.AioRpcError as e:
@@ -240,6 +286,7 @@ async def attach(  # noqa: PLR0913 - each keyword is one choice of the command l
             ) from None
         raise await explain(e, s.target) from None
     finally:
+        outgoing.stop()
         call.cancel()
     if status is None:
         await io.say(f"detached; job {job_id} keeps running (jobctl attach {job_id[:12]})\n")
@@ -303,7 +350,7 @@ async def exec_in(s: Session, start: pb.ExecStart, io: Io) -> int:
             stdio was this session's).
     """
     loop = asyncio.get_running_loop()
-    outgoing = _Outgoing(loop, None, pb.ExecRequest)
+    outgoing = _Outgoing(loop, None, pb.ExecRequest, in_fd=io.in_fd)
     call = s.stub.Exec()
     try:
         await call.write(pb.ExecRequest(start=start))
@@ -312,8 +359,8 @@ async def exec_in(s: Session, start: pb.ExecStart, io: Io) -> int:
             raise CliError("the server ended the exec without a word")
         if first.HasField("ended"):
             return await _ended(first.ended, io)
-        terminal = start.tty and start.stdin and os.isatty(0)
-        raw = _raw(0, loop, outgoing) if terminal else contextlib.nullcontext()
+        terminal = start.tty and start.stdin and os.isatty(io.in_fd)
+        raw = _raw(io.in_fd, loop, outgoing) if terminal else contextlib.nullcontext()
         with raw:
             if start.stdin:
                 outgoing.read_stdin()
@@ -336,6 +383,7 @@ async def exec_in(s: Session, start: pb.ExecStart, io: Io) -> int:
             ) from None
         raise await explain(e, s.target) from None
     finally:
+        outgoing.stop()
         call.cancel()
 
 

@@ -186,7 +186,7 @@ def forward(
             return None
     with sock:
         try:
-            sent = socket.send_fds(sock, [request], [1, 2])
+            sent = socket.send_fds(sock, [request], [1, 2, 0])
             # sendmsg may send only part (a signal during a send bigger than the
             # socket's buffer): the rest follows.
             sock.sendall(request[sent:])

@@ -31,8 +31,9 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 class Io:
-    """One command's output (``out_fd``, ``err_fd``), what it knows of the terminal
-    (``out_tty``, ``columns``), ``NO_COLOR``, and its interrupt handler."""
+    """One command's output (``out_fd``, ``err_fd``), its input (``in_fd``, read by
+    ``run -i`` and the like), what it knows of the terminal (``out_tty``, ``columns``),
+    ``NO_COLOR``, and its interrupt handler."""
 
     def __init__(  # noqa: PLR0913 - one per field
         self,
@@ -44,9 +45,11 @@ class Io:
         no_color: bool = False,
         writer: concurrent.futures.ThreadPoolExecutor | None = None,
         progress: Callable[[str, int], None] | None = None,
+        in_fd: int = 0,
     ) -> None:
         self.out_fd = out_fd
         self.err_fd = err_fd
+        self.in_fd = in_fd
         self.out_tty = out_tty
         self.columns = columns
         self.no_color = no_color

@@ -31,7 +31,7 @@ from ._config import Target
 from ._control import READY, connect_keeper, file_stamps
 from ._environment import job_env
 from ._io import Io
-from ._parser import check_not_fleet_only, names_target, parse, reads_stdin
+from ._parser import check_not_fleet_only, keeper_takes_stdin, names_target, parse
 from ._quick import (
     FALLBACK,
     INTERRUPT,
@@ -108,24 +108,41 @@ def _tell(sock: socket.socket, message: bytes) -> None:
 
 
 async def _receive(sock: socket.socket) -> tuple[_Request, list[int]]:
-    """The request and its two descriptors.
+    """The request and its descriptors: stdout, stderr and stdin (a front end before
+    ``run -i`` could come through a keeper sent only the first two).
+
+    Raises:
+        ValueError: a malformed request (its descriptors are closed).
+    """
+    fds: list[int] = []
+    try:
+        data = await _read_request(sock, fds)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return _Request(data), fds
+
+
+async def _read_request(sock: socket.socket, fds: list[int]) -> bytes:
+    """The request's bytes; the descriptors that came with it go into ``fds``.
 
     Raises:
         ValueError: a malformed request.
     """
-    data, fds = b"", []
+    data = b""
     while len(data) < LENGTH.size or len(data) < LENGTH.size + LENGTH.unpack_from(data)[0]:
         if len(data) >= LENGTH.size and LENGTH.unpack_from(data)[0] > MAX_REQUEST:
             raise ValueError("request too large")
         await wait_fd(sock.fileno())
-        chunk, got, _flags, _addr = socket.recv_fds(sock, 65536, 2)
+        chunk, got, _flags, _addr = socket.recv_fds(sock, 65536, 3)
         fds += got
         if not chunk:
             raise ValueError("connection closed mid-request")
         data += chunk
-    if len(fds) != 2:
-        raise ValueError("expected stdout and stderr descriptors")
-    return _Request(data[LENGTH.size :]), fds
+    if len(fds) not in (2, 3):
+        raise ValueError("expected stdout, stderr and stdin descriptors")
+    return data[LENGTH.size :]
 
 
 class _Keeper:
@@ -152,7 +169,7 @@ class _Keeper:
                 self._remember(request.alias)
             args = None
         else:
-            args = self._quick_args(request)
+            args = self._quick_args(request, fds[2] if len(fds) > 2 else -1)
             if args is None:
                 # Nothing has run: the front end goes the full way (and prints a usage
                 # error or help itself).
@@ -171,6 +188,7 @@ class _Keeper:
             no_color=request.no_color,
             writer=writer,
             progress=lambda job, offset: _tell(sock, PROGRESS.pack(b"P", job.encode(), offset)),
+            in_fd=fds[2] if len(fds) > 2 else -1,
         )
         try:
             if args is None:
@@ -208,7 +226,7 @@ class _Keeper:
         while len(self.aliases) > MAX_ALIASES:
             del self.aliases[next(iter(self.aliases))]
 
-    def _quick_args(self, request: _Request) -> argparse.Namespace | None:
+    def _quick_args(self, request: _Request, stdin_fd: int) -> argparse.Namespace | None:
         """A quick request's argv parsed, if this keeper runs it as the full way would;
         None if not (see _quick for when)."""
         if request.inputs not in self.aliases or file_stamps(self.target) != self.stamps:
@@ -222,7 +240,7 @@ class _Keeper:
             args.command in ("config", "completion")
             or names_target(args)
             or args.fleet
-            or reads_stdin(args)
+            or not keeper_takes_stdin(args, stdin_fd)
             or getattr(args, "env_file", None)
         ):
             return None

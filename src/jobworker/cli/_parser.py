@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -17,10 +18,10 @@ __all__ = [
     "GLOBAL_FLAGS",
     "SHELLS",
     "check_not_fleet_only",
+    "keeper_takes_stdin",
     "names_target",
     "parse",
     "parser",
-    "reads_stdin",
 ]
 
 DESCRIPTION = "jobctl: run and manage jobs on a jobworker host, like docker or kubectl."
@@ -450,8 +451,23 @@ def names_target(args: argparse.Namespace) -> bool:
 
 
 def reads_stdin(args: argparse.Namespace) -> bool:
-    """The command reads jobctl's own stdin (a keeper has only its stdout and stderr)."""
+    """The command reads jobctl's own stdin."""
     command = getattr(args, "command", "")
     if command in ("run", "exec"):
         return bool(getattr(args, "interactive", False) or getattr(args, "tty", False))
     return command == "attach" and not getattr(args, "no_stdin", False)
+
+
+def keeper_takes_stdin(args: argparse.Namespace, stdin_fd: int) -> bool:
+    """Whether a connection keeper may run this command with ``stdin_fd`` for its input:
+    it reads none, or copies it to the job as bytes (``run -i`` and ``exec -i`` without
+    ``-t``) from something that is not a terminal. A terminal stays jobctl's own: raw
+    mode, window sizes and its keystrokes after the command must not reach a keeper."""
+    if not reads_stdin(args):
+        return True
+    return (
+        stdin_fd >= 0
+        and getattr(args, "command", "") in ("run", "exec")
+        and not getattr(args, "tty", False)
+        and not os.isatty(stdin_fd)
+    )

@@ -180,7 +180,7 @@ def try_quick(argv: list[str]) -> int | Resume | None:
                 return None
             sent = sock.sendmsg(
                 [request],
-                [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _struct.pack("2i", 1, 2))],
+                [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _struct.pack("3i", 1, 2, 0))],
             )
             # sendmsg may send only part (a signal during a send bigger than the
             # socket's buffer): the rest follows.
