@@ -1,9 +1,10 @@
 """Joining a job (`run -i/-t`, `attach`) or running a command inside one (`exec`): its
 output to ours, our input and window size to it.
 
-jobctl's stdin is read by a daemon thread (a read blocked on a terminal must not keep jobctl
-from exiting), a few chunks ahead at most, so input is read only as fast as the server takes
-it. With a terminal job and a terminal of ours, ours goes into raw mode for the attach
+The input (jobctl's stdin, or the one a front end handed a connection keeper) is read by a
+thread, a few chunks ahead at most, so it is read only as fast as the server takes it. The
+thread polls beside a wake pipe and is stopped when the command ends: a keeper outlives the
+command and must not read on. With a terminal job and a terminal of ours, ours goes into raw mode for the attach
 (Ctrl+C, Ctrl+Z and Ctrl+D become keystrokes for the job, as under ssh) and is always put
 back: on the job's end, on errors, on a lost connection and on SIGTERM; SIGWINCH becomes a
 resize. The detach keys (default Ctrl-P Ctrl-Q, as docker's) leave the job running.

@@ -6,9 +6,9 @@ could hand over. Here the front end does neither: it names what the target depen
 (``inputs``: the JOBWORKER_* variables, the config file's identity, and the current
 directory when a certificate path in the environment is relative), finds the alias a
 keeper left for exactly those inputs, and passes the raw argv, its environment and its
-stdout and stderr. The keeper parses, and answers ``F`` (do it yourself) for anything it
-will not run unparsed-from-here: a usage error or help (the front end prints those), a
-flag naming another target, a command that reads jobctl's stdin, a fleet, an env file,
+stdout, stderr and stdin. The keeper parses, and answers ``F`` (do it yourself) for
+anything it will not run unparsed-from-here: a usage error or help (the front end prints
+those), a flag naming another target, a command that reads a terminal, a fleet, an env file,
 inputs it was not told of, or TLS files changed since it started. Nothing has run then;
 the front end goes the full way, which also leaves a fresh alias.
 
