@@ -4,10 +4,11 @@ output to ours, our input and window size to it.
 The input (jobctl's stdin, or the one a front end handed a connection keeper) is read by a
 thread, a few chunks ahead at most, so it is read only as fast as the server takes it. The
 thread polls beside a wake pipe and is stopped when the command ends: a keeper outlives the
-command and must not read on. With a terminal job and a terminal of ours, ours goes into raw mode for the attach
-(Ctrl+C, Ctrl+Z and Ctrl+D become keystrokes for the job, as under ssh) and is always put
-back: on the job's end, on errors, on a lost connection and on SIGTERM; SIGWINCH becomes a
-resize. The detach keys (default Ctrl-P Ctrl-Q, as docker's) leave the job running.
+command and must not read on. With a terminal job and a terminal of ours, ours goes into
+raw mode for the attach (Ctrl+C, Ctrl+Z and Ctrl+D become keystrokes for the job, as under
+ssh) and is always put back: on the job's end, on errors, on a lost connection and on
+SIGTERM; SIGWINCH becomes a resize. The detach keys (default Ctrl-P Ctrl-Q, as docker's)
+leave the job running.
 """
 
 from __future__ import annotations
