@@ -14,6 +14,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import textwrap
 from collections.abc import AsyncIterator
@@ -169,6 +170,64 @@ async def test_a_spare_root_is_taken_and_never_hides_a_newer_mount(tmp_path: Pat
         if mounted:
             umount(str(place))
         place.rmdir()
+
+
+# Run in a process of its own: SpareRoots forks its builder, which a threaded test process
+# must not do. Prints what take() gave after a host mount made during a build, and after a
+# build with no mount during it.
+SPARE_RACE = r"""
+import select, sys
+from jobworker.runtime._linux import mount, umount
+from jobworker.runtime._spare import SpareRoots
+
+at, place = sys.argv[1], sys.argv[2]
+poller = select.poll()
+spares = SpareRoots(at, (), poller)
+
+
+def settle():
+    # Until the build in flight has reported (its socket is the poller's only other fd).
+    while spares._builder is not None:
+        for fd, _event in poller.poll(30_000):
+            spares.handle(fd)
+
+
+spares.refill()
+mount("tmpfs", place, "tmpfs", 0, "size=64k")  # before the launcher has seen the report
+try:
+    settle()
+    print("after a mount during the build:", spares.take())
+finally:
+    umount(place)
+for fd, _event in poller.poll(0):  # the unmount's event, before the next build
+    spares.handle(fd)
+spares.refill()
+settle()
+spare = spares.take()
+print("after a quiet build:", spare is not None and spare.fd >= 0)
+spares.close()
+"""
+
+
+def test_a_mount_made_while_a_spare_is_built_throws_that_build_away(tmp_path: Path) -> None:
+    """A build that was under way when the host's mount table changed may have copied the
+    table before the change: it must not be handed to a job. The mount is made before any
+    report is read, so the order is fixed whichever of the two processes runs first."""
+    place = tmp_path / "place"
+    place.mkdir()
+    (tmp_path / "spare").mkdir()
+    out = subprocess.run(
+        [sys.executable, "-c", SPARE_RACE, str(tmp_path / "spare"), str(place)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "after a mount during the build: None",
+        "after a quiet build: True",
+    ]
 
 
 # Writes a marker into every place given, then stops itself until SIGCONT; then reports
