@@ -164,12 +164,13 @@ class _Keeper:
         if peer_uid(sock) != os.getuid():
             return
         request, fds = await _receive(sock)
+        stdin_fd = fds[2] if len(fds) > 2 else -1
         if request.inputs is None:
             if request.alias is not None:
                 self._remember(request.alias)
             args = None
         else:
-            args = self._quick_args(request, fds[2] if len(fds) > 2 else -1)
+            args = self._quick_args(request, stdin_fd)
             if args is None:
                 # Nothing has run: the front end goes the full way (and prints a usage
                 # error or help itself).
@@ -188,7 +189,7 @@ class _Keeper:
             no_color=request.no_color,
             writer=writer,
             progress=lambda job, offset: _tell(sock, PROGRESS.pack(b"P", job.encode(), offset)),
-            in_fd=fds[2] if len(fds) > 2 else -1,
+            in_fd=stdin_fd,
         )
         try:
             if args is None:

@@ -292,11 +292,11 @@ class Launcher:
         """
         msg = order.encode()
         if len(msg) > MAX_ORDER_BYTES:
-            # Only cgroup paths of absurd length could get here. Cut short, an order could
-            # name a parent cgroup: refuse it whole.
+            # Seven paths within PATH_MAX fit, so this is a guard, not a limit anyone meets.
+            # Cut short, an order could name a parent cgroup: refuse it whole.
             raise LaunchError(
                 f"the job's launch order is {len(msg)} bytes, over the {MAX_ORDER_BYTES} the "
-                "launcher reads (its cgroup paths are too long)"
+                "launcher reads"
             )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)

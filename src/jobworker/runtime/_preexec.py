@@ -324,16 +324,13 @@ def _read_spec() -> SpecRecord:
     """
     try:
         data = read_json(SPEC)
+        if data is None:
+            raise ExecError("the job's spec.json is missing")
+        return SpecRecord.from_json(data)
     except CorruptRecordError as e:
         raise ExecError(f"the job's record is corrupt: {e}") from None
     except OSError as e:
         raise ExecError(f"cannot read the job's spec.json: {e.strerror}") from None
-    if data is None:
-        raise ExecError("the job's spec.json is missing")
-    try:
-        return SpecRecord.from_json(data)
-    except CorruptRecordError as e:
-        raise ExecError(f"the job's record is corrupt: {e}") from None
 
 
 def _root_place(spec: SpecRecord, spare: Spare | None) -> str:
