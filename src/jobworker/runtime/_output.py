@@ -23,7 +23,7 @@ from typing import NamedTuple
 from ._errors import InvalidSpecError
 from ._logformat import HEADER, MAGIC, Stream
 
-__all__ = ["Batch", "Chunk", "ReadBudget", "Window", "log_end", "read_log"]
+__all__ = ["Batch", "Chunk", "ReadBudget", "SharedReads", "Window", "log_end", "read_log"]
 
 LOOKAHEAD = 16 * 1024
 # The most one reader reads per batch, alone: big batches are what make one follower fast
@@ -125,6 +125,50 @@ class ReadBudget:
                 self._peak = 0
                 if crowded and self._on_idle is not None:
                     self._on_idle()
+
+
+class _LastRead:
+    """The last batch read from one log for one choice of streams, and where it began."""
+
+    __slots__ = ("batch", "start", "users")
+
+    def __init__(self) -> None:
+        self.start = -1
+        self.batch: Batch | None = None
+        self.users = 0
+
+
+class SharedReads:
+    """The last batch read from each log, for the next reader at the same offset.
+
+    A hundred followers of one job each wake for every line it writes, and each read and
+    parsed the same new record, one after the other, before its message could go
+    (docs/benchmarks.md (j)). A log only grows and a batch holds complete records only, so
+    a batch read from an offset is right for every reader at that offset; a reader that
+    would find more by now reads the rest next. A log's last batch is kept while it has
+    readers: at most one batch more than they hold themselves.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, frozenset[Stream]], _LastRead] = {}
+
+    def __len__(self) -> int:
+        """How many logs (per choice of streams) have readers, and so a last read kept."""
+        return len(self._last)
+
+    @contextlib.contextmanager
+    def joined(self, path: str, streams: frozenset[Stream]) -> Iterator[_LastRead]:
+        key = (path, streams)
+        last = self._last.get(key)
+        if last is None:
+            last = self._last[key] = _LastRead()
+        last.users += 1
+        try:
+            yield last
+        finally:
+            last.users -= 1
+            if not last.users:
+                del self._last[key]
 
 
 def _read_batch(
@@ -244,15 +288,18 @@ def log_end(path: str) -> int:
 class _LogReader:
     """One open log fd and the position of the next record."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - what to read, and the three things readers share
         self,
         path: str,
         streams: frozenset[Stream],
         window: Window,
+        *,
         executor: concurrent.futures.Executor,
         budget: ReadBudget,
+        last: _LastRead,
     ) -> None:
         self._path = path
+        self._last = last
         self._streams = streams | {Stream.SYSTEM}
         self._window = window
         self._executor = executor
@@ -296,9 +343,31 @@ class _LogReader:
         """
         if self._fd < 0 and not await self._open():
             return None
-        unread = os.fstat(self._fd).st_size - self._offset
         limit = min(self._ramp, self._budget.batch_bytes())
         self._ramp = min(2 * self._ramp, BATCH)
+        last = self._last
+        batch = last.batch
+        if batch is None or last.start != self._offset or batch.offset - last.start > limit:
+            batch = await self._read(limit)
+            if batch is None:
+                return None
+            last.start, last.batch = self._offset, batch
+        self._offset = batch.offset
+        if self._skip and batch.chunks:
+            # The batch may be shared: the first chunk is cut in a copy.
+            first, skip, self._skip = batch.chunks[0], self._skip, 0
+            rest = first.data[skip:]
+            chunks = batch.chunks[1:]
+            if rest:
+                chunks.insert(0, Chunk(first.stream, rest, first.timestamp_ns, first.end))
+            batch = Batch(chunks, batch.offset)
+        return batch
+
+    async def _read(self, limit: int) -> Batch | None:
+        """Up to about ``limit`` bytes of records from the log itself; None at its end."""
+        unread = os.fstat(self._fd).st_size - self._offset
+        if unread <= 0:
+            return None
         if unread <= INLINE_READ:
             chunks, offset = _read_batch(self._fd, self._offset, self._streams, limit)
         else:
@@ -309,14 +378,6 @@ class _LogReader:
             self._inflight = None
         if offset == self._offset:
             return None
-        self._offset = offset
-        if self._skip and chunks:
-            first, skip, self._skip = chunks[0], self._skip, 0
-            rest = first.data[skip:]
-            if rest:
-                chunks[0] = Chunk(first.stream, rest, first.timestamp_ns, first.end)
-            else:
-                del chunks[0]
         return Batch(chunks, offset)
 
     async def aclose(self) -> None:
@@ -386,6 +447,7 @@ async def read_log(  # noqa: PLR0913 - each argument is one independent knob
     subscribe: Callable[[asyncio.Event], contextlib.AbstractContextManager[None]],
     executor: concurrent.futures.Executor,
     budget: ReadBudget,
+    shared: SharedReads,
     window: Window | None = None,
 ) -> AsyncGenerator[Batch, None]:
     """Yield the log's chunks in batches of what one read found (so small writes can
@@ -394,40 +456,41 @@ async def read_log(  # noqa: PLR0913 - each argument is one independent knob
 
     ``has_ended`` tells whether the job is over (then everything is in the log).
     ``subscribe(event)`` arranges for ``event`` to be set on any change to the log or the job.
-    ``budget`` sizes each batch.
+    ``budget`` sizes each batch; readers at the same offset share one read (``shared``).
 
     Raises:
         InvalidSpecError: (first iteration) the window's offset is not one this log gave.
     """
     window = window or Window()
     timed = window.since_ns is not None or window.until_ns is not None
-    reader = _LogReader(path, streams, window, executor, budget)
     wake = asyncio.Event()
-    try:
-        with budget.reader(), subscribe(wake) if follow else contextlib.nullcontext():
-            while True:
-                # Read the state before the log: if the job had ended by now, everything it
-                # wrote is in the log, and reading to EOF below gets all of it.
-                ended = not follow or has_ended()
-                wake.clear()
-                while (batch := await reader.next_batch()) is not None:
-                    closed = False
-                    if timed:
-                        batch, closed = _in_window(batch, window)
-                    if batch.chunks:
-                        yield batch
-                    if closed:
+    with shared.joined(path, streams) as last:
+        reader = _LogReader(path, streams, window, executor=executor, budget=budget, last=last)
+        try:
+            with budget.reader(), subscribe(wake) if follow else contextlib.nullcontext():
+                while True:
+                    # Read the state before the log: if the job had ended by now, everything it
+                    # wrote is in the log, and reading to EOF below gets all of it.
+                    ended = not follow or has_ended()
+                    wake.clear()
+                    while (batch := await reader.next_batch()) is not None:
+                        closed = False
+                        if timed:
+                            batch, closed = _in_window(batch, window)
+                        if batch.chunks:
+                            yield batch
+                        if closed:
+                            return
+                    if ended:
                         return
-                if ended:
-                    return
-                if window.until_ns is None:
-                    await wake.wait()
-                    continue
-                left = (window.until_ns - time.time_ns()) / 1e9
-                if left <= 0:
-                    return
-                # A deadline, not a poll: nothing read after it could fall in the window.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), left)
-    finally:
-        await reader.aclose()
+                    if window.until_ns is None:
+                        await wake.wait()
+                        continue
+                    left = (window.until_ns - time.time_ns()) / 1e9
+                    if left <= 0:
+                        return
+                    # A deadline, not a poll: nothing read after it could fall in the window.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), left)
+        finally:
+            await reader.aclose()
