@@ -70,6 +70,9 @@ JobReq = TypeVar("JobReq", bound=_NamesJob)
 # Chunks of one read are sent together, up to this many bytes per message (the client's
 # default receive limit is 4 MiB; a log record is at most 1 MiB).
 MESSAGE_BYTES = 2 * 1024 * 1024
+# The biggest message kept for the next follower of the same batch: a follower's new lines,
+# not a reader's catching up (which would keep that much memory after the streams end).
+_SHARED_MESSAGE_BYTES = 64 * 1024
 
 
 class ServiceMetrics(Protocol):
@@ -230,7 +233,7 @@ def _stream_rpc(
             _check_parsed(request)
             with self._stream_slot(call.who):
                 async with contextlib.aclosing(body(self, request, call.who)) as items:
-                    async for item in _until_shutdown(self.shutting_down, items):
+                    async for item in _until_shutdown(self, items):
                         yield item
         except (asyncio.CancelledError, GeneratorExit):
             call.done(grpc.StatusCode.CANCELLED, "the client went away")
@@ -313,32 +316,43 @@ def job_bidi(
     return _stream_rpc(method.__name__, "job", body)
 
 
-async def _until_shutdown(stop: asyncio.Event, items: AsyncIterator[Resp]) -> AsyncIterator[Resp]:
-    """``items``, until ``stop`` is set; then UNAVAILABLE, which tells a client to reconnect
-    (a follower waiting for output would otherwise hold shutdown up for its whole grace)."""
-    stopping = asyncio.ensure_future(stop.wait())
-    step: asyncio.Future[Resp] | None = None
-    try:
-        while True:
-            step = asyncio.ensure_future(anext(items))
-            await asyncio.wait({step, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if not step.done():
-                raise ApiError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "the server is shutting down; reconnect to continue (output is kept)",
-                )
-            try:
-                item = step.result()
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        stopping.cancel()
-        # Shutdown, or the client went away while we waited: the read in flight goes too.
-        if step is not None and not step.done():
-            step.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await step
+async def _until_shutdown(service: JobService, items: AsyncIterator[Resp]) -> AsyncIterator[Resp]:
+    """``items``, until the server shuts down; then UNAVAILABLE, which tells a client to
+    reconnect (a follower waiting for output would otherwise hold shutdown up for its whole
+    grace).
+
+    A stream waiting for its next item is cancelled there by :meth:`JobService.shut_down`;
+    one that is sending checks on its way back. Racing every item against shutdown in a
+    task of its own, as this did before, cost a task and an ``asyncio.wait`` per message:
+    a third of what a follower cost the server (docs/benchmarks.md (j)).
+    """
+    task = asyncio.current_task()
+    assert task is not None  # noqa: S101 - gRPC runs every handler in a task of its own
+    waiting = service.waiting
+    while True:
+        if service.shutting_down.is_set():
+            raise _shutting_down()
+        waiting.add(task)
+        try:
+            item = await anext(items)
+        except StopAsyncIteration:
+            return
+        except asyncio.CancelledError:
+            if not service.shutting_down.is_set():
+                raise  # the client went away
+            # The cancel was shutdown's own: the call ends with a status, not cancelled.
+            task.uncancel()
+            raise _shutting_down() from None
+        finally:
+            waiting.discard(task)
+        yield item
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(
+        grpc.StatusCode.UNAVAILABLE,
+        "the server is shutting down; reconnect to continue (output is kept)",
+    )
 
 
 class JobService:
@@ -362,10 +376,22 @@ class JobService:
         # Set while no output or watch stream is open (so a test, or shutdown, can wait).
         self.no_streams = asyncio.Event()
         self.no_streams.set()
-        # Set at shutdown: every open stream then ends with UNAVAILABLE.
+        # Set at shutdown (shut_down): every open stream then ends with UNAVAILABLE.
         self.shutting_down = asyncio.Event()
+        # The streams' tasks while they wait for their next item (_until_shutdown).
+        self.waiting: set[asyncio.Task[object]] = set()
+        # The last batch encoded whole into one message, and that message (_messages).
+        self._encoded_batch: Batch | None = None
+        self._encoded = b""
         # job id -> (the status last listed, its serialized Job message)
         self._serialized: dict[str, tuple[JobStatus, bytes]] = {}
+
+    def shut_down(self) -> None:
+        """End every open stream with UNAVAILABLE: those waiting for their next item now,
+        the others once they have sent the one in hand."""
+        self.shutting_down.set()
+        for task in list(self.waiting):
+            task.cancel()
 
     @property
     def active_streams(self) -> int:
@@ -596,6 +622,13 @@ class JobService:
     def _messages(self, batch: Batch) -> Iterator[bytes]:
         """A batch as OutputResponse messages of at most about MESSAGE_BYTES each."""
         chunks, offset = batch
+        if batch is self._encoded_batch:
+            # The followers of one job at the same offset get the same batch (the runtime's
+            # shared reads); it is encoded once for all of them.
+            message = self._encoded
+            self.metrics.streamed(len(message))
+            yield message
+            return
         start = size = 0
         for i, chunk in enumerate(chunks):
             if i > start and size + len(chunk.data) > MESSAGE_BYTES:
@@ -607,6 +640,8 @@ class JobService:
                 start, size = i, 0
             size += len(chunk.data)
         message = encode_output_response(chunks[start:], offset)
+        if not start and len(message) <= _SHARED_MESSAGE_BYTES:
+            self._encoded_batch, self._encoded = batch, message
         self.metrics.streamed(len(message))
         yield message
 

@@ -240,7 +240,7 @@ class Server:
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting calls, end open streams after ``grace`` s, close the runtime.
         Jobs keep running."""
-        self.service.shutting_down.set()
+        self.service.shut_down()
         if self.web is not None:
             await self.web.stop()
         await self._server.stop(grace)
