@@ -275,17 +275,8 @@ class Lifecycle:
                 job.record = job.record._replace(uid=uid, gid=uid)
             record = job.record
             try:
-                if self.cgroups is not None:
-                    # The job's first process joins these before exec: no unlimited window.
-                    job.cgroup = await asyncio.to_thread(self.cgroups.create, job.id, job.limits)
-                # On record before the launch: a server that dies from here on finds, at its
-                # next start, a job whose supervisor may be running (see _restore).
-                job.record = record._replace(
-                    launching=True,
-                    cgroup=job.cgroup.paths if job.cgroup is not None else None,
-                    sandbox=self._sandbox(job, record.uid),
-                )
-                await asyncio.to_thread(write_record, job.dir, SPEC, job.record.to_json())
+                # One hop to a thread for both: each hop is 0.3 ms of a start, more under load.
+                job.record = await asyncio.to_thread(self._ready, job, record)
                 order = LaunchOrder.of(job.dir, job.record)
                 result = await self.launcher.launch(order, self.config.launch_timeout)
             except (LaunchError, CgroupError, OSError) as e:
@@ -302,6 +293,28 @@ class Lifecycle:
                 self.background(self.finish(job), self.cleanups)
             else:
                 await self.start_failed(job, result.error)
+
+    def _ready(self, job: Job, record: SpecRecord) -> SpecRecord:
+        """Make the job's cgroup and put the launch on record; return that record. Blocks:
+        run it in a thread.
+
+        Raises:
+            CgroupError: the cgroup cannot be made.
+            OSError: the record cannot be written.
+        """
+        if self.cgroups is not None:
+            # The job's first process joins these before exec: no unlimited window. Set on
+            # the job at once, so that a failed write below still has it removed.
+            job.cgroup = self.cgroups.create(job.id, job.limits)
+        # On record before the launch: a server that dies from here on finds, at its next
+        # start, a job whose supervisor may be running (see _restore).
+        ready = record._replace(
+            launching=True,
+            cgroup=job.cgroup.paths if job.cgroup is not None else None,
+            sandbox=self._sandbox(job, record.uid),
+        )
+        write_record(job.dir, SPEC, ready.to_json())
+        return ready
 
     def _sandbox(self, job: Job, uid: int) -> SandboxRecord | None:
         config = self.config
