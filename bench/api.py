@@ -285,11 +285,21 @@ async def measure(n: int, size: int) -> list[Row]:
                     figures += await asyncio.to_thread(
                         interactive_figures, jobctl[0], env, kept, ssh, work
                     )
-                delays = await grpc_fanout(stub, 100, 100)
+                # Three runs, the one with the median p99 shown, and all three p99s: one run
+                # is a second of 100 lines, and back-to-back runs of the same code on this
+                # shared host read p99 9.6 to 23.9 ms (docs/benchmarks.md, "The ninth
+                # session").
+                runs = sorted(
+                    [await grpc_fanout(stub, 100, 100) for _ in range(3)],
+                    key=lambda delays: pct(delays, 0.99),
+                )
+                delays = runs[1]
+                p99s = ", ".join(f"{pct(run, 0.99) * 1e3:.1f}" for run in runs)
                 figures.append(
                     Row(
-                        "(j) delivery to 100 concurrent followers, p50 / p99",
-                        ms(delays),
+                        "(j) delivery to 100 concurrent followers, p50 / p99 (the median of "
+                        "three runs' p99)",
+                        f"{ms(delays)} (p99s: {p99s} ms)",
                         "-",
                         "-",
                         "p99 <= 10 ms",
