@@ -129,6 +129,28 @@ async def test_kill_9_while_streaming_then_restart(tmp_path: Path, pki: Pki) -> 
     assert seen == EXPECTED[: len(seen)]
 
 
+async def test_graceful_stop_ends_a_follower_that_waits_for_output(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A follower of a job that writes nothing is waiting, not sending: shutdown ends it
+    with UNAVAILABLE "reconnect" too, not with the cut of the shutdown's grace."""
+    async with servers(tmp_path, pki) as s:
+        first = await s.start()
+        channel, stub = stub_for(pki, first.port)
+        async with channel:
+            quiet = "print('ready', flush=True); import time; time.sleep(3600)"
+            spec = pb.JobSpec(argv=[sys.executable, "-c", quiet])
+            job = await stub.CreateJob(pb.CreateJobRequest(spec=spec, start=True), timeout=10)
+            follower = stub.StreamOutput(pb.OutputRequest(id=job.id, follow=True))
+            await asyncio.wait_for(follower.read(), 10)  # "ready": nothing more will come
+            first.proc.terminate()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(drain(follower), 30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "reconnect" in (err.value.details() or "")
+            assert await asyncio.wait_for(asyncio.to_thread(first.proc.wait), 30) == 0
+
+
 async def test_graceful_restart_followers_reconnect_and_miss_nothing(
     tmp_path: Path, pki: Pki
 ) -> None:
