@@ -48,6 +48,9 @@ class Job:
         # Disk its directory takes, measured once it has ended (for the retention budget).
         self.disk_bytes = 0
         self.start_lock = asyncio.Lock()
+        # Its directory and spec.json exist. Not yet, for a job created with its start:
+        # the launch makes them (see Lifecycle.create).
+        self.recorded = True
         # Set once the job has ended, or was deleted (waiters then find it gone).
         self.ended_event = asyncio.Event()
         self.gone = False

@@ -230,17 +230,26 @@ class Lifecycle:
         )
         # Registered before the first await: the reservation the quota check counts.
         self.registry.add(job)
+        if start:
+            # Its directory and its one spec.json are made with the launch (``_ready``), in
+            # the hop that makes its cgroup: one write, not a first one the launch replaces.
+            job.recorded = False
+            return job
         try:
             await asyncio.to_thread(_make_job_dir, directory, record)
         except OSError as e:
-            self.registry.discard(job)
-            await asyncio.to_thread(shutil.rmtree, directory, True)
-            raise StateDirError(
-                f"cannot record the job: {e.strerror}; the server's state disk is full or "
-                "unwritable. Delete ended jobs (jobctl rm), or ask the operator to free space"
-            ) from e
+            await self._forget_unrecorded(job)
+            raise _unrecordable(e) from e
         job.appeared()
         return job
+
+    async def _forget_unrecorded(self, job: Job) -> None:
+        """A new job whose directory could not be made or written: it was never given to
+        anyone, so it goes without a trace (its uid and cgroup, if taken, with it)."""
+        self.registry.discard(job)
+        await asyncio.to_thread(shutil.rmtree, job.dir, True)
+        if job.cgroup is not None or job.record.uid >= 0:
+            self.background(self.finish(job), self.cleanups)
 
     # ---------------------------------------------------------------- starting
     async def start(self, job: Job) -> None:
@@ -275,11 +284,17 @@ class Lifecycle:
                 job.record = job.record._replace(uid=uid, gid=uid)
             record = job.record
             try:
-                # One hop to a thread for both: each hop is 0.3 ms of a start, more under load.
+                # One hop to a thread for all: each hop is 0.3 ms of a start, more under load.
                 job.record = await asyncio.to_thread(self._ready, job, record)
+                self._recorded(job)
                 order = LaunchOrder.of(job.dir, job.record)
                 result = await self.launcher.launch(order, self.config.launch_timeout)
             except (LaunchError, CgroupError, OSError) as e:
+                if not job.recorded:
+                    if isinstance(e, OSError):
+                        await self._forget_unrecorded(job)
+                        raise _unrecordable(e) from e
+                    self._recorded(job)  # a failed cgroup: _ready recorded the job anyway
                 reason = _launch_failure(job, e)
                 await self.start_failed(job, reason)
                 if isinstance(e, CgroupError | OSError):
@@ -294,18 +309,32 @@ class Lifecycle:
             else:
                 await self.start_failed(job, result.error)
 
+    def _recorded(self, job: Job) -> None:
+        if not job.recorded:
+            job.recorded = True
+            job.appeared()
+
     def _ready(self, job: Job, record: SpecRecord) -> SpecRecord:
-        """Make the job's cgroup and put the launch on record; return that record. Blocks:
-        run it in a thread.
+        """Make the job's cgroup and put the launch on record; return that record. A job
+        created with its start (not ``job.recorded``) gets its directory first. Blocks: run
+        it in a thread.
 
         Raises:
-            CgroupError: the cgroup cannot be made.
-            OSError: the record cannot be written.
+            CgroupError: the cgroup cannot be made (a new job is on record all the same,
+                so that its failure is).
+            OSError: the directory or the record cannot be written.
         """
+        if not job.recorded:
+            os.mkdir(job.dir, 0o700)
         if self.cgroups is not None:
             # The job's first process joins these before exec: no unlimited window. Set on
             # the job at once, so that a failed write below still has it removed.
-            job.cgroup = self.cgroups.create(job.id, job.limits)
+            try:
+                job.cgroup = self.cgroups.create(job.id, job.limits)
+            except CgroupError:
+                if not job.recorded:
+                    write_record(job.dir, SPEC, record.to_json())
+                raise
         # On record before the launch: a server that dies from here on finds, at its next
         # start, a job whose supervisor may be running (see _restore).
         ready = record._replace(
@@ -522,6 +551,13 @@ def _launch_failure(job: Job, error: Exception) -> str:
     if isinstance(error, OSError):
         return f"the server could not record the job's start ({error.strerror})"
     return str(error)
+
+
+def _unrecordable(error: OSError) -> StateDirError:
+    return StateDirError(
+        f"cannot record the job: {error.strerror}; the server's state disk is full or "
+        "unwritable. Delete ended jobs (jobctl rm), or ask the operator to free space"
+    )
 
 
 def _make_job_dir(directory: str, record: SpecRecord) -> None:
