@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from jobworker.runtime import CgroupError, JobSpec, Runtime, State, _lifecycle
+from jobworker.runtime import CgroupError, JobSpec, Runtime, State, _jobdir, _lifecycle
 
 from .helpers import children_of, zombies_of
 
@@ -117,7 +117,7 @@ async def test_a_start_and_a_stop_free_no_inode_of_the_job(
     start writes spec.json once, where a rewrite would free the first one's inode; its
     supervisor leaves its control socket, dead, to go with the job's directory."""
     written: list[str] = []
-    real_write = _lifecycle.write_record
+    real_write = _jobdir.write_record
 
     def counting_write(directory: str, name: str, *args: Any, **kw: Any) -> None:
         written.append(name)
