@@ -31,7 +31,7 @@ from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
 from jobworker.api._tls import TlsFiles
 from jobworker.api.client import connect, stream_output
 from jobworker.certs import make_dev_pki
-from table import Row, ms, pct, pipe_rate
+from table import Row, ms, pct, pipe_rate, scratch
 
 SSHD = "/usr/sbin/sshd"
 SERVER_LOG: list[str] = []
@@ -206,8 +206,7 @@ async def measure(n: int, size: int) -> list[Row]:
     if not os.path.exists(SSHD):  # noqa: ASYNC240 - one stat before anything starts
         raise SystemExit("bench/api.py needs OpenSSH's sshd (./dev bench installs it)")
     figures = []
-    with tempfile.TemporaryDirectory(prefix="jobworker-bench-api-") as tmp:
-        work = Path(tmp)
+    with scratch("jobworker-bench-api-") as work:
         pki = work / "pki"
         make_dev_pki(pki)
         async with jobworkerd(work, pki) as (port, channel, stub):

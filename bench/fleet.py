@@ -16,14 +16,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from api import start_jobworkerd
 from jobworker.certs import make_dev_pki
-from table import Row
+from table import Row, scratch
 
 HOSTS = (1, 5, 20)
 RUNS = 7
@@ -136,8 +135,7 @@ def _median(argv: list[str], env: dict[str, str] | None = None, stdin: str | Non
 def measure() -> list[Row]:
     if not (os.path.exists(SSHD) and os.path.exists("/usr/bin/parallel-ssh")):
         raise SystemExit("bench/fleet.py needs sshd and pssh (./dev bench installs them)")
-    with tempfile.TemporaryDirectory(prefix="jobworker-bench-fleet-") as tmp:
-        work = Path(tmp)
+    with scratch("jobworker-bench-fleet-") as work:
         pki = make_dev_pki(work / "pki")
         most = max(HOSTS)
         with _jobworkerds(work, pki, most) as ours_ports, _sshds(work, most) as (ssh_ports, opts):

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -27,7 +26,7 @@ from jobworker.api._proto import jobworker_pb2 as pb
 from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
 from jobworker.api.client import connect
 from jobworker.certs import make_dev_pki
-from table import Row, ms, pct
+from table import Row, ms, pct, scratch
 
 
 def _clone_jobs(state: Path, template: Path, n: int) -> None:
@@ -55,8 +54,7 @@ async def _list_times(port: int, pki: Path, n: int) -> list[float]:
 
 async def measure(jobs: int = 10_000) -> list[Row]:
     rows = []
-    with tempfile.TemporaryDirectory(prefix="jobworker-bench-restart-") as tmp:
-        work = Path(tmp)
+    with scratch("jobworker-bench-restart-") as work:
         pki = work / "pki"
         make_dev_pki(pki)
         async with jobworkerd(work, pki) as (_port, _channel, stub):

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from jobworker._allocator import keep_large_buffers
 from jobworker.runtime import NOBODY, JobSpec, Limits, Runtime, RuntimeConfig
-from table import Row, pct, pipe_rate
+from table import Row, pct, pipe_rate, scratch
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
@@ -156,7 +156,7 @@ def prefault(size: int) -> None:
     mmap.mmap(-1, size, flags=flags).close()
 
 
-def copy_bound(directory: str, size: int) -> float:
+def copy_bound(directory: str | Path, size: int) -> float:
     """MB/s of the least any log must do: ``head``'s bytes read from a pipe and appended to a
     file, by a bare poll/readv/write loop with the supervisor's 1 MiB pipe and reads, no
     framing and no reader."""
@@ -243,9 +243,9 @@ async def memory_per_job(rt: Runtime, jobs: int) -> float:
 
 async def measure(args: argparse.Namespace) -> list[Row]:
     rows = []
-    with tempfile.TemporaryDirectory(prefix="jobworker-bench-") as state:
+    with scratch("jobworker-bench-") as state:
         bare = RuntimeConfig(
-            state_dir=Path(state) / "bare",
+            state_dir=state / "bare",
             cgroups=False,
             namespaces=False,
             sandbox=False,
@@ -313,9 +313,9 @@ async def measure(args: argparse.Namespace) -> list[Row]:
             )
         limits = Limits(cpus=1, memory_bytes=256 << 20, pids=100)
         isolated = RuntimeConfig(
-            state_dir=Path(state) / "isolated", cgroup_subtree="jw-bench", sandbox=False
+            state_dir=state / "isolated", cgroup_subtree="jw-bench", sandbox=False
         )
-        sandboxed = RuntimeConfig(state_dir=Path(state) / "sandboxed", cgroup_subtree="jw-bench-s")
+        sandboxed = RuntimeConfig(state_dir=state / "sandboxed", cgroup_subtree="jw-bench-s")
         iso, box = await start_latency_both_orders(isolated, sandboxed, args.n, limits)
         delta = statistics.median(iso) - statistics.median(ours)
         rows.append(

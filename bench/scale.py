@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -36,7 +35,7 @@ from jobworker.api._wire import decode_output_response
 from jobworker.api.client import CHANNEL_OPTIONS
 from jobworker.certs import make_dev_pki
 from jobworker.runtime.cgroups import detect
-from table import Row, pct
+from table import Row, pct, scratch
 
 MIB = 1 << 20
 SERVER_CAP = 6 << 30
@@ -510,8 +509,7 @@ async def per_job_costs(  # noqa: PLR0913 - the server, and where its cgroups ar
 
 
 async def measure(followers: int = 1000, churned: int = 5000) -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="jobworker-bench-scale-") as tmp:
-        work = Path(tmp)
+    with scratch("jobworker-bench-scale-") as work:
         make_dev_pki(work / "pki")
         with (
             capped("jw-bench-server", SERVER_CAP) as server_group,

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 import time
 from pathlib import Path
 
 from jobworker.runtime import JobSpec, Runtime, RuntimeConfig
-from table import Row
+from table import Row, scratch
 
 JOBS = 1000
 SECONDS = 10.0
@@ -52,9 +51,9 @@ async def _cost(state: Path, interval: float | None) -> tuple[float, float, int]
 
 
 async def measure() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="jobworker-bench-usage-") as tmp:
-        thread, process, taken = await _cost(Path(tmp) / "on", 1.0)
-        _, idle, _ = await _cost(Path(tmp) / "off", None)
+    with scratch("jobworker-bench-usage-") as tmp:
+        thread, process, taken = await _cost(tmp / "on", 1.0)
+        _, idle, _ = await _cost(tmp / "off", None)
     per_sample = thread / 100 * SECONDS / max(taken, 1) * 1e6
     return [
         Row(

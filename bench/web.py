@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import tempfile
 from pathlib import Path
 
 from playwright.async_api import Page, async_playwright, expect
@@ -27,7 +26,7 @@ from jobworker.api._tls import TlsFiles
 from jobworker.api.client import connect
 from jobworker.certs import make_dev_pki
 from jobworker.identity import Role
-from table import Row
+from table import Row, scratch
 
 JOBS = 10_000
 LOADS = 5
@@ -106,8 +105,7 @@ async def _browse(
 
 
 async def measure() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="jobworker-bench-web-") as tmp:
-        work = Path(tmp)
+    with scratch("jobworker-bench-web-") as work:
         make_dev_pki(work / "pki", {"alice": Role.USER})
         log: list[str] = []
         proc, port = start_jobworkerd(work, work / "pki", '[web]\nlisten = "127.0.0.1:0"\n', log)
