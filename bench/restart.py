@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -31,10 +32,15 @@ from table import Row, ms, pct, scratch
 
 def _clone_jobs(state: Path, template: Path, n: int) -> None:
     meta = json.loads((template / "spec.json").read_text())
+    # An ended job keeps its supervisor's dead control socket, which copytree cannot copy
+    # (opening it fails with ENXIO); each clone gets a socket inode of its own instead.
+    sockets = shutil.ignore_patterns("control.sock")
     for i in range(n):
         job_id = str(uuid.uuid4())
         target = state / "jobs" / job_id
-        shutil.copytree(template, target)
+        shutil.copytree(template, target, ignore=sockets)
+        if (template / "control.sock").exists():
+            os.mknod(target / "control.sock", stat.S_IFSOCK | 0o600)
         meta["id"] = job_id
         meta["created_ns"] += i
         (target / "spec.json").write_text(json.dumps(meta))
