@@ -95,6 +95,18 @@ _NEXT = {
 }
 
 
+def _has_children() -> bool:
+    """Whether any process is left in the job's PID namespace. Each one descends from
+    us, its PID 1, and orphans come to us: none is left once we have no child. Asked
+    before ``kill(-1)``, which walks every process of the host (the kernel keeps no list
+    of a namespace's); in 1,000 stops at once, those walks took 2% of the CPU."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
 class _Supervisor:
     def __init__(self, order: LaunchOrder, report: socket.socket, spare: Spare | None) -> None:
         # Every name below is relative, which also keeps the socket path short; and the
@@ -311,7 +323,8 @@ class _Supervisor:
                 self._enter(Phase.DRAINING)
                 self.close_stdin()
                 # The command is the job: once it is gone, so is everything it left behind.
-                self._kill_all(signal.SIGKILL)
+                if _has_children():
+                    self._kill_all(signal.SIGKILL)
 
     # ---------------------------------------------------------------- control socket
     def handle(self, request: Control) -> tuple[Reply, list[int]]:
