@@ -25,6 +25,7 @@ from jobworker.runtime import (
 )
 from jobworker.runtime._errors import LaunchError
 from jobworker.runtime._protocol import MAX_ORDER_BYTES, LaunchOrder, Report
+from jobworker.runtime.cgroups import CgroupError
 
 from .helpers import collect, joined, py, read_until
 
@@ -263,3 +264,28 @@ async def test_a_launch_order_too_long_for_the_launcher_is_refused_whole(
         assert not tmp_path.joinpath("log").exists()  # no supervisor ever ran there
         job = await runtime.run(JobSpec(["true"]))
         assert (await runtime.wait(job.id)).state is State.EXITED
+
+
+async def test_a_job_whose_cgroup_cannot_be_made_is_failed_and_on_record(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Created with its start, a job is recorded by its launch: a cgroup that cannot be
+    made (an injected fault) still leaves it on disk, failed, with the reason."""
+    driver = runtime._cgroups  # noqa: SLF001 - the fault goes into the cgroup driver
+    assert driver is not None
+
+    def refuse(job_id: str, _limits: object) -> None:
+        raise CgroupError(f"cannot create the cgroup of {job_id} (injected)")
+
+    monkeypatch.setattr(driver, "create", refuse)
+    async with asyncio.timeout(30):
+        with pytest.raises(LaunchError, match="could not set up the job's cgroup"):
+            await runtime.run(JobSpec(["true"]))
+        (job,) = await runtime.jobs()
+        assert job.state is State.FAILED
+        assert "could not set up the job's cgroup" in (job.error or "")
+    job_dir = Path(runtime._config.state_dir, "jobs", job.id)  # noqa: SLF001 - its records
+    assert sorted(p.name for p in job_dir.iterdir() if not p.name.startswith(".")) == [
+        "exit.json",
+        "spec.json",
+    ]
