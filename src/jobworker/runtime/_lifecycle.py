@@ -248,7 +248,8 @@ class Lifecycle:
         anyone, so it goes without a trace (its uid and cgroup, if taken, with it)."""
         self.registry.discard(job)
         await asyncio.to_thread(shutil.rmtree, job.dir, True)
-        if job.cgroup is not None or job.record.uid >= 0:
+        # An operator's user for its owner is no uid of the range: nothing to give back.
+        if job.cgroup is not None or job.record.uid in self.uids:
             self.background(self.finish(job), self.cleanups)
 
     # ---------------------------------------------------------------- starting
