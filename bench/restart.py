@@ -35,11 +35,12 @@ def _clone_jobs(state: Path, template: Path, n: int) -> None:
     # An ended job keeps its supervisor's dead control socket, which copytree cannot copy
     # (opening it fails with ENXIO); each clone gets a socket inode of its own instead.
     sockets = shutil.ignore_patterns("control.sock")
+    has_socket = (template / "control.sock").exists()
     for i in range(n):
         job_id = str(uuid.uuid4())
         target = state / "jobs" / job_id
         shutil.copytree(template, target, ignore=sockets)
-        if (template / "control.sock").exists():
+        if has_socket:
             os.mknod(target / "control.sock", stat.S_IFSOCK | 0o600)
         meta["id"] = job_id
         meta["created_ns"] += i
