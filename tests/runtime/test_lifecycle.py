@@ -247,7 +247,7 @@ async def test_a_launch_order_too_long_for_the_launcher_is_refused_whole(
 ) -> None:
     """Cut to the launcher's read size, an order could name a parent cgroup of the job's."""
     launcher = runtime._launcher  # noqa: SLF001 - the guard sits below the runtime's API
-    huge = LaunchOrder(str(tmp_path), 1, "none", None, None, ("/" + "x" * MAX_ORDER_BYTES,))
+    huge = LaunchOrder(str(tmp_path), 1, "none", None, None, "/" + "x" * MAX_ORDER_BYTES)
     async with asyncio.timeout(30):
         with pytest.raises(LaunchError, match=f"over the {MAX_ORDER_BYTES} the launcher reads"):
             await launcher.launch(huge, 10)

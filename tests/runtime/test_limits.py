@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from jobworker.runtime import (
     Runtime,
     State,
 )
+from jobworker.runtime.cgroups._detect import detect
 
 from ..conftest import cgroup_dirs, make_config
 from .helpers import collect, is_gone, joined, pid_namespace_members, py, read_until
@@ -123,6 +127,68 @@ async def test_an_exec_counts_against_the_jobs_pids_limit(runtime: Runtime) -> N
         assert status == 2  # dash gives up at the fork that fails
         final = await runtime.stop(job.id, grace=1)
     assert final.pids_limited
+
+
+async def test_a_jobs_command_is_in_the_jobs_cgroup_of_every_hierarchy(runtime: Runtime) -> None:
+    """Born in the job's v2 cgroup, it joins the v1 ones itself (through their ``tasks``
+    files): the host's /proc/PID/cgroup names the job's cgroup in each hierarchy used."""
+    layout = detect()
+    used = {"cpu", "cpuacct", "memory", "blkio", "pids"} & set(layout.v1)
+    if layout.unified is not None:
+        used.add("")  # the v2 line, "0::/path"
+    async with asyncio.timeout(60):
+        job = await runtime.run(JobSpec(argv=["sleep", "1000"]))
+        assert job.pid is not None
+        lines = Path(f"/proc/{job.pid}/cgroup").read_text().splitlines()
+        await runtime.stop(job.id, grace=0)
+    seen: dict[str, str] = {}
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        seen |= {c: path for c in controllers.split(",") if c in used}
+    assert set(seen) == used, lines
+    assert all(path.endswith(f"/{job.id}") for path in seen.values()), lines
+
+
+FORK_IN = """
+import os, sys
+from jobworker.runtime._preexec import fork_in_cgroup
+r, w = os.pipe()
+pid, born = fork_in_cgroup(sys.argv[1])
+if pid == 0:
+    # The child's first act: where is it? It has written nothing to get there.
+    with open("/proc/self/cgroup", "rb") as f:
+        os.write(w, f.read())
+    os._exit(0)
+os.close(w)
+line = next(l for l in os.read(r, 65536).decode().splitlines() if l.startswith("0::"))
+os.waitpid(pid, 0)
+print(born, line[3:])
+"""
+
+
+def test_a_process_forked_in_a_cgroup_is_there_from_birth(tmp_path: Path) -> None:
+    """fork_in_cgroup (clone3, CLONE_INTO_CGROUP) puts the child in the cgroup as it is
+    made; a directory that is no cgroup gets a plain fork, and says so. In a process of
+    its own: the clone is for single-threaded callers, and pytest's is not."""
+    unified = detect().unified
+    if unified is None:
+        pytest.skip("no cgroup v2 hierarchy is mounted")
+    target = os.path.join(unified.own_dir, f"jobworker-test-{uuid.uuid4().hex[:8]}")
+    os.mkdir(target)
+    try:
+        for directory, born in ((target, True), (str(tmp_path), False)):
+            out = subprocess.run(
+                [sys.executable, "-c", FORK_IN, directory],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout.split()
+            assert out[0] == str(born)
+            there = "/" + os.path.relpath(target, unified.mount)
+            assert (out[1] == there) is born, out
+    finally:
+        os.rmdir(target)
 
 
 IO_WRITER = """

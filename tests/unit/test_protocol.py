@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobworker.runtime._jobdir import RunRecord
+from jobworker.runtime._jobdir import CgroupPaths, RunRecord
 from jobworker.runtime._protocol import LaunchOrder, Report
 
 # What a path can hold: anything UTF-8 can say but NUL.
@@ -21,7 +21,7 @@ orders = st.builds(
     stdin_mode=st.sampled_from(["none", "pipe", "tty"]),
     timeout_s=seconds,
     stop_grace=seconds,
-    cgroup_procs=st.lists(paths, max_size=6).map(tuple),
+    unified=st.just("") | paths,
 )
 runs = st.builds(
     RunRecord, *(st.integers(min_value=0, max_value=2**63 - 1) for _ in RunRecord._fields)
@@ -48,3 +48,25 @@ def test_the_run_record_text_is_the_json_of_the_record(run: RunRecord) -> None:
 @given(runs)
 def test_a_run_report_decodes_to_what_was_encoded(run: RunRecord) -> None:
     assert Report.decode(Report(run=run).encode()) == Report(run=run)
+
+
+def test_a_process_joins_v1_cgroups_by_tasks_and_the_v2_one_by_procs_unless_born_there() -> None:
+    """A write to cgroup.procs takes the kernel's global threadgroup lock for writing (an
+    RCU grace period on a quiet host); a thread moving itself through ``tasks`` does not."""
+    paths = CgroupPaths(
+        {
+            "cpu": "/c/cpu,cpuacct/j",
+            "cpuacct": "/c/cpu,cpuacct/j",
+            "memory": "/c/m/j",
+            "unified": "/u/j",
+        }
+    )
+    assert paths.unified == "/u/j"
+    assert paths.join_files(born_in_unified=True) == (
+        "/c/cpu,cpuacct/j/tasks",
+        "/c/m/j/tasks",
+    )
+    assert paths.join_files(born_in_unified=False)[-1] == "/u/j/cgroup.procs"
+    # A record that did not name its hierarchies (numbered keys): cgroup.procs, always valid.
+    assert CgroupPaths({"0": "/x/j"}).join_files(born_in_unified=True) == ("/x/j/cgroup.procs",)
+    assert CgroupPaths({"0": "/x/j"}).unified is None

@@ -41,6 +41,7 @@ __all__ = [
     "RUN",
     "SPARE_ROOT",
     "SPEC",
+    "UNIFIED",
     "Bind",
     "CgroupPaths",
     "CorruptRecordError",
@@ -116,6 +117,11 @@ def _strings(value: object, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+# A job's cgroup v2 directory in its CgroupPaths: a v2 host's one hierarchy, or the
+# controller-less one of a hybrid host; every other key is a v1 controller's.
+UNIFIED = "unified"
+
+
 # ------------------------------------------------------------------ records
 class CgroupPaths(NamedTuple):
     """A job's cgroup directories, by hierarchy ("cpu", "memory", ..., "unified"), as its
@@ -124,11 +130,29 @@ class CgroupPaths(NamedTuple):
     dirs: Mapping[str, str]
 
     @property
-    def procs_files(self) -> tuple[str, ...]:
-        """What the job's first process writes "0" into, before exec, to join its cgroups
-        (each directory once: cpu and cpuacct may share one)."""
-        unique = dict.fromkeys(self.dirs.values())
-        return tuple(os.path.join(d, "cgroup.procs") for d in unique)
+    def unified(self) -> str | None:
+        """Its cgroup v2 directory (the one hierarchy of a v2 host, the controller-less one
+        of a hybrid host), where a process of the job can be born (``fork_into_cgroup``)."""
+        return self.dirs.get(UNIFIED)
+
+    def join_files(self, *, born_in_unified: bool) -> tuple[str, ...]:
+        """What a process of the job writes "0" into, before exec, to join the job's
+        cgroups (each directory once: cpu and cpuacct may share one).
+
+        A v1 hierarchy's is its ``tasks`` file: a thread moving itself (a job's process
+        is single-threaded there) is the one move the kernel makes without taking its
+        global cgroup_threadgroup_rwsem for writing, which a cgroup.procs write takes and
+        which can wait out an RCU grace period (docs/benchmarks.md). The v2 directory's
+        is cgroup.procs (v2 moves whole processes only), unless the process was born
+        there. A directory of a record that did not name its hierarchy gets cgroup.procs.
+        """
+        files: dict[str, str] = {}
+        for kind, directory in self.dirs.items():
+            if kind == UNIFIED and born_in_unified:
+                continue
+            v1 = kind != UNIFIED and not kind.isdigit()
+            files.setdefault(directory, os.path.join(directory, "tasks" if v1 else "cgroup.procs"))
+        return tuple(files.values())
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.dirs)

@@ -110,14 +110,14 @@ def _warm_up() -> None:
         "namespaces": True,
         "cgroup": {"pids": "/x"},
     }
-    order = LaunchOrder("/x", 1, "none", None, 1.0, ("/x/cgroup.procs",)).encode()
+    order = LaunchOrder("/x", 1, "none", None, 1.0, "/x").encode()
     for _ in range(2 * _QUICKENED_AFTER):
         LaunchOrder.decode(order)
         record = ExitRecord("exited", 0, None, None, time.time_ns(), output_truncated=False)
         ExitRecord.from_json(json.loads(json.dumps(record.to_json())))
         paths = SpecRecord.from_json(json.loads(json.dumps(spec).encode())).cgroup
         if paths is not None:
-            _ = paths.procs_files
+            _ = paths.join_files(born_in_unified=True)
         Report(run=RunRecord(1, 1, 1, 1)).encode()
         Reply.decode(Control.decode(b"stop 1.0").encode())
         which("true", DEFAULT_PATH)

@@ -2,9 +2,10 @@
 
 Forked from the job's supervisor (itself forked from the single-threaded launcher), so plain
 Python here is safe. In order: the job's spec.json (read here, not in the supervisor: what
-this process parses is gone at exec), stdio, signal dispositions and mask, its namespaces and
-mounts (while the supervisor moves it into the job's cgroups), its cgroup namespace, its
-user, ``no_new_privs``, the working directory, then ``execve``.
+this process parses is gone at exec), stdio, signal dispositions and mask, the job's cgroups
+(born in the v2 one, ``fork_in_cgroup``; the v1 ones joined here), its namespaces and
+mounts, its cgroup namespace, its user, ``no_new_privs``, the working directory, then
+``execve``.
 Any failure is written to the exec-status pipe and the process exits 127; the supervisor
 turns that into a ``failed`` job with the reason.
 
@@ -45,6 +46,7 @@ from ._linux import (
     PR_SET_SECUREBITS,
     SECBITS_LOCKED_NOROOT,
     close_all_but,
+    fork_into_cgroup,
     load_seccomp,
     loopback_up,
     mount,
@@ -63,6 +65,7 @@ __all__ = [
     "ExecError",
     "exec_command",
     "exec_in_job",
+    "fork_in_cgroup",
     "job_env",
     "resolve",
     "seccomp_filter",
@@ -218,57 +221,61 @@ def _drop_privileges(spec: SpecRecord, last_cap: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _join_cgroups(procs_files: tuple[str, ...], pid: int = 0) -> None:
-    """Move process ``pid`` into the job's cgroups (their cgroup.procs files); 0 (the
-    default) names the writing process, as the kernel reads the number in the writer's PID
-    namespace (a host pid would mean nothing inside the job's).
+def fork_in_cgroup(unified: str) -> tuple[int, bool]:
+    """In the supervisor: fork a process of the job, born in the job's cgroup v2 directory
+    ``unified`` ("" for none) where the kernel allows (:func:`fork_into_cgroup`). Returns
+    what os.fork does, and whether the process was born there; if not, it joins that
+    cgroup itself (:func:`_join_cgroups`), whose write then says what is wrong.
 
     Raises:
-        OSError: a cgroup.procs file refused it.
+        OSError: fork failed.
     """
-    for procs in procs_files:
-        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, str(pid).encode())
-        finally:
-            os.close(fd)
-
-
-def join_cgroups_of(procs_files: tuple[str, ...], pid: int) -> str | None:
-    """In the supervisor: move its just-forked command ``pid`` into the job's cgroups while
-    the command builds its walls (:func:`exec_command`). The first move on a quiet host
-    waits out an RCU grace period in the kernel (cgroup_threadgroup_rwsem: 5 ms measured
-    on this hybrid host's v1 hierarchies); done beside the command's namespace and root
-    set-up, that wait no longer adds to the start. None, or what failed, in words."""
+    if not unified:
+        return os.fork(), False
     try:
-        _join_cgroups(procs_files, pid)
-    except OSError as e:
-        return f"cannot move the command into the job's cgroups: {e.strerror}"
-    return None
+        fd = os.open(unified, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return os.fork(), False
+    try:
+        return fork_into_cgroup(fd), True
+    except OSError:
+        return os.fork(), False
+    finally:
+        os.close(fd)
 
 
-def _wait_attached(attached: int) -> None:
-    """Block until the supervisor has moved us into the job's cgroups.
+def _join_cgroups(spec: SpecRecord, *, born_in_unified: bool) -> None:
+    """Move this process into the job's cgroups, before anything of the job's is made:
+    "0" written into each file :meth:`CgroupPaths.join_files` names (0 is the writer; the
+    kernel reads a pid in the writer's PID namespace, where a host pid means nothing).
 
     Raises:
-        ExecError: it could not (its words), or it is gone.
+        ExecError: a cgroup refused it (removed meanwhile, or full: its pids.max).
     """
-    word = os.read(attached, 4096)
-    os.close(attached)
-    if word != b"ok":
-        raise ExecError(word.decode(errors="replace") or "the supervisor went away")
+    if spec.cgroup is None:
+        return
+    for path in spec.cgroup.join_files(born_in_unified=born_in_unified):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise ExecError(f"cannot move the command into the job's cgroups: {e.strerror}") from e
 
 
-def _isolate(spec: SpecRecord, new_root: str, attached: int, spare: Spare | None) -> None:
-    """Enter the job's own namespaces and root while the supervisor moves us into its
-    cgroups; once there, the cgroup namespace; then drop privileges. Only the root's
-    skeleton (a few directories on its size-capped tmpfs) is built before the move; the
-    job's processes, its tmpfs pages and all it runs are counted in its cgroups."""
+def _isolate(
+    spec: SpecRecord, new_root: str, spare: Spare | None, *, born_in_unified: bool
+) -> None:
+    """Join the job's cgroups first, so that all the process makes from here on (its
+    root's tmpfs pages, its children) is counted in them; then the job's own namespaces
+    and root, the cgroup namespace (whose root is the cgroup we are in), and drop
+    privileges."""
     last_cap = _cap_last()  # read while the host's /proc is still there
+    _join_cgroups(spec, born_in_unified=born_in_unified)
     if spec.namespaces:
         _enter_namespaces(spec, new_root, spare)
-    _wait_attached(attached)
-    if spec.namespaces:
         unshare(CLONE_NEWCGROUP, "cgroup")
         if spec.sandbox is not None and spec.sandbox.cgroup2 and not spec.host_network:
             show_own_cgroup()
@@ -279,7 +286,7 @@ def exec_command(
     stdio: tuple[int, int],
     status_w: int,
     *,
-    attached: int,
+    born_in_unified: bool,
     stdin: int | None = None,
     spare: Spare | None = None,
 ) -> NoReturn:
@@ -287,8 +294,8 @@ def exec_command(
     read end of the job's stdin pipe, or None for /dev/null; ``stdio`` = stdout and stderr
     write ends; a terminal job gets its terminal instead, once inside its root), signals,
     isolation (on ``spare``, the root built ahead, if it fits the job), cwd, the seccomp
-    filter, then exec. ``attached`` says "ok" once the supervisor has moved us into the
-    job's cgroups (:func:`join_cgroups_of`). Never returns; a failure is written to
+    filter, then exec. ``born_in_unified``: :func:`fork_in_cgroup` made this process in the
+    job's cgroup v2 directory. Never returns; a failure is written to
     ``status_w``. The executable is looked up in the job's PATH after the job's root is in
     place and as the job's user, so it is the job's own view that decides."""
     try:
@@ -310,8 +317,8 @@ def exec_command(
         _Command(spec.argv, env, spec.cwd, spec.window if tty else None),
         stdio=(stdin, *stdio),
         status_w=status_w,
-        enter=lambda: _isolate(spec, new_root, attached, spare),
-        keep=(attached,) if spare is None else (attached, spare.fd),
+        enter=lambda: _isolate(spec, new_root, spare, born_in_unified=born_in_unified),
+        keep=() if spare is None else (spare.fd,),
         root=new_root,
     )
 
@@ -365,6 +372,7 @@ def exec_in_job(
     stdio: tuple[int | None, int, int],
     status_w: int,
     job_pidfd: int,
+    born_in_unified: bool,
 ) -> NoReturn:
     """In a child the supervisor forked (so already in the job's PID namespace, and in the
     job's directory): run ``order`` inside the running job whose command ``job_pidfd``
@@ -380,7 +388,7 @@ def exec_in_job(
     env = _env(spec, order.env, order.term if order.tty else None)
 
     def enter() -> None:
-        _join_cgroups(spec.cgroup.procs_files if spec.cgroup is not None else ())
+        _join_cgroups(spec, born_in_unified=born_in_unified)
         last_cap = _cap_last()
         if spec.namespaces:
             flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP | CLONE_NEWNET

@@ -50,15 +50,16 @@ MAX_CONTROL_BYTES = 8 << 20
 # operator or a shutting-down host).
 DEFAULT_GRACE_S = 10.0
 
-# The longest launch order the launcher reads: a job directory and six cgroup.procs paths
-# fit many times over.
+# The longest launch order the launcher reads: a job directory and a cgroup directory fit
+# many times over.
 MAX_ORDER_BYTES = 64 << 10
 
 
 class LaunchOrder(NamedTuple):
     """What the server asks the launcher to start: the job in ``job_dir`` (its spec.json
     written), and what the job's supervisor needs for itself: the output cap, the stdin
-    mode, the timeout and its grace, and the cgroup.procs files to move the command into.
+    mode, the timeout and its grace, and the job's cgroup v2 directory (``unified``; "" for
+    none), which its processes are born in (the command joins the v1 ones itself).
 
     Everything else is the command's business, and the command reads it from spec.json
     between fork and exec, where what it parses is thrown away at exec. Whatever the
@@ -72,7 +73,7 @@ class LaunchOrder(NamedTuple):
     stdin_mode: str
     timeout_s: float | None
     stop_grace: float | None
-    cgroup_procs: tuple[str, ...]
+    unified: str
 
     @classmethod
     def of(cls, job_dir: str, record: SpecRecord) -> LaunchOrder:
@@ -82,7 +83,7 @@ class LaunchOrder(NamedTuple):
             record.stdin_mode,
             record.timeout_s,
             record.stop_grace,
-            record.cgroup.procs_files if record.cgroup is not None else (),
+            (record.cgroup.unified or "") if record.cgroup is not None else "",
         )
 
     def encode(self) -> bytes:
@@ -96,21 +97,21 @@ class LaunchOrder(NamedTuple):
                 self.stdin_mode,
                 number(self.timeout_s),
                 number(self.stop_grace),
-                *self.cgroup_procs,
+                self.unified,
             )
         ).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> LaunchOrder:
         """Raises ValueError: not an order this release sends."""
-        job_dir, limit, stdin_mode, timeout, grace, *procs = data.decode().split("\0")
+        job_dir, limit, stdin_mode, timeout, grace, unified = data.decode().split("\0")
         return cls(
             job_dir,
             int(limit),
             stdin_mode,
             float(timeout) if timeout else None,
             float(grace) if grace else None,
-            tuple(procs),
+            unified,
         )
 
 

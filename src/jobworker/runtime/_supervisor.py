@@ -46,7 +46,7 @@ from ._jobdir import (
 )
 from ._logformat import Stream
 from ._logwriter import LogWriter
-from ._preexec import ExecError, exec_command, exec_in_job, join_cgroups_of
+from ._preexec import ExecError, exec_command, exec_in_job, fork_in_cgroup
 from ._protocol import (
     DEFAULT_GRACE_S,
     MAX_CONTROL_BYTES,
@@ -176,21 +176,18 @@ class _Supervisor:
         status, status_w = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
         )
-        attached_r, attached_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        pid, born = fork_in_cgroup(self.order.unified)
         if pid == 0:
-            os.close(attached_w)
             exec_command(
-                (out_w, err_w), status_w.fileno(), attached=attached_r, stdin=in_r, spare=self.spare
+                (out_w, err_w),
+                status_w.fileno(),
+                born_in_unified=born,
+                stdin=in_r,
+                spare=self.spare,
             )
-        os.close(attached_r)
         if self.spare is not None:
             os.close(self.spare.fd)
             self.spare = None
-        problem = join_cgroups_of(self.order.cgroup_procs, pid)
-        with contextlib.suppress(OSError):  # it failed before it waited: it says why
-            os.write(attached_w, b"ok" if problem is None else problem.encode())
-        os.close(attached_w)
         os.close(out_w)
         os.close(err_w)
         status_w.close()
@@ -238,13 +235,14 @@ class _Supervisor:
         status, status_w = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
         )
-        pid = os.fork()
+        pid, born = fork_in_cgroup(self.order.unified)
         if pid == 0:
             exec_in_job(
                 order,
                 stdio=(in_r, out_w, err_w),
                 status_w=status_w.fileno(),
                 job_pidfd=job_pidfd,
+                born_in_unified=born,
             )
         for fd in (out_w, err_w, job_pidfd, *(() if in_r is None else (in_r,))):
             os.close(fd)

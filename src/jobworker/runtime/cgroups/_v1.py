@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Mapping
 
-from .._jobdir import CgroupPaths
+from .._jobdir import UNIFIED, CgroupPaths
 from .._spec import Limits
 from .._status import Usage
 from .._usage import Sample
@@ -30,7 +30,6 @@ from ._files import CgroupError, KeptFile, read_int, read_keyed, read_raw, read_
 __all__ = ["V1Cgroup", "V1Driver"]
 
 REQUIRED = ("cpu", "cpuacct", "memory", "blkio", "pids")
-UNIFIED = "unified"
 
 
 class V1Driver:

@@ -13,7 +13,7 @@ import contextlib
 import os
 import time
 
-from .._jobdir import CgroupPaths
+from .._jobdir import UNIFIED, CgroupPaths
 from .._spec import Limits
 from .._status import Usage
 from .._usage import Sample
@@ -183,7 +183,7 @@ class V2Cgroup:
 
     @property
     def paths(self) -> CgroupPaths:
-        return CgroupPaths({"unified": self._dir})
+        return CgroupPaths({UNIFIED: self._dir})
 
     def usage(self) -> Usage:
         directory = self._dir
