@@ -132,7 +132,7 @@ class CgroupPaths(NamedTuple):
     @property
     def unified(self) -> str | None:
         """Its cgroup v2 directory (the one hierarchy of a v2 host, the controller-less one
-        of a hybrid host), where a process of the job can be born (``fork_into_cgroup``)."""
+        of a hybrid host), where a process of the job can be born (``_preexec.fork_in_cgroup``)."""
         return self.dirs.get(UNIFIED)
 
     def join_files(self, *, born_in_unified: bool) -> tuple[str, ...]:

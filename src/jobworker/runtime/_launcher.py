@@ -4,13 +4,12 @@ The server runs threads (gRPC), and forking a threaded process is unsafe, so the
 this process once, before any thread exists, with ``subprocess`` (fork+exec in C, no Python in
 between). Each launch request carries a launch order (``_protocol.LaunchOrder``: the job
 directory, and what the supervisor needs) and one end of a report socket. The
-launcher forks an intermediate process that calls ``unshare(CLONE_NEWPID)``, forks the job's
-supervisor (PID 1 of the new namespace) and exits at once, so each job costs one process.
+launcher forks the job's supervisor straight into a PID namespace of its own, as its PID 1
+(``clone3(CLONE_NEWPID)``): each job costs one process, and one fork.
 
-The launcher is a child subreaper with SIGCHLD ignored: supervisors whose intermediate parent
-exited are re-parented here and reaped by the kernel, so none becomes a zombie even when the
-host's PID 1 does not reap. When the server goes away, the launcher keeps doing that until its
-last supervisor has ended, then exits.
+Supervisors are the launcher's children, and it ignores SIGCHLD, so the kernel reaps each
+as it ends: none becomes a zombie, even when the host's PID 1 does not reap. When the
+server goes away, the launcher stays until its last supervisor has ended, then exits.
 
 It also keeps a sandboxed root built ahead for the next job, when asked to (``_spare``).
 
@@ -33,7 +32,7 @@ import time
 from typing import NoReturn
 
 from ._jobdir import ExitRecord, RunRecord, SpecRecord, start_ticks
-from ._linux import CLONE_NEWPID, PR_SET_CHILD_SUBREAPER, close_all_but, prctl, unshare
+from ._linux import CLONE_NEWPID, clone3, close_all_but
 from ._logformat import HEADER, Stream
 from ._preexec import DEFAULT_PATH, job_env, set_seccomp_filter, which
 from ._protocol import MAX_ORDER_BYTES, Control, LaunchOrder, Reply, Report
@@ -54,12 +53,11 @@ def _send_error(report: socket.socket, message: str) -> None:
         report.send(Report(error=message).encode())
 
 
-def _intermediate(
+def _supervisor_main(
     server: socket.socket, order: bytes, report: socket.socket, spare: Spare | None
 ) -> NoReturn:
-    """In the forked child: enter a new PID namespace for the next fork, fork the supervisor
-    (handing it the spare root, if any)."""
-    code = 0
+    """In the forked child, PID 1 of its PID namespace: become the job's supervisor (on
+    the spare root, if any)."""
     try:
         # Nothing of the launcher's stays open in the job's processes: the server's socket,
         # the spare root being built, the mount table watch.
@@ -71,16 +69,9 @@ def _intermediate(
             os.dup2(devnull, fd)
         os.close(devnull)
         os.setsid()  # the job must not get the terminal's Ctrl+C aimed at the server
-        unshare(CLONE_NEWPID, "CLONE_NEWPID")
-        if os.fork() == 0:
-            _supervisor_main(order, report, spare)
     except BaseException as e:  # noqa: BLE001 - any failure must reach the server as a report
         _send_error(report, f"cannot start the job's supervisor: {e}")
-        code = 1
-    os._exit(code)
-
-
-def _supervisor_main(order: bytes, report: socket.socket, spare: Spare | None) -> NoReturn:
+        os._exit(1)
     try:
         run_supervisor(order, report, spare)
     except BaseException as e:  # noqa: BLE001 - any failure must reach the server as a report
@@ -134,9 +125,8 @@ def _warm_up() -> None:
 
 
 def _prepare() -> None:
-    """Become the reaper of every supervisor, ignore the server's signals, take the
+    """Have the kernel reap every supervisor, ignore the server's signals, take the
     seccomp program, warm up and freeze what every supervisor will share."""
-    prctl(PR_SET_CHILD_SUBREAPER, 1, "PR_SET_CHILD_SUBREAPER")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     # A signal aimed at the server's process group (Ctrl+C, `timeout`, a terminal hangup)
     # must not take the launcher down with it: its supervisors would then be orphaned to a
@@ -165,8 +155,8 @@ def _spares(poller: select.poll) -> SpareRoots | None:
 
 
 def _launch(server: socket.socket, spares: SpareRoots | None) -> bool:
-    """Serve one request of the server's: fork the intermediate of a job's supervisor.
-    False once the server is gone."""
+    """Serve one request of the server's: fork a job's supervisor. False once the server
+    is gone."""
     try:
         msg, fds, flags, _addr = socket.recv_fds(server, MAX_ORDER_BYTES, 1)
     except ConnectionResetError:
@@ -183,12 +173,12 @@ def _launch(server: socket.socket, spares: SpareRoots | None) -> bool:
         return True
     spare = spares.take() if spares is not None else None
     try:
-        pid = os.fork()
+        pid = clone3(CLONE_NEWPID)
     except OSError as e:
         _send_error(report, f"cannot fork the job's supervisor: {e.strerror}")
         pid = -1
     if pid == 0:
-        _intermediate(server, msg, report, spare)
+        _supervisor_main(server, msg, report, spare)
     report.close()
     if spare is not None:
         os.close(spare.fd)

@@ -14,6 +14,7 @@ import socket
 import struct
 
 __all__ = [
+    "CLONE_INTO_CGROUP",
     "CLONE_NEWCGROUP",
     "CLONE_NEWIPC",
     "CLONE_NEWNET",
@@ -32,12 +33,11 @@ __all__ = [
     "PR_CAPBSET_DROP",
     "PR_CAP_AMBIENT",
     "PR_CAP_AMBIENT_CLEAR_ALL",
-    "PR_SET_CHILD_SUBREAPER",
     "PR_SET_NO_NEW_PRIVS",
     "PR_SET_SECUREBITS",
     "SECBITS_LOCKED_NOROOT",
+    "clone3",
     "close_all_but",
-    "fork_into_cgroup",
     "load_seccomp",
     "loopback_up",
     "mount",
@@ -57,6 +57,7 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+CLONE_INTO_CGROUP = 0x200000000
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -72,7 +73,6 @@ MNT_DETACH = 0x2
 
 PR_CAPBSET_DROP = 24
 PR_SET_SECUREBITS = 28
-PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -86,7 +86,6 @@ SECBITS_LOCKED_NOROOT = 0x01 | 0x02 | 0x08 | 0x20 | 0x40 | 0x80
 
 _SYS_MOUNT_SETATTR = 442  # the same number on x86_64 and the generic table (arm64)
 _SYS_CLONE3 = 435  # likewise
-_CLONE_INTO_CGROUP = 0x200000000
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 _AT_FDCWD = -100
 _AT_RECURSIVE = 0x8000
@@ -188,28 +187,31 @@ def setns(fd: int, flags: int, what: str) -> None:
     _check(_libc.setns(fd, flags), f"setns({what})")
 
 
-def fork_into_cgroup(cgroup_fd: int) -> int:
-    """fork(2), but the child is born in the cgroup v2 directory ``cgroup_fd`` names
-    (clone3 with CLONE_INTO_CGROUP, Linux 5.7+): 0 in the child, its pid in the parent.
+def clone3(flags: int, cgroup_fd: int = 0) -> int:
+    """fork(2) through clone3(2) (Linux 5.3; 5.7 for CLONE_INTO_CGROUP), with ``flags``:
+    CLONE_NEWPID, the child is PID 1 of a PID namespace of its own; CLONE_INTO_CGROUP, it
+    is born in the cgroup v2 directory ``cgroup_fd`` names. 0 in the child, its pid in the
+    parent; SIGCHLD when it ends, as for fork.
 
-    Why not fork, then write the pid into cgroup.procs: such a write takes the kernel's
-    global cgroup_threadgroup_rwsem for writing, which waits out an RCU grace period once
-    no migration happened for a while (10-14 ms measured here, docs/benchmarks.md); a
-    birth in the cgroup takes it for reading only.
+    Why not fork: fork, then unshare(CLONE_NEWPID), then fork again took a process more
+    per job (its fork, its copy-on-write faults, its exit); and a fork, then a pid written
+    into cgroup.procs, takes the kernel's global cgroup_threadgroup_rwsem for writing,
+    which waits out an RCU grace period once no migration happened for a while (10-14 ms
+    measured here, docs/benchmarks.md), where a birth in the cgroup takes it for reading.
 
-    For a single-threaded caller only, about to exec or exit: the child goes on without
-    os.fork's after-fork steps (CPython's lock resets and at-fork hooks, glibc's), which
-    only threads of the parent's could have needed.
+    For a single-threaded caller only: the child goes on without os.fork's after-fork
+    steps (CPython's lock resets and at-fork hooks, glibc's), which only threads of the
+    parent's could have needed.
 
     Raises:
-        OSError: the kernel refused (ENOSYS before 5.7, or under a seccomp filter that
-            hides clone3; EBUSY for a cgroup with controllers enabled for children; EAGAIN
-            at its pids.max).
+        OSError: the kernel refused (ENOSYS under a seccomp filter that hides clone3;
+            EBUSY for a cgroup with controllers enabled for children; EAGAIN at a pids
+            limit).
     """
-    args = _CloneArgs(flags=_CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
+    args = _CloneArgs(flags=flags, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
     pid = _libc.syscall(_SYS_CLONE3, ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
     if pid < 0:
-        _check(pid, "clone3(CLONE_INTO_CGROUP)")
+        _check(pid, "clone3")
     return int(pid)
 
 

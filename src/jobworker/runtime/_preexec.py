@@ -28,6 +28,7 @@ from typing import NamedTuple, NoReturn
 
 from ._jobdir import NEW_ROOT, SPEC, CorruptRecordError, SpecRecord, read_json
 from ._linux import (
+    CLONE_INTO_CGROUP,
     CLONE_NEWCGROUP,
     CLONE_NEWIPC,
     CLONE_NEWNET,
@@ -45,8 +46,8 @@ from ._linux import (
     PR_SET_NO_NEW_PRIVS,
     PR_SET_SECUREBITS,
     SECBITS_LOCKED_NOROOT,
+    clone3,
     close_all_but,
-    fork_into_cgroup,
     load_seccomp,
     loopback_up,
     mount,
@@ -223,7 +224,7 @@ def _drop_privileges(spec: SpecRecord, last_cap: int) -> None:
 
 def fork_in_cgroup(unified: str) -> tuple[int, bool]:
     """In the supervisor: fork a process of the job, born in the job's cgroup v2 directory
-    ``unified`` ("" for none) where the kernel allows (:func:`fork_into_cgroup`). Returns
+    ``unified`` ("" for none) where the kernel allows (:func:`clone3`). Returns
     what os.fork does, and whether the process was born there; if not, it joins that
     cgroup itself (:func:`_join_cgroups`), whose write then says what is wrong.
 
@@ -237,7 +238,7 @@ def fork_in_cgroup(unified: str) -> tuple[int, bool]:
     except OSError:
         return os.fork(), False
     try:
-        return fork_into_cgroup(fd), True
+        return clone3(CLONE_INTO_CGROUP, fd), True
     except OSError:
         return os.fork(), False
     finally:
