@@ -76,18 +76,18 @@ def _world_writable_dirs() -> list[str]:
 async def _spare_ready(rt: Runtime) -> None:
     """Wait until the launcher holds a spare root (a mount namespace descriptor among its
     open files; checked every 10 ms, 30 s at most: nothing announces it)."""
-    fds = Path(f"/proc/{rt._launcher._proc.pid}/fd")  # noqa: SLF001 - what the launcher holds
-
-    def held() -> bool:
-        for fd in fds.iterdir():
-            with contextlib.suppress(FileNotFoundError):  # closed since it was listed
-                if os.readlink(fd).startswith("mnt:"):
-                    return True
-        return False
-
     async with asyncio.timeout(30):
-        while not held():  # noqa: ASYNC110 - another process's fds: /proc cannot be watched
+        while "mnt" not in _launcher_holds(rt):  # noqa: ASYNC110 - /proc cannot be watched
             await asyncio.sleep(0.01)
+
+
+def _launcher_holds(rt: Runtime) -> set[str]:
+    """The kinds of the launcher's open files ("mnt" for a mount namespace, "pipe", ...)."""
+    kinds = set()
+    for fd in Path(f"/proc/{rt._launcher._proc.pid}/fd").iterdir():  # noqa: SLF001 - as above
+        with contextlib.suppress(FileNotFoundError):  # closed since it was listed
+            kinds.add(os.readlink(fd).split(":")[0])
+    return kinds
 
 
 def _took_a_spare(state_dir: Path, job_id: str) -> bool:
@@ -172,6 +172,43 @@ async def test_a_spare_root_is_taken_and_never_hides_a_newer_mount(tmp_path: Pat
         place.rmdir()
 
 
+SPARE_PROBE = """
+import json, os, socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen()
+socket.create_connection(s.getsockname(), timeout=5).close()
+print(json.dumps({
+    "hostname": socket.gethostname(),
+    "ns": {n: os.readlink(f"/proc/self/ns/{n}") for n in ("mnt", "net", "uts", "ipc")},
+}))
+"""
+
+
+async def test_jobs_on_spare_roots_each_have_namespaces_of_their_own(tmp_path: Path) -> None:
+    """A spare holds network (its loopback up), UTS and IPC namespaces made ahead besides
+    its mount one: each job that takes one has them alone, its loopback working and its own
+    hostname set."""
+    state = tmp_path / "state"
+    reports = []
+    async with opened(make_config(state, owner_paths={})) as rt:
+        for _ in range(2):
+            await _spare_ready(rt)
+            assert {"mnt", "net", "uts", "ipc"} <= _launcher_holds(rt)
+            job = await rt.run(_host_py(SPARE_PROBE))
+            async with asyncio.timeout(30):
+                final = await rt.wait(job.id)
+                out = joined(await collect(rt, job.id))
+            assert final.exit_code == 0, out
+            assert _took_a_spare(state, job.id)
+            report = json.loads(out)
+            assert report["hostname"] == f"job-{job.id[:8]}"
+            reports.append(report["ns"])
+    host = {n: os.readlink(f"/proc/self/ns/{n}") for n in ("mnt", "net", "uts", "ipc")}
+    for kind, ours in host.items():
+        assert len({ours, reports[0][kind], reports[1][kind]}) == 3, kind
+
+
 # Run in a process of its own: SpareRoots forks its builder, which a threaded test process
 # must not do. Prints what take() gave after a host mount made during a build, and after a
 # build with no mount during it.
@@ -204,7 +241,7 @@ for fd, _event in poller.poll(0):  # the unmount's event, before the next build
 spares.refill()
 settle()
 spare = spares.take()
-print("after a quiet build:", spare is not None and spare.fd >= 0)
+print("after a quiet build:", spare is not None and len(spare.namespaces) == 4)
 spares.close()
 """
 

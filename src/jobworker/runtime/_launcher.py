@@ -62,7 +62,7 @@ def _supervisor_main(
         # Nothing of the launcher's stays open in the job's processes: the server's socket,
         # the spare root being built, the mount table watch.
         server.detach()
-        close_all_but(report.fileno(), *([spare.fd] if spare is not None else []))
+        close_all_but(report.fileno(), *(spare.namespaces if spare is not None else ()))
         # Supervisors outlive the server: they must not hold its stdio pipes open.
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
@@ -181,7 +181,7 @@ def _launch(server: socket.socket, spares: SpareRoots | None) -> bool:
         _supervisor_main(server, msg, report, spare)
     report.close()
     if spare is not None:
-        os.close(spare.fd)
+        spare.close()
     return True
 
 

@@ -59,7 +59,7 @@ from ._linux import (
 )
 from ._protocol import ExecOrder
 from ._rootfs import WORKDIR, build_root, finish_prepared_root, show_own_cgroup
-from ._spare import Spare
+from ._spare import NAMESPACES, Spare
 
 __all__ = [
     "DEFAULT_PATH",
@@ -164,27 +164,27 @@ def resolve(argv0: str, env: dict[str, str]) -> str:
 
 
 def _enter_namespaces(spec: SpecRecord, new_root: str, spare: Spare | None) -> None:
-    """Every namespace but the cgroup one (its root is the cgroup we are in when it is made,
-    so it waits for the move into the job's cgroups). With a ``spare``, the mount namespace
-    is the one built ahead for us, and only our own part of the root is left to build."""
-    flags = CLONE_NEWUTS | CLONE_NEWIPC | (0 if spec.host_network else CLONE_NEWNET)
+    """Every namespace but the cgroup one (made once we are in the job's cgroups). With a
+    ``spare`` (it fits the job: never on the host's network), its namespaces, built ahead
+    for us: only our own part of the root is left to build, and the loopback is up."""
     own_network = not spec.host_network
     if spare is not None and spec.sandbox is not None:
-        unshare(flags, "UTS, IPC, net")
-        # Its root is the root built ahead: setns puts us there.
-        setns(spare.fd, CLONE_NEWNS, "the mount namespace built ahead")
-        os.close(spare.fd)
+        # The mount namespace's root is the root built ahead: setns puts us there.
+        for fd, (name, flag) in zip(spare.namespaces, NAMESPACES, strict=True):
+            setns(fd, flag, f"the {name} namespace built ahead")
+        spare.close()
         finish_prepared_root(spec.sandbox, spec.uid, spec.gid)
     else:
-        unshare(flags | CLONE_NEWNS, "mount, UTS, IPC, net")
+        flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | (CLONE_NEWNET if own_network else 0)
+        unshare(flags, "mount, UTS, IPC, net")
         # Nothing mounted from here on may propagate back to the host.
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         if spec.sandbox is not None:
             build_root(new_root, spec.sandbox, spec.uid, spec.gid, own_network=own_network)
         else:
             _proc_and_sys(own_network=own_network)
-    if own_network:
-        loopback_up()
+        if own_network:
+            loopback_up()
     sethostname(spec.hostname)
 
 
@@ -304,7 +304,7 @@ def exec_command(
         if spare is not None and not (
             spec.sandbox is not None and spare.fits(spec.sandbox, host_network=spec.host_network)
         ):
-            os.close(spare.fd)
+            spare.close()
             spare = None
         new_root = _root_place(spec, spare)
     except ExecError as e:
@@ -319,7 +319,7 @@ def exec_command(
         stdio=(stdin, *stdio),
         status_w=status_w,
         enter=lambda: _isolate(spec, new_root, spare, born_in_unified=born_in_unified),
-        keep=() if spare is None else (spare.fd,),
+        keep=() if spare is None else spare.namespaces,
         root=new_root,
     )
 

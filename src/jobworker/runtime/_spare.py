@@ -31,24 +31,48 @@ import time
 from typing import NamedTuple, NoReturn
 
 from ._jobdir import SandboxRecord
-from ._linux import CLONE_NEWNS, MS_PRIVATE, MS_REC, close_all_but, mount, unshare
+from ._linux import (
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWUTS,
+    MS_PRIVATE,
+    MS_REC,
+    close_all_but,
+    loopback_up,
+    mount,
+    unshare,
+)
 from ._rootfs import prepare_root
 
-__all__ = ["MAX_AGE", "Spare", "SpareRoots"]
+__all__ = ["MAX_AGE", "NAMESPACES", "Spare", "SpareRoots"]
 
 # Seconds a spare may wait for a job: what a change the mount table does not show (a hidden
 # path created after it was built) can go unseen for, at most.
 MAX_AGE = 60.0
 _POLL_MOUNTS = select.POLLPRI | select.POLLERR
+# The namespaces a spare holds for its job, in the order of ``Spare.namespaces``: besides
+# the mount namespace with its root, a network namespace with its loopback up, and UTS and
+# IPC ones: made ahead, they took 1.3 ms off a start (unshare 0.9 ms, lo up 0.45 ms).
+NAMESPACES = (
+    ("mnt", CLONE_NEWNS),
+    ("net", CLONE_NEWNET),
+    ("uts", CLONE_NEWUTS),
+    ("ipc", CLONE_NEWIPC),
+)
 
 
 class Spare(NamedTuple):
-    """A mount namespace ready for a job (``fd`` names it), its root built at ``at``,
-    hiding ``hide``."""
+    """Namespaces ready for a job (``namespaces``: a descriptor of each, as ``NAMESPACES``
+    lists them), the root of the mount one built at ``at``, hiding ``hide``."""
 
-    fd: int
+    namespaces: tuple[int, ...]
     at: str
     hide: tuple[str, ...]
+
+    def close(self) -> None:
+        for fd in self.namespaces:
+            os.close(fd)
 
     def fits(self, sandbox: SandboxRecord, *, host_network: bool) -> bool:
         """Whether it is the root ``sandbox`` asks for, but for the job's own part (a job
@@ -69,7 +93,7 @@ class SpareRoots:
         self._at = at
         self._hide = hide
         self._poller = poller
-        self._ready = -1
+        self._ready: tuple[int, ...] = ()
         self._built_at = 0.0
         self._root_mtime = 0
         self._builder: socket.socket | None = None
@@ -95,18 +119,18 @@ class SpareRoots:
     def take(self) -> Spare | None:
         """The spare for the next job, if one is ready and still current; the caller owns
         its descriptor."""
-        if self._ready >= 0 and (
+        if self._ready and (
             time.monotonic() - self._built_at > MAX_AGE or _root_mtime() != self._root_mtime
         ):
             self._discard()
-        spare = Spare(self._ready, self._at, self._hide) if self._ready >= 0 else None
-        self._ready = -1
+        spare = Spare(self._ready, self._at, self._hide) if self._ready else None
+        self._ready = ()
         return spare
 
     def refill(self) -> None:
         """Start building a spare, unless one is ready or being built (or the last build
         failed and the mount table has not changed since)."""
-        if self._ready < 0 and self._builder is None and not self._failed:
+        if not self._ready and self._builder is None and not self._failed:
             self._build()
 
     def close(self) -> None:
@@ -119,9 +143,9 @@ class SpareRoots:
         os.close(self._mounts)
 
     def _discard(self) -> None:
-        if self._ready >= 0:
-            os.close(self._ready)
-            self._ready = -1
+        for fd in self._ready:
+            os.close(fd)
+        self._ready = ()
 
     def _build(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -145,22 +169,19 @@ class SpareRoots:
         self._builder = None
         with builder:
             try:
-                _msg, fds, _flags, _addr = socket.recv_fds(builder, 16, 1)
+                _msg, fds, _flags, _addr = socket.recv_fds(builder, 16, len(NAMESPACES))
             except OSError:
                 fds = []
         stale, self._stale = self._stale, False
-        if len(fds) != 1:
+        if len(fds) != len(NAMESPACES) or stale:
             for fd in fds:
                 os.close(fd)
-            self._failed = True
-            return
-        if stale:
             # Built from a copy of the mount table that may predate the change: the next
-            # launch builds anew.
-            os.close(fds[0])
+            # launch builds anew. Else the build failed.
+            self._failed = not stale
             return
         self._discard()
-        self._ready = fds[0]
+        self._ready = tuple(fds)
         self._built_at = time.monotonic()
 
 
@@ -172,18 +193,25 @@ def _root_mtime() -> int:
 
 
 def _builder(report: socket.socket, at: str, hide: tuple[str, ...]) -> NoReturn:
-    """In the forked child: a mount namespace of its own with the spare root built at
-    ``at``, sent back on ``report``; exits. A failure sends nothing (the launcher then
-    builds no more until the mount table changes; each job builds its own)."""
+    """In the forked child: namespaces of its own (``NAMESPACES``), the spare root built
+    at ``at`` in the mount one and the loopback up in the network one, sent back on
+    ``report``; exits. A failure sends nothing (the launcher then builds no more until the
+    mount table changes; each job builds its own)."""
     code = 1
     with contextlib.suppress(BaseException):
         # Only its own socket: nothing of the launcher's (the server's socket) stays open.
         close_all_but(report.fileno())
-        unshare(CLONE_NEWNS, "mount")
+        flags = 0
+        for _name, flag in NAMESPACES:
+            flags |= flag
+        unshare(flags, "mount, net, UTS, IPC")
         # Before the root is built: the new root has no /proc (the job mounts its own).
-        namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        namespaces = [
+            os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name, _ in NAMESPACES
+        ]
+        loopback_up()
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         prepare_root(at, hide)
-        socket.send_fds(report, [b"ok"], [namespace])
+        socket.send_fds(report, [b"ok"], namespaces)
         code = 0
     os._exit(code)

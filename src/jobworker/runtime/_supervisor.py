@@ -186,7 +186,7 @@ class _Supervisor:
                 spare=self.spare,
             )
         if self.spare is not None:
-            os.close(self.spare.fd)
+            self.spare.close()
             self.spare = None
         os.close(out_w)
         os.close(err_w)
