@@ -1,16 +1,18 @@
-"""A sandboxed job's root built ahead: the launcher keeps one mount namespace ready, so a
-job's start does only the part of its walls that is its own (docs/benchmarks.md (e')).
+"""A sandboxed job's root built ahead: the launcher keeps one mount namespace ready (and a
+network namespace with its loopback up, and UTS and IPC ones), so a job's start does only
+the part of its walls that is its own (docs/benchmarks.md (e')).
 
 Most of a sandboxed root does not depend on the job: the host's tree bound read-only, the
 empty and hidden places, /dev and the private tmpfs are the same for every job on the host's
-root that is shown no extra path. A builder process forked from the launcher makes a mount
-namespace of its own, builds that part there (``_rootfs.prepare_root``), hands the namespace
-back as a descriptor and exits. The launcher gives the descriptor to the next job's
-supervisor; its command joins that namespace (``setns``) instead of copying the host's and
-building its root, then finishes the root for itself (``_rootfs.finish_prepared_root``):
-its tmpfs size, its /job, and the /proc and /sys of its own PID and network namespaces. The
+root that is shown no extra path. A builder process forked from the launcher makes the
+namespaces of ``NAMESPACES``, builds that part of the root in the mount one
+(``_rootfs.prepare_root``), brings the loopback up in the network one, hands the namespaces
+back as descriptors and exits. The launcher gives them to the next job's supervisor; its
+command joins them (``setns``) instead of making its own and building its root, then sets
+its hostname and finishes the root for itself (``_rootfs.finish_prepared_root``): its
+tmpfs size, its /job, and the /proc and /sys of its own PID and network namespaces. The
 builder has already made the root the namespace's own (``pivot_root``), so joining the
-namespace is entering the root.
+mount namespace is entering the root. Each spare goes to one job only.
 
 A spare is a copy of the host's mount table as it was when built, as any job's root is a
 copy of it as it was at the job's start. So it is thrown away, and the job builds its own
