@@ -44,8 +44,11 @@ __all__ = ["main"]
 
 # How long after a launch the next spare root is built. At once, its build competed with
 # the launched job's start for both CPUs and the kernel's mount lock: a spare then saved
-# 0.1-1.1 ms of a sandboxed start; 5 ms later, 2.1-2.7 ms (docs/benchmarks.md (e')).
-_REFILL_DELAY = 0.005
+# 0.1-1.1 ms of a sandboxed start; 5 ms later, 2.1-2.7 ms (docs/benchmarks.md (e')). Since
+# the launch got shorter and the build longer (the spare's network namespace, 5-5.6 ms a
+# build), 5 ms left 2-27 of 100 back-to-back starts without a spare; 1 ms left 0-2, and
+# the starts were no slower (docs/benchmarks.md, the eleventh session).
+_REFILL_DELAY = 0.001
 
 
 def _send_error(report: socket.socket, message: str) -> None:
