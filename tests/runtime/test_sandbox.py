@@ -195,8 +195,8 @@ async def test_jobs_on_spare_roots_each_have_namespaces_of_their_own(tmp_path: P
         for _ in range(2):
             await _spare_ready(rt)
             assert {"mnt", "net", "uts", "ipc"} <= _launcher_holds(rt)
-            job = await rt.run(_host_py(SPARE_PROBE))
             async with asyncio.timeout(30):
+                job = await rt.run(_host_py(SPARE_PROBE))
                 final = await rt.wait(job.id)
                 out = joined(await collect(rt, job.id))
             assert final.exit_code == 0, out

@@ -46,7 +46,7 @@ __all__ = ["main"]
 # the launched job's start for both CPUs and the kernel's mount lock: a spare then saved
 # 0.1-1.1 ms of a sandboxed start; 5 ms later, 2.1-2.7 ms (docs/benchmarks.md (e')). Since
 # the launch got shorter and the build longer (the spare's network namespace, 5-5.6 ms a
-# build), 5 ms left 2-27 of 100 back-to-back starts without a spare; 1 ms left 0-2, and
+# build), 5 ms left 2-27 of 100 back-to-back starts without a spare; 1 ms left 0-1, and
 # the starts were no slower (docs/benchmarks.md, the eleventh session).
 _REFILL_DELAY = 0.001
 
