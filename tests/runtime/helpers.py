@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import sys
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 from jobworker.runtime import Chunk, JobSpec, Runtime, Stream
 
@@ -78,6 +80,12 @@ def zombies_of(parents: set[int]) -> list[int]:
 
 def children_of(parent: int) -> list[int]:
     return [pid for pid, _state, ppid in _processes() if ppid == parent]
+
+
+def supervisor_pid(state_dir: Path, job_id: str) -> int:
+    """The host pid of the job's supervisor, from the run record it wrote."""
+    run = json.loads((state_dir / "jobs" / job_id / "run.json").read_text())
+    return int(run["supervisor_pid"])
 
 
 def is_gone(pidfd: int) -> bool:

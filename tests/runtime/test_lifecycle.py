@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from asyncinotify import Inotify, Mask
 
+from jobworker._aio import wait_fd
 from jobworker.runtime import (
     InvalidSpecError,
     JobAlreadyStartedError,
@@ -27,7 +28,8 @@ from jobworker.runtime._errors import LaunchError
 from jobworker.runtime._protocol import MAX_ORDER_BYTES, LaunchOrder, Report
 from jobworker.runtime.cgroups import CgroupError
 
-from .helpers import collect, joined, py, read_until
+from ..conftest import make_config, opened
+from .helpers import collect, joined, py, read_until, supervisor_pid
 
 
 @pytest.mark.parametrize("code", [0, 1, 255])
@@ -289,3 +291,53 @@ async def test_a_job_whose_cgroup_cannot_be_made_is_failed_and_on_record(
         "exit.json",
         "spec.json",
     ]
+
+
+def _launcher_children(rt: Runtime) -> set[int]:
+    pid = rt._launcher._proc.pid  # noqa: SLF001 - the standby is the launcher's own business
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+async def _standby(rt: Runtime, besides: set[int]) -> int:
+    """The pid of the launcher's standby supervisor: its child that is not in ``besides``
+    (the supervisors of running jobs). Checked every 10 ms, 30 s at most: nothing
+    announces its fork."""
+    async with asyncio.timeout(30):
+        while not (waiting := _launcher_children(rt) - besides):  # noqa: ASYNC110 - /proc cannot be watched
+            await asyncio.sleep(0.01)
+    (pid,) = waiting
+    return pid
+
+
+async def test_a_job_goes_to_the_supervisor_forked_ahead_of_it(tmp_path: Path) -> None:
+    """The launcher keeps a supervisor forked before any job asks for it; a launch hands
+    the job to it, and the next one is forked."""
+    state = tmp_path / "state"
+    async with opened(make_config(state, spare_roots=False)) as rt:
+        ahead = await _standby(rt, set())
+        job = await rt.run(py("import time; print('up', flush=True); time.sleep(600)"))
+        await read_until(rt, job.id, b"up")
+        assert supervisor_pid(state, job.id) == ahead
+        assert await _standby(rt, {ahead}) != ahead
+        await rt.stop(job.id, grace=0)
+
+
+async def test_a_start_goes_on_when_the_supervisor_forked_ahead_is_gone(tmp_path: Path) -> None:
+    """A standby killed from outside (the OOM killer, say) costs nothing but its time
+    saved: the launch forks the job's supervisor itself."""
+    state = tmp_path / "state"
+    async with opened(make_config(state, spare_roots=False)) as rt:
+        ahead = await _standby(rt, set())
+        pidfd = os.pidfd_open(ahead)
+        try:
+            os.kill(ahead, signal.SIGKILL)  # forked by this test's runtime
+            async with asyncio.timeout(30):
+                await wait_fd(pidfd)
+        finally:
+            os.close(pidfd)
+        async with asyncio.timeout(30):
+            job = await rt.run(JobSpec(["echo", "still here"]))
+            final = await rt.wait(job.id)
+            out = joined(await collect(rt, job.id))
+        assert (final.state, final.exit_code, out) == (State.EXITED, 0, b"still here\n")
+        assert supervisor_pid(state, job.id) != ahead

@@ -4,8 +4,9 @@ The server runs threads (gRPC), and forking a threaded process is unsafe, so the
 this process once, before any thread exists, with ``subprocess`` (fork+exec in C, no Python in
 between). Each launch request carries a launch order (``_protocol.LaunchOrder``: the job
 directory, and what the supervisor needs) and one end of a report socket. The
-launcher forks the job's supervisor straight into a PID namespace of its own, as its PID 1
-(``clone3(CLONE_NEWPID)``): each job costs one process, and one fork.
+launcher forks each job's supervisor straight into a PID namespace of its own, as its PID 1
+(``clone3(CLONE_NEWPID)``): each job costs one process, and one fork. The fork is made ahead
+of the job: one supervisor waits, forked and set up, for the next launch order (``_Standby``).
 
 Supervisors are the launcher's children, and it ignores SIGCHLD, so the kernel reaps each
 as it ends: none becomes a zombie, even when the host's PID 1 does not reap. When the
@@ -37,7 +38,7 @@ from ._logformat import HEADER, Stream
 from ._preexec import DEFAULT_PATH, job_env, set_seccomp_filter, which
 from ._protocol import MAX_ORDER_BYTES, Control, LaunchOrder, Reply, Report
 from ._rootfs import plan_tree
-from ._spare import Spare, SpareRoots
+from ._spare import NAMESPACES, Spare, SpareRoots
 from ._supervisor import run_supervisor
 
 __all__ = ["main"]
@@ -56,25 +57,34 @@ def _send_error(report: socket.socket, message: str) -> None:
         report.send(Report(error=message).encode())
 
 
+def _detach(server: socket.socket, *keep: int) -> None:
+    """In a forked child: nothing of the launcher's stays open (the server's socket, the
+    spare root being built, the mount table watch) but ``keep``; stdio on /dev/null; a
+    session of its own."""
+    server.detach()
+    close_all_but(*keep)
+    # Supervisors outlive the server: they must not hold its stdio pipes open.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    os.setsid()  # the job must not get the terminal's Ctrl+C aimed at the server
+
+
 def _supervisor_main(
     server: socket.socket, order: bytes, report: socket.socket, spare: Spare | None
 ) -> NoReturn:
     """In the forked child, PID 1 of its PID namespace: become the job's supervisor (on
     the spare root, if any)."""
     try:
-        # Nothing of the launcher's stays open in the job's processes: the server's socket,
-        # the spare root being built, the mount table watch.
-        server.detach()
-        close_all_but(report.fileno(), *(spare.namespaces if spare is not None else ()))
-        # Supervisors outlive the server: they must not hold its stdio pipes open.
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.close(devnull)
-        os.setsid()  # the job must not get the terminal's Ctrl+C aimed at the server
+        _detach(server, report.fileno(), *(spare.namespaces if spare is not None else ()))
     except BaseException as e:  # noqa: BLE001 - any failure must reach the server as a report
         _send_error(report, f"cannot start the job's supervisor: {e}")
         os._exit(1)
+    _run(order, report, spare)
+
+
+def _run(order: bytes, report: socket.socket, spare: Spare | None) -> NoReturn:
     try:
         run_supervisor(order, report, spare)
     except BaseException as e:  # noqa: BLE001 - any failure must reach the server as a report
@@ -87,11 +97,13 @@ def _supervisor_main(
 _QUICKENED_AFTER = 8
 
 
-def _warm_up() -> None:
+def _warm_up(rounds: int = 2 * _QUICKENED_AFTER) -> None:
     """Run the library code every supervisor (or the command it forks, which parses the
-    job's spec) runs until it is quickened, so that what it creates on first use (caches,
-    interned strings, specialised bytecode) exists before forking and stays shared instead
-    of being copied into each process. Measured: see docs/benchmarks.md (d)."""
+    job's spec) runs, ``rounds`` times. In the launcher, until it is quickened, so that
+    what it creates on first use (caches, interned strings, specialised bytecode) exists
+    before forking and stays shared instead of being copied into each process (measured:
+    docs/benchmarks.md (d)). In a standby, once: the pages it writes are copied then,
+    before its job comes, not during the launch."""
     spec = {
         "id": "x",
         "created_ns": 1,
@@ -105,7 +117,7 @@ def _warm_up() -> None:
         "cgroup": {"pids": "/x"},
     }
     order = LaunchOrder("/x", 1, "none", None, 1.0, "/x").encode()
-    for _ in range(2 * _QUICKENED_AFTER):
+    for _ in range(rounds):
         LaunchOrder.decode(order)
         record = ExitRecord("exited", 0, None, None, time.time_ns(), output_truncated=False)
         ExitRecord.from_json(json.loads(json.dumps(record.to_json())))
@@ -157,9 +169,83 @@ def _spares(poller: select.poll) -> SpareRoots | None:
     return SpareRoots(where["at"], tuple(where["hide"]), poller)
 
 
-def _launch(server: socket.socket, spares: SpareRoots | None) -> bool:
-    """Serve one request of the server's: fork a job's supervisor. False once the server
-    is gone."""
+class _Standby:
+    """A supervisor forked ahead of its job, waiting for its launch order.
+
+    Forking the supervisor was the largest step of a launch the job's own order does not
+    decide (docs/benchmarks.md (h)): the fork itself, and the copy-on-write faults of the
+    child's first steps. A standby takes both before the order comes: it is forked into
+    its PID namespace, lets go of the launcher's descriptors and runs the supervisor's
+    code once, then blocks on its channel. A launch hands it the order, the report
+    socket and the spare's namespaces there. One is kept at most, and the next is forked
+    only once one was taken, after the launch (``_REFILL_DELAY``)."""
+
+    def __init__(self, spares: SpareRoots | None) -> None:
+        self._spares = spares
+        self._channel: socket.socket | None = None
+
+    def refill(self, server: socket.socket) -> None:
+        """Fork a standby, unless one is waiting. A failed fork leaves none: the next
+        launch forks its supervisor itself."""
+        if self._channel is not None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = clone3(CLONE_NEWPID)
+        except OSError:
+            ours.close()
+            theirs.close()
+            return
+        if pid == 0:
+            _standby_main(server, theirs, self._spares)
+        theirs.close()
+        self._channel = ours
+
+    def hand(self, order: bytes, report: socket.socket, spare: Spare | None) -> bool:
+        """Give a job to the standby; False if none is waiting (or it is gone: killed,
+        say), and the caller forks the supervisor itself."""
+        channel, self._channel = self._channel, None
+        if channel is None:
+            return False
+        with channel:
+            fds = [report.fileno(), *(spare.namespaces if spare is not None else ())]
+            try:
+                socket.send_fds(channel, [order], fds)
+            except OSError:
+                return False
+        return True
+
+    def close(self) -> None:
+        """Let a waiting standby go: it exits when its channel closes."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
+def _standby_main(
+    server: socket.socket, channel: socket.socket, spares: SpareRoots | None
+) -> NoReturn:
+    """In the forked child, PID 1 of its PID namespace: wait for a job, then become its
+    supervisor; exit if the launcher lets go first."""
+    try:
+        _detach(server, channel.fileno())
+        _warm_up(1)  # take the first steps' copy-on-write faults now, not in the launch
+        msg, fds, _flags, _addr = socket.recv_fds(channel, MAX_ORDER_BYTES, 1 + len(NAMESPACES))
+    except BaseException:  # noqa: BLE001 - no job yet: nobody to report to
+        os._exit(1)
+    channel.close()
+    if not msg or not fds:
+        os._exit(0)
+    report = socket.socket(fileno=fds[0])
+    spare = None
+    if len(fds) > 1 and spares is not None:
+        spare = Spare(tuple(fds[1:]), *spares.where)
+    _run(msg, report, spare)
+
+
+def _launch(server: socket.socket, spares: SpareRoots | None, standby: _Standby) -> bool:
+    """Serve one request of the server's: fork a job's supervisor (or hand the job to the
+    standby). False once the server is gone."""
     try:
         msg, fds, flags, _addr = socket.recv_fds(server, MAX_ORDER_BYTES, 1)
     except ConnectionResetError:
@@ -175,13 +261,14 @@ def _launch(server: socket.socket, spares: SpareRoots | None) -> bool:
         report.close()
         return True
     spare = spares.take() if spares is not None else None
-    try:
-        pid = clone3(CLONE_NEWPID)
-    except OSError as e:
-        _send_error(report, f"cannot fork the job's supervisor: {e.strerror}")
-        pid = -1
-    if pid == 0:
-        _supervisor_main(server, msg, report, spare)
+    if not standby.hand(msg, report, spare):
+        try:
+            pid = clone3(CLONE_NEWPID)
+        except OSError as e:
+            _send_error(report, f"cannot fork the job's supervisor: {e.strerror}")
+            pid = -1
+        if pid == 0:
+            _supervisor_main(server, msg, report, spare)
     report.close()
     if spare is not None:
         spare.close()
@@ -196,6 +283,8 @@ def main() -> None:
     spares = _spares(poller)
     if spares is not None:
         spares.refill()
+    standby = _Standby(spares)
+    standby.refill(server)
     refill_at: float | None = None
     while True:
         timeout = None if refill_at is None else max(0, (refill_at - time.monotonic()) * 1000)
@@ -205,16 +294,18 @@ def main() -> None:
         if spares is not None:
             for fd, _event in events:
                 spares.handle(fd)
-            if refill_at is not None and time.monotonic() >= refill_at:
-                refill_at = None
+        if refill_at is not None and time.monotonic() >= refill_at:
+            refill_at = None
+            standby.refill(server)
+            if spares is not None:
                 spares.refill()
         if any(fd == server.fileno() for fd, _event in events):
-            if not _launch(server, spares):
+            if not _launch(server, spares, standby):
                 break
-            if spares is not None:
-                # Later: building the next spare now would compete with this job's start
-                # for the CPUs and the kernel's mount lock.
-                refill_at = time.monotonic() + _REFILL_DELAY
+            # Later: forking the next standby and building the next spare now would compete
+            # with this job's start for the CPUs (and the kernel's mount lock).
+            refill_at = time.monotonic() + _REFILL_DELAY
+    standby.close()
     if spares is not None:
         spares.close()
     server.close()

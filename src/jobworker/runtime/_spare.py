@@ -109,6 +109,12 @@ class SpareRoots:
         self._mounts = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
         poller.register(self._mounts, _POLL_MOUNTS)
 
+    @property
+    def where(self) -> tuple[str, tuple[str, ...]]:
+        """Where spares are built and what they hide: a :class:`Spare` but for its
+        namespaces."""
+        return self._at, self._hide
+
     def handle(self, fd: int) -> None:
         """Act on a poll event of ``fd``, if it is one of ours."""
         if fd == self._mounts:
