@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -412,6 +413,10 @@ async def churn(chans: list[grpc.aio.Channel], jobs: int) -> list[float]:
 
 
 _SAMPLES = 40
+# The ramp to 1,000 running jobs, three times: 40 starts at a mark are half a second of a
+# host whose pace drifts by a third over minutes; one ramp's 1,000-job mark read 0.73x to
+# 1.56x its first mark in runs of the same code (docs/benchmarks.md, the twelfth session).
+_RAMPS = 3
 
 
 async def per_job_costs(  # noqa: PLR0913 - the server, and where its cgroups are
@@ -422,21 +427,41 @@ async def per_job_costs(  # noqa: PLR0913 - the server, and where its cgroups ar
         stub = pb_grpc.JobServiceStub(chans[0])
         rows = []
         # Start latency as one owner's running jobs pile up to 1,000: the _SAMPLES starts up
-        # to each mark (the first _SAMPLES for the first). With 10 at the last mark,
-        # back-to-back runs of the same code read 0.99x-1.82x.
+        # to each mark (the first _SAMPLES for the first), in each of _RAMPS ramps; after
+        # each, all of them stopped at once.
         at: dict[int, list[float]] = {1: [], 100: [], 1000: []}
-        running = []
-        for n in range(1, 1001):
-            took, job_id = await start_once(stub, ["sleep", "3600"])
-            running.append(job_id)
-            for mark, samples in at.items():
-                if max(mark, _SAMPLES) - _SAMPLES < n <= max(mark, _SAMPLES):
-                    samples.append(took)
+        storms: list[tuple[float, float]] = []
+        states: set[str] = set()
+        ended: list[str] = []
+        for _ramp in range(_RAMPS):
+            running = []
+            for n in range(1, 1001):
+                took, job_id = await start_once(stub, ["sleep", "3600"])
+                running.append(job_id)
+                for mark, samples in at.items():
+                    if max(mark, _SAMPLES) - _SAMPLES < n <= max(mark, _SAMPLES):
+                        samples.append(took)
+            t0 = time.perf_counter()
+            stopped = await asyncio.gather(
+                *(
+                    pb_grpc.JobServiceStub(chans[i % 8]).StopJob(
+                        pb.StopJobRequest(id=job_id), timeout=120
+                    )
+                    for i, job_id in enumerate(running)
+                )
+            )
+            all_stopped = time.perf_counter() - t0
+            storms.append((all_stopped, await asyncio.to_thread(_when_gone, subtree, groups, t0)))
+            states |= {pb.JobState.Name(s.state) for s in stopped}
+            # Left, not removed, until the ramps are over: deleting 1,000 job directories
+            # would slow the next ramp's file creates (see table.scratch).
+            ended += running
         base = pct(at[1], 0.5)
         for mark, samples in at.items():
             rows.append(
                 Row(
-                    f"(r) start with {mark:,} running jobs of the owner, p50 / p99",
+                    f"(r) start with {mark:,} running jobs of the owner, p50 / p99 "
+                    f"({_RAMPS} ramps)",
                     f"{pct(samples, 0.5) * 1e3:.1f} / {pct(samples, 0.99) * 1e3:.1f} ms",
                     f"{base * 1e3:.1f} ms (at 1)",
                     f"{pct(samples, 0.5) / base:.2f}x",
@@ -444,30 +469,20 @@ async def per_job_costs(  # noqa: PLR0913 - the server, and where its cgroups ar
                     pct(samples, 0.5) <= 1.5 * base,
                 )
             )
-        # All of them stopped at once.
-        t0 = time.perf_counter()
-        stopped = await asyncio.gather(
-            *(
-                pb_grpc.JobServiceStub(chans[i % 8]).StopJob(
-                    pb.StopJobRequest(id=job_id), timeout=120
-                )
-                for i, job_id in enumerate(running)
-            )
-        )
-        all_stopped = time.perf_counter() - t0
-        cgroups_gone = await asyncio.to_thread(_when_gone, subtree, groups, t0)
-        states = {pb.JobState.Name(s.state) for s in stopped}
+        stops, gone = (statistics.median(x) for x in zip(*storms, strict=True))
+        each = ", ".join(f"{a:.2f} s / {b:.2f} s" for a, b in storms)
         rows.append(
             Row(
-                "(s) 1,000 StopJob at once on `sleep` jobs: all stopped, all cgroups gone",
-                f"{all_stopped:.2f} s, {cgroups_gone:.2f} s",
+                "(s) 1,000 StopJob at once on `sleep` jobs: all stopped, all cgroups gone "
+                f"(the median of {_RAMPS} storms: {each})",
+                f"{stops:.2f} s, {gone:.2f} s",
                 "15.8 s, 19 s (before, issue 15)",
                 "-",
                 "<= 3 s, <= 5 s",
-                all_stopped <= 3 and cgroups_gone <= 5 and states == {"JOB_STATE_STOPPED"},
+                stops <= 3 and gone <= 5 and states == {"JOB_STATE_STOPPED"},
             )
         )
-        for job_id in running:
+        for job_id in ended:
             await stub.RemoveJob(pb.JobRequest(id=job_id), timeout=30)
         if not churned:
             return rows
@@ -496,6 +511,10 @@ async def per_job_costs(  # noqa: PLR0913 - the server, and where its cgroups ar
             )
         )
         await churn(chans, churned)
+        # The cgroups of the jobs that ended last are still being removed (_lifecycle defers
+        # removal while ends keep coming; 0.1-0.2 s once they stop, measured): the starts
+        # are sampled after, to meet the 10,000 ended jobs, not those removals.
+        await asyncio.to_thread(_when_gone, subtree, groups, time.perf_counter())
         samples = [(await start_once(stub, ["true"]))[0] for _ in range(50)]
         rows.append(
             Row(
