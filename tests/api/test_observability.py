@@ -168,6 +168,18 @@ async def test_every_rpc_gets_an_audit_line_denied_ones_too(
     assert fields[3]["error"] == "the client certificate has been revoked"
 
 
+async def test_a_run_jobs_audit_line_names_the_job_it_made_and_its_command(
+    api: Running, audit_lines: list[logging.LogRecord]
+) -> None:
+    async with api.client("alice") as stub:
+        request = pb.RunJobRequest(spec=pb.JobSpec(argv=["echo", "hi"]))
+        responses = [r async for r in stub.RunJob(request, timeout=10)]
+    fields = [record.fields for record in audit_lines]  # type: ignore[attr-defined]
+    assert [(f["rpc"], f["user"], f["code"]) for f in fields] == [("RunJob", "alice", "OK")]
+    assert fields[0]["job"] == responses[0].started.id
+    assert fields[0]["argv"] == "echo hi"
+
+
 @pytest.mark.usefixtures("subreaper")
 async def test_json_log_lines(tmp_path: Path, pki: Pki) -> None:
     async with daemon(tmp_path, pki, "--log-format", "json") as d:

@@ -68,6 +68,60 @@ async def test_run_a_job_end_to_end(api: Running) -> None:
     assert all(c.time_unix_nano > 0 for c in chunks)
 
 
+async def test_run_job_starts_streams_and_ends_in_one_call(api: Running) -> None:
+    """RunJob: the job as started, then its output, then its final status; nothing after."""
+    spec = pb.JobSpec(argv=["sh", "-c", "echo out; echo err >&2; exit 3"])
+    async with api.client("alice") as stub:
+        responses = [r async for r in stub.RunJob(pb.RunJobRequest(spec=spec), timeout=10)]
+        kinds = [r.WhichOneof("response") for r in responses]
+        assert kinds[0] == "started"
+        assert kinds[-1] == "ended"
+        assert set(kinds[1:-1]) == {"output"}
+        started, ended = responses[0].started, responses[-1].ended
+        assert started.owner == "alice"
+        assert started.state in (pb.JOB_STATE_RUNNING, pb.JOB_STATE_EXITED)
+        assert (ended.id, ended.state, ended.exit_code) == (started.id, pb.JOB_STATE_EXITED, 3)
+        chunks = [c for r in responses[1:-1] for c in r.output.chunks]
+        assert b"".join(c.data for c in chunks if c.stream == pb.STREAM_STDOUT) == b"out\n"
+        assert b"".join(c.data for c in chunks if c.stream == pb.STREAM_STDERR) == b"err\n"
+        # The same job as any other: its output is there to read again.
+        again = [
+            c
+            async for r in stub.StreamOutput(pb.OutputRequest(id=started.id), timeout=10)
+            for c in r.chunks
+        ]
+        assert [c.data for c in again] == [c.data for c in chunks]
+
+
+async def test_run_job_of_a_command_that_cannot_start_says_so_first_and_last(
+    api: Running,
+) -> None:
+    async with api.client("alice") as stub:
+        call = stub.RunJob(pb.RunJobRequest(spec=pb.JobSpec(argv=["/no/such/cmd"])), timeout=10)
+        responses = [r async for r in call]
+    assert [r.WhichOneof("response") for r in responses] == ["started"]
+    assert responses[0].started.state == pb.JOB_STATE_FAILED
+    assert responses[0].started.reason == "not_found"
+
+
+async def test_run_job_streams_only_what_is_asked_and_refuses_bad_requests_before_running(
+    api: Running,
+) -> None:
+    spec = pb.JobSpec(argv=["sh", "-c", "echo out; echo err >&2"])
+    async with api.client("alice") as stub:
+        request = pb.RunJobRequest(spec=spec, streams=pb.OUTPUT_SELECTOR_STDERR)
+        responses = [r async for r in stub.RunJob(request, timeout=10)]
+        chunks = [c for r in responses if r.HasField("output") for c in r.output.chunks]
+        assert [(c.stream, c.data) for c in chunks] == [(pb.STREAM_STDERR, b"err\n")]
+        for bad in (
+            pb.RunJobRequest(spec=spec, streams=7),  # type: ignore[arg-type]
+            pb.RunJobRequest(spec=pb.JobSpec(argv=[])),
+        ):
+            assert await code_of(stub.RunJob(bad, timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
+        listed = await stub.ListJobs(pb.ListJobsRequest(), timeout=10)
+    assert len(listed.jobs) == 1  # the first request's only
+
+
 async def test_create_then_start_and_watch(api: Running) -> None:
     async with api.client("alice") as stub:
         job = await stub.CreateJob(pb.CreateJobRequest(spec=pb.JobSpec(argv=["true"])), timeout=10)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import os
 import time
@@ -140,6 +141,10 @@ class _Call:
         AUDIT.info("rpc %s %s", self.method, name, extra={"fields": fields})
 
 
+# The RPC being served, in its handler's task: for a body that learns the job it is about
+# only as it goes (RunJob creates it).
+_CALL: contextvars.ContextVar[_Call] = contextvars.ContextVar("jobworker_call")
+
 # The most of one client-chosen value an audit line carries (argv, a malformed id).
 _MAX_AUDITED = 512
 
@@ -228,6 +233,7 @@ def _stream_rpc(
 
     async def handler(self: JobService, request: Req, context: Any) -> AsyncIterator[Resp]:
         call = _Call(name, request, context, self.metrics)
+        _CALL.set(call)
         try:
             call.who = self.auth.identify(context)
             _check_parsed(request)
@@ -599,24 +605,48 @@ class JobService:
     ) -> AsyncGenerator[bytes, None]:
         """Serialized OutputResponse messages (see ``_wire``; registered without a
         serializer by :func:`add_to_server`)."""
-        selector = request.streams
-        if selector not in (
-            pb.OUTPUT_SELECTOR_BOTH,
-            pb.OUTPUT_SELECTOR_STDOUT,
-            pb.OUTPUT_SELECTOR_STDERR,
-        ):
-            raise InvalidSpecError(f"unknown output selector {selector}")
-        batches = self.runtime.output_batches(
-            job,
-            stdout=selector != pb.OUTPUT_SELECTOR_STDERR,
-            stderr=selector != pb.OUTPUT_SELECTOR_STDOUT,
-            follow=request.follow,
-            window=_window(request),
+        batches = self._batches(
+            job, request.streams, follow=request.follow, window=_window(request)
         )
         async with contextlib.aclosing(batches) as reader:
             async for batch in reader:
                 for message in self._messages(batch):
                     yield message
+
+    # Yields wire bytes, not messages: see add_to_server.
+    @caller_stream
+    async def RunJob(self, request: pb.RunJobRequest, who: Identity) -> AsyncGenerator[bytes, None]:
+        """Serialized RunJobResponse messages: the job as started, its output, its end."""
+        _check_streams(request.streams)  # before the job exists: a bad request runs nothing
+        status = await self._create(request.spec, who, start=True)
+        _CALL.get().job = status.id
+        yield encode_field(1, job_to_pb(status).SerializeToString())
+        if status.started_at is None:
+            return  # it could not be started: no output, and the first response says why
+        batches = self._batches(status.id, request.streams, follow=True, window=None)
+        async with contextlib.aclosing(batches) as reader:
+            async for batch in reader:
+                for message in self._messages(batch):
+                    yield encode_field(2, message)
+        yield encode_field(3, job_to_pb(await self.runtime.wait(status.id)).SerializeToString())
+
+    def _batches(
+        self, job: str, selector: int, *, follow: bool, window: Window | None
+    ) -> AsyncGenerator[Batch, None]:
+        """The job's output in batches, of the streams ``selector`` (an OutputSelector)
+        picks.
+
+        Raises:
+            InvalidSpecError: ``selector`` is not an OutputSelector.
+        """
+        _check_streams(selector)
+        return self.runtime.output_batches(
+            job,
+            stdout=selector != pb.OUTPUT_SELECTOR_STDERR,
+            stderr=selector != pb.OUTPUT_SELECTOR_STDOUT,
+            follow=follow,
+            window=window,
+        )
 
     def _messages(self, batch: Batch) -> Iterator[bytes]:
         """A batch as OutputResponse messages of at most about MESSAGE_BYTES each."""
@@ -902,6 +932,16 @@ def _selector(text: str) -> Selector:
         raise InvalidSpecError(str(e)) from None
 
 
+def _check_streams(selector: int) -> None:
+    """Raises InvalidSpecError: ``selector`` is not an OutputSelector."""
+    if selector not in (
+        pb.OUTPUT_SELECTOR_BOTH,
+        pb.OUTPUT_SELECTOR_STDOUT,
+        pb.OUTPUT_SELECTOR_STDERR,
+    ):
+        raise InvalidSpecError(f"unknown output selector {selector}")
+
+
 def _window(request: pb.OutputRequest) -> Window:
     """The part of the log an OutputRequest asks for.
 
@@ -927,7 +967,7 @@ _HANDLERS = {
     (True, True): grpc.stream_stream_rpc_method_handler,
 }
 # Methods whose handler yields already-serialized messages.
-PRESERIALIZED = frozenset({"StreamOutput", "ListJobs", "Attach"})
+PRESERIALIZED = frozenset({"StreamOutput", "ListJobs", "Attach", "RunJob"})
 
 
 def add_to_server(service: JobService, server: grpc.aio.Server) -> None:

@@ -705,6 +705,72 @@ class CreateJobRequest(_message.Message):
 Global___CreateJobRequest: _TypeAlias = CreateJobRequest  # noqa: Y015
 
 @_typing.final
+class RunJobRequest(_message.Message):
+    """What RunJob runs, and which of its output streams come back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
+    streams: Global___OutputSelector.ValueType
+    """Which streams of its output."""
+    @_builtins.property
+    def spec(self) -> Global___JobSpec:
+        """What to run."""
+
+    def __init__(
+        self,
+        *,
+        spec: Global___JobSpec | None = ...,
+        streams: Global___OutputSelector.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec", "streams", b"streams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunJobRequest: _TypeAlias = RunJobRequest  # noqa: Y015
+
+@_typing.final
+class RunJobResponse(_message.Message):
+    """One response of a RunJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTED_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def started(self) -> Global___Job:
+        """The first response: the job, started (or failed to start: then the only one)."""
+
+    @_builtins.property
+    def output(self) -> Global___OutputResponse:
+        """Output, as StreamOutput sends it."""
+
+    @_builtins.property
+    def ended(self) -> Global___Job:
+        """The job's final status: the last response."""
+
+    def __init__(
+        self,
+        *,
+        started: Global___Job | None = ...,
+        output: Global___OutputResponse | None = ...,
+        ended: Global___Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "output", b"output", "response", b"response", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "output", b"output", "response", b"response", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["started", "output", "ended"]  # noqa: Y015
+    _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
+
+Global___RunJobResponse: _TypeAlias = RunJobResponse  # noqa: Y015
+
+@_typing.final
 class JobRequest(_message.Message):
     """Names one job."""
 

@@ -74,6 +74,11 @@ class JobServiceStub:
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.OutputRequest.SerializeToString,
                 response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.OutputResponse.FromString,
                 _registered_method=True)
+        self.RunJob = channel.unary_stream(
+                '/jobworker.v1.JobService/RunJob',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.RunJobRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.RunJobResponse.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/jobworker.v1.JobService/ListJobs',
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListJobsRequest.SerializeToString,
@@ -183,6 +188,17 @@ class JobServiceServicer:
     def StreamOutput(self, request, context):
         """The job's output from its first byte. In follow mode the stream goes on until the job
         has ended and all of its output was sent; otherwise it ends at the current end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunJob(self, request, context):
+        """Create a job, start it and follow its output, in one call: one round trip where
+        CreateJob then StreamOutput take two, as ssh runs a command on one channel. The first
+        response is the job as CreateJob with `start` returns it; if it runs, its output
+        follows as StreamOutput with follow sends it, then its final status. Counts as a
+        stream (max_streams_per_user).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -321,6 +337,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.StreamOutput,
                     request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.OutputRequest.FromString,
                     response_serializer=jobworker_dot_v1_dot_jobworker__pb2.OutputResponse.SerializeToString,
+            ),
+            'RunJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunJob,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.RunJobRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.RunJobResponse.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -589,6 +610,33 @@ class JobService:
             '/jobworker.v1.JobService/StreamOutput',
             jobworker_dot_v1_dot_jobworker__pb2.OutputRequest.SerializeToString,
             jobworker_dot_v1_dot_jobworker__pb2.OutputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jobworker.v1.JobService/RunJob',
+            jobworker_dot_v1_dot_jobworker__pb2.RunJobRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.RunJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,13 @@ class JobServiceStub:
     """The job's output from its first byte. In follow mode the stream goes on until the job
     has ended and all of its output was sent; otherwise it ends at the current end.
     """
+    RunJob: _grpc.UnaryStreamMultiCallable[_jobworker_pb2.RunJobRequest, _jobworker_pb2.RunJobResponse]
+    """Create a job, start it and follow its output, in one call: one round trip where
+    CreateJob then StreamOutput take two, as ssh runs a command on one channel. The first
+    response is the job as CreateJob with `start` returns it; if it runs, its output
+    follows as StreamOutput with follow sends it, then its final status. Counts as a
+    stream (max_streams_per_user).
+    """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.ListJobsRequest, _jobworker_pb2.ListJobsResponse]
     """The caller's jobs; admins see everyone's and may filter by owner. Running jobs come
     without live usage (GetJob reads it): a listing reads no cgroup.
@@ -142,6 +149,13 @@ class JobServiceAsyncStub(JobServiceStub):
     StreamOutput: _aio.UnaryStreamMultiCallable[_jobworker_pb2.OutputRequest, _jobworker_pb2.OutputResponse]  # type: ignore[assignment]
     """The job's output from its first byte. In follow mode the stream goes on until the job
     has ended and all of its output was sent; otherwise it ends at the current end.
+    """
+    RunJob: _aio.UnaryStreamMultiCallable[_jobworker_pb2.RunJobRequest, _jobworker_pb2.RunJobResponse]  # type: ignore[assignment]
+    """Create a job, start it and follow its output, in one call: one round trip where
+    CreateJob then StreamOutput take two, as ssh runs a command on one channel. The first
+    response is the job as CreateJob with `start` returns it; if it runs, its output
+    follows as StreamOutput with follow sends it, then its final status. Counts as a
+    stream (max_streams_per_user).
     """
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.ListJobsRequest, _jobworker_pb2.ListJobsResponse]  # type: ignore[assignment]
     """The caller's jobs; admins see everyone's and may filter by owner. Running jobs come
@@ -263,6 +277,19 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_jobworker_pb2.OutputResponse], _abc.AsyncIterator[_jobworker_pb2.OutputResponse]]:
         """The job's output from its first byte. In follow mode the stream goes on until the job
         has ended and all of its output was sent; otherwise it ends at the current end.
+        """
+
+    @_abc_1.abstractmethod
+    def RunJob(
+        self,
+        request: _jobworker_pb2.RunJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_jobworker_pb2.RunJobResponse], _abc.AsyncIterator[_jobworker_pb2.RunJobResponse]]:
+        """Create a job, start it and follow its output, in one call: one round trip where
+        CreateJob then StreamOutput take two, as ssh runs a command on one channel. The first
+        response is the job as CreateJob with `start` returns it; if it runs, its output
+        follows as StreamOutput with follow sends it, then its final status. Counts as a
+        stream (max_streams_per_user).
         """
 
     @_abc_1.abstractmethod
