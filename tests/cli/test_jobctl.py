@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import fcntl
 import json
+import logging
 import os
 import pty
 import shutil
@@ -117,6 +118,28 @@ async def test_run_propagates_the_job_status(cli: Cli, script: str, status: int)
     assert result.code == status
     assert result.out == b"out\n"
     assert result.err == "err\n"
+
+
+async def test_run_is_one_call(cli: Cli) -> None:
+    """`jobctl run` starts, follows and gets the end of its job in one RunJob: no
+    CreateJob, StreamOutput or WaitJob round trip after it."""
+    calls: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            calls.append(record.fields["rpc"])  # type: ignore[attr-defined]
+
+    audit = logging.getLogger("jobworker.audit")
+    handler, level = Keep(), audit.level
+    audit.addHandler(handler)
+    audit.setLevel(logging.INFO)
+    try:
+        result = await cli("run", "--", "sh", "-c", "echo out; exit 4")
+    finally:
+        audit.removeHandler(handler)
+        audit.setLevel(level)
+    assert (result.code, result.out) == (4, b"out\n")
+    assert calls == ["RunJob"]
 
 
 async def test_run_of_a_missing_command_exits_127(cli: Cli) -> None:

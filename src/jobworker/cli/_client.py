@@ -42,6 +42,14 @@ async def explain(error: grpc.aio.AioRpcError, target: Target) -> CliError:
     return CliError(found) if found is not None else _explain(error, target)
 
 
+def no_answer(target: Target) -> CliError:
+    """The server took longer than ``target.timeout`` to answer."""
+    return CliError(
+        f"{target.server} did not answer within {target.timeout:g} s: is it a jobworkerd, "
+        "and reachable? (--timeout to wait longer)"
+    )
+
+
 def _explain(error: grpc.aio.AioRpcError, target: Target) -> CliError:  # noqa: PLR0911 - one return per diagnosis
     code, details = error.code(), error.details() or ""
     if code is grpc.StatusCode.UNAVAILABLE:
@@ -64,10 +72,7 @@ def _explain(error: grpc.aio.AioRpcError, target: Target) -> CliError:  # noqa: 
             )
         return CliError(f"cannot reach {target.server}: {details}")
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return CliError(
-            f"{target.server} did not answer within {target.timeout:g} s: is it a jobworkerd, "
-            "and reachable? (--timeout to wait longer)"
-        )
+        return no_answer(target)
     if code is grpc.StatusCode.UNAUTHENTICATED:
         return CliError(f"the server rejected your certificate {target.cert}: {details}")
     return CliError(details or code.name.lower())
