@@ -275,6 +275,14 @@ async def test_server_caps_are_resource_exhausted(tmp_path: Path, pki: Pki) -> N
         await watch.read()  # the one stream alice may have is now open
         follow = stub.StreamOutput(pb.OutputRequest(id=first.id, follow=True), timeout=30)
         assert await code_of(follow) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # RunJob is a stream too: refused before it makes a job.
+        run = bob.RunJob(pb.RunJobRequest(spec=SLEEP), timeout=30)
+        assert (await run.read()).started.state == pb.JOB_STATE_RUNNING  # bob's one stream
+        again = bob.RunJob(pb.RunJobRequest(spec=SLEEP), timeout=30)
+        assert await code_of(again) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        listed = await bob.ListJobs(pb.ListJobsRequest(), timeout=10)
+        assert len(listed.jobs) == 2  # his CreateJob's and the first RunJob's
+        run.cancel()
         watch.cancel()
         big = pb.JobSpec(argv=["echo", "x" * 100_000])
         assert (
