@@ -170,6 +170,22 @@ async def test_run_prefixes_each_line_and_sums_up(fleet: Fleet) -> None:
     assert all(row[:2] == ["exited", "3"] for row in _summary(failed.err).values())
 
 
+async def test_a_fleet_run_is_one_call_per_server(fleet: Fleet) -> None:
+    """Each server runs its job in one RunJob: no CreateJob, StreamOutput or WaitJob."""
+    result = await fleet("--fleet", "all", "run", "--", "echo", "x")
+    assert result.code == 0, result.err
+    for d in fleet.daemons:
+        logged = d.log
+        async with asyncio.timeout(30):
+            while not any("rpc RunJob OK" in line for line in logged):  # noqa: ASYNC110 - a log pipe
+                await asyncio.sleep(0.01)
+        rpcs = [
+            line.split(" rpc ", 1)[1].split()[0] for line in logged if "jobworker.audit" in line
+        ]
+        assert rpcs.count("RunJob") == 1
+        assert not {"CreateJob", "StreamOutput", "WaitJob"} & set(rpcs), rpcs
+
+
 async def test_json_gives_one_object_per_host(fleet: Fleet) -> None:
     result = await fleet("--fleet", "all", "run", "--json", "--", "echo", "hi")
     assert result.code == 0, result.err

@@ -304,17 +304,19 @@ async def _run_one(
     it went; a server lost midway is a result, not an error."""
     started = time.monotonic()
     kept: dict[int, bytes] = {pb.STREAM_STDOUT: b"", pb.STREAM_STDERR: b""}
+
+    async def out(stream: int, data: bytes) -> None:
+        if keep:
+            kept[stream] += data
+        else:
+            await lines.write(host.name, stream, data)
+
     try:
-        job = await session.stub.CreateJob(
-            pb.CreateJobRequest(spec=spec, start=True), timeout=session.target.timeout
-        )
-        request = pb.OutputRequest(id=job.id, follow=True)
-        async for piece in stream_output(session.channel, request):
-            if keep:
-                kept[piece.stream] += bytes(piece.data)
-            else:
-                await lines.write(host.name, piece.stream, bytes(piece.data))
-        final = await session.stub.WaitJob(pb.JobRequest(id=job.id), timeout=None)
+        final = await _run_on(session, spec, out)
+    except (TimeoutError, ValueError) as e:
+        await lines.flush(host.name)
+        why = str(e) or f"no answer within {session.target.timeout:g} s"
+        return Result(host.name, "failed", seconds=time.monotonic() - started, error=why)
     except grpc.aio.AioRpcError as e:
         await lines.flush(host.name)
         lost = e.code() is grpc.StatusCode.UNAVAILABLE
@@ -335,6 +337,58 @@ async def _run_one(
         data["error"] or ("stopped by its timeout" if data["reason"] == "timeout" else ""),
         kept if keep else None,
     )
+
+
+async def _run_on(
+    session: Session, spec: pb.JobSpec, out: Callable[[int, bytes], Awaitable[None]]
+) -> pb.Job:
+    """Run ``spec`` on one server in one RunJob call, its output to ``out``; the job's final
+    status. A server from before RunJob (UNIMPLEMENTED: it made nothing) gets CreateJob,
+    StreamOutput and WaitJob.
+
+    Raises:
+        grpc.aio.AioRpcError: a call failed.
+        TimeoutError: the server did not answer the start within the target's timeout.
+        ValueError: its first answer was not the job's start.
+    """
+    call = session.stub.RunJob(pb.RunJobRequest(spec=spec))
+    try:
+        async with asyncio.timeout(session.target.timeout):
+            first = await call.read()
+    except grpc.aio.AioRpcError as e:
+        if e.code() is not grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        return await _create_and_follow(session, spec, out)
+    except TimeoutError:
+        call.cancel()
+        raise
+    if first is grpc.aio.EOF or not first.HasField("started"):
+        call.cancel()
+        raise ValueError("the server answered RunJob with an unexpected message")
+    final: pb.Job = first.started
+    while (response := await call.read()) is not grpc.aio.EOF:
+        if response.HasField("ended"):
+            final = response.ended
+        for chunk in response.output.chunks:
+            await out(chunk.stream, chunk.data)
+    return final
+
+
+async def _create_and_follow(
+    session: Session, spec: pb.JobSpec, out: Callable[[int, bytes], Awaitable[None]]
+) -> pb.Job:
+    """As _run_on, in the three calls a server from before RunJob takes.
+
+    Raises:
+        grpc.aio.AioRpcError: a call failed.
+    """
+    job = await session.stub.CreateJob(
+        pb.CreateJobRequest(spec=spec, start=True), timeout=session.target.timeout
+    )
+    async for piece in stream_output(session.channel, pb.OutputRequest(id=job.id, follow=True)):
+        await out(piece.stream, bytes(piece.data))
+    final: pb.Job = await session.stub.WaitJob(pb.JobRequest(id=job.id), timeout=None)
+    return final
 
 
 def _result_json(r: Result) -> dict[str, Any]:
