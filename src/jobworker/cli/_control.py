@@ -188,8 +188,10 @@ def forward(
         try:
             sent = socket.send_fds(sock, [request], [1, 2, 0])
             # sendmsg may send only part (a signal during a send bigger than the
-            # socket's buffer): the rest follows.
-            sock.sendall(request[sent:])
+            # socket's buffer): the rest follows, if any (see _quick.try_quick: an empty
+            # sendall after the keeper hung up would run the command twice).
+            if sent < len(request):
+                sock.sendall(request[sent:])
         except OSError:
             return None
         if alias is not None:

@@ -183,8 +183,11 @@ def try_quick(argv: list[str]) -> int | Resume | None:
                 [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _struct.pack("3i", 1, 2, 0))],
             )
             # sendmsg may send only part (a signal during a send bigger than the
-            # socket's buffer): the rest follows.
-            sock.sendall(request[sent:])
+            # socket's buffer): the rest follows. Only if there is a rest: sendall sends
+            # even nothing, and by then the keeper may have run the command and hung up,
+            # whose EPIPE would have this process run it a second time.
+            if sent < len(request):
+                sock.sendall(request[sent:])
         except OSError:
             return None
         return interruptible(sock, lambda: status(sock, quick=True))
