@@ -23,7 +23,7 @@ from .._allocator import keep_large_buffers
 from .._labels import LabelError, check_labels, check_name, parse_selector
 from .._text import escape
 from .._units import UsageError, parse_duration, parse_signal, parse_size
-from ..api.client import OutputPiece, pb, stream_output
+from ..api.client import OutputPiece, RunningJob, pb, start_run, stream_output
 from ._attach import DETACHED, attach, exec_in, first_done, parse_detach_keys, window_of
 from ._client import CliError, Session, explain, no_answer, session
 from ._config import Target
@@ -150,10 +150,9 @@ class _Pump:
         self.request = request
         self.io = io
         self.offset = 0
-        # A RunJob call whose output to copy first (StreamOutput after it only if it
-        # breaks off); once it has ended, the job's final status it sent.
-        self.run_call: Any = None  # Any: grpc.aio's call objects are untyped
-        self.final: pb.Job | None = None
+        # A RunJob whose output to copy first (StreamOutput after it only if it breaks
+        # off), and which keeps the job's final status it ends with.
+        self.running: RunningJob | None = None
         # With --timestamps: whether each stream is at the start of a line.
         self.stamps = stamps
         self._line_start: dict[int, bool] = {}
@@ -209,37 +208,21 @@ class _Pump:
             delay = min(delay * 2, 2.0)
 
     def _pieces(self, request: pb.OutputRequest) -> AsyncIterator[OutputPiece]:
-        call, self.run_call = self.run_call, None
-        if call is None:
+        # A RunJob is read once: after it, only StreamOutput (see RunningJob).
+        running, self.running = self.running, None
+        if running is None:
             return stream_output(self.s.channel, request)
-        return self._run_pieces(call)
-
-    async def _run_pieces(self, call: Any) -> AsyncIterator[OutputPiece]:
-        """The output a RunJob call sends (the final status kept); a RunJob is never asked
-        for again: that would run the command again, so a broken one goes on with
-        StreamOutput. Any: as ``run_call``."""
-        try:
-            # read(), not iteration: the first response was read so (gRPC does not let
-            # one call mix the two).
-            while (response := await call.read()) is not grpc.aio.EOF:
-                if response.HasField("ended"):
-                    self.final = response.ended
-                    continue
-                chunks = response.output.chunks
-                for i, chunk in enumerate(chunks, 1):
-                    yield OutputPiece(
-                        chunk.stream,
-                        memoryview(chunk.data),
-                        chunk.time_unix_nano,
-                        response.output.offset,
-                        i == len(chunks),
-                    )
-        finally:
-            call.cancel()
+        return running.pieces()
 
 
 async def _follow(  # noqa: PLR0913 - the job, and how it is followed
-    s: Session, job_id: str, io: Io, *, remove: bool, offset: int = 0, run_call: Any = None
+    s: Session,
+    job_id: str,
+    io: Io,
+    *,
+    remove: bool,
+    offset: int = 0,
+    running: RunningJob | None = None,
 ) -> int:
     """Stream the job's output to ours until it ends; exit with its status.
 
@@ -250,7 +233,7 @@ async def _follow(  # noqa: PLR0913 - the job, and how it is followed
     """
     pump = _Pump(s, pb.OutputRequest(id=job_id, follow=True), io, stamps=False)
     pump.offset = offset
-    pump.run_call = run_call
+    pump.running = running
     interrupted = asyncio.Event()
     with io.interrupts_to(interrupted.set):
         pumping = asyncio.ensure_future(pump.run())
@@ -262,7 +245,9 @@ async def _follow(  # noqa: PLR0913 - the job, and how it is followed
     )
     if pumping.done() and not stdout_gone:
         pumping.result()
-        final = pump.final or await s.call("WaitJob", pb.Job, pb.JobRequest(id=job_id), waits=True)
+        final = (running and running.final) or await s.call(
+            "WaitJob", pb.Job, pb.JobRequest(id=job_id), waits=True
+        )
         return exit_status_of(final)
     if not remove:
         pumping.cancel()
@@ -396,12 +381,7 @@ async def _run(s: Session, args: argparse.Namespace, io: Io) -> int:
         if remove:
             await s.call("RemoveJob", pb.Job, pb.JobRequest(id=resume.job))
         return status
-    run_call = None
-    if args.command == "run" and not (args.interactive or args.tty):
-        job, run_call = await _run_job(s, job_spec(args))
-    else:
-        request = pb.CreateJobRequest(spec=job_spec(args), start=True)
-        job = await s.call("CreateJob", pb.Job, request)
+    job, running = await _started(s, args)
     if job.state == pb.JOB_STATE_FAILED:
         if args.command == "start" and not args.follow:
             await io.out((json_text(job_json(job)) if args.json else f"{job.id}\n").encode())
@@ -422,7 +402,7 @@ async def _run(s: Session, args: argparse.Namespace, io: Io) -> int:
         return status
     if args.command == "run" or args.follow:
         remove = getattr(args, "rm", False)
-        status = await _follow(s, job.id, io, remove=remove, run_call=run_call)
+        status = await _follow(s, job.id, io, remove=remove, running=running)
         if remove:
             await s.call("RemoveJob", pb.Job, pb.JobRequest(id=job.id))
         return status
@@ -430,31 +410,37 @@ async def _run(s: Session, args: argparse.Namespace, io: Io) -> int:
     return 0
 
 
-async def _run_job(s: Session, spec: pb.JobSpec) -> tuple[pb.Job, Any]:
-    """Start ``spec`` with RunJob: the job as started, and the call its output and end come
-    on (read by _Pump). A server from before RunJob gets CreateJob, and None for the call.
-    Any: grpc.aio's call objects are untyped.
+async def _started(s: Session, args: argparse.Namespace) -> tuple[pb.Job, RunningJob | None]:
+    """The job ``args`` starts, and the RunJob its output and end come on for a plain
+    ``run`` (None for the rest, and from a server without RunJob: those take CreateJob).
+
+    Raises:
+        CliError: as :func:`_start_run`, or CreateJob failed.
+    """
+    if args.command == "run" and not (args.interactive or args.tty):
+        running = await _start_run(s, job_spec(args))
+        if running is not None:
+            return running.job, running
+    request = pb.CreateJobRequest(spec=job_spec(args), start=True)
+    return await s.call("CreateJob", pb.Job, request), None
+
+
+async def _start_run(s: Session, spec: pb.JobSpec) -> RunningJob | None:
+    """``spec`` started with RunJob, its output and end to come on it (read by _Pump); None
+    from a server without RunJob (then CreateJob).
 
     Raises:
         CliError: the job could not be created (what the server said), or the server did
             not answer in time.
     """
-    call = s.stub.RunJob(pb.RunJobRequest(spec=spec))
     try:
-        async with asyncio.timeout(s.target.timeout):
-            first = await call.read()
+        return await start_run(s.channel, pb.RunJobRequest(spec=spec), timeout=s.target.timeout)
     except TimeoutError:
-        call.cancel()
         raise no_answer(s.target) from None
     except grpc.aio.AioRpcError as e:
-        if e.code() is grpc.StatusCode.UNIMPLEMENTED:
-            request = pb.CreateJobRequest(spec=spec, start=True)
-            return await s.call("CreateJob", pb.Job, request), None
         raise await explain(e, s.target) from None
-    if first is grpc.aio.EOF or not first.HasField("started"):
-        call.cancel()
-        raise CliError("the server answered RunJob with an unexpected message")
-    return first.started, call
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 async def _wait(s: Session, args: argparse.Namespace, io: Io) -> int:

@@ -34,7 +34,7 @@ from .._text import escape
 from .._units import UsageError
 from ..api._config import split_address
 from ..api._tls import TlsError, TlsFiles
-from ..api.client import connect, pb, stream_output
+from ..api.client import connect, pb, start_run, stream_output
 from ._client import CliError, Session
 from ._commands import guarded, job_spec, listed, run_command, run_here
 from ._config import Fleet
@@ -351,27 +351,13 @@ async def _run_on(
         TimeoutError: the server did not answer the start within the target's timeout.
         ValueError: its first answer was not the job's start.
     """
-    call = session.stub.RunJob(pb.RunJobRequest(spec=spec))
-    try:
-        async with asyncio.timeout(session.target.timeout):
-            first = await call.read()
-    except grpc.aio.AioRpcError as e:
-        if e.code() is not grpc.StatusCode.UNIMPLEMENTED:
-            raise
+    request = pb.RunJobRequest(spec=spec)
+    running = await start_run(session.channel, request, timeout=session.target.timeout)
+    if running is None:
         return await _create_and_follow(session, spec, out)
-    except TimeoutError:
-        call.cancel()
-        raise
-    if first is grpc.aio.EOF or not first.HasField("started"):
-        call.cancel()
-        raise ValueError("the server answered RunJob with an unexpected message")
-    final: pb.Job = first.started
-    while (response := await call.read()) is not grpc.aio.EOF:
-        if response.HasField("ended"):
-            final = response.ended
-        for chunk in response.output.chunks:
-            await out(chunk.stream, chunk.data)
-    return final
+    async for piece in running.pieces():
+        await out(piece.stream, bytes(piece.data))
+    return running.final or running.job
 
 
 async def _create_and_follow(
