@@ -276,7 +276,7 @@ async def test_a_job_whose_cgroup_cannot_be_made_is_failed_and_on_record(
     driver = runtime._cgroups  # noqa: SLF001 - the fault goes into the cgroup driver
     assert driver is not None
 
-    def refuse(job_id: str, _limits: object) -> None:
+    def refuse(job_id: str, _limits: object, **_made: bool) -> None:
         raise CgroupError(f"cannot create the cgroup of {job_id} (injected)")
 
     monkeypatch.setattr(driver, "create", refuse)
@@ -341,3 +341,84 @@ async def test_a_start_goes_on_when_the_supervisor_forked_ahead_is_gone(tmp_path
             out = joined(await collect(rt, job.id))
         assert (final.state, final.exit_code, out) == (State.EXITED, 0, b"still here\n")
         assert supervisor_pid(state, job.id) != ahead
+
+
+async def _command_ahead(standby: int) -> tuple[int, str]:
+    """The standby's child, the command forked ahead for the next job: its pid, and the
+    name of the cgroup it was born in (the next job's id). Checked every 10 ms, 30 s at
+    most: nothing announces its fork."""
+    children = Path(f"/proc/{standby}/task/{standby}/children")
+    async with asyncio.timeout(30):
+        while not (pids := children.read_text().split()):  # noqa: ASYNC110 - /proc cannot be watched
+            await asyncio.sleep(0.01)
+    (pid,) = pids
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    unified = next(line for line in lines if line.startswith("0::"))
+    return int(pid), unified.rsplit("/", 1)[1]
+
+
+def _pid_in_job(host_pid: int) -> int:
+    """The pid a process has in its own (innermost) PID namespace."""
+    status = Path(f"/proc/{host_pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("NSpid:")).split()[-1])
+
+
+async def test_a_job_created_with_its_start_runs_in_the_command_forked_ahead(
+    tmp_path: Path,
+) -> None:
+    """The server names its next job before it exists (its id, its cgroup made); the
+    standby forks that job's command there, and the next job created with its start is
+    that job: its command is the process that waited, PID 2 of its namespace."""
+    state = tmp_path / "state"
+    async with opened(make_config(state, spare_roots=False)) as rt:
+        standby = await _standby(rt, set())
+        command, next_id = await _command_ahead(standby)
+        job = await rt.run(py("import time; print('up', flush=True); time.sleep(600)"))
+        await read_until(rt, job.id, b"up")
+        assert (job.id, job.pid, supervisor_pid(state, job.id)) == (next_id, command, standby)
+        assert _pid_in_job(command) == 2
+        # The next standby forks a command for the job named next.
+        assert (await _command_ahead(await _standby(rt, {standby})))[1] != job.id
+        await rt.stop(job.id, grace=0)
+
+
+async def test_another_jobs_start_leaves_the_standby_to_the_next_job(tmp_path: Path) -> None:
+    """A job created first and started later is not the next job: its start forks its
+    own supervisor and command, and the standby waits on for the next job."""
+    state = tmp_path / "state"
+    async with opened(make_config(state, spare_roots=False)) as rt:
+        standby = await _standby(rt, set())
+        command, next_id = await _command_ahead(standby)
+        created = await rt.create(JobSpec(["sleep", "600"]))
+        later = await rt.start(created.id)
+        assert later.pid is not None
+        assert created.id != next_id
+        assert supervisor_pid(state, created.id) != standby
+        assert _pid_in_job(later.pid) == 2
+        assert await _command_ahead(standby) == (command, next_id)
+        job = await rt.run(JobSpec(["echo", "next"]))
+        assert (job.id, supervisor_pid(state, job.id)) == (next_id, standby)
+        async with asyncio.timeout(30):
+            assert (await rt.wait(job.id)).exit_code == 0
+        assert joined(await collect(rt, job.id)) == b"next\n"
+        await rt.stop(created.id, grace=0)
+
+
+async def test_a_start_goes_on_when_the_command_forked_ahead_is_gone(tmp_path: Path) -> None:
+    """A command forked ahead and killed from outside leaves its job to a command forked
+    at the launch, still PID 2 of the job's namespace."""
+    state = tmp_path / "state"
+    async with opened(make_config(state, spare_roots=False)) as rt:
+        command, _next_id = await _command_ahead(await _standby(rt, set()))
+        pidfd = os.pidfd_open(command)
+        try:
+            os.kill(command, signal.SIGKILL)  # forked by this test's runtime
+            async with asyncio.timeout(30):
+                await wait_fd(pidfd)
+        finally:
+            os.close(pidfd)
+        job = await rt.run(py("import os, time; print(os.getpid(), flush=True); time.sleep(600)"))
+        out = await read_until(rt, job.id, b"\n")
+        assert job.pid not in (None, command)
+        assert out == b"2\n"
+        await rt.stop(job.id, grace=0)

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jobworker.runtime._jobdir import CgroupPaths, RunRecord
-from jobworker.runtime._protocol import LaunchOrder, Report
+from jobworker.runtime._protocol import LaunchOrder, NextJob, Report
 
 # What a path can hold: anything UTF-8 can say but NUL.
 paths = st.text(st.characters(codec="utf-8", exclude_characters="\0"), min_size=1)
@@ -37,6 +37,31 @@ def test_a_launch_order_decodes_to_what_was_encoded(order: LaunchOrder) -> None:
 def test_a_broken_launch_order_is_a_value_error(data: bytes) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - each broken part raises its own text
         LaunchOrder.decode(data)
+
+
+next_jobs = st.builds(
+    NextJob,
+    job_id=paths.filter(lambda p: "/" not in p),
+    cgroup=st.none()
+    | st.builds(CgroupPaths, st.dictionaries(paths, paths.map(lambda p: "/" + p), min_size=1)),
+)
+
+
+@given(next_jobs, orders)
+def test_a_next_job_decodes_to_what_was_encoded_and_knows_its_launch(
+    job: NextJob, order: LaunchOrder
+) -> None:
+    assert NextJob.decode(job.encode()) == job
+    assert job.joins(order._replace(job_dir=f"/state/jobs/{job.job_id}"))
+    assert not job.joins(order._replace(job_dir=f"/state/jobs/{job.job_id}x"))
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"next", b"next\0\0", b"order\0id\0", b"next\0id\0{", b'next\0id\0{"a": "rel"}']
+)
+def test_a_broken_next_job_is_a_value_error(data: bytes) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - each broken part raises its own text
+        NextJob.decode(data)
 
 
 @given(runs)

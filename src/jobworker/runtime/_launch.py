@@ -27,6 +27,7 @@ from ._protocol import (
     Control,
     ExecOrder,
     LaunchOrder,
+    NextJob,
     Outcome,
     Reply,
     Report,
@@ -320,14 +321,23 @@ class Launcher:
             ours.close()
         return _outcome(order.job_dir, msg, fds)
 
-    async def _send(self, msg: bytes, fd: int) -> None:
+    async def next_job(self, job: NextJob) -> None:
+        """Name the next job created with its start, its cgroup made: its command's
+        process is forked there ahead of it.
+
+        Raises:
+            OSError: the launcher is gone.
+        """
+        await self._send(job.encode(), None)
+
+    async def _send(self, msg: bytes, fd: int | None) -> None:
         # The socket's queue is short (net.unix.max_dgram_qlen, often 10), so a burst of
         # launches must wait for room; and an event loop keeps one writer callback per fd,
         # so only one sender may wait at a time.
         async with self._send_lock:
             while True:
                 try:
-                    socket.send_fds(self._sock, [msg], [fd])
+                    socket.send_fds(self._sock, [msg], [] if fd is None else [fd])
                 except BlockingIOError:
                     await wait_fd(self._sock.fileno(), write=True)
                 else:

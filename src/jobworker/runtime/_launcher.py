@@ -36,10 +36,10 @@ from ._jobdir import ExitRecord, RunRecord, SpecRecord, start_ticks
 from ._linux import CLONE_NEWPID, clone3, close_all_but
 from ._logformat import HEADER, Stream
 from ._preexec import DEFAULT_PATH, job_env, set_seccomp_filter, which
-from ._protocol import MAX_ORDER_BYTES, Control, LaunchOrder, Reply, Report
+from ._protocol import MAX_ORDER_BYTES, Control, LaunchOrder, NextJob, Reply, Report
 from ._rootfs import plan_tree
 from ._spare import NAMESPACES, Spare, SpareRoots
-from ._supervisor import run_supervisor
+from ._supervisor import Ahead, fork_ahead, run_supervisor
 
 __all__ = ["main"]
 
@@ -84,9 +84,11 @@ def _supervisor_main(
     _run(order, report, spare)
 
 
-def _run(order: bytes, report: socket.socket, spare: Spare | None) -> NoReturn:
+def _run(
+    order: bytes, report: socket.socket, spare: Spare | None, ahead: Ahead | None = None
+) -> NoReturn:
     try:
-        run_supervisor(order, report, spare)
+        run_supervisor(order, report, spare, ahead)
     except BaseException as e:  # noqa: BLE001 - any failure must reach the server as a report
         _send_error(report, f"job supervisor failed: {e!r}")
     os._exit(1)
@@ -178,11 +180,21 @@ class _Standby:
     its PID namespace, lets go of the launcher's descriptors and runs the supervisor's
     code once, then blocks on its channel. A launch hands it the order, the report
     socket and the spare's namespaces there. One is kept at most, and the next is forked
-    only once one was taken, after the launch (``_REFILL_DELAY``)."""
+    only once one was taken, after the launch (``_REFILL_DELAY``).
+
+    The server names its next job ahead (``NextJob``: the id the next job created with its
+    start takes, and its cgroup, made already); the standby then forks that job's command
+    process too, in the job's cgroups, where it waits for the job (``fork_ahead``). Such a
+    standby is that job's: another job's launch forks its own supervisor, as without a
+    standby, and the standby goes on waiting."""
 
     def __init__(self, spares: SpareRoots | None) -> None:
         self._spares = spares
         self._channel: socket.socket | None = None
+        # The server's next job (encoded), until an order launches it.
+        self._next: bytes | None = None
+        # The next job the waiting standby has forked a command for (None: none).
+        self._bound: bytes | None = None
 
     def refill(self, server: socket.socket) -> None:
         """Fork a standby, unless one is waiting. A failed fork leaves none: the next
@@ -197,14 +209,32 @@ class _Standby:
             theirs.close()
             return
         if pid == 0:
-            _standby_main(server, theirs, self._spares)
+            _standby_main(server, theirs, self._spares, self._next)
         theirs.close()
         self._channel = ours
+        self._bound = self._next
+
+    def next_job(self, msg: bytes) -> None:
+        """The server's next job: the waiting standby forks its command ahead (and lets
+        go of the one it forked for the job named before)."""
+        self._next = msg
+        if self._channel is not None:
+            try:
+                self._channel.send(msg)
+            except OSError:
+                self.close()  # gone (killed): the next launch forks, the refill after it
+            else:
+                self._bound = msg
 
     def hand(self, order: bytes, report: socket.socket, spare: Spare | None) -> bool:
         """Give a job to the standby; False if none is waiting (or it is gone: killed,
-        say), and the caller forks the supervisor itself."""
+        say) or it waits for another job, and the caller forks the supervisor itself."""
+        if self._next is not None and _launches(order, self._next):
+            self._next = None
+        if self._bound is not None and not _launches(order, self._bound):
+            return False
         channel, self._channel = self._channel, None
+        self._bound = None
         if channel is None:
             return False
         with channel:
@@ -220,17 +250,41 @@ class _Standby:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+            self._bound = None
+
+
+def _launches(order: bytes, next_job: bytes) -> bool:
+    try:
+        return NextJob.decode(next_job).joins(LaunchOrder.decode(order))
+    except ValueError:
+        return False
 
 
 def _standby_main(
-    server: socket.socket, channel: socket.socket, spares: SpareRoots | None
+    server: socket.socket,
+    channel: socket.socket,
+    spares: SpareRoots | None,
+    next_job: bytes | None,
 ) -> NoReturn:
     """In the forked child, PID 1 of its PID namespace: wait for a job, then become its
-    supervisor; exit if the launcher lets go first."""
+    supervisor; exit if the launcher lets go first. Each next job named meanwhile (the
+    launcher's ``next_job`` when forking, then any sent) gets its command forked ahead."""
+    where = None if spares is None else spares.where
+    ahead: Ahead | None = None
     try:
         _detach(server, channel.fileno())
-        _warm_up(1)  # take the first steps' copy-on-write faults now, not in the launch
-        msg, fds, _flags, _addr = socket.recv_fds(channel, MAX_ORDER_BYTES, 1 + len(NAMESPACES))
+        while True:
+            if next_job is not None:
+                if ahead is not None:
+                    ahead.discard()
+                ahead = fork_ahead(NextJob.decode(next_job), where)
+            # Take the first steps' copy-on-write faults now, not in the launch; again
+            # after each fork ahead, which shares our pages with that process anew.
+            _warm_up(1)
+            msg, fds, _flags, _addr = socket.recv_fds(channel, MAX_ORDER_BYTES, 1 + len(NAMESPACES))
+            if fds or not msg:
+                break
+            next_job = msg
     except BaseException:  # noqa: BLE001 - no job yet: nobody to report to
         os._exit(1)
     channel.close()
@@ -240,7 +294,7 @@ def _standby_main(
     spare = None
     if len(fds) > 1 and spares is not None:
         spare = Spare(tuple(fds[1:]), *spares.where)
-    _run(msg, report, spare)
+    _run(msg, report, spare, ahead)
 
 
 def _launch(server: socket.socket, spares: SpareRoots | None, standby: _Standby) -> bool:
@@ -250,6 +304,11 @@ def _launch(server: socket.socket, spares: SpareRoots | None, standby: _Standby)
         msg, fds, flags, _addr = socket.recv_fds(server, MAX_ORDER_BYTES, 1)
     except ConnectionResetError:
         return False
+    if msg and not fds:
+        with contextlib.suppress(ValueError):
+            NextJob.decode(msg)
+            standby.next_job(msg)
+        return True
     if not msg or len(fds) != 1:
         for fd in fds:
             os.close(fd)

@@ -17,7 +17,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from ._config import DEFAULT_TMP_BYTES, RuntimeConfig
 from ._errors import (
@@ -44,7 +44,7 @@ from ._jobdir import (
 from ._launch import Launched, Launcher, SupervisorHandle
 from ._notify import DirNotifier
 from ._observer import JobObserver
-from ._protocol import LaunchOrder
+from ._protocol import LaunchOrder, NextJob
 from ._registry import Registry
 from ._spec import JobSpec, Limits
 from ._states import State
@@ -70,6 +70,14 @@ _REMOVE_FIRST_S = 0.005
 _REMOVE_QUIET_S = 0.05
 _REMOVE_DEFER_S = 2.0
 _REMOVE_CAP_S = 0.25
+
+
+class _Next(NamedTuple):
+    """The next job created with its start: its id, and its cgroup (None: no cgroups),
+    made ahead and named to the launcher, which forks its command's process there."""
+
+    job_id: str
+    cgroup: JobCgroup | None
 
 
 def _failed(error: str, reason: str) -> ExitRecord:
@@ -113,6 +121,9 @@ class Lifecycle:
         # Jobs whose end is being recorded: their cgroups are still needed (for usage).
         self.ending: set[str] = set()
         self.closed = False
+        # The next job created with its start (``prepare_next``); None while none is ready.
+        self.next: _Next | None = None
+        self._preparing = False
         # Set once no job's end has begun for _REMOVE_QUIET_S (and when the runtime
         # closes): deferred removals wait on it. One timer keeps it, rather than each
         # waiting removal polling (1,000 of them would wake 20,000 times a second).
@@ -199,7 +210,8 @@ class Lifecycle:
                     f"{spec.owner} already has {active} jobs created or running (the "
                     "server's limit); stop or wait for some first"
                 )
-        job_id = str(uuid.uuid4())
+        ahead, self.next = (self.next, None) if start else (None, self.next)
+        job_id = ahead.job_id if ahead is not None else str(uuid.uuid4())
         directory = str(self.jobs_dir / job_id)
         user = config.user_for(spec.owner)
         record = SpecRecord(
@@ -228,6 +240,8 @@ class Lifecycle:
             self.observer,
             limits_enforced=self.cgroups is not None,
         )
+        if ahead is not None:
+            job.cgroup = ahead.cgroup  # its limits are written with the launch (_ready)
         # Registered before the first await: the reservation the quota check counts.
         self.registry.add(job)
         if start:
@@ -268,6 +282,7 @@ class Lifecycle:
         task = asyncio.get_running_loop().create_task(self._launch(job))
         self.launches.add(task)
         task.add_done_callback(self.launches.discard)
+        task.add_done_callback(lambda _task: self.prepare_next())
         await asyncio.shield(task)
 
     async def _launch(self, job: Job) -> None:
@@ -310,6 +325,42 @@ class Lifecycle:
             else:
                 await self.start_failed(job, result.error)
 
+    def prepare_next(self) -> None:
+        """Make the next job ahead, unless it is made or being made (:class:`_Next`)."""
+        if self.next is None and not self._preparing and not self.closed:
+            self._preparing = True
+            self.background(self._prepare_next(), self.cleanups)
+
+    async def _prepare_next(self) -> None:
+        job_id = str(uuid.uuid4())
+        cgroup = None
+        try:
+            if self.cgroups is not None:
+                cgroup = await asyncio.to_thread(self.cgroups.create, job_id, Limits())
+            if not self.closed:
+                await self.launcher.next_job(
+                    NextJob(job_id, cgroup.paths if cgroup is not None else None)
+                )
+                self.next = _Next(job_id, cgroup)
+                return
+        except (CgroupError, OSError):
+            pass  # none ahead: the next start makes its own (and reports what fails)
+        finally:
+            self._preparing = False
+        await self._remove_next(cgroup)
+
+    async def drop_next(self) -> None:
+        """Remove the next job's cgroup (the launcher gone: the command's process forked
+        ahead in it goes with its standby)."""
+        if self.next is not None:
+            await self._remove_next(self.next.cgroup)
+            self.next = None
+
+    async def _remove_next(self, cgroup: JobCgroup | None) -> None:
+        if cgroup is not None:
+            with contextlib.suppress(CgroupError):
+                await asyncio.to_thread(cgroup.remove, self.config.cgroup_remove_timeout)
+
     def _recorded(self, job: Job) -> None:
         if not job.recorded:
             job.recorded = True
@@ -331,7 +382,7 @@ class Lifecycle:
             # The job's first process joins these before exec: no unlimited window. Set on
             # the job at once, so that a failed write below still has it removed.
             try:
-                job.cgroup = self.cgroups.create(job.id, job.limits)
+                job.cgroup = self.cgroups.create(job.id, job.limits, made=job.cgroup is not None)
             except CgroupError:
                 if not job.recorded:
                     write_record(job.dir, SPEC, record.to_json())

@@ -64,9 +64,11 @@ from ._spare import NAMESPACES, Spare
 __all__ = [
     "DEFAULT_PATH",
     "ExecError",
+    "await_job",
     "exec_command",
     "exec_in_job",
     "fork_in_cgroup",
+    "go_message",
     "job_env",
     "resolve",
     "seccomp_filter",
@@ -267,14 +269,15 @@ def _join_cgroups(spec: SpecRecord, *, born_in_unified: bool) -> None:
 
 
 def _isolate(
-    spec: SpecRecord, new_root: str, spare: Spare | None, *, born_in_unified: bool
+    spec: SpecRecord, new_root: str, spare: Spare | None, *, born_in_unified: bool, joined: bool
 ) -> None:
-    """Join the job's cgroups first, so that all the process makes from here on (its
-    root's tmpfs pages, its children) is counted in them; then the job's own namespaces
-    and root, the cgroup namespace (whose root is the cgroup we are in), and drop
-    privileges."""
+    """Join the job's cgroups first (unless ``joined`` ahead), so that all the process
+    makes from here on (its root's tmpfs pages, its children) is counted in them; then the
+    job's own namespaces and root, the cgroup namespace (whose root is the cgroup we are
+    in), and drop privileges."""
     last_cap = _cap_last()  # read while the host's /proc is still there
-    _join_cgroups(spec, born_in_unified=born_in_unified)
+    if not joined:
+        _join_cgroups(spec, born_in_unified=born_in_unified)
     if spec.namespaces:
         _enter_namespaces(spec, new_root, spare)
         unshare(CLONE_NEWCGROUP, "cgroup")
@@ -283,13 +286,90 @@ def _isolate(
     _drop_privileges(spec, last_cap)
 
 
-def exec_command(
+def _default_signals() -> None:
+    """Every signal at its default and none blocked. Python ignores SIGPIPE and SIGXFSZ
+    (and the launcher more), and ignored signals stay ignored across exec."""
+    signal.set_wakeup_fd(-1)
+    for signum in range(1, signal.NSIG):
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def await_job(
+    stdio: tuple[int, int],
+    status_w: int,
+    go: socket.socket,
+    where: tuple[str, tuple[str, ...]] | None,
+    joins: tuple[str, ...],
+) -> NoReturn:
+    """In a process a standby forked ahead of its job (in the job's cgroup v2 directory,
+    if it has one): the job's other cgroups (``joins``, as :func:`_join_cgroups` writes
+    them), a session of its own and default signals now, then wait on ``go`` for the job
+    (:func:`go_message`) and run its command as :func:`exec_command` does; ``where`` is the
+    launcher's spare roots. Exits 0 if ``go`` closes first, 1 on a failure before the job
+    comes (the supervisor then forks the command itself, and that one reports it)."""
+    try:
+        for path in joins:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        os.setsid()
+        close_all_but(*stdio, status_w, go.fileno())
+        _default_signals()
+        _warm_up()
+        msg, fds, _flags, _addr = socket.recv_fds(go, 4096, 1 + len(NAMESPACES))
+    except BaseException:  # noqa: BLE001 - no job yet: nobody to report to
+        os._exit(1)
+    go.close()
+    if not msg:
+        os._exit(0)
+    stdin = fds.pop(0) if msg[:1] == b"i" else None
+    spare = Spare(tuple(fds), *where) if fds and where is not None else None
+    try:
+        os.chdir(msg[1:].decode())
+    except OSError as e:
+        _fail(status_w, "start_error", f"cannot enter the job's directory: {e.strerror}")
+    exec_command(stdio, status_w, born_in_unified=True, stdin=stdin, spare=spare, fresh=False)
+
+
+def go_message(job_dir: str, *, stdin: bool) -> bytes:
+    """What :func:`await_job` waits for: the job's directory, and whether the first
+    descriptor passed with it is the job's stdin."""
+    return (b"i" if stdin else b"-") + job_dir.encode()
+
+
+def _warm_up() -> None:
+    """Parse a spec as the job's will be parsed, so that the pages it writes are copied
+    now, before the job comes."""
+    spec = SpecRecord.from_json(
+        {
+            "id": "x",
+            "created_ns": 1,
+            "spec": {"argv": ["true"], "env": {}, "cwd": "/", "owner": "x"},
+            "limits": {},
+            "output_limit": 1,
+            "uid": 65534,
+            "gid": 65534,
+            "hostname": "x",
+            "namespaces": True,
+            "cgroup": {"pids": "/x"},
+        }
+    )
+    _env(spec, {}, None)
+    which("true", DEFAULT_PATH)
+
+
+def exec_command(  # noqa: PLR0913 - each is one descriptor or fact the child needs
     stdio: tuple[int, int],
     status_w: int,
     *,
     born_in_unified: bool,
     stdin: int | None = None,
     spare: Spare | None = None,
+    fresh: bool = True,
 ) -> NoReturn:
     """In the forked child, in the job's directory: the job's spec, stdio (``stdin`` the
     read end of the job's stdin pipe, or None for /dev/null; ``stdio`` = stdout and stderr
@@ -297,8 +377,10 @@ def exec_command(
     isolation (on ``spare``, the root built ahead, if it fits the job), cwd, the seccomp
     filter, then exec. ``born_in_unified``: :func:`fork_in_cgroup` made this process in the
     job's cgroup v2 directory. Never returns; a failure is written to
-    ``status_w``. The executable is looked up in the job's PATH after the job's root is in
-    place and as the job's user, so it is the job's own view that decides."""
+    ``status_w``. ``fresh`` is False in a process forked ahead (:func:`await_job`), which
+    has its cgroups, session and signals already. The executable is looked up in the
+    job's PATH after the job's root is in place and as the job's user, so it is the job's
+    own view that decides."""
     try:
         spec = _read_spec()
         if spare is not None and not (
@@ -318,9 +400,12 @@ def exec_command(
         _Command(spec.argv, env, spec.cwd, spec.window if tty else None),
         stdio=(stdin, *stdio),
         status_w=status_w,
-        enter=lambda: _isolate(spec, new_root, spare, born_in_unified=born_in_unified),
+        enter=lambda: _isolate(
+            spec, new_root, spare, born_in_unified=born_in_unified, joined=not fresh
+        ),
         keep=() if spare is None else spare.namespaces,
         root=new_root,
+        fresh=fresh,
     )
 
 
@@ -423,6 +508,7 @@ def _start(  # noqa: PLR0913 - each is one descriptor or fact the child needs
     enter: Callable[[], None],
     keep: tuple[int, ...],
     root: str = "",
+    fresh: bool = True,
 ) -> NoReturn:
     """What the job's command and an exec'd process share: a session of its own, stdio
     (``None`` stdin: /dev/null), only ``status_w`` and ``keep`` left open, default signals,
@@ -431,19 +517,16 @@ def _start(  # noqa: PLR0913 - each is one descriptor or fact the child needs
     stage = "set up the job's process"
     reason = "start_error"
     try:
-        os.setsid()
+        if fresh:
+            os.setsid()
         stdin, stdout, stderr = stdio
         os.dup2(os.open("/dev/null", os.O_RDONLY) if stdin is None else stdin, 0)
         os.dup2(stdout, 1)
         os.dup2(stderr, 2)
         # Only 0-2 survive: nothing of the launcher or the server can leak into the job.
         close_all_but(status_w, *keep)
-        signal.set_wakeup_fd(-1)
-        # Python ignores SIGPIPE and SIGXFSZ, and ignored signals stay ignored across exec.
-        for signum in range(1, signal.NSIG):
-            with contextlib.suppress(OSError, ValueError):
-                signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if fresh:
+            _default_signals()
         stage = "isolate the job (cgroups, namespaces, root, user)"
         enter()
         if command.window is not None:

@@ -3,6 +3,10 @@
 - A **launch order** goes from the server to the launcher, once per job, and on to the job's
   supervisor: the job's directory and the few facts the supervisor needs for itself
   (:class:`LaunchOrder`). The supervisor never parses spec.json: its command does.
+- A **next job** goes from the server to the launcher, and on to the supervisor forked
+  ahead (the standby), before that job exists: the id the server's next job created with
+  its start will take, and the cgroup made for it (:class:`NextJob`). The standby forks the
+  job's command process into that cgroup then, to wait for the job.
 - A **report** goes once per launch from the launcher or the job's supervisor to the server,
   over the launch's own SEQPACKET socket: the command runs (its run record, plus a pidfd of
   the supervisor passed alongside), or it could not start (an exit record when the
@@ -25,7 +29,7 @@ import enum
 import json
 from typing import Any, NamedTuple
 
-from ._jobdir import CorruptRecordError, ExitRecord, RunRecord, SpecRecord
+from ._jobdir import CgroupPaths, CorruptRecordError, ExitRecord, RunRecord, SpecRecord
 
 __all__ = [
     "DEFAULT_GRACE_S",
@@ -35,6 +39,7 @@ __all__ = [
     "ExecExit",
     "ExecOrder",
     "LaunchOrder",
+    "NextJob",
     "Outcome",
     "Reply",
     "Report",
@@ -113,6 +118,34 @@ class LaunchOrder(NamedTuple):
             float(grace) if grace else None,
             unified,
         )
+
+
+class NextJob(NamedTuple):
+    """The id the next job created with its start will have, and its cgroup, made ahead
+    (None: the server makes none). Sent with no descriptor, which tells it from an
+    order: ``next``, the id and the cgroup's JSON (empty for none), NUL-separated."""
+
+    job_id: str
+    cgroup: CgroupPaths | None
+
+    def encode(self) -> bytes:
+        cgroup = "" if self.cgroup is None else json.dumps(self.cgroup.to_json())
+        return f"next\0{self.job_id}\0{cgroup}".encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> NextJob:
+        """Raises ValueError: not a next job this release sends."""
+        tag, job_id, cgroup = data.decode().split("\0")
+        if tag != "next" or not job_id:
+            raise ValueError("not a next job")
+        try:
+            return cls(job_id, CgroupPaths.from_json(json.loads(cgroup)) if cgroup else None)
+        except CorruptRecordError as e:
+            raise ValueError(str(e)) from None
+
+    def joins(self, order: LaunchOrder) -> bool:
+        """Whether ``order`` launches this job (its directory is named for its id)."""
+        return order.job_dir.rpartition("/")[2] == self.job_id
 
 
 class Report(NamedTuple):

@@ -152,6 +152,7 @@ class Runtime:
             # A cgroup of no running job was left by a crash or a deleted job: take it down.
             keep = {j.id for j in runtime._registry if not j.state.is_final}
             await asyncio.to_thread(cgroups.prune, keep | life.ending)
+        life.prepare_next()
         life.background(retention_loop(life), life.tasks)
         life.background(runtime._sampler.run(), life.tasks)
         return runtime
@@ -189,6 +190,8 @@ class Runtime:
         if self._cgroups is not None:
             if not running:
                 await asyncio.to_thread(self._cgroups.close, self._config.cgroup_remove_timeout)
+            else:
+                await life.drop_next()
             self._cgroups.release()
         self._readers.shutdown(wait=True)
         life.shutdown()

@@ -30,7 +30,7 @@ import select
 import signal
 import socket
 import time
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from .._peer import peer_uid
 from ._jobdir import (
@@ -46,7 +46,14 @@ from ._jobdir import (
 )
 from ._logformat import Stream
 from ._logwriter import LogWriter
-from ._preexec import ExecError, exec_command, exec_in_job, fork_in_cgroup
+from ._preexec import (
+    ExecError,
+    await_job,
+    exec_command,
+    exec_in_job,
+    fork_in_cgroup,
+    go_message,
+)
 from ._protocol import (
     DEFAULT_GRACE_S,
     MAX_CONTROL_BYTES,
@@ -54,6 +61,7 @@ from ._protocol import (
     ExecExit,
     ExecOrder,
     LaunchOrder,
+    NextJob,
     Outcome,
     Reply,
     Report,
@@ -61,7 +69,7 @@ from ._protocol import (
 )
 from ._spare import Spare
 
-__all__ = ["Phase", "run_supervisor"]
+__all__ = ["Ahead", "Phase", "fork_ahead", "run_supervisor"]
 
 # 1 MiB pipes and reads: the design notes measured 1.1-1.7 GB/s into the log this way against
 # 0.4-0.9 GB/s with the default 64 KiB.
@@ -160,13 +168,17 @@ class _Supervisor:
         self.phase = phase
 
     # ---------------------------------------------------------------- the command
-    def spawn(self) -> dict[int, Stream]:
-        """Fork and exec the command; return the descriptors its output is read from (its
-        stdout and stderr pipes, or its terminal's master), each with its stream.
+    def spawn(self, ahead: Ahead | None) -> dict[int, Stream]:
+        """Fork and exec the command (or take the one ``ahead``, already told to go);
+        return the descriptors its output is read from (its stdout and stderr pipes, or
+        its terminal's master), each with its stream.
 
         Raises:
             ExecError: the command could not be started (the text names the OS error).
         """
+        if ahead is not None:
+            self.cmd_pid = ahead.pid
+            return self._started(ahead.status, ahead.out_r, ahead.err_r)
         (out_r, out_w), (err_r, err_w) = _big_pipe(), _big_pipe()
         in_r = None
         if self.order.stdin_mode == "pipe":
@@ -194,8 +206,12 @@ class _Supervisor:
         if in_r is not None:
             os.close(in_r)
         self.cmd_pid = pid
+        return self._started(status, out_r, err_r)
+
+    def _started(self, status: socket.socket, out_r: int, err_r: int) -> dict[int, Stream]:
         error = self._read_status(status)
         if error is not None:
+            pid = self.cmd_pid
             os.waitpid(pid, 0)
             os.close(out_r)
             os.close(err_r)
@@ -569,7 +585,96 @@ def _first_child(host_pid: int) -> int:
     return int(children[0]) if children else 0
 
 
-def run_supervisor(order: bytes, report: socket.socket, spare: Spare | None) -> NoReturn:
+class Ahead(NamedTuple):
+    """The command's process of the next job, forked ahead of it by a standby
+    (:func:`fork_ahead`), with the supervisor's ends of its go socket, exec-status socket
+    and output pipes."""
+
+    pid: int
+    go: socket.socket
+    status: socket.socket
+    out_r: int
+    err_r: int
+
+    def discard(self) -> None:
+        """End it unused, and reap it: a child left would pass for the job's command
+        (``_first_child``). The next process forked in our PID namespace is then PID 2
+        again, as the job's command always is."""
+        for sock in (self.go, self.status):
+            sock.close()
+        os.close(self.out_r)
+        os.close(self.err_r)
+        if self.pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            # A child may already be reaped (the launcher's SIGCHLD is still ignored).
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            # The kernel hands out the pid after the last one it gave in the namespace
+            # (ours: the writer's); where this write is refused, the command is PID 3.
+            with contextlib.suppress(OSError):
+                fd = os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY)
+                try:
+                    os.write(fd, b"1")
+                finally:
+                    os.close(fd)
+
+
+def fork_ahead(job: NextJob, where: tuple[str, tuple[str, ...]] | None) -> Ahead | None:
+    """In a standby: fork the next job's command process into its cgroups, to wait for
+    it (``_preexec.await_job``); ``where`` the launcher's spare roots. None if it cannot
+    be forked, or not born in the job's cgroup v2 directory (joining it later would take
+    the kernel's global lock that ``CgroupPaths.join_files`` avoids): the job's
+    supervisor then forks it."""
+    (out_r, out_w), (err_r, err_w) = _big_pipe(), _big_pipe()
+    status, status_w = socket.socketpair(
+        socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+    )
+    go, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    cgroup = job.cgroup
+    unified = (cgroup.unified or "") if cgroup is not None else ""
+    try:
+        pid, born = fork_in_cgroup(unified)
+    except OSError:
+        pid = -1
+    if pid == 0:
+        if unified and not born:
+            os._exit(1)
+        joins = () if cgroup is None else cgroup.join_files(born_in_unified=born)
+        await_job((out_w, err_w), status_w.fileno(), theirs, where, joins)
+    os.close(out_w)
+    os.close(err_w)
+    status_w.close()
+    theirs.close()
+    ahead = Ahead(pid, go, status, out_r, err_r)
+    if pid < 0:
+        ahead.discard()
+        return None
+    return ahead
+
+
+def _go(ahead: Ahead, order: LaunchOrder, spare: Spare | None) -> int | None:
+    """Tell the process forked ahead to run the job; return the write end of the job's
+    stdin pipe (-1: none), or None if it is gone (then it is discarded)."""
+    in_r, in_w = _big_pipe() if order.stdin_mode == "pipe" else (-1, -1)
+    fds = [*(() if in_r < 0 else (in_r,)), *(() if spare is None else spare.namespaces)]
+    try:
+        socket.send_fds(ahead.go, [go_message(order.job_dir, stdin=in_r >= 0)], fds)
+    except OSError:
+        ahead.discard()
+        if in_r >= 0:
+            os.close(in_r)
+            os.close(in_w)
+        return None
+    ahead.go.close()
+    if in_r >= 0:
+        os.close(in_r)
+    return in_w
+
+
+def run_supervisor(
+    order: bytes, report: socket.socket, spare: Spare | None, ahead: Ahead | None = None
+) -> NoReturn:
     """Run the job a :class:`LaunchOrder` (encoded) names as PID 1 of a fresh PID namespace,
     its root on ``spare`` if that fits the job. Never returns.
 
@@ -580,7 +685,18 @@ def run_supervisor(order: bytes, report: socket.socket, spare: Spare | None) -> 
     signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
     for signum in (signal.SIGCHLD, *_CLOSE_SIGNALS):
         signal.signal(signum, _noop)
-    sup = _Supervisor(LaunchOrder.decode(order), report, spare)
+    launch = LaunchOrder.decode(order)
+    # Told first (the launcher hands a standby only the job it forked for): it sets
+    # itself up while we do.
+    stdin_w = None if ahead is None else _go(ahead, launch, spare)
+    if stdin_w is None:
+        ahead = None
+    elif spare is not None:
+        spare.close()
+        spare = None
+    sup = _Supervisor(launch, report, spare)
+    if stdin_w is not None:
+        sup.stdin_w = stdin_w
     with contextlib.suppress(FileNotFoundError):
         os.unlink(CONTROL)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -589,7 +705,7 @@ def run_supervisor(order: bytes, report: socket.socket, spare: Spare | None) -> 
     listener.listen(16)
     listener.setblocking(False)
     try:
-        streams = sup.spawn()
+        streams = sup.spawn(ahead)
     except ExecError as e:
         sup.finish(e)
     # /proc is still the host's here, so it names our host pid, which the server needs.

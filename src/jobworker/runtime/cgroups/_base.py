@@ -106,8 +106,9 @@ class CgroupDriver(Protocol):
         """ "v2", "hybrid" or "v1"."""
         ...
 
-    def create(self, job_id: str, limits: Limits) -> JobCgroup:
-        """Create the job's cgroups with ``limits`` applied.
+    def create(self, job_id: str, limits: Limits, *, made: bool = False) -> JobCgroup:
+        """Create the job's cgroups with ``limits`` applied; ``made``: they were made
+        ahead (by a create with no limits), and only the limits are written.
 
         Raises:
             CgroupError: a directory or limit could not be created; nothing is left behind.

@@ -86,11 +86,11 @@ class V1Driver:
         # hierarchy order, all named after the job.
         return self.find(os.path.basename(next(iter(paths.dirs.values()))))
 
-    def create(self, job_id: str, limits: Limits) -> V1Cgroup:
+    def create(self, job_id: str, limits: Limits, *, made: bool = False) -> V1Cgroup:
         cgroup = self.find(job_id)
         dirs = self._dirs(job_id)
         try:
-            for directory in dirs:
+            for directory in () if made else dirs:
                 os.mkdir(directory)
             _apply(cgroup.dirs, limits)
         except (OSError, CgroupError) as e:

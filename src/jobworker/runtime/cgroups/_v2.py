@@ -107,10 +107,11 @@ class V2Driver:
     def _dir(self, job_id: str) -> str:
         return os.path.join(self._base, job_id)
 
-    def create(self, job_id: str, limits: Limits) -> V2Cgroup:
+    def create(self, job_id: str, limits: Limits, *, made: bool = False) -> V2Cgroup:
         directory = self._dir(job_id)
         try:
-            os.mkdir(directory)
+            if not made:
+                os.mkdir(directory)
         except OSError as e:
             raise CgroupError(f"cannot create cgroup {directory}: {e.strerror}") from e
         try:
