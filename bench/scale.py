@@ -373,8 +373,9 @@ async def start_once(stub: pb_grpc.JobServiceStub, argv: list[str]) -> tuple[flo
     return time.perf_counter() - t0, job.id
 
 
-def job_cgroups(subtree: str, groups: list[Path]) -> int:
-    """How many job cgroups the server with ``subtree`` still has, in every hierarchy."""
+def job_cgroups(subtree: str, groups: list[Path], jobs: set[str]) -> int:
+    """How many cgroups of ``jobs`` the server with ``subtree`` still has, in every
+    hierarchy (not the one its next job's command waits in, made ahead of that job)."""
     layout = detect()
     parents = [Path(h.own_dir) for h in layout.v1.values()] + groups
     if layout.unified is not None:
@@ -382,20 +383,22 @@ def job_cgroups(subtree: str, groups: list[Path]) -> int:
     count = 0
     for parent in parents:
         with contextlib.suppress(FileNotFoundError):
-            count += sum(1 for e in os.scandir(parent / subtree) if e.is_dir())
+            count += sum(1 for e in os.scandir(parent / subtree) if e.name in jobs)
     return count
 
 
-def _when_gone(subtree: str, groups: list[Path], t0: float) -> float:
-    """Seconds from ``t0`` until the server has no job cgroup left (the kernel tells no one
-    of a cgroup's removal: looked at every 50 ms, a measurement, at most 60 s)."""
-    while job_cgroups(subtree, groups) and time.perf_counter() - t0 < 60:
+def _when_gone(subtree: str, groups: list[Path], jobs: set[str], t0: float) -> float:
+    """Seconds from ``t0`` until the server has no cgroup of ``jobs`` left (the kernel
+    tells no one of a cgroup's removal: looked at every 50 ms, a measurement, at most 60
+    s)."""
+    while job_cgroups(subtree, groups, jobs) and time.perf_counter() - t0 < 60:
         time.sleep(0.05)
     return time.perf_counter() - t0
 
 
-async def churn(chans: list[grpc.aio.Channel], jobs: int) -> list[float]:
-    """``jobs`` `true` jobs run to their end from 8 clients; jobs/s of each thousand."""
+async def churn(chans: list[grpc.aio.Channel], jobs: int, ids: set[str]) -> list[float]:
+    """``jobs`` `true` jobs run to their end from 8 clients (their ids added to ``ids``);
+    jobs/s of each thousand."""
     done: list[float] = []
     left = iter(range(jobs))
 
@@ -403,6 +406,7 @@ async def churn(chans: list[grpc.aio.Channel], jobs: int) -> list[float]:
         stub = pb_grpc.JobServiceStub(channel)
         for _ in left:
             _took, job_id = await start_once(stub, ["true"])
+            ids.add(job_id)
             await stub.WaitJob(pb.JobRequest(id=job_id), timeout=60)
             done.append(time.perf_counter())
 
@@ -451,7 +455,8 @@ async def per_job_costs(  # noqa: PLR0913 - the server, and where its cgroups ar
                 )
             )
             all_stopped = time.perf_counter() - t0
-            storms.append((all_stopped, await asyncio.to_thread(_when_gone, subtree, groups, t0)))
+            gone = await asyncio.to_thread(_when_gone, subtree, groups, set(running), t0)
+            storms.append((all_stopped, gone))
             states |= {pb.JobState.Name(s.state) for s in stopped}
             # Left, not removed, until the ramps are over: deleting 1,000 job directories
             # would slow the next ramp's file creates (see table.scratch).
@@ -488,7 +493,7 @@ async def per_job_costs(  # noqa: PLR0913 - the server, and where its cgroups ar
             return rows
         # Churn, twice: 10,000 ended jobs of the owner by the end.
         idle = rss_bytes(pid)
-        first = await churn(chans, churned)
+        first = await churn(chans, churned, set())
         rss = rss_bytes(pid)
         rows.append(
             Row(
@@ -510,11 +515,12 @@ async def per_job_costs(  # noqa: PLR0913 - the server, and where its cgroups ar
                 True,
             )
         )
-        await churn(chans, churned)
+        churned_ids: set[str] = set()
+        await churn(chans, churned, churned_ids)
         # The cgroups of the jobs that ended last are still being removed (_lifecycle defers
         # removal while ends keep coming; 0.1-0.2 s once they stop, measured): the starts
         # are sampled after, to meet the 10,000 ended jobs, not those removals.
-        await asyncio.to_thread(_when_gone, subtree, groups, time.perf_counter())
+        await asyncio.to_thread(_when_gone, subtree, groups, churned_ids, time.perf_counter())
         samples = [(await start_once(stub, ["true"]))[0] for _ in range(50)]
         rows.append(
             Row(
