@@ -322,19 +322,24 @@ async def test_a_job_goes_to_the_supervisor_forked_ahead_of_it(tmp_path: Path) -
         await rt.stop(job.id, grace=0)
 
 
+async def _kill(pid: int) -> None:
+    """SIGKILL a process this test's runtime forked, and wait until it is gone."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(30):
+            await wait_fd(pidfd)
+    finally:
+        os.close(pidfd)
+
+
 async def test_a_start_goes_on_when_the_supervisor_forked_ahead_is_gone(tmp_path: Path) -> None:
     """A standby killed from outside (the OOM killer, say) costs nothing but its time
     saved: the launch forks the job's supervisor itself."""
     state = tmp_path / "state"
     async with opened(make_config(state, spare_roots=False)) as rt:
         ahead = await _standby(rt, set())
-        pidfd = os.pidfd_open(ahead)
-        try:
-            os.kill(ahead, signal.SIGKILL)  # forked by this test's runtime
-            async with asyncio.timeout(30):
-                await wait_fd(pidfd)
-        finally:
-            os.close(pidfd)
+        await _kill(ahead)
         async with asyncio.timeout(30):
             job = await rt.run(JobSpec(["echo", "still here"]))
             final = await rt.wait(job.id)
@@ -410,13 +415,7 @@ async def test_a_start_goes_on_when_the_command_forked_ahead_is_gone(tmp_path: P
     state = tmp_path / "state"
     async with opened(make_config(state, spare_roots=False)) as rt:
         command, _next_id = await _command_ahead(await _standby(rt, set()))
-        pidfd = os.pidfd_open(command)
-        try:
-            os.kill(command, signal.SIGKILL)  # forked by this test's runtime
-            async with asyncio.timeout(30):
-                await wait_fd(pidfd)
-        finally:
-            os.close(pidfd)
+        await _kill(command)
         job = await rt.run(py("import os, time; print(os.getpid(), flush=True); time.sleep(600)"))
         out = await read_until(rt, job.id, b"\n")
         assert job.pid not in (None, command)

@@ -32,10 +32,10 @@ import sys
 import time
 from typing import NoReturn
 
-from ._jobdir import ExitRecord, RunRecord, SpecRecord, start_ticks
+from ._jobdir import ExitRecord, RunRecord, start_ticks
 from ._linux import CLONE_NEWPID, clone3, close_all_but
 from ._logformat import HEADER, Stream
-from ._preexec import DEFAULT_PATH, job_env, set_seccomp_filter, which
+from ._preexec import set_seccomp_filter, warm_up
 from ._protocol import MAX_ORDER_BYTES, Control, LaunchOrder, NextJob, Reply, Report
 from ._rootfs import plan_tree
 from ._spare import NAMESPACES, Spare, SpareRoots
@@ -106,30 +106,16 @@ def _warm_up(rounds: int = 2 * _QUICKENED_AFTER) -> None:
     before forking and stays shared instead of being copied into each process (measured:
     docs/benchmarks.md (d)). In a standby, once: the pages it writes are copied then,
     before its job comes, not during the launch."""
-    spec = {
-        "id": "x",
-        "created_ns": 1,
-        "spec": {"argv": ["true"], "env": {}, "cwd": "/", "owner": "x"},
-        "limits": {},
-        "output_limit": 1,
-        "uid": 65534,
-        "gid": 65534,
-        "hostname": "x",
-        "namespaces": True,
-        "cgroup": {"pids": "/x"},
-    }
     order = LaunchOrder("/x", 1, "none", None, 1.0, "/x").encode()
     for _ in range(rounds):
         LaunchOrder.decode(order)
         record = ExitRecord("exited", 0, None, None, time.time_ns(), output_truncated=False)
         ExitRecord.from_json(json.loads(json.dumps(record.to_json())))
-        paths = SpecRecord.from_json(json.loads(json.dumps(spec).encode())).cgroup
+        paths = warm_up().cgroup
         if paths is not None:
             _ = paths.join_files(born_in_unified=True)
         Report(run=RunRecord(1, 1, 1, 1)).encode()
         Reply.decode(Control.decode(b"stop 1.0").encode())
-        which("true", DEFAULT_PATH)
-        job_env({"A": "1"}, "x")
         start_ticks("/proc/self")
         HEADER.pack(0, Stream.STDOUT, time.time_ns())
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

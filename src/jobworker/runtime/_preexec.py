@@ -1,11 +1,12 @@
 """The pre-exec step: what happens in the command's process between fork and exec.
 
 Forked from the job's supervisor (itself forked from the single-threaded launcher), so plain
-Python here is safe. In order: the job's spec.json (read here, not in the supervisor: what
-this process parses is gone at exec), stdio, signal dispositions and mask, the job's cgroups
-(born in the v2 one, ``fork_in_cgroup``; the v1 ones joined here), its namespaces and
-mounts, its cgroup namespace, its user, ``no_new_privs``, the working directory, then
-``execve``.
+Python here is safe: at its launch, or ahead of the job by the standby supervisor, in the
+next job's cgroup, where it waits for its go (:func:`await_job`). In order: the job's
+spec.json (read here, not in the supervisor: what this process parses is gone at exec),
+stdio, signal dispositions and mask, the job's cgroups (born in the v2 one,
+``fork_in_cgroup``; the v1 ones joined here), its namespaces and mounts, its cgroup
+namespace, its user, ``no_new_privs``, the working directory, then ``execve``.
 Any failure is written to the exec-status pipe and the process exits 127; the supervisor
 turns that into a ``failed`` job with the reason.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import resource
 import signal
@@ -73,6 +75,7 @@ __all__ = [
     "resolve",
     "seccomp_filter",
     "set_seccomp_filter",
+    "warm_up",
 ]
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -319,7 +322,7 @@ def await_job(
         os.setsid()
         close_all_but(*stdio, status_w, go.fileno())
         _default_signals()
-        _warm_up()
+        warm_up()
         msg, fds, _flags, _addr = socket.recv_fds(go, 4096, 1 + len(NAMESPACES))
     except BaseException:  # noqa: BLE001 - no job yet: nobody to report to
         os._exit(1)
@@ -341,25 +344,31 @@ def go_message(job_dir: str, *, stdin: bool) -> bytes:
     return (b"i" if stdin else b"-") + job_dir.encode()
 
 
-def _warm_up() -> None:
-    """Parse a spec as the job's will be parsed, so that the pages it writes are copied
-    now, before the job comes."""
-    spec = SpecRecord.from_json(
-        {
-            "id": "x",
-            "created_ns": 1,
-            "spec": {"argv": ["true"], "env": {}, "cwd": "/", "owner": "x"},
-            "limits": {},
-            "output_limit": 1,
-            "uid": 65534,
-            "gid": 65534,
-            "hostname": "x",
-            "namespaces": True,
-            "cgroup": {"pids": "/x"},
-        }
-    )
+# A spec.json of the shape every job's has, for warm_up.
+_SAMPLE_SPEC = json.dumps(
+    {
+        "id": "x",
+        "created_ns": 1,
+        "spec": {"argv": ["true"], "env": {}, "cwd": "/", "owner": "x"},
+        "limits": {},
+        "output_limit": 1,
+        "uid": 65534,
+        "gid": 65534,
+        "hostname": "x",
+        "namespaces": True,
+        "cgroup": {"pids": "/x"},
+    }
+).encode()
+
+
+def warm_up() -> SpecRecord:
+    """Read a spec from its JSON as a job's is read, and make its environment and look up
+    its executable, so that what this writes (caches, specialised bytecode, the pages of
+    the objects it touches) is made or copied now, before a job comes. Returns it."""
+    spec = SpecRecord.from_json(json.loads(_SAMPLE_SPEC))
     _env(spec, {}, None)
     which("true", DEFAULT_PATH)
+    return spec
 
 
 def exec_command(  # noqa: PLR0913 - each is one descriptor or fact the child needs

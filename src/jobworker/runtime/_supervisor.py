@@ -3,8 +3,9 @@
 It is forked from the launcher (never from the threaded server), so plain Python between fork
 and exec is safe here. It:
 
-- forks the user's command as PID 2 (the pre-exec step is ``_preexec``), and reports exec
-  success or the OS error back;
+- forks the user's command as PID 2 (the pre-exec step is ``_preexec``), or, as a standby,
+  has forked it ahead and tells it to go (:class:`Ahead`), and reports exec success or the
+  OS error back;
 - copies both pipes into the framed output log from the first byte (``_logwriter``);
 - reaps every process of the namespace, so no zombie is left;
 - serves stop and signal requests on ``control.sock`` (``_protocol``): ``kill(-1, sig)`` from
