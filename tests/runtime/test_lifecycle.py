@@ -20,6 +20,7 @@ from jobworker.runtime import (
     JobNotFoundError,
     JobNotRunningError,
     JobSpec,
+    Limits,
     Runtime,
     State,
     Stream,
@@ -27,8 +28,10 @@ from jobworker.runtime import (
 from jobworker.runtime._errors import LaunchError
 from jobworker.runtime._protocol import MAX_ORDER_BYTES, LaunchOrder, Report
 from jobworker.runtime.cgroups import CgroupError
+from jobworker.runtime.cgroups import _v1 as cgroups_v1
+from jobworker.runtime.cgroups import _v2 as cgroups_v2
 
-from ..conftest import make_config, opened
+from ..conftest import cgroup_dirs, make_config, opened
 from .helpers import collect, joined, py, read_until, supervisor_pid
 
 
@@ -291,6 +294,31 @@ async def test_a_job_whose_cgroup_cannot_be_made_is_failed_and_on_record(
         "exit.json",
         "spec.json",
     ]
+
+
+async def test_the_next_job_failing_its_limits_takes_its_cgroup_made_ahead_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next job's cgroup, made ahead with its command waiting in it, refusing the job's
+    limits (an injected fault): the job is failed with the reason, and the cgroup goes
+    with it once the standby lets that command go for the job named next."""
+    config = make_config(tmp_path / "state", spare_roots=False)
+    async with opened(config) as rt:
+        _command, next_id = await _command_ahead(await _standby(rt, set()))
+
+        def refuse(_dirs: object, limits: Limits) -> None:
+            if limits != Limits():  # the next job's own cgroup, made with none, still works
+                raise CgroupError("cannot write the job's limits (injected)")
+
+        for driver in (cgroups_v1, cgroups_v2):
+            monkeypatch.setattr(driver, "_apply", refuse)
+        async with asyncio.timeout(30):
+            with pytest.raises(LaunchError, match="could not set up the job's cgroup"):
+                await rt.run(JobSpec(["true"], limits=Limits(pids=10)))
+            (job,) = await rt.jobs()
+            assert (job.id, job.state) == (next_id, State.FAILED)
+            while any((Path(d) / next_id).exists() for d in cgroup_dirs(config.cgroup_subtree)):  # noqa: ASYNC110 - cgroupfs cannot be watched
+                await asyncio.sleep(0.05)
 
 
 def _launcher_children(rt: Runtime) -> set[int]:

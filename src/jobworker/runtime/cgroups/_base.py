@@ -111,7 +111,9 @@ class CgroupDriver(Protocol):
         ahead (by a create with no limits), and only the limits are written.
 
         Raises:
-            CgroupError: a directory or limit could not be created; nothing is left behind.
+            CgroupError: a directory or limit could not be created; nothing is left behind
+                but directories ``made`` ahead, which are the caller's to remove (the
+                process forked ahead into them may still be there).
         """
         ...
 

@@ -95,7 +95,7 @@ class V1Driver:
             _apply(cgroup.dirs, limits)
         except (OSError, CgroupError) as e:
             with contextlib.suppress(CgroupError):
-                remove_dirs(dirs)
+                remove_dirs([] if made else dirs)
             if isinstance(e, CgroupError):
                 raise
             raise CgroupError(f"cannot create the job's cgroup: {e}") from e

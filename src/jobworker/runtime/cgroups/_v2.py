@@ -118,7 +118,7 @@ class V2Driver:
             _apply(directory, limits)
         except CgroupError:
             with contextlib.suppress(CgroupError):
-                remove_dirs([directory])
+                remove_dirs([] if made else [directory])
             raise
         return V2Cgroup(directory)
 
