@@ -59,7 +59,7 @@ from ._linux import (
     setns,
     unshare,
 )
-from ._protocol import ExecOrder
+from ._protocol import MAX_ORDER_BYTES, ExecOrder
 from ._rootfs import WORKDIR, build_root, finish_prepared_root, show_own_cgroup
 from ._spare import NAMESPACES, Spare
 
@@ -262,13 +262,22 @@ def _join_cgroups(spec: SpecRecord, *, born_in_unified: bool) -> None:
         return
     for path in spec.cgroup.join_files(born_in_unified=born_in_unified):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
+            _join(path)
         except OSError as e:
             raise ExecError(f"cannot move the command into the job's cgroups: {e.strerror}") from e
+
+
+def _join(path: str) -> None:
+    """Write "0" (this process) into a cgroup's ``path``.
+
+    Raises:
+        OSError: the cgroup refused it.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, b"0")
+    finally:
+        os.close(fd)
 
 
 def _isolate(
@@ -314,16 +323,12 @@ def await_job(
     comes (the supervisor then forks the command itself, and that one reports it)."""
     try:
         for path in joins:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
+            _join(path)
         os.setsid()
         close_all_but(*stdio, status_w, go.fileno())
         _default_signals()
         warm_up()
-        msg, fds, _flags, _addr = socket.recv_fds(go, 4096, 1 + len(NAMESPACES))
+        msg, fds, _flags, _addr = socket.recv_fds(go, MAX_ORDER_BYTES, 1 + len(NAMESPACES))
     except BaseException:  # noqa: BLE001 - no job yet: nobody to report to
         os._exit(1)
     go.close()
