@@ -135,8 +135,8 @@ async def start_run(
         if e.code() is grpc.StatusCode.UNIMPLEMENTED:
             return None
         raise
-    except TimeoutError:
-        call.cancel()
+    except BaseException:
+        call.cancel()  # timed out, or the caller was cancelled: the stream must not stay open
         raise
     if first is grpc.aio.EOF or not first.HasField("started"):
         call.cancel()
