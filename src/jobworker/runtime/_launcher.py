@@ -177,10 +177,10 @@ class _Standby:
     def __init__(self, spares: SpareRoots | None) -> None:
         self._spares = spares
         self._channel: socket.socket | None = None
-        # The server's next job (encoded), until an order launches it.
-        self._next: bytes | None = None
+        # The server's next job, until an order launches it.
+        self._next: NextJob | None = None
         # The next job the waiting standby has forked a command for (None: none).
-        self._bound: bytes | None = None
+        self._bound: NextJob | None = None
 
     def refill(self, server: socket.socket) -> None:
         """Fork a standby, unless one is waiting. A failed fork leaves none: the next
@@ -200,24 +200,28 @@ class _Standby:
         self._channel = ours
         self._bound = self._next
 
-    def next_job(self, msg: bytes) -> None:
+    def next_job(self, job: NextJob) -> None:
         """The server's next job: the waiting standby forks its command ahead (and lets
         go of the one it forked for the job named before)."""
-        self._next = msg
+        self._next = job
         if self._channel is not None:
             try:
-                self._channel.send(msg)
+                self._channel.send(job.encode())
             except OSError:
                 self.close()  # gone (killed): the next launch forks, the refill after it
             else:
-                self._bound = msg
+                self._bound = job
 
     def hand(self, order: bytes, report: socket.socket, spare: Spare | None) -> bool:
         """Give a job to the standby; False if none is waiting (or it is gone: killed,
         say) or it waits for another job, and the caller forks the supervisor itself."""
-        if self._next is not None and _launches(order, self._next):
+        try:
+            job_dir = LaunchOrder.decode(order).job_dir
+        except ValueError:
+            job_dir = ""  # the supervisor reports it
+        if self._next is not None and self._next.launched_by(job_dir):
             self._next = None
-        if self._bound is not None and not _launches(order, self._bound):
+        if self._bound is not None and not self._bound.launched_by(job_dir):
             return False
         channel, self._channel = self._channel, None
         self._bound = None
@@ -239,18 +243,11 @@ class _Standby:
             self._bound = None
 
 
-def _launches(order: bytes, next_job: bytes) -> bool:
-    try:
-        return NextJob.decode(next_job).joins(LaunchOrder.decode(order))
-    except ValueError:
-        return False
-
-
 def _standby_main(
     server: socket.socket,
     channel: socket.socket,
     spares: SpareRoots | None,
-    next_job: bytes | None,
+    next_job: NextJob | None,
 ) -> NoReturn:
     """In the forked child, PID 1 of its PID namespace: wait for a job, then become its
     supervisor; exit if the launcher lets go first. Each next job named meanwhile (the
@@ -263,14 +260,14 @@ def _standby_main(
             if next_job is not None:
                 if ahead is not None:
                     ahead.discard()
-                ahead = fork_ahead(NextJob.decode(next_job), where)
+                ahead = fork_ahead(next_job, where)
             # Take the first steps' copy-on-write faults now, not in the launch; again
             # after each fork ahead, which shares our pages with that process anew.
             _warm_up(1)
             msg, fds, _flags, _addr = socket.recv_fds(channel, MAX_ORDER_BYTES, 1 + len(NAMESPACES))
             if fds or not msg:
                 break
-            next_job = msg
+            next_job = NextJob.decode(msg)
     except BaseException:  # noqa: BLE001 - no job yet: nobody to report to
         os._exit(1)
     channel.close()
@@ -292,8 +289,7 @@ def _launch(server: socket.socket, spares: SpareRoots | None, standby: _Standby)
         return False
     if msg and not fds:
         with contextlib.suppress(ValueError):
-            NextJob.decode(msg)
-            standby.next_job(msg)
+            standby.next_job(NextJob.decode(msg))
         return True
     if not msg or len(fds) != 1:
         for fd in fds:

@@ -143,9 +143,10 @@ class NextJob(NamedTuple):
         except CorruptRecordError as e:
             raise ValueError(str(e)) from None
 
-    def joins(self, order: LaunchOrder) -> bool:
-        """Whether ``order`` launches this job (its directory is named for its id)."""
-        return order.job_dir.rpartition("/")[2] == self.job_id
+    def launched_by(self, job_dir: str) -> bool:
+        """Whether an order of the job in ``job_dir`` launches this job (a job's directory
+        is named for its id)."""
+        return job_dir.rpartition("/")[2] == self.job_id
 
 
 class Report(NamedTuple):
