@@ -24,6 +24,7 @@ from jobworker.runtime import (
     Runtime,
     State,
     Stream,
+    _lifecycle,
 )
 from jobworker.runtime._errors import LaunchError
 from jobworker.runtime._protocol import MAX_ORDER_BYTES, LaunchOrder, Report
@@ -448,4 +449,43 @@ async def test_a_start_goes_on_when_the_command_forked_ahead_is_gone(tmp_path: P
         out = await read_until(rt, job.id, b"\n")
         assert job.pid not in (None, command)
         assert out == b"2\n"
+        await rt.stop(job.id, grace=0)
+
+
+async def test_the_next_job_is_named_once_the_job_launched_has_settled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next job, and the command forked ahead for it, wait until the job just launched
+    has said something (or ended): made at once, they competed with its start. Here the
+    job stays silent until the test writes to its stdin, with the wait's cap out of reach."""
+    monkeypatch.setattr(_lifecycle, "_SETTLE_S", 600.0)
+    state = tmp_path / "state"
+    async with opened(make_config(state, spare_roots=False)) as rt:
+        first = await _standby(rt, set())
+        job = await rt.run(
+            py(
+                "import sys, time; sys.stdin.readline(); print('up', flush=True); time.sleep(600)",
+                stdin="pipe",
+            )
+        )
+        # The launcher forks a standby after a while anyway; it has no job to fork for.
+        standby = await _standby(rt, {first})
+        children = Path(f"/proc/{standby}/task/{standby}/children")
+        for _ in range(20):  # 0.2 s: a next job named at the launch is forked for in ms
+            assert children.read_text().split() == []
+            await asyncio.sleep(0.01)
+        async with asyncio.timeout(30):
+            assert await rt.write_stdin(job.id, b"go\n")
+            await read_until(rt, job.id, b"up")
+        assert (await _command_ahead(standby))[1] not in ("", job.id)
+        await rt.stop(job.id, grace=0)
+
+
+async def test_the_next_job_is_named_after_a_silent_jobs_start_too(tmp_path: Path) -> None:
+    """A job that says nothing does not hold the next one back for long."""
+    state = tmp_path / "state"
+    async with opened(make_config(state, spare_roots=False)) as rt:
+        first = await _standby(rt, set())
+        job = await rt.run(JobSpec(["sleep", "600"]))
+        assert (await _command_ahead(await _standby(rt, {first})))[1] != job.id
         await rt.stop(job.id, grace=0)

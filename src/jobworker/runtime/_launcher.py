@@ -43,13 +43,13 @@ from ._supervisor import Ahead, fork_ahead, run_supervisor
 
 __all__ = ["main"]
 
-# How long after a launch the next spare root is built. At once, its build competed with
-# the launched job's start for both CPUs and the kernel's mount lock: a spare then saved
-# 0.1-1.1 ms of a sandboxed start; 5 ms later, 2.1-2.7 ms (docs/benchmarks.md (e')). Since
-# the launch got shorter and the build longer (the spare's network namespace, 5-5.6 ms a
-# build), 5 ms left 2-27 of 100 back-to-back starts without a spare; 1 ms left 0-1, and
-# the starts were no slower (docs/benchmarks.md, the eleventh session).
-_REFILL_DELAY = 0.001
+# The standby and the spare root used by a launch are replaced when the server names its
+# next job (``NextJob``), which it does once the launched job has settled (``_lifecycle``):
+# replaced sooner, they competed with that job's start for both CPUs (docs/benchmarks.md,
+# the fourteenth session). When the server names none (a job created earlier was started,
+# and the next job named stays; its cgroup could not be made), they are replaced this long
+# after the launch: later than the server's wait for a job to settle (30 ms).
+_REFILL_AFTER = 0.05
 
 
 def _send_error(report: socket.socket, message: str) -> None:
@@ -290,6 +290,7 @@ def _launch(server: socket.socket, spares: SpareRoots | None, standby: _Standby)
     if msg and not fds:
         with contextlib.suppress(ValueError):
             standby.next_job(NextJob.decode(msg))
+        _refill(server, spares, standby)
         return True
     if not msg or len(fds) != 1:
         for fd in fds:
@@ -316,16 +317,20 @@ def _launch(server: socket.socket, spares: SpareRoots | None, standby: _Standby)
     return True
 
 
+def _refill(server: socket.socket, spares: SpareRoots | None, standby: _Standby) -> None:
+    standby.refill(server)
+    if spares is not None:
+        spares.refill()
+
+
 def main() -> None:
     server = socket.socket(fileno=int(sys.argv[1]))
     _prepare()
     poller = select.poll()
     poller.register(server, select.POLLIN)
     spares = _spares(poller)
-    if spares is not None:
-        spares.refill()
     standby = _Standby(spares)
-    standby.refill(server)
+    _refill(server, spares, standby)
     refill_at: float | None = None
     while True:
         timeout = None if refill_at is None else max(0, (refill_at - time.monotonic()) * 1000)
@@ -337,15 +342,12 @@ def main() -> None:
                 spares.handle(fd)
         if refill_at is not None and time.monotonic() >= refill_at:
             refill_at = None
-            standby.refill(server)
-            if spares is not None:
-                spares.refill()
+            _refill(server, spares, standby)
         if any(fd == server.fileno() for fd, _event in events):
             if not _launch(server, spares, standby):
                 break
-            # Later: forking the next standby and building the next spare now would compete
-            # with this job's start for the CPUs (and the kernel's mount lock).
-            refill_at = time.monotonic() + _REFILL_DELAY
+            # After a next job named, a refill finds nothing to do.
+            refill_at = time.monotonic() + _REFILL_AFTER
     standby.close()
     if spares is not None:
         spares.close()

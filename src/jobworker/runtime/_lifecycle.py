@@ -31,6 +31,7 @@ from ._errors import (
 from ._job import Job
 from ._jobdir import (
     FINAL,
+    LOG,
     SPEC,
     ExitRecord,
     FinalRecord,
@@ -42,6 +43,7 @@ from ._jobdir import (
     write_record,
 )
 from ._launch import Launched, Launcher, SupervisorHandle
+from ._logformat import MAGIC
 from ._notify import DirNotifier
 from ._observer import JobObserver
 from ._protocol import LaunchOrder, NextJob
@@ -70,6 +72,12 @@ _REMOVE_FIRST_S = 0.005
 _REMOVE_QUIET_S = 0.05
 _REMOVE_DEFER_S = 2.0
 _REMOVE_CAP_S = 0.25
+# The next job is made once the job just launched has settled: its first output, or its
+# end, or after _SETTLE_S at most (a job that says nothing). Made at once, it and the
+# launcher's refill it sets off (a standby forked, its command forked ahead, a spare root
+# built) competed with the launched job for both CPUs while its first output was on its
+# way (docs/benchmarks.md, the fourteenth session).
+_SETTLE_S = 0.03
 
 
 class _Next(NamedTuple):
@@ -282,7 +290,7 @@ class Lifecycle:
         task = asyncio.get_running_loop().create_task(self._launch(job))
         self.launches.add(task)
         task.add_done_callback(self.launches.discard)
-        task.add_done_callback(lambda _task: self.prepare_next())
+        task.add_done_callback(lambda _task: self._next_after(job))
         await asyncio.shield(task)
 
     async def _launch(self, job: Job) -> None:
@@ -324,6 +332,33 @@ class Lifecycle:
                 self.background(self.finish(job), self.cleanups)
             else:
                 await self.start_failed(job, result.error)
+
+    def _next_after(self, job: Job) -> None:
+        """Make the next job once ``job``, just launched (or not), has settled."""
+        if self.closed:
+            return
+        if job.state is State.RUNNING:
+            self.background(self._settled(job), self.tasks)
+        else:
+            self.prepare_next()
+
+    async def _settled(self, job: Job) -> None:
+        log = os.path.join(job.dir, LOG)
+        changed = asyncio.Event()
+        job.add_waiter(changed)
+        try:
+            # Woken by any change in its directory (a usage sample too): until its log
+            # holds more than the magic, or its state changes.
+            with self.notifier.subscribe(job.dir, changed):
+                async with asyncio.timeout(_SETTLE_S):
+                    while job.state is State.RUNNING and os.stat(log).st_size <= len(MAGIC):
+                        changed.clear()
+                        await changed.wait()
+        except (TimeoutError, OSError):
+            pass  # silent so far, or its directory cannot be watched: made now
+        finally:
+            job.remove_waiter(changed)
+        self.prepare_next()
 
     def prepare_next(self) -> None:
         """Make the next job ahead, unless it is made or being made (:class:`_Next`)."""
