@@ -143,7 +143,9 @@ async def ssh_unary(client: list[str], n: int) -> list[float]:
 
 
 async def grpc_first_byte(stub: pb_grpc.JobServiceStub, n: int) -> list[float]:
-    """Start of a RunJob of `echo` to its first output, ``n`` times: one call."""
+    """Start of a RunJob of `echo` to its first output, ``n`` times: one call. Each is read
+    to its end (the job's final status) before the next starts, as the anchor waits for
+    each ssh to exit (``ssh_first_byte``) and `jobctl run` for its job's end."""
     samples = []
     request = pb.RunJobRequest(spec=pb.JobSpec(argv=["/bin/echo", "hi"]))
     for _ in range(n):
@@ -153,12 +155,14 @@ async def grpc_first_byte(stub: pb_grpc.JobServiceStub, n: int) -> list[float]:
             if response.HasField("output"):
                 break
         samples.append(time.perf_counter() - t0)
-        call.cancel()
+        async for _response in call:
+            pass
     return samples
 
 
 async def grpc_first_byte_two_calls(stub: pb_grpc.JobServiceStub, n: int) -> list[float]:
-    """The same with CreateJob, then StreamOutput of the job it made: two calls."""
+    """The same with CreateJob, then StreamOutput of the job it made: two calls (the
+    stream read to its end, which follows the job's)."""
     samples = []
     spec = pb.JobSpec(argv=["/bin/echo", "hi"])
     for _ in range(n):
@@ -167,7 +171,8 @@ async def grpc_first_byte_two_calls(stub: pb_grpc.JobServiceStub, n: int) -> lis
         call = stub.StreamOutput(pb.OutputRequest(id=job.id, follow=True), timeout=10)
         await call.read()
         samples.append(time.perf_counter() - t0)
-        call.cancel()
+        async for _response in call:
+            pass
     return samples
 
 
