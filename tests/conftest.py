@@ -104,6 +104,15 @@ async def opened(config: RuntimeConfig) -> AsyncIterator[Runtime]:
         assert cgroup_dirs(config.cgroup_subtree) == [], "the runtime left cgroups behind"
 
 
+async def next_job_made(rt: Runtime) -> None:
+    """Wait until ``rt`` has made its next job ahead (which it does once the job it last
+    started has said something), so none of that work is in flight. Checked every 10 ms,
+    30 s at most: nothing announces it."""
+    async with asyncio.timeout(30):
+        while rt._life.next is None:  # noqa: SLF001, ASYNC110 - the runtime's own business, not announced
+            await asyncio.sleep(0.01)
+
+
 @pytest_asyncio.fixture
 async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
     """A runtime of the test's own (see :func:`opened`)."""

@@ -29,7 +29,7 @@ from jobworker.api._proto import jobworker_pb2_grpc as pb_grpc
 from jobworker.api.client import connect, stream_output
 from jobworker.api.server import ServiceLimits
 
-from ..conftest import TEST_PATHS, cgroup_dirs, make_config, opened
+from ..conftest import TEST_PATHS, cgroup_dirs, make_config, next_job_made, opened
 from ..runtime.helpers import PY
 from .conftest import Pki, Running, serving
 
@@ -85,6 +85,7 @@ async def test_cancelled_stream_frees_server_resources(api: Running) -> None:
             pb.CreateJobRequest(spec=pb.JobSpec(argv=["yes"]), start=True), timeout=10
         )
         await stub.GetJob(pb.JobRequest(id=job.id), timeout=10)  # the connection is up
+        await next_job_made(runtime)
         fds, tasks = _fds(), len(asyncio.all_tasks())
         call = stub.StreamOutput(pb.OutputRequest(id=job.id, follow=True))
         await call.read()

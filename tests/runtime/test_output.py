@@ -10,7 +10,7 @@ from pathlib import Path
 
 from jobworker.runtime import Runtime, State, Stream
 
-from ..conftest import make_config
+from ..conftest import make_config, next_job_made
 from .helpers import collect, joined, py, read_until
 
 
@@ -145,6 +145,7 @@ async def test_cancelled_reader_leaves_nothing_behind(runtime: Runtime) -> None:
     async with asyncio.timeout(30):
         job = await runtime.run(py("import os\nwhile True: os.write(1, b'y' * 100)"))
         await read_until(runtime, job.id, b"yyy")
+        await next_job_made(runtime)
         fds_before, tasks_before = _fds(), asyncio.all_tasks()
         got_data = asyncio.Event()
 
