@@ -171,7 +171,7 @@ async def grpc_first_byte_two_calls(stub: pb_grpc.JobServiceStub, n: int) -> lis
         call = stub.StreamOutput(pb.OutputRequest(id=job.id, follow=True), timeout=10)
         await call.read()
         samples.append(time.perf_counter() - t0)
-        async for _response in call:
+        while await call.read() is not grpc.aio.EOF:
             pass
     return samples
 
