@@ -22,6 +22,7 @@ seccomp program (empty: none), and where to build spare roots and what they hide
 from __future__ import annotations
 
 import contextlib
+import enum
 import gc
 import json
 import os
@@ -43,13 +44,28 @@ from ._supervisor import Ahead, fork_ahead, run_supervisor
 
 __all__ = ["main"]
 
-# The standby and the spare root used by a launch are replaced when the server names its
-# next job (``NextJob``), which it does once the launched job has settled (``_lifecycle``):
-# replaced sooner, they competed with that job's start for both CPUs (docs/benchmarks.md,
-# the fourteenth session). When the server names none (a job created earlier was started,
-# and the next job named stays; its cgroup could not be made), they are replaced this long
-# after the launch: later than the server's wait for a job to settle (30 ms).
+# After the standby took its job, the standby and the spare root are replaced when the
+# server names its next job (``NextJob``), which it does once the launched job has settled
+# (``_lifecycle``): replaced sooner, they competed with that job's start for both CPUs
+# (docs/benchmarks.md, the fourteenth session). If the server names none (the next job's
+# cgroup could not be made), they are replaced this long after the launch: later than the
+# server's wait for a job to settle (30 ms).
 _REFILL_AFTER = 0.05
+# After a launch that forked its own supervisor (a job started that was not the next job,
+# one of a burst), no ``NextJob`` follows (the next job named stays), and the spare it took
+# is replaced this long after it: during the job's own start, before its output, which a
+# later refill slowed (100 followers of a job started so: p99 9.0-11.4 ms, against 8.0-9.5
+# refilled at once; docs/benchmarks.md, the fourteenth session).
+_REFILL_SOON = 0.001
+
+
+class _Served(enum.Enum):
+    """What a message from the server came to."""
+
+    GONE = enum.auto()  # the server is gone
+    NAMED = enum.auto()  # its next job named (the refill done), or nothing to do
+    HANDED = enum.auto()  # a launch, handed to the standby
+    FORKED = enum.auto()  # a launch that forked its supervisor (or failed to)
 
 
 def _send_error(report: socket.socket, message: str) -> None:
@@ -280,30 +296,32 @@ def _standby_main(
     _run(msg, report, spare, ahead)
 
 
-def _launch(server: socket.socket, spares: SpareRoots | None, standby: _Standby) -> bool:
+def _launch(server: socket.socket, spares: SpareRoots | None, standby: _Standby) -> _Served:
     """Serve one request of the server's: fork a job's supervisor (or hand the job to the
-    standby). False once the server is gone."""
+    standby), or take its next job."""
     try:
         msg, fds, flags, _addr = socket.recv_fds(server, MAX_ORDER_BYTES, 1)
     except ConnectionResetError:
-        return False
+        return _Served.GONE
     if msg and not fds:
         with contextlib.suppress(ValueError):
             standby.next_job(NextJob.decode(msg))
         _refill(server, spares, standby)
-        return True
+        return _Served.NAMED
     if not msg or len(fds) != 1:
         for fd in fds:
             os.close(fd)
-        return bool(msg)
+        return _Served.NAMED if msg else _Served.GONE
     report = socket.socket(fileno=fds[0])
     if flags & socket.MSG_TRUNC:
         # Cut short, an order could name a parent cgroup (the server refuses longer ones).
         _send_error(report, "the job's launch order was cut short")
         report.close()
-        return True
+        return _Served.NAMED
     spare = spares.take() if spares is not None else None
+    served = _Served.HANDED
     if not standby.hand(msg, report, spare):
+        served = _Served.FORKED
         try:
             pid = clone3(CLONE_NEWPID)
         except OSError as e:
@@ -314,7 +332,7 @@ def _launch(server: socket.socket, spares: SpareRoots | None, standby: _Standby)
     report.close()
     if spare is not None:
         spare.close()
-    return True
+    return served
 
 
 def _refill(server: socket.socket, spares: SpareRoots | None, standby: _Standby) -> None:
@@ -344,10 +362,12 @@ def main() -> None:
             refill_at = None
             _refill(server, spares, standby)
         if any(fd == server.fileno() for fd, _event in events):
-            if not _launch(server, spares, standby):
+            served = _launch(server, spares, standby)
+            if served is _Served.GONE:
                 break
-            # After a next job named, a refill finds nothing to do.
-            refill_at = time.monotonic() + _REFILL_AFTER
+            if served is not _Served.NAMED:
+                delay = _REFILL_AFTER if served is _Served.HANDED else _REFILL_SOON
+                refill_at = time.monotonic() + delay
     standby.close()
     if spares is not None:
         spares.close()
