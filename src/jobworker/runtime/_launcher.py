@@ -63,7 +63,7 @@ class _Served(enum.Enum):
     """What a message from the server came to."""
 
     GONE = enum.auto()  # the server is gone
-    NAMED = enum.auto()  # its next job named (the refill done), or nothing to do
+    NOTHING_TAKEN = enum.auto()  # no standby or spare taken (a next job named: refilled)
     HANDED = enum.auto()  # a launch, handed to the standby
     FORKED = enum.auto()  # a launch that forked its supervisor (or failed to)
 
@@ -307,17 +307,17 @@ def _launch(server: socket.socket, spares: SpareRoots | None, standby: _Standby)
         with contextlib.suppress(ValueError):
             standby.next_job(NextJob.decode(msg))
         _refill(server, spares, standby)
-        return _Served.NAMED
+        return _Served.NOTHING_TAKEN
     if not msg or len(fds) != 1:
         for fd in fds:
             os.close(fd)
-        return _Served.NAMED if msg else _Served.GONE
+        return _Served.NOTHING_TAKEN if msg else _Served.GONE
     report = socket.socket(fileno=fds[0])
     if flags & socket.MSG_TRUNC:
         # Cut short, an order could name a parent cgroup (the server refuses longer ones).
         _send_error(report, "the job's launch order was cut short")
         report.close()
-        return _Served.NAMED
+        return _Served.NOTHING_TAKEN
     spare = spares.take() if spares is not None else None
     served = _Served.HANDED
     if not standby.hand(msg, report, spare):
@@ -365,7 +365,7 @@ def main() -> None:
             served = _launch(server, spares, standby)
             if served is _Served.GONE:
                 break
-            if served is not _Served.NAMED:
+            if served is not _Served.NOTHING_TAKEN:
                 delay = _REFILL_AFTER if served is _Served.HANDED else _REFILL_SOON
                 refill_at = time.monotonic() + delay
     standby.close()
