@@ -182,7 +182,8 @@ class _Standby:
     its PID namespace, lets go of the launcher's descriptors and runs the supervisor's
     code once, then blocks on its channel. A launch hands it the order, the report
     socket and the spare's namespaces there. One is kept at most, and the next is forked
-    only once one was taken, after the launch (``_REFILL_DELAY``).
+    only once one was taken: when the server names its next job, or after the launch
+    (``_REFILL_AFTER``, ``_REFILL_SOON``).
 
     The server names its next job ahead (``NextJob``: the id the next job created with its
     start takes, and its cgroup, made already); the standby then forks that job's command
