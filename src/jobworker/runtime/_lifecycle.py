@@ -334,8 +334,10 @@ class Lifecycle:
                 await self.start_failed(job, result.error)
 
     def _next_after(self, job: Job) -> None:
-        """Make the next job once ``job``, just launched (or not), has settled."""
-        if self.closed:
+        """Make the next job once ``job``, just launched (or not), has settled; nothing if
+        it is made or being made (``job`` was not it): the start that takes it sees to the
+        one after."""
+        if not self._next_wanted():
             return
         if job.state is State.RUNNING:
             self.background(self._settled(job), self.tasks)
@@ -362,9 +364,12 @@ class Lifecycle:
 
     def prepare_next(self) -> None:
         """Make the next job ahead, unless it is made or being made (:class:`_Next`)."""
-        if self.next is None and not self._preparing and not self.closed:
+        if self._next_wanted():
             self._preparing = True
             self.background(self._prepare_next(), self.cleanups)
+
+    def _next_wanted(self) -> bool:
+        return self.next is None and not self._preparing and not self.closed
 
     async def _prepare_next(self) -> None:
         job_id = str(uuid.uuid4())
