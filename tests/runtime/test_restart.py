@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import signal
+import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -35,6 +36,7 @@ from jobworker.runtime import (
     RuntimeConfig,
     State,
     StateDirError,
+    _lifecycle,
 )
 
 from ..conftest import cgroup_dirs, make_config, opened
@@ -325,6 +327,56 @@ async def test_remove_deletes_ended_jobs_and_refuses_running_ones(
     assert not (tmp_path / "state" / "jobs" / done.id).exists()
     with pytest.raises(JobNotFoundError):
         await rt.status(done.id)
+
+
+async def test_an_ended_jobs_final_record_outlives_the_runtime(restarts: Restarts) -> None:
+    """Its final usage is recorded after its end is shown, off the event loop; a runtime
+    closed then must still record it. Measured again, it would be unknown (its cgroup is
+    gone)."""
+    first = await restarts.open()
+    async with asyncio.timeout(60):
+        job = await first.run(py("sum(range(3_000_000))"))
+        ended = await first.wait(job.id)
+        await first.close()
+        second = await restarts.open()
+        again = await second.status(job.id)
+    assert ended.usage is not None
+    assert ended.usage.cpu_seconds > 0
+    assert (again.state, again.usage) == (State.EXITED, ended.usage)
+
+
+async def test_a_job_removed_as_its_end_is_recorded_leaves_no_directory(
+    restarts: Restarts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RemoveJob waits for the job's final.json to be written: deleting the directory
+    meanwhile could leave the file behind in it. The writer is held back (an injected
+    fault) until the remove has waited for it."""
+    release = threading.Event()
+    writing = threading.Event()
+    real_write = _lifecycle._write_finals  # noqa: SLF001 - the fault goes into the writer
+
+    def held_write(finals: Any) -> None:
+        writing.set()
+        release.wait(30)
+        real_write(finals)
+
+    monkeypatch.setattr(_lifecycle, "_write_finals", held_write)
+    rt = await restarts.open()
+    directory = tmp_path / "state" / "jobs"
+    try:
+        async with asyncio.timeout(60):
+            job = await rt.run(JobSpec(["true"]))
+            await rt.wait(job.id)
+            await asyncio.to_thread(writing.wait, 30)
+            removing = asyncio.ensure_future(rt.remove(job.id))
+            done, _ = await asyncio.wait([removing], timeout=0.2)
+            assert not done, "the job was removed while its final record was being written"
+            release.set()
+            await removing
+            await rt.settled()
+    finally:
+        release.set()
+    assert not (directory / job.id).exists()
 
 
 async def test_a_removed_job_is_freed_without_the_cycle_collector(restarts: Restarts) -> None:

@@ -59,7 +59,6 @@ log = logging.getLogger("jobworker.runtime")
 
 T = TypeVar("T")
 
-_END_THREADS = 8
 _REMOVE_THREADS = 4
 # Between tries to remove a job's cgroup: doubling from the first delay to the cap.
 _REMOVE_FIRST_S = 0.005
@@ -128,6 +127,11 @@ class Lifecycle:
         self.sampling = asyncio.Lock()
         # Jobs whose end is being recorded: their cgroups are still needed (for usage).
         self.ending: set[str] = set()
+        # Ended jobs' final records waiting to be written (job id: directory, record), and
+        # those being written; the task writing them (see ``_record_final``).
+        self._finals: dict[str, tuple[str, FinalRecord]] = {}
+        self._writing: dict[str, tuple[str, FinalRecord]] = {}
+        self._recording: asyncio.Task[None] | None = None
         self.closed = False
         # The next job created with its start (``prepare_next``); None while none is ready.
         self.next: _Next | None = None
@@ -145,12 +149,12 @@ class Lifecycle:
         self.after_end: Callable[[], Awaitable[object]] | None = None
         self._after_end_again = False
         self._after_end_task: asyncio.Task[None] | None = None
-        # Ends are recorded on a pool of their own, and cgroups removed on another: with
-        # both on asyncio's default pool (6 threads here), 1,000 stops at once answered
-        # over 3.1 s though every supervisor had recorded its end by 1.3 s, each end
-        # queued behind others' cgroup removals (the kernel takes a millisecond or more
-        # per rmdir, nine hierarchies a job). Threads, as this is file I/O.
-        self.enders = concurrent.futures.ThreadPoolExecutor(_END_THREADS, "jobworker-end")
+        # Final records are written by a thread of their own, and cgroups removed on a pool
+        # of their own: with both on asyncio's default pool (6 threads here), 1,000 stops
+        # at once answered over 3.1 s though every supervisor had recorded its end by
+        # 1.3 s, each end queued behind others' cgroup removals (the kernel takes a
+        # millisecond or more per rmdir, nine hierarchies a job).
+        self.recorder = concurrent.futures.ThreadPoolExecutor(1, "jobworker-record")
         self.removers = concurrent.futures.ThreadPoolExecutor(
             _REMOVE_THREADS, "jobworker-cgroup-rm"
         )
@@ -164,7 +168,7 @@ class Lifecycle:
 
     def shutdown(self) -> None:
         """Stop the worker pools (once nothing can submit to them any more)."""
-        self.enders.shutdown(wait=True)
+        self.recorder.shutdown(wait=True)
         self.removers.shutdown(wait=True)
 
     async def _on(self, pool: concurrent.futures.Executor, call: Callable[[], T]) -> T:
@@ -469,11 +473,8 @@ class Lifecycle:
         # Its cgroup is read for the final usage from here on (see ``ending``).
         self.ending.add(job.id)
         try:
-            # The usual case in one hop to a worker thread: the exit record read and the
-            # final record measured and written.
             try:
-                collect = functools.partial(self._collect_end, job, closing)
-                record, final = await self._on(self.enders, collect)
+                record, final = self._collect_end(job, closing)
             except ValueError as e:
                 error = f"the job's exit record is unreadable: {e}"
                 record, final = await self.record_lost(job, error), None
@@ -493,9 +494,14 @@ class Lifecycle:
         self, job: Job, closing: list[int]
     ) -> tuple[ExitRecord | None, FinalRecord | None]:
         """The job's exit record, and its final record measured now if there is one;
-        closes ``closing`` (the ended supervisor's descriptors) first, here rather than on
-        the event loop (closing a dead process's pidfd cost the loop 4% of a 1,000-stop
-        storm).
+        closes ``closing`` (the ended supervisor's descriptors) first.
+
+        On the event loop, not a worker thread: a few small reads of files the supervisor
+        has just written and of cgroup files, which never wait for a disk. In a worker
+        thread, each end had to win the interpreter's lock back from the busy event loop
+        after every one of its dozen system calls: 1,000 StopJob at once answered in
+        3.37 s on average, against 2.60 s this way (same server, alternating; the host's
+        CPU time for the storm 6.1 against 4.8 core-seconds; docs/benchmarks.md (s)).
 
         Raises:
             ValueError: the exit record is unreadable.
@@ -506,31 +512,57 @@ class Lifecycle:
         return record, self._measure_final(job, record) if record is not None else None
 
     async def end(self, job: Job, record: ExitRecord, final: FinalRecord | None = None) -> None:
-        """Show the job ended as ``record`` says, with its final usage and disk use, measured
-        now and recorded (final.json) unless ``final`` has them already; then remove its
+        """Show the job ended as ``record`` says, with its final usage and disk use (measured
+        now unless ``final`` has them already); then record it (final.json) and remove its
         cgroup."""
         self.ending.add(job.id)
         try:
             if final is None:
-                measure = functools.partial(self._measure_final, job, record)
-                final = await self._on(self.enders, measure)
+                final = self._measure_final(job, record)
             job.ended(final)
         finally:
             self.ending.discard(job.id)
+        self._record_final(job, final)
         self.background(self.finish(job), self.cleanups)
 
     def _measure_final(self, job: Job, record: ExitRecord) -> FinalRecord:
-        """Final usage (from the job's cgroup) and disk use, recorded in final.json with the
-        run and exit records: everything a restart needs of an ended job, in one file."""
+        """Final usage (from the job's cgroup) and disk use, with the run and exit records:
+        everything a restart needs of an ended job, in one record (final.json)."""
         usage, oom, pids = None, False, False
         if job.cgroup is not None:
             with contextlib.suppress(OSError):  # already removed: usage is no longer known
                 usage, oom = job.cgroup.usage().to_record(), job.cgroup.oom_killed()
                 pids = job.cgroup.pids_limited()
-        final = FinalRecord(job.run, record, usage, oom, dir_bytes(job.dir), pids)
-        with contextlib.suppress(OSError):
-            write_record(job.dir, FINAL, final.to_json())
-        return final
+        return FinalRecord(job.run, record, usage, oom, dir_bytes(job.dir), pids)
+
+    def _record_final(self, job: Job, final: FinalRecord) -> None:
+        """Write the job's final.json off the event loop (a write can wait for the disk),
+        once no end has begun for a while, as cgroups are removed (``_after_the_ends``):
+        one hop to the recorder thread then writes every record waiting. A thread doing
+        file I/O while ends keep the event loop busy waits for the interpreter's lock after
+        each system call, and takes it from the loop as often. Until it is written, a
+        restart finds exit.json only and measures the end again (the job's cgroup is
+        removed after)."""
+        self._finals[job.id] = (job.dir, final)
+        if self._recording is None:
+            self._recording = asyncio.get_running_loop().create_task(self._write_finals())
+            self.cleanups.add(self._recording)
+            self._recording.add_done_callback(self.cleanups.discard)
+
+    async def _write_finals(self) -> None:
+        try:
+            while self._finals:
+                await self._after_the_ends()
+                self._writing, self._finals = self._finals, {}
+                await self._on(self.recorder, functools.partial(_write_finals, self._writing))
+        finally:
+            self._writing = {}
+            self._recording = None
+
+    async def _final_written(self, job: Job) -> None:
+        """Return once the job's final.json is written (or its write has failed)."""
+        while (job.id in self._finals or job.id in self._writing) and self._recording:
+            await asyncio.shield(self._recording)
 
     async def record_lost(self, job: Job, error: str) -> ExitRecord:
         """Record that the job ended unseen, so every later start reports it the same way."""
@@ -551,6 +583,9 @@ class Lifecycle:
         empty = True
         if cgroup is not None:
             await self._after_the_ends()
+            # After final.json: a restart before it is written measures the end again,
+            # from the cgroup.
+            await self._final_written(job)
             empty = await self._remove_cgroup(cgroup)
         if empty:
             # Nothing the job started remains: its uid may serve another job.
@@ -630,8 +665,16 @@ class Lifecycle:
         if not self.registry.discard(job):
             return  # deleted meanwhile
         job.deleted()
+        # Its final.json must not be written into the directory as it goes.
+        await self._final_written(job)
         async with self.sampling:
             await asyncio.to_thread(shutil.rmtree, job.dir, True)
+
+
+def _write_finals(finals: dict[str, tuple[str, FinalRecord]]) -> None:
+    for directory, final in finals.values():
+        with contextlib.suppress(OSError):  # its directory deleted meanwhile, or a full disk
+            write_record(directory, FINAL, final.to_json())
 
 
 def _launch_failure(job: Job, error: Exception) -> str:
