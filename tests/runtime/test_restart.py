@@ -353,14 +353,14 @@ async def test_a_job_removed_as_its_end_is_recorded_leaves_no_directory(
     fault) until the remove has waited for it."""
     release = threading.Event()
     writing = threading.Event()
-    real_write = _lifecycle._write_finals  # noqa: SLF001 - the fault goes into the writer
+    real_write = _lifecycle._write_final_records  # noqa: SLF001 - the fault goes into the writer
 
     def held_write(finals: Any) -> None:
         writing.set()
         release.wait(30)
         real_write(finals)
 
-    monkeypatch.setattr(_lifecycle, "_write_finals", held_write)
+    monkeypatch.setattr(_lifecycle, "_write_final_records", held_write)
     rt = await restarts.open()
     directory = tmp_path / "state" / "jobs"
     try:
@@ -377,6 +377,22 @@ async def test_a_job_removed_as_its_end_is_recorded_leaves_no_directory(
     finally:
         release.set()
     assert not (directory / job.id).exists()
+
+
+async def test_a_job_removed_right_after_its_end_waits_for_no_other_end(
+    restarts: Restarts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """final.json waits until no end has begun for a while (here: ever, while the runtime
+    is open); a RemoveJob right after the end, as `jobctl run --rm` sends, drops it rather
+    than wait for it."""
+    monkeypatch.setattr(_lifecycle, "_REMOVE_QUIET_S", 600.0)
+    monkeypatch.setattr(_lifecycle, "_REMOVE_DEFER_S", 600.0)
+    rt = await restarts.open()
+    async with asyncio.timeout(30):
+        job = await rt.run(JobSpec(["true"]))
+        await rt.wait(job.id)
+        await rt.remove(job.id)
+    assert not (tmp_path / "state" / "jobs" / job.id).exists()
 
 
 async def test_a_removed_job_is_freed_without_the_cycle_collector(restarts: Restarts) -> None:

@@ -554,13 +554,16 @@ class Lifecycle:
             while self._finals:
                 await self._after_the_ends()
                 self._writing, self._finals = self._finals, {}
-                await self._on(self.recorder, functools.partial(_write_finals, self._writing))
+                await self._on(
+                    self.recorder, functools.partial(_write_final_records, self._writing)
+                )
         finally:
             self._writing = {}
             self._recording = None
 
     async def _final_written(self, job: Job) -> None:
-        """Return once the job's final.json is written (or its write has failed)."""
+        """Return once the job's final.json is written (or its write has failed, or it was
+        dropped)."""
         while (job.id in self._finals or job.id in self._writing) and self._recording:
             await asyncio.shield(self._recording)
 
@@ -665,13 +668,16 @@ class Lifecycle:
         if not self.registry.discard(job):
             return  # deleted meanwhile
         job.deleted()
-        # Its final.json must not be written into the directory as it goes.
+        # Its final.json is not wanted any more (a RemoveJob right after the end, as
+        # `jobctl run --rm` sends, must not wait for the ends to stop), and must not be
+        # written into the directory as it goes.
+        self._finals.pop(job.id, None)
         await self._final_written(job)
         async with self.sampling:
             await asyncio.to_thread(shutil.rmtree, job.dir, True)
 
 
-def _write_finals(finals: dict[str, tuple[str, FinalRecord]]) -> None:
+def _write_final_records(finals: dict[str, tuple[str, FinalRecord]]) -> None:
     for directory, final in finals.values():
         with contextlib.suppress(OSError):  # its directory deleted meanwhile, or a full disk
             write_record(directory, FINAL, final.to_json())
