@@ -149,11 +149,11 @@ class Lifecycle:
         self.after_end: Callable[[], Awaitable[object]] | None = None
         self._after_end_again = False
         self._after_end_task: asyncio.Task[None] | None = None
-        # Final records are written by a thread of their own, and cgroups removed on a pool
-        # of their own: with both on asyncio's default pool (6 threads here), 1,000 stops
-        # at once answered over 3.1 s though every supervisor had recorded its end by
-        # 1.3 s, each end queued behind others' cgroup removals (the kernel takes a
-        # millisecond or more per rmdir, nine hierarchies a job).
+        # Final records are written by one thread of their own, in batches (``_record_final``).
+        # Cgroups are removed on a pool of their own: on asyncio's default pool (6 threads
+        # here), 1,000 stops at once answered over 3.1 s though every supervisor had
+        # recorded its end by 1.3 s, the ends' work queued behind cgroup removals (the
+        # kernel takes a millisecond or more per rmdir, nine hierarchies a job).
         self.recorder = concurrent.futures.ThreadPoolExecutor(1, "jobworker-record")
         self.removers = concurrent.futures.ThreadPoolExecutor(
             _REMOVE_THREADS, "jobworker-cgroup-rm"
@@ -349,7 +349,7 @@ class Lifecycle:
             self.prepare_next()
 
     async def _settled(self, job: Job) -> None:
-        log = os.path.join(job.dir, LOG)
+        output = os.path.join(job.dir, LOG)
         changed = asyncio.Event()
         job.add_waiter(changed)
         try:
@@ -357,7 +357,7 @@ class Lifecycle:
             # holds more than the magic, or its state changes.
             with self.notifier.subscribe(job.dir, changed):
                 async with asyncio.timeout(_SETTLE_S):
-                    while job.state is State.RUNNING and os.stat(log).st_size <= len(MAGIC):
+                    while job.state is State.RUNNING and os.stat(output).st_size <= len(MAGIC):
                         changed.clear()
                         await changed.wait()
         except (TimeoutError, OSError):
